@@ -1,0 +1,304 @@
+package llama
+
+/*
+#include <stdlib.h>
+#include "llama.h"
+#include "elastic_hook.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"fmt"
+	"unsafe"
+)
+
+// ContextParams configures a llama context.
+type ContextParams struct {
+	NCtx      int // total cells; with Unified false each sequence gets NCtx/NSeqMax
+	NBatch    int
+	NUBatch   int
+	NSeqMax   int
+	Threads   int
+	FlashAttn bool
+	// Unified puts all sequences in one cell pool; false gives one stream per sequence.
+	Unified bool
+	// Capture installs the attention-capture hook. It is idle until enabled per decode,
+	// but it requires FlashAttn false to see attention probabilities.
+	Capture bool
+	// TypeK / TypeV: "f16" (default) or "f32".
+	TypeK, TypeV string
+}
+
+// Context is a llama context: the KV cache and the decode state. Not safe for concurrent use.
+type Context struct {
+	c       *C.struct_llama_context
+	model   *Model
+	params  ContextParams
+	capture *C.es_capture
+	nCtxSeq int
+}
+
+func ggmlType(s string) (C.enum_ggml_type, error) {
+	switch s {
+	case "", "f16":
+		return C.GGML_TYPE_F16, nil
+	case "f32":
+		return C.GGML_TYPE_F32, nil
+	case "bf16":
+		return C.GGML_TYPE_BF16, nil
+	}
+	return 0, fmt.Errorf("unsupported KV cache type %q (f16, f32, bf16)", s)
+}
+
+// NewContext creates a context on the model.
+func NewContext(m *Model, p ContextParams) (*Context, error) {
+	if p.NSeqMax < 1 {
+		p.NSeqMax = 1
+	}
+	if p.NBatch <= 0 {
+		p.NBatch = 512
+	}
+	if p.NUBatch <= 0 || p.NUBatch > p.NBatch {
+		p.NUBatch = p.NBatch
+	}
+	if p.Capture && p.FlashAttn {
+		return nil, errors.New("attention capture needs flash attention off")
+	}
+	tk, err := ggmlType(p.TypeK)
+	if err != nil {
+		return nil, err
+	}
+	tv, err := ggmlType(p.TypeV)
+	if err != nil {
+		return nil, err
+	}
+	cp := C.llama_context_default_params()
+	cp.n_ctx = C.uint32_t(p.NCtx)
+	cp.n_batch = C.uint32_t(p.NBatch)
+	cp.n_ubatch = C.uint32_t(p.NUBatch)
+	cp.n_seq_max = C.uint32_t(p.NSeqMax)
+	if p.Threads > 0 {
+		cp.n_threads = C.int32_t(p.Threads)
+		cp.n_threads_batch = C.int32_t(p.Threads)
+	}
+	cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+	if p.FlashAttn {
+		cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+	}
+	cp.kv_unified = C.bool(p.Unified)
+	cp.type_k, cp.type_v = tk, tv
+	cp.no_perf = true
+
+	ctx := &Context{model: m, params: p}
+	// The hook is always installed: besides capture it records the attended range.
+	nCells := p.NCtx
+	if !p.Unified {
+		nCells = p.NCtx / p.NSeqMax
+	}
+	ctx.capture = C.es_capture_new(C.int(m.info.Layers), C.int(nCells))
+	if ctx.capture == nil {
+		return nil, errors.New("allocate capture buffer")
+	}
+	cp.cb_eval = C.ggml_backend_sched_eval_callback(C.es_eval_cb)
+	cp.cb_eval_user_data = unsafe.Pointer(ctx.capture)
+
+	ctx.c = C.llama_init_from_model(m.c, cp)
+	if ctx.c == nil {
+		C.es_capture_free(ctx.capture)
+		return nil, fmt.Errorf("llama.cpp could not create a context (n_ctx=%d, n_seq_max=%d)", p.NCtx, p.NSeqMax)
+	}
+	ctx.nCtxSeq = int(C.llama_n_ctx_seq(ctx.c))
+	return ctx, nil
+}
+
+// Close frees the context and its hook buffers.
+func (c *Context) Close() {
+	if c == nil || c.c == nil {
+		return
+	}
+	C.llama_free(c.c)
+	C.es_capture_free(c.capture)
+	c.c, c.capture = nil, nil
+}
+
+// Model returns the context's model.
+func (c *Context) Model() *Model { return c.model }
+
+// Params returns the parameters the context was made with.
+func (c *Context) Params() ContextParams { return c.params }
+
+// NCtx is the total number of cells.
+func (c *Context) NCtx() int { return int(C.llama_n_ctx(c.c)) }
+
+// NCtxSeq is the number of cells one sequence can use.
+func (c *Context) NCtxSeq() int { return c.nCtxSeq }
+
+func (c *Context) mem() C.llama_memory_t { return C.llama_get_memory(c.c) }
+
+// SeqRemove removes positions [p0, p1) of seq (p1 < 0: to the end). seq < 0: all sequences.
+func (c *Context) SeqRemove(seq int, p0, p1 int) bool {
+	return bool(C.llama_memory_seq_rm(c.mem(), C.llama_seq_id(seq), C.llama_pos(p0), C.llama_pos(p1)))
+}
+
+// SeqClear removes every cell of seq.
+func (c *Context) SeqClear(seq int) { c.SeqRemove(seq, -1, -1) }
+
+// SeqPosMin is the smallest position held by seq, or -1 when empty.
+func (c *Context) SeqPosMin(seq int) int {
+	return int(C.llama_memory_seq_pos_min(c.mem(), C.llama_seq_id(seq)))
+}
+
+// SeqPosMax is the largest position held by seq, or -1 when empty.
+func (c *Context) SeqPosMax(seq int) int {
+	return int(C.llama_memory_seq_pos_max(c.mem(), C.llama_seq_id(seq)))
+}
+
+// ClearAll empties the whole cache.
+func (c *Context) ClearAll() { C.llama_memory_clear(c.mem(), C.bool(true)) }
+
+// Decode runs one batch. It returns an error when no cell is free (ErrNoKVSlot) or
+// llama.cpp fails.
+func (c *Context) Decode(b *Batch) error {
+	if b.Len() == 0 {
+		return nil
+	}
+	rc := C.llama_decode(c.c, b.c)
+	switch {
+	case rc == 0:
+		return nil
+	case rc == 1:
+		return ErrNoKVSlot
+	case rc == 2:
+		return errors.New("decode aborted")
+	default:
+		return fmt.Errorf("llama_decode failed (%d)", int(rc))
+	}
+}
+
+// ErrNoKVSlot means the KV cache had no room for the batch.
+var ErrNoKVSlot = errors.New("no free KV cells for the batch")
+
+// Logits returns the logits of the i-th output row of the last decode (batch index i
+// whose logits flag was set). The slice aliases llama.cpp memory until the next decode.
+func (c *Context) Logits(i int) []float32 {
+	p := C.llama_get_logits_ith(c.c, C.int32_t(i))
+	if p == nil {
+		return nil
+	}
+	return unsafe.Slice((*float32)(unsafe.Pointer(p)), c.model.info.VocabSize)
+}
+
+// SetCausal switches causal attention (images of some models need it off).
+func (c *Context) SetCausal(on bool) { C.llama_set_causal_attn(c.c, C.bool(on)) }
+
+// ---- attention capture ----
+
+// CaptureEnable turns accumulation of attention column sums on or off. It must only be
+// on while decoding batches that hold one sequence (the column index is that sequence's
+// cell index in its own stream).
+func (c *Context) CaptureEnable(on bool) {
+	if on && c.params.FlashAttn {
+		return
+	}
+	v := 0
+	if on {
+		v = 1
+	}
+	c.capture.enabled = C.int(v)
+}
+
+// CaptureReset zeroes the accumulated sums.
+func (c *Context) CaptureReset() { C.es_capture_reset(c.capture) }
+
+// CaptureRows is the number of query rows accumulated (layer 0) since the last reset.
+func (c *Context) CaptureRows() int { return int(c.capture.rows) }
+
+// CaptureSums copies the accumulated column sums of the first nCells cells, per layer.
+func (c *Context) CaptureSums(nCells int) ([][]float32, error) {
+	if c.capture.multi_stream != 0 {
+		return nil, errors.New("attention capture saw a batch spanning several sequences")
+	}
+	total := int(c.capture.n_cells)
+	if nCells > total {
+		return nil, fmt.Errorf("capture: %d cells requested, %d tracked", nCells, total)
+	}
+	all := unsafe.Slice((*float32)(unsafe.Pointer(c.capture.sums)), int(c.capture.n_layer)*total)
+	out := make([][]float32, int(c.capture.n_layer))
+	for l := range out {
+		out[l] = append([]float32(nil), all[l*total:l*total+nCells]...)
+	}
+	return out, nil
+}
+
+// LastAttendedRange is n_kv of the last graph: how many cells attention spanned (padded).
+func (c *Context) LastAttendedRange() int { return int(c.capture.last_n_kv) }
+
+// ---- batches ----
+
+// Batch is a llama_batch of tokens or embeddings. Free it with Close.
+type Batch struct {
+	c       C.struct_llama_batch
+	cap     int
+	embd    int
+	nSeqMax int
+}
+
+// NewBatch allocates a batch for up to n tokens (embd == 0) or n embeddings of size embd.
+func NewBatch(n, embd, nSeqMax int) *Batch {
+	return &Batch{c: C.llama_batch_init(C.int32_t(n), C.int32_t(embd), C.int32_t(nSeqMax)), cap: n, embd: embd, nSeqMax: nSeqMax}
+}
+
+// Close frees the batch.
+func (b *Batch) Close() {
+	if b != nil && b.cap > 0 {
+		C.llama_batch_free(b.c)
+		b.cap = 0
+	}
+}
+
+// Len is the number of entries added since the last Clear.
+func (b *Batch) Len() int { return int(b.c.n_tokens) }
+
+// Cap is the batch's capacity.
+func (b *Batch) Cap() int { return b.cap }
+
+// Clear empties the batch.
+func (b *Batch) Clear() { b.c.n_tokens = 0 }
+
+// Add appends a token at pos for seq; logits asks for an output row. It returns the
+// index of the entry, which is the row index for Logits when logits is true.
+func (b *Batch) Add(tok Token, pos, seq int, logits bool) int {
+	i := int(b.c.n_tokens)
+	if i >= b.cap || b.embd != 0 {
+		panic("llama: token batch full or embedding batch")
+	}
+	unsafe.Slice(b.c.token, b.cap)[i] = C.llama_token(tok)
+	b.setMeta(i, pos, seq, logits)
+	return i
+}
+
+// AddEmbd appends one embedding row.
+func (b *Batch) AddEmbd(row []float32, pos, seq int, logits bool) int {
+	i := int(b.c.n_tokens)
+	if i >= b.cap || b.embd == 0 || len(row) != b.embd {
+		panic("llama: embedding batch full or wrong row size")
+	}
+	dst := unsafe.Slice((*float32)(unsafe.Pointer(b.c.embd)), b.cap*b.embd)
+	copy(dst[i*b.embd:(i+1)*b.embd], row)
+	b.setMeta(i, pos, seq, logits)
+	return i
+}
+
+func (b *Batch) setMeta(i, pos, seq int, logits bool) {
+	unsafe.Slice(b.c.pos, b.cap)[i] = C.llama_pos(pos)
+	unsafe.Slice(b.c.n_seq_id, b.cap)[i] = 1
+	seqIDs := unsafe.Slice(b.c.seq_id, b.cap)
+	unsafe.Slice(seqIDs[i], b.nSeqMax)[0] = C.llama_seq_id(seq)
+	var l C.int8_t
+	if logits {
+		l = 1
+	}
+	unsafe.Slice(b.c.logits, b.cap)[i] = l
+	b.c.n_tokens++
+}

@@ -1,0 +1,376 @@
+package llama
+
+/*
+#include <stdlib.h>
+#include "llama.h"
+*/
+import "C"
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"unsafe"
+)
+
+// This file is the cache-access half of the KV hook. It reads one sequence's cells
+// through llama.cpp's public per-sequence state calls, lets Go rewrite them (fewer
+// cells, different rows in every layer, new positions) and writes them back. After
+// the sequence is removed its stream is empty, so llama.cpp places the written cells
+// contiguously from cell 0: the attended range shrinks to the new cell count.
+//
+// Layout (llama_kv_cache::state_write, v0.17.4):
+//   u32 n_stream; per stream: u32 cell_count; if cell_count > 0:
+//     per cell: i32 pos, u32 n_seq, n_seq x i32 seq_id
+//     u32 v_trans, u32 n_layer
+//     per layer K: i32 type, u64 row_size, cell_count rows
+//     per layer V: v_trans == 0: i32 type, u64 row_size, cell_count rows
+//                  v_trans == 1: i32 type, u32 elem_size, u32 n_embd_v, then per element cell_count values
+
+// GGML type ids used in the state.
+const (
+	typeF32  = 0
+	typeF16  = 1
+	typeBF16 = 30
+)
+
+// LayerRows holds one layer's K or V rows for the sequence's cells.
+type LayerRows struct {
+	Type     int32
+	RowElems int // elements per cell
+	ElemSize int
+	Trans    bool   // V stored element-major: Data[e*cells + c]
+	Data     []byte // raw, in the cache's type
+}
+
+// SeqCache is a sequence's cache read out of llama.cpp.
+type SeqCache struct {
+	NStream int
+	Stream  int     // index of the stream that held the cells
+	Pos     []int32 // per cell, in cell order
+	K, V    []LayerRows
+}
+
+// Cells is the number of cells the sequence holds.
+func (s *SeqCache) Cells() int { return len(s.Pos) }
+
+// ReadSeqCache copies seq's cells out of the context.
+func (c *Context) ReadSeqCache(seq int) (*SeqCache, error) {
+	size := C.llama_state_seq_get_size(c.c, C.llama_seq_id(seq))
+	if size == 0 {
+		return nil, errors.New("kv state: empty size")
+	}
+	buf := C.malloc(size)
+	if buf == nil {
+		return nil, errors.New("kv state: out of memory")
+	}
+	defer C.free(buf)
+	n := C.llama_state_seq_get_data(c.c, (*C.uint8_t)(buf), size, C.llama_seq_id(seq))
+	if n == 0 {
+		return nil, errors.New("kv state: llama_state_seq_get_data failed")
+	}
+	return parseSeqCache(unsafe.Slice((*byte)(buf), int(n)))
+}
+
+type reader struct {
+	b   []byte
+	off int
+	err error
+}
+
+func (r *reader) take(n int) []byte {
+	if r.err != nil {
+		return nil
+	}
+	if n < 0 || r.off+n > len(r.b) {
+		r.err = fmt.Errorf("kv state: truncated at byte %d (need %d)", r.off, n)
+		return nil
+	}
+	p := r.b[r.off : r.off+n]
+	r.off += n
+	return p
+}
+
+func (r *reader) u32() uint32 {
+	p := r.take(4)
+	if p == nil {
+		return 0
+	}
+	return binary.LittleEndian.Uint32(p)
+}
+
+func (r *reader) u64() uint64 {
+	p := r.take(8)
+	if p == nil {
+		return 0
+	}
+	return binary.LittleEndian.Uint64(p)
+}
+
+func elemSize(t int32) (int, error) {
+	switch t {
+	case typeF32:
+		return 4, nil
+	case typeF16, typeBF16:
+		return 2, nil
+	}
+	return 0, fmt.Errorf("kv state: cache type %d is not supported (f32, f16, bf16)", t)
+}
+
+func parseSeqCache(b []byte) (*SeqCache, error) {
+	r := &reader{b: b}
+	s := &SeqCache{NStream: int(r.u32()), Stream: -1}
+	for st := 0; st < s.NStream && r.err == nil; st++ {
+		cells := int(r.u32())
+		if cells == 0 {
+			continue
+		}
+		if s.Stream >= 0 {
+			return nil, errors.New("kv state: sequence spans several streams")
+		}
+		s.Stream = st
+		s.Pos = make([]int32, cells)
+		for i := range cells {
+			s.Pos[i] = int32(r.u32())
+			nseq := int(r.u32())
+			r.take(4 * nseq)
+		}
+		vtrans := r.u32() != 0
+		nl := int(r.u32())
+		s.K = make([]LayerRows, nl)
+		for l := range nl {
+			t := int32(r.u32())
+			rowSize := int(r.u64())
+			es, err := elemSize(t)
+			if err != nil {
+				return nil, err
+			}
+			s.K[l] = LayerRows{Type: t, ElemSize: es, RowElems: rowSize / es, Data: append([]byte(nil), r.take(rowSize*cells)...)}
+		}
+		s.V = make([]LayerRows, nl)
+		for l := range nl {
+			t := int32(r.u32())
+			es, err := elemSize(t)
+			if err != nil {
+				return nil, err
+			}
+			if !vtrans {
+				rowSize := int(r.u64())
+				s.V[l] = LayerRows{Type: t, ElemSize: es, RowElems: rowSize / es, Data: append([]byte(nil), r.take(rowSize*cells)...)}
+				continue
+			}
+			esz := int(r.u32())
+			nEmbd := int(r.u32())
+			if esz != es {
+				return nil, fmt.Errorf("kv state: V element size %d for type %d", esz, t)
+			}
+			s.V[l] = LayerRows{Type: t, ElemSize: es, RowElems: nEmbd, Trans: true, Data: append([]byte(nil), r.take(esz*nEmbd*cells)...)}
+		}
+	}
+	if r.err != nil {
+		return nil, r.err
+	}
+	if s.Stream < 0 {
+		return nil, errors.New("kv state: the sequence holds no cells")
+	}
+	return s, nil
+}
+
+// NewSeqCacheLike makes an empty cache of n cells with src's layout (types, sizes).
+func NewSeqCacheLike(src *SeqCache, n int) *SeqCache {
+	s := &SeqCache{NStream: src.NStream, Stream: src.Stream, Pos: make([]int32, n)}
+	mk := func(in []LayerRows) []LayerRows {
+		out := make([]LayerRows, len(in))
+		for l, lr := range in {
+			out[l] = LayerRows{Type: lr.Type, RowElems: lr.RowElems, ElemSize: lr.ElemSize, Trans: lr.Trans,
+				Data: make([]byte, lr.RowElems*lr.ElemSize*n)}
+		}
+		return out
+	}
+	s.K, s.V = mk(src.K), mk(src.V)
+	return s
+}
+
+// Row decodes cell c of a layer into dst (len RowElems) as float32.
+func (lr *LayerRows) Row(cells, c int, dst []float32) {
+	for e := range lr.RowElems {
+		dst[e] = lr.at(lr.index(cells, c, e))
+	}
+}
+
+// SetRow encodes src into cell c of a layer.
+func (lr *LayerRows) SetRow(cells, c int, src []float32) {
+	for e := range lr.RowElems {
+		lr.put(lr.index(cells, c, e), src[e])
+	}
+}
+
+func (lr *LayerRows) index(cells, c, e int) int {
+	if lr.Trans {
+		return e*cells + c
+	}
+	return c*lr.RowElems + e
+}
+
+func (lr *LayerRows) at(i int) float32 {
+	switch lr.Type {
+	case typeF32:
+		return math.Float32frombits(binary.LittleEndian.Uint32(lr.Data[4*i:]))
+	case typeBF16:
+		return math.Float32frombits(uint32(binary.LittleEndian.Uint16(lr.Data[2*i:])) << 16)
+	default:
+		return F16ToF32(binary.LittleEndian.Uint16(lr.Data[2*i:]))
+	}
+}
+
+func (lr *LayerRows) put(i int, v float32) {
+	switch lr.Type {
+	case typeF32:
+		binary.LittleEndian.PutUint32(lr.Data[4*i:], math.Float32bits(v))
+	case typeBF16:
+		bits := math.Float32bits(v)
+		bits += 0x7FFF + (bits>>16)&1 // round to nearest even
+		binary.LittleEndian.PutUint16(lr.Data[2*i:], uint16(bits>>16))
+	default:
+		binary.LittleEndian.PutUint16(lr.Data[2*i:], F32ToF16(v))
+	}
+}
+
+// CopyRow copies cell srcCell of src into cell dstCell of lr without conversion.
+func (lr *LayerRows) CopyRow(dstCells, dstCell int, src *LayerRows, srcCells, srcCell int) {
+	es := lr.ElemSize
+	if !lr.Trans {
+		n := lr.RowElems * es
+		copy(lr.Data[dstCell*n:(dstCell+1)*n], src.Data[srcCell*n:(srcCell+1)*n])
+		return
+	}
+	for e := range lr.RowElems {
+		d, s := (e*dstCells+dstCell)*es, (e*srcCells+srcCell)*es
+		copy(lr.Data[d:d+es], src.Data[s:s+es])
+	}
+}
+
+func (s *SeqCache) encode() []byte {
+	n := len(s.Pos)
+	size := 8 + 4*s.NStream + n*12 + 8
+	for l := range s.K {
+		size += 12 + len(s.K[l].Data) + 16 + len(s.V[l].Data)
+	}
+	out := make([]byte, 0, size)
+	u32 := func(v uint32) { out = binary.LittleEndian.AppendUint32(out, v) }
+	u64 := func(v uint64) { out = binary.LittleEndian.AppendUint64(out, v) }
+	u32(uint32(s.NStream))
+	for st := 0; st < s.NStream; st++ {
+		if st != s.Stream {
+			u32(0)
+			continue
+		}
+		u32(uint32(n))
+		for _, p := range s.Pos {
+			u32(uint32(p))
+			u32(1)
+			u32(0) // seq id: ignored by llama.cpp, the destination seq is used
+		}
+		vtrans := uint32(0)
+		if len(s.V) > 0 && s.V[0].Trans {
+			vtrans = 1
+		}
+		u32(vtrans)
+		u32(uint32(len(s.K)))
+		for _, k := range s.K {
+			u32(uint32(k.Type))
+			u64(uint64(k.RowElems * k.ElemSize))
+			out = append(out, k.Data...)
+		}
+		for _, v := range s.V {
+			u32(uint32(v.Type))
+			if v.Trans {
+				u32(uint32(v.ElemSize))
+				u32(uint32(v.RowElems))
+			} else {
+				u64(uint64(v.RowElems * v.ElemSize))
+			}
+			out = append(out, v.Data...)
+		}
+	}
+	return out
+}
+
+// WriteSeqCache replaces seq's cells with s. Positions must ascend. On failure the
+// sequence has been removed.
+func (c *Context) WriteSeqCache(seq int, s *SeqCache) error {
+	for i := 1; i < len(s.Pos); i++ {
+		if s.Pos[i] <= s.Pos[i-1] {
+			return fmt.Errorf("kv state: positions must ascend (cell %d: %d after %d)", i, s.Pos[i], s.Pos[i-1])
+		}
+	}
+	data := s.encode()
+	buf := C.CBytes(data)
+	defer C.free(buf)
+	c.SeqClear(seq)
+	n := C.llama_state_seq_set_data(c.c, (*C.uint8_t)(buf), C.size_t(len(data)), C.llama_seq_id(seq))
+	if n == 0 {
+		return errors.New("kv state: llama.cpp refused the rewritten cache")
+	}
+	return nil
+}
+
+// F16ToF32 converts an IEEE half to float32.
+func F16ToF32(h uint16) float32 {
+	sign := uint32(h>>15) << 31
+	exp := int32(h>>10) & 0x1F
+	mant := uint32(h & 0x3FF)
+	switch {
+	case exp == 0:
+		if mant == 0 {
+			return math.Float32frombits(sign)
+		}
+		v := float32(math.Ldexp(float64(mant), -24)) // subnormal: mant * 2^-24
+		if sign != 0 {
+			v = -v
+		}
+		return v
+	case exp == 0x1F:
+		return math.Float32frombits(sign | 0xFF<<23 | mant<<13)
+	}
+	return math.Float32frombits(sign | uint32(exp-15+127)<<23 | mant<<13)
+}
+
+// F32ToF16 converts float32 to an IEEE half, rounding to nearest even.
+func F32ToF16(f float32) uint16 {
+	b := math.Float32bits(f)
+	sign := uint16(b>>16) & 0x8000
+	exp := int32(b>>23) & 0xFF
+	mant := b & 0x7FFFFF
+	if exp == 0xFF { // inf or nan
+		if mant != 0 {
+			return sign | 0x7E00
+		}
+		return sign | 0x7C00
+	}
+	e := exp - 127 + 15
+	if e >= 0x1F {
+		return sign | 0x7C00
+	}
+	if e <= 0 {
+		if e < -10 {
+			return sign
+		}
+		mant |= 0x800000
+		shift := uint32(14 - e)
+		half := mant >> shift
+		rem := mant & (1<<shift - 1)
+		mid := uint32(1) << (shift - 1)
+		if rem > mid || rem == mid && half&1 == 1 {
+			half++
+		}
+		return sign | uint16(half)
+	}
+	half := uint32(e)<<10 | mant>>13
+	rem := mant & 0x1FFF
+	if rem > 0x1000 || rem == 0x1000 && half&1 == 1 {
+		half++
+	}
+	return sign | uint16(half)
+}
