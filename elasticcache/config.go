@@ -1,0 +1,122 @@
+package elasticcache
+
+import (
+	"fmt"
+	"math"
+	"strings"
+)
+
+// Policy names a cache compression policy.
+type Policy string
+
+// The supported policies.
+const (
+	Full    Policy = "full"
+	Elastic Policy = "elastic"
+	H2O     Policy = "h2o"
+	Local   Policy = "local"
+)
+
+// Defaults and limits of Config.
+const (
+	DefaultBudget   = 0.8
+	DefaultSink     = 4
+	DefaultDistance = -25
+	MaxSink         = 1024
+	MaxDistance     = 100000
+)
+
+// ceilSlack is the relative tolerance used by KeepCount: a product within
+// ceilSlack*max(1,x) above an integer counts as that integer.
+const ceilSlack = 1e-9
+
+// ParsePolicy turns a user supplied name (case and surrounding blanks are
+// ignored) into a Policy. Unknown names give a *ConfigError for "policy".
+func ParsePolicy(s string) (Policy, error) {
+	p := Policy(strings.ToLower(strings.TrimSpace(s)))
+	if p.valid() {
+		return p, nil
+	}
+	return "", &ConfigError{Field: "policy", Msg: fmt.Sprintf("unknown policy %q (want full, elastic, h2o or local)", s)}
+}
+
+func (p Policy) valid() bool {
+	switch p {
+	case Full, Elastic, H2O, Local:
+		return true
+	}
+	return false
+}
+
+// Config is the cache setting of one request.
+type Config struct {
+	Policy   Policy  `json:"policy"`
+	Budget   float64 `json:"budget"`   // fraction of entries kept, in (0,1]
+	Sink     int     `json:"sink"`     // leading entries never evicted or merged
+	Distance int     `json:"distance"` // elastic decode truncation offset
+}
+
+// DefaultConfig is elastic with budget 0.8, sink 4 and distance -25.
+func DefaultConfig() Config {
+	return Config{Policy: Elastic, Budget: DefaultBudget, Sink: DefaultSink, Distance: DefaultDistance}
+}
+
+// ConfigError reports one invalid Config field.
+type ConfigError struct {
+	Field string // "policy", "budget", "sink" or "distance"
+	Msg   string
+}
+
+func (e *ConfigError) Error() string {
+	return "elasticcache: invalid " + e.Field + ": " + e.Msg
+}
+
+// Validate checks every field and returns a *ConfigError for the first bad one
+// (in the order policy, budget, sink, distance), or nil.
+func (c Config) Validate() error {
+	if !c.Policy.valid() {
+		return &ConfigError{Field: "policy", Msg: fmt.Sprintf("unknown policy %q (want full, elastic, h2o or local)", string(c.Policy))}
+	}
+	if math.IsNaN(c.Budget) || c.Budget <= 0 || c.Budget > 1 {
+		return &ConfigError{Field: "budget", Msg: fmt.Sprintf("%v is not in (0, 1]", c.Budget)}
+	}
+	if c.Sink < 0 || c.Sink > MaxSink {
+		return &ConfigError{Field: "sink", Msg: fmt.Sprintf("%d is not in [0, %d]", c.Sink, MaxSink)}
+	}
+	if c.Distance < -MaxDistance || c.Distance > MaxDistance {
+		return &ConfigError{Field: "distance", Msg: fmt.Sprintf("%d is not in [%d, %d]", c.Distance, -MaxDistance, MaxDistance)}
+	}
+	return nil
+}
+
+// KeepCount is ceil(Budget*n), at least 1 and at most n (0 when n <= 0).
+// Products within a relative 1e-9 above an integer are taken as that integer.
+func (c Config) KeepCount(n int) int { return keepCount(c.Budget, n) }
+
+func keepCount(b float64, n int) int {
+	switch {
+	case n <= 0:
+		return 0
+	case !(b > 0): // also NaN
+		return 1
+	case b >= 1:
+		return n
+	}
+	x := b * float64(n)
+	k := math.Ceil(x - ceilSlack*math.Max(1, x))
+	if k < 1 {
+		return 1
+	}
+	if k >= float64(n) {
+		return n
+	}
+	return int(k)
+}
+
+// NeedsPrefillScores reports whether PlanPrefill needs attention column sums
+// (elastic and h2o).
+func (c Config) NeedsPrefillScores() bool { return c.Policy == Elastic || c.Policy == H2O }
+
+// NeedsDecodeScores reports whether AfterDecode needs attention column sums
+// (h2o only).
+func (c Config) NeedsDecodeScores() bool { return c.Policy == H2O }

@@ -1,0 +1,172 @@
+package elasticcache
+
+import (
+	"errors"
+	"math"
+	"testing"
+)
+
+func TestKeepCountTable(t *testing.T) {
+	cases := []struct {
+		b    float64
+		n    int
+		want int
+	}{
+		{0.5, 10, 5},
+		{0.7, 10, 7},
+		{0.07, 100, 7}, // 0.07*100 = 7.000000000000001 in float64
+		{0.29, 100, 29},
+		{0.57, 100, 57},
+		{0.8, 1500, 1200},
+		{0.3, 10, 3},
+		{0.9, 10, 9},
+		{0.1, 3, 1},
+		{0.34, 3, 2},
+		{0.5, 1, 1},
+		{0.01, 1, 1},
+		{0.5, 3, 2},
+		{0.25, 7, 2},
+		{1, 7, 7},
+		{1, 1, 1},
+		{0.999, 1000, 999},
+		{0.999, 1001, 1000},
+		{1e-9, 5, 1},
+		{0.5, 0, 0},
+		{0.5, -3, 0},
+	}
+	for _, c := range cases {
+		got := Config{Budget: c.b}.KeepCount(c.n)
+		if got != c.want {
+			t.Errorf("KeepCount(b=%v, n=%d) = %d, want %d", c.b, c.n, got, c.want)
+		}
+	}
+}
+
+// Budgets p/100 against exact integer ceilings: any float rounding that
+// leaks into the ceiling shows up here (0.07*100, 0.14*50, ...).
+func TestKeepCountMatchesIntegerCeilForPercentBudgets(t *testing.T) {
+	for pct := 1; pct <= 100; pct++ {
+		c := Config{Budget: float64(pct) / 100}
+		for n := 1; n <= 3000; n++ {
+			want := max(1, (pct*n+99)/100)
+			if got := c.KeepCount(n); got != want {
+				t.Fatalf("KeepCount(b=%v, n=%d) = %d, want %d", c.Budget, n, got, want)
+			}
+		}
+	}
+}
+
+func TestKeepCountStaysWithinOneAndN(t *testing.T) {
+	for _, b := range []float64{1e-300, 1e-6, 0.001, 0.5, 0.999999, 1, math.Nextafter(1, 0)} {
+		for _, n := range []int{1, 2, 3, 17, 1000, 1 << 20} {
+			k := Config{Budget: b}.KeepCount(n)
+			if k < 1 || k > n {
+				t.Errorf("KeepCount(b=%v, n=%d) = %d, outside [1, n]", b, n, k)
+			}
+		}
+	}
+}
+
+func TestParsePolicy(t *testing.T) {
+	ok := map[string]Policy{"full": Full, "elastic": Elastic, "H2O": H2O, " local ": Local, "Elastic": Elastic}
+	for in, want := range ok {
+		got, err := ParsePolicy(in)
+		if err != nil || got != want {
+			t.Errorf("ParsePolicy(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "streaming", "elastic2", "reference"} {
+		_, err := ParsePolicy(in)
+		var ce *ConfigError
+		if !errors.As(err, &ce) || ce.Field != "policy" {
+			t.Errorf("ParsePolicy(%q) error = %v, want ConfigError for policy", in, err)
+		}
+	}
+}
+
+func TestDefaultConfigIsElastic08Sink4DistanceMinus25(t *testing.T) {
+	c := DefaultConfig()
+	want := Config{Policy: Elastic, Budget: 0.8, Sink: 4, Distance: -25}
+	if c != want {
+		t.Fatalf("DefaultConfig() = %+v, want %+v", c, want)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatalf("default config invalid: %v", err)
+	}
+}
+
+func TestValidateErrorsNameTheField(t *testing.T) {
+	base := DefaultConfig()
+	cases := []struct {
+		name  string
+		edit  func(*Config)
+		field string // "" means valid
+	}{
+		{"default", func(*Config) {}, ""},
+		{"budget one", func(c *Config) { c.Budget = 1 }, ""},
+		{"sink zero", func(c *Config) { c.Sink = 0 }, ""},
+		{"sink max", func(c *Config) { c.Sink = 1024 }, ""},
+		{"distance positive", func(c *Config) { c.Distance = 100000 }, ""},
+		{"distance most negative", func(c *Config) { c.Distance = -100000 }, ""},
+		{"every policy: full", func(c *Config) { c.Policy = Full }, ""},
+		{"every policy: h2o", func(c *Config) { c.Policy = H2O }, ""},
+		{"every policy: local", func(c *Config) { c.Policy = Local }, ""},
+		{"empty policy", func(c *Config) { c.Policy = "" }, "policy"},
+		{"unknown policy", func(c *Config) { c.Policy = "snapkv" }, "policy"},
+		{"upper-case policy", func(c *Config) { c.Policy = "ELASTIC" }, "policy"},
+		{"budget zero", func(c *Config) { c.Budget = 0 }, "budget"},
+		{"budget negative", func(c *Config) { c.Budget = -0.5 }, "budget"},
+		{"budget above one", func(c *Config) { c.Budget = 1.0000001 }, "budget"},
+		{"budget NaN", func(c *Config) { c.Budget = math.NaN() }, "budget"},
+		{"budget +Inf", func(c *Config) { c.Budget = math.Inf(1) }, "budget"},
+		{"sink negative", func(c *Config) { c.Sink = -1 }, "sink"},
+		{"sink too large", func(c *Config) { c.Sink = 1025 }, "sink"},
+		{"distance too small", func(c *Config) { c.Distance = -100001 }, "distance"},
+		{"distance too large", func(c *Config) { c.Distance = 100001 }, "distance"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := base
+			tc.edit(&c)
+			err := c.Validate()
+			if tc.field == "" {
+				if err != nil {
+					t.Fatalf("Validate(%+v) = %v, want nil", c, err)
+				}
+				return
+			}
+			var ce *ConfigError
+			if !errors.As(err, &ce) {
+				t.Fatalf("Validate(%+v) = %v, want *ConfigError", c, err)
+			}
+			if ce.Field != tc.field {
+				t.Fatalf("Validate(%+v) names field %q, want %q", c, ce.Field, tc.field)
+			}
+			if ce.Error() == "" || ce.Msg == "" {
+				t.Fatalf("empty error text")
+			}
+			if _, err := NewTracker(c, 32); !errors.As(err, &ce) {
+				t.Fatalf("NewTracker accepted invalid config %+v", c)
+			}
+		})
+	}
+}
+
+func TestScoreNeeds(t *testing.T) {
+	cases := []struct {
+		p               Policy
+		prefill, decode bool
+	}{
+		{Full, false, false},
+		{Elastic, true, false},
+		{H2O, true, true},
+		{Local, false, false},
+	}
+	for _, c := range cases {
+		cfg := Config{Policy: c.p, Budget: 0.5}
+		if cfg.NeedsPrefillScores() != c.prefill || cfg.NeedsDecodeScores() != c.decode {
+			t.Errorf("%s: NeedsPrefillScores=%v NeedsDecodeScores=%v, want %v %v",
+				c.p, cfg.NeedsPrefillScores(), cfg.NeedsDecodeScores(), c.prefill, c.decode)
+		}
+	}
+}

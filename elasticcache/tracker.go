@@ -1,0 +1,216 @@
+package elasticcache
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+)
+
+// Stats summarises what a Tracker did to one sequence.
+type Stats struct {
+	PromptEntries int // N, the prompt length given to PlanPrefill
+	Kept          int // entries per layer right after phase 1 (N when nothing changed)
+	Merged        int // prompt entries merged in phase 1 (per layer)
+	Evicted       int // prompt entries dropped in phase 1 plus all decode evictions
+}
+
+// Tracker is the cache policy state of one sequence, created before its
+// prompt is encoded. Its methods may be called from several goroutines.
+type Tracker struct {
+	mu      sync.Mutex
+	cfg     Config
+	nLayers int
+
+	planned  bool
+	promptN  int
+	kept     int // entries held right after phase 1
+	merged   int
+	evicted  int
+	sinkHeld int // leading entries that are original sink tokens (elastic, local)
+	point    int // elastic decode truncation index before clamping
+
+	acc []float64 // h2o: accumulated score of each held entry, position order
+}
+
+// NewTracker validates cfg and returns a tracker for a model of nLayers layers.
+func NewTracker(cfg Config, nLayers int) (*Tracker, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if nLayers < 1 {
+		return nil, fmt.Errorf("elasticcache: nLayers must be at least 1, got %d", nLayers)
+	}
+	return &Tracker{cfg: cfg, nLayers: nLayers}, nil
+}
+
+// Config returns the tracker's configuration.
+func (t *Tracker) Config() Config { return t.cfg }
+
+var errNotPlanned = errors.New("elasticcache: AfterDecode called before PlanPrefill")
+
+// checkScores verifies that scores has one finite row of exactly width
+// values per layer.
+func (t *Tracker) checkScores(scores [][]float32, width int) error {
+	if len(scores) != t.nLayers {
+		return fmt.Errorf("elasticcache: scores has %d layers, want %d", len(scores), t.nLayers)
+	}
+	for l, row := range scores {
+		if len(row) != width {
+			return fmt.Errorf("elasticcache: scores[%d] has %d entries, want %d", l, len(row), width)
+		}
+		for j, v := range row {
+			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+				return fmt.Errorf("elasticcache: scores[%d][%d] is %v", l, j, v)
+			}
+		}
+	}
+	return nil
+}
+
+// PlanPrefill is called once, after all n prompt entries are in the cache.
+// scores[l][j] is the head-averaged attention column sum that prompt entry j
+// received in layer l; it may be nil when the policy needs none (full,
+// local), when nothing would change (K >= n for elastic), or when the budget
+// is 1. It returns nil when the cache stays as it is.
+func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.planned {
+		return nil, errors.New("elasticcache: PlanPrefill called twice")
+	}
+	if n < 1 {
+		return nil, fmt.Errorf("elasticcache: prompt of %d entries", n)
+	}
+	k := t.cfg.KeepCount(n)
+	compress := k < n && t.cfg.Policy != Full
+
+	// Which policies read the scores here: elastic when it compresses, h2o
+	// whenever a later step may evict (its scores carry into decode).
+	needed := (t.cfg.Policy == Elastic && compress) || (t.cfg.Policy == H2O && t.cfg.Budget < 1)
+	if t.cfg.NeedsPrefillScores() && (needed || scores != nil) {
+		if scores == nil {
+			return nil, fmt.Errorf("elasticcache: policy %s needs prompt scores", t.cfg.Policy)
+		}
+		if err := t.checkScores(scores, n); err != nil {
+			return nil, err
+		}
+	}
+
+	var plan *PrefillPlan
+	s := min(t.cfg.Sink, n)
+	switch {
+	case t.cfg.Policy == Full:
+	case t.cfg.Policy == Elastic && compress:
+		plan = planElastic(n, k, t.cfg.Sink, scores)
+		s = effectiveSink(t.cfg.Sink, k)
+	case t.cfg.Policy == Local && compress:
+		plan = planLocal(n, k, t.cfg.Sink, t.nLayers)
+		s = effectiveSink(t.cfg.Sink, k)
+	case t.cfg.Policy == H2O && t.cfg.Budget < 1:
+		means := h2oMeans(n, scores)
+		if compress {
+			plan, t.acc = planH2O(n, k, t.nLayers, means)
+		} else {
+			t.acc = means
+		}
+	}
+
+	t.planned = true
+	t.promptN = n
+	t.kept = n
+	if plan != nil {
+		t.kept = k
+		t.merged = plan.Merged()
+		t.evicted = plan.Evicted()
+	}
+	t.sinkHeld = s
+	if t.cfg.Distance < 0 {
+		t.point = t.kept + t.cfg.Distance
+	} else {
+		t.point = t.cfg.Distance
+	}
+	return plan, nil
+}
+
+// AfterDecode is called after each generated token is appended. T counts the
+// tokens processed so far (prompt plus generated) and held the entries the
+// sequence holds now, the new one included (so 1 <= held <= T). For h2o,
+// scores[l] holds this step's attention column sums over the held entries
+// (len held); other policies take nil. It returns the position-order index
+// of the one entry to evict, or -1, and accounts for that eviction itself.
+//
+// An entry is evicted exactly when held > ceil(Budget*T); the newest entry
+// is never chosen, and sink entries only when nothing else is left. Choice:
+// elastic takes index p clamped to [sink, held-2]; local takes index sink;
+// h2o takes the lowest accumulated score in [sink, held-1), earliest on ties.
+// For elastic and local "sink" is the number of original sink entries still
+// held after phase 1; for h2o it is Config.Sink as an index, as in the
+// reference H2O cache (its phase 1 does not protect sink entries).
+func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if held < 1 || held > T {
+		return -1, fmt.Errorf("elasticcache: held=%d with T=%d (want 1 <= held <= T)", held, T)
+	}
+	if t.cfg.Policy == Full {
+		return -1, nil
+	}
+	if !t.planned {
+		return -1, errNotPlanned
+	}
+	if t.cfg.Budget >= 1 {
+		return -1, nil // ceil(1*T) = T >= held: never evicts, nothing to track
+	}
+	over := held > t.cfg.KeepCount(T) // implies held >= 2
+
+	idx := -1
+	switch t.cfg.Policy {
+	case Elastic:
+		if over {
+			lo, hi := min(t.sinkHeld, held-2), held-2
+			idx = min(max(t.point, lo), hi)
+		}
+	case Local:
+		if over {
+			idx = min(t.sinkHeld, held-2)
+		}
+	case H2O:
+		if scores == nil {
+			return -1, errors.New("elasticcache: policy h2o needs decode scores")
+		}
+		if err := t.checkScores(scores, held); err != nil {
+			return -1, err
+		}
+		if len(t.acc) != held-1 {
+			return -1, fmt.Errorf("elasticcache: held=%d but the tracker holds %d entries before this step", held, len(t.acc))
+		}
+		t.acc = append(t.acc, 0)
+		inv := 1 / float64(t.nLayers)
+		for _, row := range scores {
+			for j, v := range row {
+				t.acc[j] += float64(v) * inv
+			}
+		}
+		if over {
+			idx = min(t.cfg.Sink, held-2)
+			for j := idx + 1; j < held-1; j++ {
+				if t.acc[j] < t.acc[idx] {
+					idx = j
+				}
+			}
+			t.acc = append(t.acc[:idx], t.acc[idx+1:]...)
+		}
+	}
+	if idx >= 0 {
+		t.evicted++
+	}
+	return idx, nil
+}
+
+// Stats returns the tracker's counters.
+func (t *Tracker) Stats() Stats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return Stats{PromptEntries: t.promptN, Kept: t.kept, Merged: t.merged, Evicted: t.evicted}
+}

@@ -1,0 +1,464 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"image"
+	"image/color"
+	"image/png"
+	"math"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/internal/testmodel"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+var (
+	tmModel  *llama.Model
+	tmVision *llama.Vision
+)
+
+func TestMain(m *testing.M) {
+	llama.Init(llama.LogError)
+	mp, vp, err := testmodel.Ensure(testmodel.DefaultOptions())
+	if err != nil {
+		panic(err)
+	}
+	if tmModel, err = llama.LoadModel(mp, llama.ModelParams{UseMmap: true}); err != nil {
+		panic(err)
+	}
+	if tmVision, err = llama.LoadVision(tmModel, vp, llama.VisionParams{Threads: 2}); err != nil {
+		panic(err)
+	}
+	code := m.Run()
+	tmVision.Close()
+	tmModel.Close()
+	os.Exit(code)
+}
+
+type testEngine struct {
+	*Engine
+	mu  sync.Mutex
+	obs []Observation
+}
+
+func startEngine(t testing.TB, opts Options) *testEngine {
+	t.Helper()
+	if opts.Parallel == 0 {
+		opts.Parallel = 2
+	}
+	if opts.CtxSize == 0 {
+		opts.CtxSize = 2048 * opts.Parallel
+	}
+	if opts.BatchSize == 0 {
+		opts.BatchSize = 256
+	}
+	opts.Threads = 2
+	opts.Log = zerolog.Nop()
+	te := &testEngine{}
+	opts.Observe = func(o Observation) {
+		te.mu.Lock()
+		te.obs = append(te.obs, o)
+		te.mu.Unlock()
+	}
+	e, err := New(tmModel, tmVision, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	te.Engine = e
+	ctx, cancel := context.WithCancel(context.Background())
+	go e.Run(ctx)
+	t.Cleanup(func() {
+		cancel()
+		<-e.Done()
+		e.Close()
+	})
+	return te
+}
+
+func (te *testEngine) observations(id string) []Observation {
+	te.mu.Lock()
+	defer te.mu.Unlock()
+	var out []Observation
+	for _, o := range te.obs {
+		if o.RequestID == id {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+type result struct {
+	text   string
+	finish string
+	usage  Usage
+	kv     *KVReport
+	err    error
+}
+
+func collect(t testing.TB, ch <-chan Event) result {
+	t.Helper()
+	var r result
+	timeout := time.After(5 * time.Minute)
+	for {
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				r.err = fmt.Errorf("channel closed before the final event")
+				return r
+			}
+			r.text += ev.Text
+			if ev.Done {
+				r.finish, r.usage, r.kv, r.err = ev.FinishReason, ev.Usage, ev.KV, ev.Err
+				return r
+			}
+		case <-timeout:
+			t.Fatal("request did not finish")
+		}
+	}
+}
+
+func greedyReq(id, prompt string, maxTokens int, cache elasticcache.Config, images ...[]byte) *Request {
+	content := prompt
+	for range images {
+		content = ImageMarker + "\n" + content
+	}
+	return &Request{
+		ID:        id,
+		Messages:  []Message{{Role: "user", Content: content}},
+		Images:    images,
+		MaxTokens: maxTokens,
+		Sampling:  Sampling{Temperature: 0, RepeatPenalty: 1},
+		Cache:     cache,
+	}
+}
+
+func run(t testing.TB, e *testEngine, req *Request) result {
+	t.Helper()
+	ch, err := e.Submit(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := collect(t, ch)
+	if r.err != nil {
+		t.Fatalf("%s: %v", req.ID, r.err)
+	}
+	return r
+}
+
+func cfg(p elasticcache.Policy, b float64) elasticcache.Config {
+	c := elasticcache.DefaultConfig()
+	c.Policy, c.Budget = p, b
+	return c
+}
+
+func testPNG(t testing.TB, seed int) []byte {
+	t.Helper()
+	img := image.NewRGBA(image.Rect(0, 0, 48, 48))
+	for y := range 48 {
+		for x := range 48 {
+			img.SetRGBA(x, y, color.RGBA{uint8(x * 5 * seed), uint8(y * 3), uint8(200 - 40*seed), 255})
+		}
+	}
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, img); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+var allPolicies = []elasticcache.Policy{elasticcache.Elastic, elasticcache.H2O, elasticcache.Local}
+
+const longPrompt = "Describe the picture in detail, listing every shape, its color and where it is. "
+
+func TestBudgetOneMatchesFullForEveryPolicy(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 1})
+	for _, withImage := range []bool{false, true} {
+		var imgs [][]byte
+		if withImage {
+			imgs = [][]byte{testPNG(t, 1)}
+		}
+		full := run(t, e, greedyReq("full", longPrompt, 40, cfg(elasticcache.Full, 1), imgs...))
+		if full.usage.CompletionTokens != 40 || full.finish != FinishLength {
+			t.Fatalf("full: %d tokens, finish %q", full.usage.CompletionTokens, full.finish)
+		}
+		for _, p := range allPolicies {
+			got := run(t, e, greedyReq(string(p), longPrompt, 40, cfg(p, 1), imgs...))
+			if got.text != full.text {
+				t.Errorf("image=%v %s@1.0 differs from full:\n%q\n%q", withImage, p, got.text, full.text)
+			}
+			if got.kv.Kept != got.kv.PromptEntries || got.kv.Evicted != 0 || got.kv.Merged != 0 {
+				t.Errorf("%s@1.0 changed the cache: %+v", p, got.kv)
+			}
+		}
+	}
+}
+
+// After the prefill plan every sequence holds K = ceil(b*N) cells; during decode it
+// never holds more than ceil(b*T)+1; and attention spans fewer cells than under full.
+func TestPolicyKeepsBudgetDuringPrefillAndDecode(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 1})
+	img := testPNG(t, 2)
+	full := run(t, e, greedyReq("ref-full", longPrompt, 48, cfg(elasticcache.Full, 1), img))
+	fullObs := e.observations("ref-full")
+	fullSpan := fullObs[len(fullObs)-1].Attended
+	for _, p := range allPolicies {
+		for _, b := range []float64{0.2, 0.5, 0.8} {
+			id := fmt.Sprintf("%s@%.1f", p, b)
+			c := cfg(p, b)
+			r := run(t, e, greedyReq(id, longPrompt, 48, c, img))
+			n := r.kv.PromptEntries
+			if n != full.usage.PromptTokens || n < 144 {
+				t.Fatalf("%s: prompt entries %d, full had %d", id, n, full.usage.PromptTokens)
+			}
+			k := c.KeepCount(n)
+			if r.kv.Kept != k {
+				t.Errorf("%s: kept %d, want ceil(%.1f*%d) = %d", id, r.kv.Kept, b, n, k)
+			}
+			obs := e.observations(id)
+			if len(obs) == 0 || !obs[0].Prefill || obs[0].Held != k {
+				t.Fatalf("%s: first observation %+v, want %d cells after prefill", id, obs[0], k)
+			}
+			for _, o := range obs[1:] {
+				if bound := c.KeepCount(o.T) + 1; o.Held > bound {
+					t.Fatalf("%s: T=%d holds %d cells > ceil(b*T)+1 = %d", id, o.T, o.Held, bound)
+				}
+			}
+			last := obs[len(obs)-1]
+			if b <= 0.5 && last.Attended >= fullSpan {
+				t.Errorf("%s: attention spans %d cells, full spans %d", id, last.Attended, fullSpan)
+			}
+			if r.kv.BytesSaved <= 0 || r.kv.FinalCells >= n+48 {
+				t.Errorf("%s: report %+v saves nothing", id, r.kv)
+			}
+			t.Logf("%s: N=%d K=%d final=%d attended=%d (full %d) merged=%d evicted=%d", id, n, k, r.kv.FinalCells, last.Attended, fullSpan, r.kv.Merged, r.kv.Evicted)
+		}
+	}
+}
+
+// The engine's cell bookkeeping (which cell holds which position) matches what
+// llama.cpp reports after evictions, so captured columns map to the right entries.
+func TestCellBookkeepingMatchesLlama(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 1})
+	var snap *llama.SeqCache
+	var want []int
+	e.opts.Observe = func(o Observation) {
+		if o.Prefill || o.T != 200 {
+			return
+		}
+		s := e.slots[o.Slot]
+		sc, err := e.ctx.ReadSeqCache(o.Slot)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		snap = sc
+		// llama.cpp lists cells in cell order; build the same from our bookkeeping.
+		byCell := make(map[int]int)
+		for i, c := range s.entryCell {
+			byCell[c] = s.entryPos[i]
+		}
+		want = want[:0]
+		for c := 0; c < len(s.cellFree); c++ {
+			if p, ok := byCell[c]; ok {
+				want = append(want, p)
+			}
+		}
+	}
+	run(t, e, greedyReq("book", strings.Repeat("abc ", 30), 200, cfg(elasticcache.H2O, 0.5)))
+	if snap == nil {
+		t.Fatal("no snapshot taken")
+	}
+	if len(snap.Pos) != len(want) {
+		t.Fatalf("llama holds %d cells, bookkeeping %d", len(snap.Pos), len(want))
+	}
+	for i := range want {
+		if int(snap.Pos[i]) != want[i] {
+			t.Fatalf("cell-order entry %d: llama pos %d, bookkeeping %d", i, snap.Pos[i], want[i])
+		}
+	}
+}
+
+// Rows read back after a merge equal the oracle's group means (f16 tolerance).
+func TestMergedRowsEqualOracleMeans(t *testing.T) {
+	ctx, err := llama.NewContext(tmModel, llama.ContextParams{NCtx: 1024, NSeqMax: 1, Threads: 2, Capture: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Close()
+	toks, err := tmModel.Tokenize(strings.Repeat("merge these rows together ", 8), true, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := len(toks)
+	b := llama.NewBatch(n, 0, 1)
+	defer b.Close()
+	for i, tok := range toks {
+		b.Add(tok, i, 0, i == n-1)
+	}
+	ctx.CaptureReset()
+	ctx.CaptureEnable(true)
+	if err := ctx.Decode(b); err != nil {
+		t.Fatal(err)
+	}
+	ctx.CaptureEnable(false)
+	scores, err := ctx.CaptureSums(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := elasticcache.NewTracker(cfg(elasticcache.Elastic, 0.3), tmModel.Info().Layers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := tr.PlanPrefill(n, scores)
+	if err != nil || plan == nil {
+		t.Fatalf("plan %v err %v", plan, err)
+	}
+	before, err := ctx.ReadSeqCache(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ident := make([]int, n)
+	for i := range ident {
+		ident[i] = i
+	}
+	dst := ApplyPlan(before, plan, ident)
+	for i, p := range plan.Layers[0].Keep {
+		dst.Pos[i] = int32(p)
+	}
+	if err := ctx.WriteSeqCache(0, dst); err != nil {
+		t.Fatal(err)
+	}
+	after, err := ctx.ReadSeqCache(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Cells() != plan.K {
+		t.Fatalf("holds %d cells, want %d", after.Cells(), plan.K)
+	}
+	layersDiffer := false
+	for l, lp := range plan.Layers {
+		if l > 0 && fmt.Sprint(lp.Keep) != fmt.Sprint(plan.Layers[0].Keep) {
+			layersDiffer = true
+		}
+		for _, kind := range []string{"K", "V"} {
+			in, out := &before.K[l], &after.K[l]
+			if kind == "V" {
+				in, out = &before.V[l], &after.V[l]
+			}
+			rows := make([][]float32, n)
+			for j := range rows {
+				rows[j] = make([]float32, in.RowElems)
+				in.Row(n, j, rows[j])
+			}
+			want := elasticcache.ApplyLayer(lp, rows)
+			got := make([]float32, in.RowElems)
+			for i := range want {
+				out.Row(plan.K, i, got)
+				for k := range got {
+					// f16 storage: half a unit in the last place (2^-11 relative) plus a tiny absolute floor.
+					tol := math.Abs(float64(want[i][k]))*math.Pow(2, -11) + 1e-6
+					if math.Abs(float64(got[k]-want[i][k])) > tol {
+						t.Fatalf("layer %d %s cell %d elem %d: got %g, oracle %g", l, kind, i, k, got[k], want[i][k])
+					}
+				}
+			}
+		}
+	}
+	if !layersDiffer {
+		t.Log("note: every layer chose the same anchors for this prompt")
+	}
+}
+
+// Two parallel sequences with different policies each give what they give alone.
+func TestParallelSequencesWithDifferentPoliciesMatchAlone(t *testing.T) {
+	reqs := []*Request{
+		greedyReq("a", longPrompt, 32, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)),
+		greedyReq("b", "Tell me about squares and circles.", 32, cfg(elasticcache.Local, 0.6)),
+		greedyReq("c", longPrompt+" Again.", 32, cfg(elasticcache.H2O, 0.5)),
+		greedyReq("d", "What is there?", 32, cfg(elasticcache.Full, 1), testPNG(t, 2)),
+	}
+	alone := make([]string, len(reqs))
+	{
+		e := startEngine(t, Options{Parallel: 1, CtxSize: 2048})
+		for i, r := range reqs {
+			alone[i] = run(t, e, r).text
+		}
+	}
+	e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 2048})
+	chans := make([]<-chan Event, len(reqs))
+	for i, r := range reqs {
+		ch, err := e.Submit(context.Background(), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chans[i] = ch
+	}
+	for i, ch := range chans {
+		r := collect(t, ch)
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if r.text != alone[i] {
+			t.Errorf("%s: parallel output differs from alone:\n%q\n%q", reqs[i].ID, r.text, alone[i])
+		}
+	}
+}
+
+func TestStopStringsEndGenerationWithoutLeakingTheStop(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 1})
+	ref := run(t, e, greedyReq("ref", "count", 40, cfg(elasticcache.Full, 1)))
+	if len(ref.text) < 12 {
+		t.Fatalf("reference too short: %q", ref.text)
+	}
+	stop := ref.text[8:11]
+	req := greedyReq("stop", "count", 40, cfg(elasticcache.Full, 1))
+	req.Stop = []string{stop}
+	got := run(t, e, req)
+	want := ref.text[:strings.Index(ref.text, stop)]
+	if got.text != want || got.finish != FinishStop {
+		t.Fatalf("stop %q: got %q (%s), want %q", stop, got.text, got.finish, want)
+	}
+}
+
+func TestCancelledRequestFreesItsSlot(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 1})
+	ctx, cancel := context.WithCancel(context.Background())
+	ch, err := e.Submit(ctx, greedyReq("cancel", "go on forever", 0, cfg(elasticcache.Full, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-ch // first text
+	cancel()
+	deadline := time.Now().Add(10 * time.Second)
+	for e.Stats().SlotsBusy != 0 || e.Stats().KVCellsUsed != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("slot not freed: %+v", e.Stats())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if e.ctx.SeqPosMax(0) != -1 {
+		t.Fatalf("cells of the cancelled sequence remain (pos max %d)", e.ctx.SeqPosMax(0))
+	}
+	// The slot serves the next request.
+	if r := run(t, e, greedyReq("after", "hi", 4, cfg(elasticcache.Full, 1))); r.usage.CompletionTokens != 4 {
+		t.Fatalf("next request: %+v", r)
+	}
+}
+
+func TestPromptLongerThanASlotIsAnInputError(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 2, CtxSize: 512})
+	_, err := e.Submit(context.Background(), greedyReq("long", strings.Repeat("x", 400), 4, cfg(elasticcache.Full, 1)))
+	ie, ok := err.(*InputError)
+	if !ok || ie.Code != "context_length_exceeded" {
+		t.Fatalf("got %v", err)
+	}
+}

@@ -1,0 +1,345 @@
+package engine
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// prefillStep encodes one batch of one prompt. A single sequence prefills at a time
+// so that captured attention belongs to it alone.
+func (e *Engine) prefillStep() {
+	var s *seq
+	for _, cand := range e.slots {
+		if cand != nil && !cand.prefilled {
+			if s == nil || cand.started.Before(s.started) {
+				s = cand
+			}
+		}
+	}
+	if s == nil {
+		return
+	}
+	if s.chunkIdx == 0 && s.chunkOff == 0 {
+		s.prefillStart = time.Now()
+		if s.req.Cache.NeedsPrefillScores() && s.req.Cache.Budget < 1 {
+			s.scores = make([][]float32, e.model.Info().Layers)
+			for l := range s.scores {
+				s.scores[l] = make([]float32, s.nPrompt)
+			}
+		}
+	}
+	ch := &s.chunks[s.chunkIdx]
+	n := min(e.opts.BatchSize, ch.n-s.chunkOff)
+	last := s.chunkIdx == len(s.chunks)-1 && s.chunkOff+n == ch.n
+	var b *llama.Batch
+	switch ch.kind {
+	case llama.ChunkText:
+		b = e.tokBatch
+		b.Clear()
+		for i := 0; i < n; i++ {
+			b.Add(ch.tokens[s.chunkOff+i], s.nPast+i, s.id, last && i == n-1)
+		}
+	case llama.ChunkImage:
+		if ch.embd == nil {
+			embd, err := s.prompt.EncodeImage(ch.src)
+			if err != nil {
+				e.fail(s, fmt.Errorf("engine: %w", err))
+				return
+			}
+			ch.embd = embd
+		}
+		b = e.embdBatch
+		b.Clear()
+		w := e.vision.EmbdSize()
+		for i := 0; i < n; i++ {
+			r := s.chunkOff + i
+			b.AddEmbd(ch.embd[r*w:(r+1)*w], s.nPast+i, s.id, last && i == n-1)
+		}
+		if e.vision.NonCausal() {
+			e.ctx.SetCausal(false)
+			defer e.ctx.SetCausal(true)
+		}
+	}
+	capture := s.scores != nil
+	if capture {
+		e.ctx.CaptureReset()
+		e.ctx.CaptureEnable(true)
+	}
+	err := e.ctx.Decode(b)
+	if capture {
+		e.ctx.CaptureEnable(false)
+	}
+	if err != nil {
+		e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
+		return
+	}
+	for i := 0; i < n; i++ {
+		s.placeNew(s.nPast + i)
+	}
+	s.nPast += n
+	if capture {
+		if err := e.collectPrefillScores(s); err != nil {
+			e.fail(s, err)
+			return
+		}
+	}
+	s.chunkOff += n
+	if s.chunkOff == ch.n {
+		ch.embd = nil
+		s.chunkIdx++
+		s.chunkOff = 0
+	}
+	if !last {
+		return
+	}
+	s.prefilled = true
+	tok := s.sampler.Sample(e.ctx, b.Len()-1)
+	s.prefillDur = time.Since(s.prefillStart)
+	t0 := time.Now()
+	if err := e.compress(s); err != nil {
+		e.fail(s, err)
+		return
+	}
+	s.compressDur = time.Since(t0)
+	s.scores = nil
+	e.observe(s, true)
+	s.decodeStart = time.Now()
+	e.emit(s, tok)
+}
+
+// collectPrefillScores adds the columns captured for this batch (cells 0..nPast-1,
+// which hold positions 0..nPast-1 during prefill) to the sequence's scores.
+func (e *Engine) collectPrefillScores(s *seq) error {
+	sums, err := e.ctx.CaptureSums(s.nPast)
+	if err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	for l := range sums {
+		for c, v := range sums[l] {
+			s.scores[l][s.entryPos[c]] += v
+		}
+	}
+	return nil
+}
+
+// compress applies the prefill plan: every layer keeps K rows (merged per the plan),
+// written back as K contiguous cells.
+func (e *Engine) compress(s *seq) error {
+	plan, err := s.tracker.PlanPrefill(s.nPrompt, s.scores)
+	if err != nil {
+		return fmt.Errorf("engine: plan: %w", err)
+	}
+	if plan == nil {
+		return nil
+	}
+	src, err := e.ctx.ReadSeqCache(s.id)
+	if err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	if src.Cells() != s.nPrompt {
+		return fmt.Errorf("engine: sequence holds %d cells, expected %d", src.Cells(), s.nPrompt)
+	}
+	// cellOfPos maps a prompt position to its cell in src (cell order = state order).
+	cellOfPos := make([]int, s.nPrompt)
+	for c, p := range src.Pos {
+		if int(p) >= s.nPrompt {
+			return fmt.Errorf("engine: unexpected position %d in the cache", p)
+		}
+		cellOfPos[p] = c
+	}
+	dst := ApplyPlan(src, plan, cellOfPos)
+	pos := make([]int, plan.K)
+	for i, p := range plan.Layers[0].Keep {
+		pos[i] = p
+		dst.Pos[i] = int32(p)
+	}
+	if err := e.ctx.WriteSeqCache(s.id, dst); err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	s.resetLayout(pos)
+	return nil
+}
+
+// ApplyPlan builds the compressed cache: cell i of layer l holds the mean of the rows
+// of plan.Layers[l].Keep[i] and its merge group (a plain copy when the group is empty).
+func ApplyPlan(src *llama.SeqCache, plan *elasticcache.PrefillPlan, cellOfPos []int) *llama.SeqCache {
+	dst := llama.NewSeqCacheLike(src, plan.K)
+	nSrc := src.Cells()
+	var acc, row []float32
+	for l, lp := range plan.Layers {
+		for _, part := range []struct{ in, out *llama.LayerRows }{{&src.K[l], &dst.K[l]}, {&src.V[l], &dst.V[l]}} {
+			if cap(acc) < part.in.RowElems {
+				acc = make([]float32, part.in.RowElems)
+				row = make([]float32, part.in.RowElems)
+			}
+			acc, row = acc[:part.in.RowElems], row[:part.in.RowElems]
+			for i, anchor := range lp.Keep {
+				var group []int
+				if i < len(lp.Groups) {
+					group = lp.Groups[i]
+				}
+				if len(group) == 0 {
+					part.out.CopyRow(plan.K, i, part.in, nSrc, cellOfPos[anchor])
+					continue
+				}
+				part.in.Row(nSrc, cellOfPos[anchor], acc)
+				for _, g := range group {
+					part.in.Row(nSrc, cellOfPos[g], row)
+					for k, v := range row {
+						acc[k] += v
+					}
+				}
+				inv := 1 / float32(len(group)+1)
+				for k := range acc {
+					acc[k] *= inv
+				}
+				part.out.SetRow(plan.K, i, acc)
+			}
+		}
+	}
+	return dst
+}
+
+// decodeStep decodes the pending token of every generating sequence: one shared batch
+// for policies without decode scores, one captured call each for those with them.
+func (e *Engine) decodeStep() {
+	var plain, captured []*seq
+	for _, s := range e.slots {
+		if s == nil || !s.prefilled {
+			continue
+		}
+		if s.free() == 0 {
+			e.finishSeq(s, Event{Done: true, FinishReason: FinishLength})
+			continue
+		}
+		if s.req.Cache.NeedsDecodeScores() && s.req.Cache.Budget < 1 {
+			captured = append(captured, s)
+		} else {
+			plain = append(plain, s)
+		}
+	}
+	if len(plain) > 0 {
+		b := e.tokBatch
+		b.Clear()
+		for _, s := range plain {
+			b.Add(s.pending, s.nPast, s.id, true)
+		}
+		if err := e.ctx.Decode(b); err != nil {
+			for _, s := range plain {
+				e.fail(s, fmt.Errorf("engine: decode: %w", err))
+			}
+		} else {
+			for i, s := range plain {
+				e.afterDecode(s, i, nil)
+			}
+		}
+	}
+	for _, s := range captured {
+		b := e.tokBatch
+		b.Clear()
+		b.Add(s.pending, s.nPast, s.id, true)
+		e.ctx.CaptureReset()
+		e.ctx.CaptureEnable(true)
+		err := e.ctx.Decode(b)
+		e.ctx.CaptureEnable(false)
+		if err != nil {
+			e.fail(s, fmt.Errorf("engine: decode: %w", err))
+			continue
+		}
+		e.afterDecode(s, 0, s)
+	}
+}
+
+// afterDecode records the new cell, samples the next token, lets the policy evict,
+// and emits the token. withScores is non-nil when this step's attention was captured.
+func (e *Engine) afterDecode(s *seq, row int, withScores *seq) {
+	s.placeNew(s.nPast)
+	s.nPast++
+	tok := s.sampler.Sample(e.ctx, row)
+	var scores [][]float32
+	if withScores != nil {
+		maxCell := 0
+		for _, c := range s.entryCell {
+			maxCell = max(maxCell, c)
+		}
+		sums, err := e.ctx.CaptureSums(maxCell + 1)
+		if err != nil {
+			e.fail(s, fmt.Errorf("engine: %w", err))
+			return
+		}
+		scores = make([][]float32, len(sums))
+		for l := range sums {
+			scores[l] = make([]float32, len(s.entryCell))
+			for i, c := range s.entryCell {
+				scores[l][i] = sums[l][c]
+			}
+		}
+	}
+	idx, err := s.tracker.AfterDecode(s.nPast, len(s.entryCell), scores)
+	if err != nil {
+		e.fail(s, fmt.Errorf("engine: policy: %w", err))
+		return
+	}
+	if idx >= 0 {
+		pos := s.evict(idx)
+		if !e.ctx.SeqRemove(s.id, pos, pos+1) {
+			e.fail(s, fmt.Errorf("engine: could not evict position %d", pos))
+			return
+		}
+	}
+	e.observe(s, false)
+	e.emit(s, tok)
+}
+
+func (e *Engine) observe(s *seq, prefill bool) {
+	if e.opts.Observe != nil {
+		e.opts.Observe(Observation{Slot: s.id, RequestID: s.req.ID, Prefill: prefill, T: s.nPast,
+			Held: len(s.entryCell), Attended: e.ctx.LastAttendedRange()})
+	}
+}
+
+// emit handles a sampled token: end of generation, stop strings, length, or streaming.
+func (e *Engine) emit(s *seq, tok llama.Token) {
+	if e.model.IsEOG(tok) {
+		e.finishSeq(s, Event{Done: true, FinishReason: FinishStop})
+		return
+	}
+	s.nGen++
+	if s.nGen == 1 {
+		s.firstAt = time.Now()
+	}
+	text := s.utf8.Write(e.model.TokenPiece(tok, false))
+	out, hit := s.stops.add(text)
+	if out != "" {
+		s.box.push(Event{Text: out})
+	}
+	if hit {
+		s.stopHit = true
+		e.finishSeq(s, Event{Done: true, FinishReason: FinishStop})
+		return
+	}
+	limit := s.req.MaxTokens
+	if room := len(s.cellFree) - s.nPrompt; limit <= 0 || limit > room {
+		limit = room
+	}
+	if s.nGen >= limit {
+		e.finishSeq(s, Event{Done: true, FinishReason: FinishLength})
+		return
+	}
+	s.pending = tok
+}
+
+func (e *Engine) fail(s *seq, err error) {
+	e.log.Error().Err(err).Int("slot", s.id).Str("request_id", s.req.ID).Msg("request failed")
+	e.finishSeq(s, Event{Done: true, Err: err})
+}
+
+func (e *Engine) finishSeq(s *seq, ev Event) {
+	if e.slots[s.id] != s {
+		return
+	}
+	e.finish(s.id, ev)
+}
