@@ -398,6 +398,7 @@ func (e *Engine) finish(i int, ev Event) {
 			s.box.push(Event{Text: txt})
 		}
 	}
+	ev.NLL, ev.NLLTokens = s.nll, s.nllN
 	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen}
 	ev.KV = e.report(s)
 	s.box.push(ev)

@@ -462,3 +462,80 @@ func TestPromptLongerThanASlotIsAnInputError(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// Forced decoding scores the reference tokens: under full it equals the NLL computed
+// by a direct decode loop, and at budget 1 every policy gives the same value.
+func TestForcedDecodingNLLMatchesDirectLoop(t *testing.T) {
+	answer, err := tmModel.Tokenize(" a red circle at the top left", false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	force := make([]int32, len(answer))
+	for i, a := range answer {
+		force[i] = int32(a)
+	}
+	e := startEngine(t, Options{Parallel: 1})
+	req := greedyReq("ppl", "What is in the image?", 0, cfg(elasticcache.Full, 1))
+	req.Force = force
+	ch, err := e.Submit(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var final Event
+	for ev := range ch {
+		if ev.Done {
+			final = ev
+		}
+	}
+	if final.Err != nil || final.NLLTokens != len(force) {
+		t.Fatalf("final %+v", final)
+	}
+
+	// Direct loop on a fresh context.
+	ctx, err := llama.NewContext(tmModel, llama.ContextParams{NCtx: 2048, NSeqMax: 1, Threads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Close()
+	text, err := tmModel.ApplyChatTemplate("", []llama.ChatMessage{{Role: "user", Content: "What is in the image?"}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prompt, err := tmModel.Tokenize(text, true, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := llama.NewBatch(len(prompt)+1, 0, 1)
+	defer b.Close()
+	for i, tok := range prompt {
+		b.Add(tok, i, 0, i == len(prompt)-1)
+	}
+	if err := ctx.Decode(b); err != nil {
+		t.Fatal(err)
+	}
+	want := negLogProb(ctx.Logits(len(prompt)-1), answer[0])
+	for i := 1; i < len(answer); i++ {
+		b.Clear()
+		b.Add(answer[i-1], len(prompt)+i-1, 0, true)
+		if err := ctx.Decode(b); err != nil {
+			t.Fatal(err)
+		}
+		want += negLogProb(ctx.Logits(0), answer[i])
+	}
+	if math.Abs(final.NLL-want) > 1e-4*math.Abs(want) {
+		t.Fatalf("engine NLL %g, direct loop %g", final.NLL, want)
+	}
+	for _, p := range allPolicies {
+		req := greedyReq("ppl-"+string(p), "What is in the image?", 0, cfg(p, 1))
+		req.Force = force
+		ch, err := e.Submit(context.Background(), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for ev := range ch {
+			if ev.Done && ev.NLL != final.NLL {
+				t.Errorf("%s@1.0 NLL %g, full %g", p, ev.NLL, final.NLL)
+			}
+		}
+	}
+}

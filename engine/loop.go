@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
@@ -96,7 +97,7 @@ func (e *Engine) prefillStep() {
 		return
 	}
 	s.prefilled = true
-	tok := s.sampler.Sample(e.ctx, b.Len()-1)
+	tok := e.next(s, b.Len()-1)
 	s.prefillDur = time.Since(s.prefillStart)
 	t0 := time.Now()
 	if err := e.compress(s); err != nil {
@@ -258,7 +259,7 @@ func (e *Engine) decodeStep() {
 func (e *Engine) afterDecode(s *seq, row int, withScores *seq) {
 	s.placeNew(s.nPast)
 	s.nPast++
-	tok := s.sampler.Sample(e.ctx, row)
+	tok := e.next(s, row)
 	var scores [][]float32
 	if withScores != nil {
 		maxCell := 0
@@ -294,6 +295,34 @@ func (e *Engine) afterDecode(s *seq, row int, withScores *seq) {
 	e.emit(s, tok)
 }
 
+// next samples the sequence's next token from output row, or, for a forced request,
+// takes the next reference token and scores it.
+func (e *Engine) next(s *seq, row int) llama.Token {
+	if s.req.Force == nil {
+		return s.sampler.Sample(e.ctx, row)
+	}
+	if s.nGen >= len(s.req.Force) {
+		return e.model.Info().EOS
+	}
+	tok := llama.Token(s.req.Force[s.nGen])
+	s.nll += negLogProb(e.ctx.Logits(row), tok)
+	s.nllN++
+	return tok
+}
+
+// negLogProb is -log softmax(logits)[tok], computed stably.
+func negLogProb(logits []float32, tok llama.Token) float64 {
+	mx := math.Inf(-1)
+	for _, v := range logits {
+		mx = math.Max(mx, float64(v))
+	}
+	sum := 0.0
+	for _, v := range logits {
+		sum += math.Exp(float64(v) - mx)
+	}
+	return mx + math.Log(sum) - float64(logits[tok])
+}
+
 func (e *Engine) observe(s *seq, prefill bool) {
 	if e.opts.Observe != nil {
 		e.opts.Observe(Observation{Slot: s.id, RequestID: s.req.ID, Prefill: prefill, T: s.nPast,
@@ -303,7 +332,7 @@ func (e *Engine) observe(s *seq, prefill bool) {
 
 // emit handles a sampled token: end of generation, stop strings, length, or streaming.
 func (e *Engine) emit(s *seq, tok llama.Token) {
-	if e.model.IsEOG(tok) {
+	if s.req.Force == nil && e.model.IsEOG(tok) {
 		e.finishSeq(s, Event{Done: true, FinishReason: FinishStop})
 		return
 	}
@@ -316,8 +345,8 @@ func (e *Engine) emit(s *seq, tok llama.Token) {
 	if out != "" {
 		s.box.push(Event{Text: out})
 	}
-	if hit {
-		s.stopHit = true
+	if hit || s.req.Force != nil && s.nGen >= len(s.req.Force) {
+		s.stopHit = hit
 		e.finishSeq(s, Event{Done: true, FinishReason: FinishStop})
 		return
 	}

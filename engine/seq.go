@@ -52,6 +52,9 @@ type seq struct {
 	compressDur  time.Duration
 	decodeStart  time.Time
 
+	nll  float64 // forced decoding: summed -log p(forced token)
+	nllN int
+
 	utf8    llama.UTF8Buffer
 	stops   stopScanner
 	stopHit bool

@@ -44,6 +44,9 @@ type Request struct {
 	MaxTokens int      // 0: until the context is full or EOS
 	Stop      []string
 	Sampling  Sampling
+	// Force, when set, replaces sampling: generation feeds these tokens one by one (the
+	// reference answer of a perplexity run) and the final event reports their NLL.
+	Force []int32
 	// Cache is the Elastic Cache setting for this request (server default already applied).
 	Cache elasticcache.Config
 }
@@ -88,6 +91,9 @@ type Event struct {
 	Usage        Usage
 	KV           *KVReport
 	Err          error
+	// NLL and NLLTokens: summed negative log-likelihood of the forced tokens (Request.Force).
+	NLL       float64
+	NLLTokens int
 }
 
 // ErrQueueFull is returned by Submit when the waiting queue is at capacity.
