@@ -21,15 +21,20 @@ import (
 
 // Options configures the engine.
 type Options struct {
-	Parallel   int // sequences decoded together (slots)
-	CtxSize    int // total KV cells; each slot gets CtxSize/Parallel
+	Parallel int // sequences decoded together (slots)
+	CtxSize  int // total KV cells
+	// Unified shares all CtxSize cells between the slots, and admits a request when the
+	// cells its policy lets it hold fit; otherwise each slot owns CtxSize/Parallel cells.
+	Unified    bool
 	BatchSize  int // most tokens decoded per llama_decode call
 	UBatchSize int
 	Threads    int
 	FlashAttn  bool // faster attention; policies that need attention scores are refused
 	QueueSize  int  // requests waiting for a slot before Submit answers ErrQueueFull
-	KVType     string
-	Log        zerolog.Logger
+	// AllowBeyondTrain lets generation run past the model's training context.
+	AllowBeyondTrain bool
+	KVType           string
+	Log              zerolog.Logger
 	// Observe, when set, is called on the decode loop after each prefill plan and each
 	// generation step (tests and diagnostics; it must not block).
 	Observe func(Observation)
@@ -65,7 +70,11 @@ type Engine struct {
 	queue chan *seq
 	wake  chan struct{}
 
-	slots []*seq // index = llama sequence id; nil when free
+	slots   []*seq // index = llama sequence id; nil when free
+	waiting []*seq // taken off the queue, not yet admitted (FIFO)
+	pools   []*cellPool
+	// reserved cells per pool: what admitted sequences may hold at most
+	reserved []int
 
 	tokBatch  *llama.Batch
 	embdBatch *llama.Batch
@@ -105,6 +114,7 @@ func New(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, error
 		Threads:   opts.Threads,
 		FlashAttn: opts.FlashAttn,
 		Capture:   !opts.FlashAttn,
+		Unified:   opts.Unified,
 		TypeK:     opts.KVType,
 		TypeV:     opts.KVType,
 	})
@@ -129,6 +139,14 @@ func New(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, error
 		bytesPerCell: int64(info.Layers) * 2 * int64(info.KVRowElems) * elem,
 		done:         make(chan struct{}),
 	}
+	if opts.Unified {
+		e.pools = []*cellPool{newCellPool(ctx.NCtx(), ctx.Params().NUBatch)}
+	} else {
+		for range opts.Parallel {
+			e.pools = append(e.pools, newCellPool(ctx.NCtxSeq(), ctx.Params().NUBatch))
+		}
+	}
+	e.reserved = make([]int, len(e.pools))
 	if vision != nil {
 		e.embdBatch = llama.NewBatch(opts.BatchSize, vision.EmbdSize(), 1)
 	}
@@ -182,14 +200,12 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 	}
 	s.ctx = ctx
 	out := make(chan Event, 16)
-	e.queued.Add(1)
-	select {
-	case e.queue <- s:
-	default:
+	if e.queued.Add(1) > int64(e.opts.QueueSize) {
 		e.queued.Add(-1)
 		s.release()
 		return nil, ErrQueueFull
 	}
+	e.queue <- s // never blocks: the channel holds QueueSize and queued bounds it
 	e.signal()
 	go s.box.forward(ctx, out)
 	return out, nil
@@ -266,7 +282,7 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 		s.release()
 		return nil, &InputError{Param: "messages", Code: "invalid_value", Msg: "the prompt is empty"}
 	}
-	if limit := e.ctx.NCtxSeq() - 1; s.nPrompt > limit {
+	if limit := e.pools[0].size() - 1; s.nPrompt > limit {
 		s.release()
 		return nil, PromptTooLong(s.nPrompt, limit)
 	}
@@ -282,7 +298,7 @@ func (e *Engine) Run(ctx context.Context) {
 		e.admit()
 		active := e.activeCount()
 		if active == 0 {
-			if e.closed.Load() && len(e.queue) == 0 {
+			if e.closed.Load() && len(e.queue) == 0 && len(e.waiting) == 0 {
 				return
 			}
 			select {
@@ -314,31 +330,93 @@ func (e *Engine) activeCount() int {
 	return n
 }
 
-// admit moves queued requests into free slots.
+// admit moves waiting requests into free slots, first come first served, when the
+// cells their policy may hold fit next to the reservations already made.
 func (e *Engine) admit() {
-	for i := range e.slots {
-		if e.slots[i] != nil {
-			continue
-		}
+	for {
 		select {
 		case s := <-e.queue:
-			e.queued.Add(-1)
-			if s.ctx.Err() != nil {
-				s.box.push(Event{Done: true, Err: s.ctx.Err()})
-				s.release()
-				continue
-			}
-			if err := e.start(i, s); err != nil {
-				s.box.push(Event{Done: true, Err: err})
-				s.release()
-				continue
-			}
-			e.slots[i] = s
-			e.busy.Add(1)
+			e.waiting = append(e.waiting, s)
+			continue
 		default:
+		}
+		break
+	}
+	for len(e.waiting) > 0 {
+		s := e.waiting[0]
+		if s.ctx.Err() != nil {
+			e.dropWaiting(Event{Done: true, Err: s.ctx.Err()})
+			continue
+		}
+		slot := -1
+		for i := range e.slots {
+			if e.slots[i] == nil {
+				slot = i
+				break
+			}
+		}
+		if slot < 0 {
 			return
 		}
+		pi := e.poolOf(slot)
+		e.plan(s, e.pools[pi].size())
+		if e.reserved[pi]+s.reserve > e.pools[pi].size() {
+			return // wait for cells to be released
+		}
+		e.waiting = e.waiting[1:]
+		e.queued.Add(-1)
+		if err := e.start(slot, s); err != nil {
+			s.box.push(Event{Done: true, Err: err})
+			s.release()
+			continue
+		}
+		s.pool = e.pools[pi]
+		e.reserved[pi] += s.reserve
+		e.slots[slot] = s
+		e.busy.Add(1)
 	}
+}
+
+func (e *Engine) dropWaiting(ev Event) {
+	s := e.waiting[0]
+	e.waiting = e.waiting[1:]
+	e.queued.Add(-1)
+	s.box.push(ev)
+	s.release()
+}
+
+func (e *Engine) poolOf(slot int) int {
+	if len(e.pools) == 1 {
+		return 0
+	}
+	return slot
+}
+
+// plan fixes how many tokens s may generate and how many cells that needs at most
+// under its policy: the whole prompt while it is encoded, then ceil(b*T)+1.
+func (e *Engine) plan(s *seq, poolSize int) {
+	n := s.nPrompt
+	perSlot := e.ctx.NCtx() / e.opts.Parallel
+	g := s.req.MaxTokens
+	if g <= 0 {
+		g = max(perSlot-n, 1) // llama-server's default: until the slot's context is full
+	}
+	if lim := e.model.Info().CtxTrain - n; lim > 0 && !e.opts.AllowBeyondTrain {
+		g = min(g, lim)
+	}
+	need := func(g int) int {
+		if s.req.Cache.Policy == elasticcache.Full || s.req.Cache.Budget >= 1 {
+			return n + g
+		}
+		return max(n, s.req.Cache.KeepCount(n+g)+1)
+	}
+	for g > 1 && need(g) > poolSize {
+		// shrink to what the pool can ever hold (binary steps, then exact)
+		over := need(g) - poolSize
+		g -= max(1, min(over, g-1))
+	}
+	s.maxGen = max(g, 1)
+	s.reserve = min(need(s.maxGen), poolSize)
 }
 
 func (e *Engine) start(id int, s *seq) error {
@@ -349,10 +427,6 @@ func (e *Engine) start(id int, s *seq) error {
 	s.id = id
 	s.tracker = tr
 	s.sampler = llama.NewSampler(llama.SamplerParams(s.req.Sampling))
-	s.cellFree = make([]bool, e.ctx.NCtxSeq())
-	for i := range s.cellFree {
-		s.cellFree[i] = true
-	}
 	s.started = time.Now()
 	e.ctx.SeqClear(id)
 	return nil
@@ -365,6 +439,17 @@ func (e *Engine) reapCancelled() {
 			e.finish(i, Event{Done: true, Err: s.ctx.Err()})
 		}
 	}
+	kept := e.waiting[:0]
+	for _, s := range e.waiting {
+		if s.ctx.Err() != nil {
+			e.queued.Add(-1)
+			s.box.push(Event{Done: true, Err: s.ctx.Err()})
+			s.release()
+			continue
+		}
+		kept = append(kept, s)
+	}
+	e.waiting = kept
 }
 
 func (e *Engine) failAll(err error) {
@@ -376,12 +461,14 @@ func (e *Engine) failAll(err error) {
 	for {
 		select {
 		case s := <-e.queue:
-			e.queued.Add(-1)
-			s.box.push(Event{Done: true, Err: err})
-			s.release()
+			e.waiting = append(e.waiting, s)
+			continue
 		default:
-			return
 		}
+		break
+	}
+	for len(e.waiting) > 0 {
+		e.dropWaiting(Event{Done: true, Err: err})
 	}
 }
 
@@ -403,6 +490,10 @@ func (e *Engine) finish(i int, ev Event) {
 	ev.KV = e.report(s)
 	s.box.push(ev)
 	e.ctx.SeqClear(i)
+	if s.pool != nil {
+		s.pool.releaseAll(i)
+		e.reserved[e.poolOf(i)] -= s.reserve
+	}
 	s.release()
 	e.slots[i] = nil
 	e.busy.Add(-1)
@@ -444,3 +535,29 @@ func (e *Engine) updateCells() {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// placeBatch records where llama.cpp put the tokens of the batch just decoded: ids
+// holds each token's sequence in batch order. Each pool places its own tokens in order.
+func (e *Engine) placeBatch(ids []int) ([]int, error) {
+	cells := make([]int, len(ids))
+	for pi, p := range e.pools {
+		var idx, seqs []int
+		for i, id := range ids {
+			if e.poolOf(id) == pi {
+				idx = append(idx, i)
+				seqs = append(seqs, id)
+			}
+		}
+		if len(seqs) == 0 {
+			continue
+		}
+		got, ok := p.place(seqs)
+		if !ok {
+			return nil, errors.New("engine: cell bookkeeping found no free cell where llama.cpp did")
+		}
+		for k, i := range idx {
+			cells[i] = got[k]
+		}
+	}
+	return cells, nil
+}

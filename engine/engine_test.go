@@ -9,6 +9,7 @@ import (
 	"image/png"
 	"math"
 	"os"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -245,45 +246,62 @@ func TestPolicyKeepsBudgetDuringPrefillAndDecode(t *testing.T) {
 }
 
 // The engine's cell bookkeeping (which cell holds which position) matches what
-// llama.cpp reports after evictions, so captured columns map to the right entries.
+// llama.cpp reports, with evictions, rewrites and several sequences sharing a pool.
 func TestCellBookkeepingMatchesLlama(t *testing.T) {
-	e := startEngine(t, Options{Parallel: 1})
-	var snap *llama.SeqCache
-	var want []int
-	e.opts.Observe = func(o Observation) {
-		if o.Prefill || o.T != 200 {
-			return
-		}
-		s := e.slots[o.Slot]
-		sc, err := e.ctx.ReadSeqCache(o.Slot)
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		snap = sc
-		// llama.cpp lists cells in cell order; build the same from our bookkeeping.
-		byCell := make(map[int]int)
-		for i, c := range s.entryCell {
-			byCell[c] = s.entryPos[i]
-		}
-		want = want[:0]
-		for c := 0; c < len(s.cellFree); c++ {
-			if p, ok := byCell[c]; ok {
-				want = append(want, p)
+	for _, unified := range []bool{false, true} {
+		t.Run(fmt.Sprintf("unified=%v", unified), func(t *testing.T) {
+			e := startEngine(t, Options{Parallel: 3, CtxSize: 3 * 1024, Unified: unified, UBatchSize: 64})
+			checked := 0
+			e.opts.Observe = func(o Observation) {
+				if o.T%37 != 0 && !o.Prefill {
+					return
+				}
+				s := e.slots[o.Slot]
+				sc, err := e.ctx.ReadSeqCache(o.Slot)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				// llama.cpp lists a sequence's cells in cell order.
+				order := make([]int, len(s.entryCell))
+				for i := range order {
+					order[i] = i
+				}
+				sort.Slice(order, func(a, b int) bool { return s.entryCell[order[a]] < s.entryCell[order[b]] })
+				if len(sc.Pos) != len(order) {
+					t.Errorf("slot %d T=%d: llama holds %d cells, bookkeeping %d", o.Slot, o.T, len(sc.Pos), len(order))
+					return
+				}
+				for k, i := range order {
+					if int(sc.Pos[k]) != s.entryPos[i] {
+						t.Errorf("slot %d T=%d: cell-order entry %d: llama pos %d, bookkeeping %d", o.Slot, o.T, k, sc.Pos[k], s.entryPos[i])
+						return
+					}
+				}
+				checked++
 			}
-		}
-	}
-	run(t, e, greedyReq("book", strings.Repeat("abc ", 30), 200, cfg(elasticcache.H2O, 0.5)))
-	if snap == nil {
-		t.Fatal("no snapshot taken")
-	}
-	if len(snap.Pos) != len(want) {
-		t.Fatalf("llama holds %d cells, bookkeeping %d", len(snap.Pos), len(want))
-	}
-	for i := range want {
-		if int(snap.Pos[i]) != want[i] {
-			t.Fatalf("cell-order entry %d: llama pos %d, bookkeeping %d", i, snap.Pos[i], want[i])
-		}
+			reqs := []*Request{
+				greedyReq("h2o", strings.Repeat("abc ", 30), 120, cfg(elasticcache.H2O, 0.5)),
+				greedyReq("elastic", longPrompt, 120, cfg(elasticcache.Elastic, 0.4), testPNG(t, 1)),
+				greedyReq("local", strings.Repeat("xyz ", 20), 90, cfg(elasticcache.Local, 0.6)),
+			}
+			var chans []<-chan Event
+			for _, r := range reqs {
+				ch, err := e.Submit(context.Background(), r)
+				if err != nil {
+					t.Fatal(err)
+				}
+				chans = append(chans, ch)
+			}
+			for _, ch := range chans {
+				if r := collect(t, ch); r.err != nil {
+					t.Fatal(r.err)
+				}
+			}
+			if checked < 6 {
+				t.Fatalf("only %d snapshots checked", checked)
+			}
+		})
 	}
 }
 

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"time"
@@ -77,8 +78,17 @@ func (e *Engine) prefillStep() {
 		e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
 		return
 	}
-	for i := 0; i < n; i++ {
-		s.placeNew(s.nPast + i)
+	ids := make([]int, n)
+	for i := range ids {
+		ids[i] = s.id
+	}
+	cells, err := e.placeBatch(ids)
+	if err != nil {
+		e.fail(s, err)
+		return
+	}
+	for i, c := range cells {
+		s.record(c, s.nPast+i)
 	}
 	s.nPast += n
 	if capture {
@@ -111,16 +121,24 @@ func (e *Engine) prefillStep() {
 	e.emit(s, tok)
 }
 
-// collectPrefillScores adds the columns captured for this batch (cells 0..nPast-1,
-// which hold positions 0..nPast-1 during prefill) to the sequence's scores.
+func maxCell(cells []int) int {
+	m := 0
+	for _, c := range cells {
+		m = max(m, c)
+	}
+	return m
+}
+
+// collectPrefillScores adds the columns captured for this batch to the sequence's
+// scores, by prompt position.
 func (e *Engine) collectPrefillScores(s *seq) error {
-	sums, err := e.ctx.CaptureSums(s.nPast)
+	sums, err := e.ctx.CaptureSums(maxCell(s.entryCell) + 1)
 	if err != nil {
 		return fmt.Errorf("engine: %w", err)
 	}
 	for l := range sums {
-		for c, v := range sums[l] {
-			s.scores[l][s.entryPos[c]] += v
+		for i, c := range s.entryCell {
+			s.scores[l][s.entryPos[i]] += sums[l][c]
 		}
 	}
 	return nil
@@ -160,7 +178,17 @@ func (e *Engine) compress(s *seq) error {
 	if err := e.ctx.WriteSeqCache(s.id, dst); err != nil {
 		return fmt.Errorf("engine: %w", err)
 	}
-	s.resetLayout(pos)
+	// llama.cpp removed the sequence, then placed the K cells as one ubatch.
+	s.pool.releaseAll(s.id)
+	ids := make([]int, plan.K)
+	for i := range ids {
+		ids[i] = s.id
+	}
+	cells, ok := s.pool.placeUBatch(ids)
+	if !ok {
+		return errors.New("engine: cell bookkeeping could not place the rewritten cache")
+	}
+	s.resetLayout(cells, pos)
 	return nil
 }
 
@@ -212,7 +240,7 @@ func (e *Engine) decodeStep() {
 		if s == nil || !s.prefilled {
 			continue
 		}
-		if s.free() == 0 {
+		if s.pool.free() == 0 {
 			e.finishSeq(s, Event{Done: true, FinishReason: FinishLength})
 			continue
 		}
@@ -228,13 +256,22 @@ func (e *Engine) decodeStep() {
 		for _, s := range plain {
 			b.Add(s.pending, s.nPast, s.id, true)
 		}
-		if err := e.ctx.Decode(b); err != nil {
+		ids := make([]int, len(plain))
+		for i, s := range plain {
+			ids[i] = s.id
+		}
+		err := e.ctx.Decode(b)
+		var cells []int
+		if err == nil {
+			cells, err = e.placeBatch(ids)
+		}
+		if err != nil {
 			for _, s := range plain {
 				e.fail(s, fmt.Errorf("engine: decode: %w", err))
 			}
 		} else {
 			for i, s := range plain {
-				e.afterDecode(s, i, nil)
+				e.afterDecode(s, i, cells[i], nil)
 			}
 		}
 	}
@@ -246,27 +283,27 @@ func (e *Engine) decodeStep() {
 		e.ctx.CaptureEnable(true)
 		err := e.ctx.Decode(b)
 		e.ctx.CaptureEnable(false)
+		var cells []int
+		if err == nil {
+			cells, err = e.placeBatch([]int{s.id})
+		}
 		if err != nil {
 			e.fail(s, fmt.Errorf("engine: decode: %w", err))
 			continue
 		}
-		e.afterDecode(s, 0, s)
+		e.afterDecode(s, 0, cells[0], s)
 	}
 }
 
 // afterDecode records the new cell, samples the next token, lets the policy evict,
 // and emits the token. withScores is non-nil when this step's attention was captured.
-func (e *Engine) afterDecode(s *seq, row int, withScores *seq) {
-	s.placeNew(s.nPast)
+func (e *Engine) afterDecode(s *seq, row, cell int, withScores *seq) {
+	s.record(cell, s.nPast)
 	s.nPast++
 	tok := e.next(s, row)
 	var scores [][]float32
 	if withScores != nil {
-		maxCell := 0
-		for _, c := range s.entryCell {
-			maxCell = max(maxCell, c)
-		}
-		sums, err := e.ctx.CaptureSums(maxCell + 1)
+		sums, err := e.ctx.CaptureSums(maxCell(s.entryCell) + 1)
 		if err != nil {
 			e.fail(s, fmt.Errorf("engine: %w", err))
 			return
@@ -350,11 +387,7 @@ func (e *Engine) emit(s *seq, tok llama.Token) {
 		e.finishSeq(s, Event{Done: true, FinishReason: FinishStop})
 		return
 	}
-	limit := s.req.MaxTokens
-	if room := len(s.cellFree) - s.nPrompt; limit <= 0 || limit > room {
-		limit = room
-	}
-	if s.nGen >= limit {
+	if s.nGen >= s.maxGen {
 		e.finishSeq(s, Event{Done: true, FinishReason: FinishLength})
 		return
 	}

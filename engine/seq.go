@@ -43,8 +43,10 @@ type seq struct {
 	// which is where llama.cpp's find_slot puts it for a stream only this sequence uses.
 	entryCell []int
 	entryPos  []int
-	cellFree  []bool
+	pool      *cellPool
 	peakCells int
+	maxGen    int // tokens this request may generate (its reservation assumes it)
+	reserve   int // cells reserved for it in its pool
 
 	scores       [][]float32 // prefill attention column sums by prompt position, per layer
 	prefillStart time.Time
@@ -73,41 +75,25 @@ func (s *seq) release() {
 	}
 }
 
-// placeNew records that a token at pos was written by llama.cpp into the lowest free cell.
-func (s *seq) placeNew(pos int) int {
-	for c, free := range s.cellFree {
-		if free {
-			s.cellFree[c] = false
-			s.entryCell = append(s.entryCell, c)
-			s.entryPos = append(s.entryPos, pos)
-			s.peakCells = max(s.peakCells, len(s.entryCell))
-			return c
-		}
-	}
-	return -1
+// record notes that the token at pos went into cell c.
+func (s *seq) record(c, pos int) {
+	s.entryCell = append(s.entryCell, c)
+	s.entryPos = append(s.entryPos, pos)
+	s.peakCells = max(s.peakCells, len(s.entryCell))
 }
 
-// evict drops entry i from the bookkeeping and returns its position.
+// evict drops entry i from the bookkeeping and frees its cell; it returns the position.
 func (s *seq) evict(i int) int {
 	pos := s.entryPos[i]
-	s.cellFree[s.entryCell[i]] = true
+	s.pool.release(s.entryCell[i])
 	s.entryCell = append(s.entryCell[:i], s.entryCell[i+1:]...)
 	s.entryPos = append(s.entryPos[:i], s.entryPos[i+1:]...)
 	return pos
 }
 
-// resetLayout records a rewritten cache: n entries in cells 0..n-1 at positions pos.
-func (s *seq) resetLayout(pos []int) {
-	for c := range s.cellFree {
-		s.cellFree[c] = c >= len(pos)
-	}
-	s.entryCell = s.entryCell[:0]
+// resetLayout records a rewritten cache: the entries at positions pos, in order,
+// went into cells (as llama.cpp's state reader places them).
+func (s *seq) resetLayout(cells, pos []int) {
+	s.entryCell = append(s.entryCell[:0], cells...)
 	s.entryPos = append(s.entryPos[:0], pos...)
-	for c := range pos {
-		s.entryCell = append(s.entryCell, c)
-	}
-}
-
-func (s *seq) free() int {
-	return len(s.cellFree) - len(s.entryCell)
 }
