@@ -20,7 +20,7 @@ MMPROJ ?= $(MODEL_DIR)/mmproj.gguf
 ADDR ?= 127.0.0.1:8080
 TEST_TIMEOUT ?= 40m
 # Packages without cgo of their own: these run under the race detector.
-PURE_PKGS := ./elasticcache/... ./config/... ./internal/testmodel/...
+PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... ./internal/testmodel/...
 
 .PHONY: deps mod build test test-race vet fmt run model bench clean env
 
@@ -59,6 +59,8 @@ bench: deps mod
 
 run: build model
 	@echo "elasticserve on http://$(ADDR)  (model: $(MODEL))"
+	@echo "try:  curl -s http://$(ADDR)/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "        -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What color is the circle?\"}],\"max_tokens\":32}'"
 	$(BIN)/elasticserve --model $(MODEL) --mmproj $(MMPROJ) --addr $(ADDR)
 
 # `eval "$$(make -s env)"` gives a shell the same cgo flags (and so the same build cache).

@@ -557,3 +557,59 @@ func TestForcedDecodingNLLMatchesDirectLoop(t *testing.T) {
 		}
 	}
 }
+
+// A unified context sized for two full conversations serves four at once at budget
+// 0.5: admission counts the cells each policy lets a sequence hold.
+func TestBudgetHalfServesTwiceTheConversations(t *testing.T) {
+	const conv = 250 // prompt + generated tokens of one conversation
+	e := startEngine(t, Options{Parallel: 4, CtxSize: 512, Unified: true})
+	if e.ctx.NCtx() < 2*conv || e.ctx.NCtx() >= 3*conv {
+		t.Fatalf("context has %d cells; the test needs room for exactly 2 full conversations", e.ctx.NCtx())
+	}
+	prompt := "Tell me everything about the shapes in the picture, one by one."
+	probe := run(t, e, greedyReq("probe", prompt, 1, cfg(elasticcache.Full, 1)))
+	gen := conv - probe.usage.PromptTokens
+
+	maxBusy := func(policy elasticcache.Policy, budget float64) int {
+		var mu sync.Mutex
+		peak := 0
+		stop := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(time.Millisecond):
+				}
+				mu.Lock()
+				peak = max(peak, e.Stats().SlotsBusy)
+				mu.Unlock()
+			}
+		}()
+		var chans []<-chan Event
+		for i := range 4 {
+			ch, err := e.Submit(context.Background(), greedyReq(fmt.Sprintf("%s-%d", policy, i), prompt, gen, cfg(policy, budget)))
+			if err != nil {
+				t.Fatalf("%s: submit %d: %v", policy, i, err)
+			}
+			chans = append(chans, ch)
+		}
+		for _, ch := range chans {
+			r := collect(t, ch)
+			if r.err != nil || r.usage.CompletionTokens != gen {
+				t.Fatalf("%s: %+v", policy, r)
+			}
+		}
+		close(stop)
+		<-done
+		return peak
+	}
+	if got := maxBusy(elasticcache.Elastic, 0.5); got != 4 {
+		t.Errorf("budget 0.5: at most %d conversations ran at once, want 4", got)
+	}
+	if got := maxBusy(elasticcache.Full, 1); got != 2 {
+		t.Errorf("full: at most %d conversations ran at once, want 2 (the others wait)", got)
+	}
+}

@@ -1,0 +1,252 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/elasticserve/elasticserve/engine/completion"
+)
+
+// handleChat serves POST /v1/chat/completions.
+func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
+	body, aerr := readBody(r)
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	cr, aerr := decodeChatRequest(body)
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	info := s.backend.Info()
+	if cr.Model != "" && !s.knownModel(cr.Model, info) {
+		e := modelNotFound(cr.Model, s.servedModel(info))
+		e.Param = "model"
+		writeError(w, e)
+		return
+	}
+	plan, aerr := planChat(cr, planLimits{
+		maxImages:        s.opts.MaxImages,
+		allowImageURLs:   s.opts.AllowImageURLs,
+		vision:           info.Vision,
+		defaultMaxTokens: s.opts.DefaultMaxTokens,
+		cache:            s.opts.Cache,
+	})
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+
+	ctx := r.Context()
+	if s.opts.RequestTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, s.opts.RequestTimeout)
+		defer cancel()
+	}
+	if plan.req.Images, aerr = s.loadImages(ctx, plan.images); aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	plan.req.ID = RequestIDFromContext(r.Context())
+
+	events, err := s.backend.Submit(ctx, plan.req)
+	if err != nil {
+		writeError(w, s.requestError(r.Context(), err))
+		return
+	}
+	c := &chatState{
+		id:      "chatcmpl-" + randomHex(12),
+		created: time.Now().Unix(),
+		model:   s.servedModel(info),
+		start:   time.Now(),
+	}
+	if plan.stream {
+		s.streamChat(ctx, w, r, c, events, plan.includeUsage)
+		return
+	}
+	s.collectChat(ctx, w, r, c, events)
+}
+
+// chatState is the per-response state shared by both response shapes.
+type chatState struct {
+	id       string
+	created  int64
+	model    string
+	start    time.Time
+	firstTok time.Time
+}
+
+// next waits for the next event. ok is false when ctx ended or the channel
+// closed without a Done event; err then says why.
+func next(ctx context.Context, events <-chan completion.Event) (ev completion.Event, ok bool, err error) {
+	select {
+	case ev, open := <-events:
+		if !open {
+			if ctx.Err() != nil {
+				return ev, false, context.Cause(ctx)
+			}
+			return ev, false, errors.New("the engine ended the request without a result")
+		}
+		return ev, true, nil
+	case <-ctx.Done():
+		// The engine stops on cancellation; drain so it never blocks on us.
+		go func() {
+			for range events { //nolint:revive // draining
+			}
+		}()
+		return ev, false, ctx.Err()
+	}
+}
+
+// collectChat gathers the whole completion and answers with one JSON body.
+func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http.Request, c *chatState, events <-chan completion.Event) {
+	var text strings.Builder
+	for {
+		ev, ok, err := next(ctx, events)
+		if !ok { // the error status is counted by the metrics middleware
+			writeError(w, s.requestError(r.Context(), err))
+			return
+		}
+		if ev.Text != "" && c.firstTok.IsZero() {
+			c.firstTok = time.Now()
+		}
+		text.WriteString(ev.Text)
+		if !ev.Done {
+			continue
+		}
+		if ev.Err != nil {
+			writeError(w, s.requestError(r.Context(), ev.Err))
+			return
+		}
+		rate := s.metrics.completed(ev, c.firstTok)
+		writeJSON(w, http.StatusOK, ChatCompletion{
+			ID:      c.id,
+			Object:  "chat.completion",
+			Created: c.created,
+			Model:   c.model,
+			Choices: []ChatChoice{{
+				Index:        0,
+				Message:      AssistantMessage{Role: "assistant", Content: text.String()},
+				FinishReason: finishReason(ev),
+			}},
+			Usage:   ev.Usage,
+			KVCache: ev.KV,
+			Timings: &CompletionTimings{TotalMS: msSince(c.start), PredictedPerSecond: rate},
+		})
+		return
+	}
+}
+
+// requestError maps an engine/ctx error, telling a client that went away
+// (499, only logged) from a server-side timeout or cancellation.
+func (s *server) requestError(clientCtx context.Context, err error) *apiError {
+	if errors.Is(err, context.Canceled) && clientCtx.Err() == nil {
+		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServiceUnavailable, Code: "request_cancelled",
+			Message: "the server cancelled the request (it may be shutting down)"}
+	}
+	return engineError(err)
+}
+
+func finishReason(ev completion.Event) string {
+	if ev.FinishReason == "" {
+		return completion.FinishStop
+	}
+	return ev.FinishReason
+}
+
+func msSince(t time.Time) float64 { return float64(time.Since(t).Microseconds()) / 1000 }
+
+// readBody reads the (size-limited) request body.
+func readBody(r *http.Request) ([]byte, *apiError) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, bodyTooLarge(mbe.Limit)
+		}
+		return nil, badRequest("", "invalid_body", "cannot read the request body: %v", err)
+	}
+	return body, nil
+}
+
+// loadImages decodes data URLs, fetches http(s) URLs and checks every image.
+func (s *server) loadImages(ctx context.Context, refs []imageRef) ([][]byte, *apiError) {
+	if len(refs) == 0 {
+		return nil, nil
+	}
+	out := make([][]byte, 0, len(refs))
+	lim := imageLimits{MaxBytes: s.opts.MaxImageBytes, MaxPixels: s.opts.MaxImagePixels}
+	for _, ref := range refs {
+		data, declared, aerr := s.readImage(ctx, ref)
+		if aerr != nil {
+			return nil, aerr
+		}
+		if aerr := s.checkImage(ctx, data, declared, lim, ref.param); aerr != nil {
+			return nil, aerr
+		}
+		out = append(out, data)
+	}
+	return out, nil
+}
+
+func (s *server) readImage(ctx context.Context, ref imageRef) ([]byte, string, *apiError) {
+	if hasPrefixFold(ref.url, "data:") {
+		du, err := parseDataURL(ref.url, s.opts.MaxImageBytes)
+		switch {
+		case errors.Is(err, errTooLarge):
+			return nil, "", tooLarge(ref.param, "image_too_large", "image is larger than %d bytes", s.opts.MaxImageBytes)
+		case err != nil:
+			return nil, "", badRequest(ref.param+".url", "invalid_image_url", "%v", err)
+		case !acceptedMediaType(du.MediaType):
+			return nil, "", badRequest(ref.param+".url", "unsupported_image", "unsupported image type %q; send PNG or JPEG", du.MediaType)
+		}
+		return du.Data, du.MediaType, nil
+	}
+	if s.fetcher == nil { // planChat already refused; belt and braces
+		return nil, "", badRequest(ref.param+".url", "image_url_not_allowed", "remote image URLs are disabled on this server")
+	}
+	data, ct, err := s.fetcher.fetch(ctx, ref.url)
+	switch {
+	case errors.Is(err, errTooLarge):
+		return nil, "", tooLarge(ref.param, "image_too_large", "image is larger than %d bytes", s.opts.MaxImageBytes)
+	case err != nil && ctx.Err() != nil:
+		return nil, "", engineError(ctx.Err())
+	case err != nil:
+		return nil, "", badRequest(ref.param+".url", "invalid_image_url", "%v", err)
+	}
+	return data, ct, nil
+}
+
+func (s *server) checkImage(ctx context.Context, data []byte, declared string, lim imageLimits, param string) *apiError {
+	select {
+	case s.decodeSem <- struct{}{}:
+		defer func() { <-s.decodeSem }()
+	case <-ctx.Done():
+		return engineError(ctx.Err())
+	}
+	if _, err := checkImage(data, declared, lim); err != nil {
+		var ip *imageProblem
+		if errors.As(err, &ip) && ip.tooLarge {
+			return tooLarge(param, "image_too_large", "%s", ip.msg)
+		}
+		code := "invalid_image"
+		if ip != nil && ip.code != "" {
+			code = ip.code
+		}
+		return badRequest(param, code, "%v", err)
+	}
+	return nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

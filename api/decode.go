@@ -1,0 +1,414 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
+)
+
+// decodeChatRequest parses a request body. It checks UTF-8 and maps JSON
+// errors to OpenAI errors naming the offending parameter.
+func decodeChatRequest(body []byte) (*ChatRequest, *apiError) {
+	if len(bytes.TrimSpace(body)) == 0 {
+		return nil, badRequest("", "invalid_json", "the request body is empty; send a JSON object")
+	}
+	if !utf8.Valid(body) {
+		return nil, badRequest("", "invalid_utf8", "the request body is not valid UTF-8")
+	}
+	var cr ChatRequest
+	if err := json.Unmarshal(body, &cr); err != nil {
+		return nil, jsonError(err)
+	}
+	return &cr, nil
+}
+
+// jsonError turns an encoding/json error into a 400.
+func jsonError(err error) *apiError {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return badRequest("", "invalid_json", "the request body is not valid JSON (at byte %d): %s", se.Offset, se.Error())
+	case asTypeError(err, &te):
+		if te.Field == "" {
+			if te.Struct == "" && te.Type == reflect.TypeFor[ChatRequest]() {
+				return badRequest("", "invalid_json", "the request body must be a JSON object, not %s", article(te.Value))
+			}
+			return badRequest("", "invalid_type", "invalid type: expected %s, got %s", typeName(te.Type), article(te.Value))
+		}
+		return badRequest(te.Field, "invalid_type", "invalid type for '%s': expected %s, got %s", te.Field, typeName(te.Type), article(te.Value))
+	}
+	return badRequest("", "invalid_json", "the request body is not valid JSON: %v", err)
+}
+
+func asTypeError(err error, te **json.UnmarshalTypeError) bool { return errors.As(err, te) }
+
+// article turns encoding/json's "number 1.5" / "string" into readable text.
+func article(v string) string {
+	switch {
+	case v == "array" || v == "object":
+		return "an " + v
+	case v == "null":
+		return "null"
+	case v == "":
+		return "a value"
+	}
+	return "a " + v
+}
+
+// typeName names a Go type the way an API user thinks of it.
+func typeName(t reflect.Type) string {
+	if t == nil {
+		return "a value"
+	}
+	switch t {
+	case reflect.TypeFor[MessageContent]():
+		return "a string or an array of content parts"
+	case reflect.TypeFor[StopList]():
+		return "a string or an array of strings"
+	case reflect.TypeFor[ImageURL]():
+		return "an object {\"url\": ...}"
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	}
+	return t.String()
+}
+
+// chatPlan is a validated request: the engine request without image bytes,
+// and where to get each image.
+type chatPlan struct {
+	req          *completion.Request
+	images       []imageRef // in marker order
+	stream       bool
+	includeUsage bool
+}
+
+// imageRef is one image to load (data: or http(s) URL).
+type imageRef struct {
+	url   string
+	param string // e.g. messages[0].content[1].image_url
+}
+
+// planLimits is what validation needs to know about the server.
+type planLimits struct {
+	maxImages        int
+	allowImageURLs   bool
+	vision           bool
+	defaultMaxTokens int // 0: none
+	cache            elasticcache.Config
+}
+
+const maxStops = 4
+
+// planChat validates a decoded request and builds the engine request.
+// It does no I/O; images are loaded later by loadImages.
+func planChat(cr *ChatRequest, lim planLimits) (*chatPlan, *apiError) {
+	p := &chatPlan{req: &completion.Request{}}
+	if cr.Stream != nil && *cr.Stream {
+		p.stream = true
+		p.includeUsage = cr.StreamOptions != nil && cr.StreamOptions.IncludeUsage
+	}
+	if aerr := planMessages(cr.Messages, lim, p); aerr != nil {
+		return nil, aerr
+	}
+	if aerr := planUnsupported(cr); aerr != nil {
+		return nil, aerr
+	}
+
+	for _, mt := range []struct {
+		name string
+		v    *int
+	}{{"max_tokens", cr.MaxTokens}, {"max_completion_tokens", cr.MaxCompletionTokens}} {
+		if mt.v != nil && *mt.v < 1 {
+			return nil, badRequest(mt.name, "invalid_value", "%s must be at least 1, got %d", mt.name, *mt.v)
+		}
+	}
+	switch {
+	case cr.MaxCompletionTokens != nil: // the newer name wins
+		p.req.MaxTokens = *cr.MaxCompletionTokens
+	case cr.MaxTokens != nil:
+		p.req.MaxTokens = *cr.MaxTokens
+	default:
+		p.req.MaxTokens = max(lim.defaultMaxTokens, 0)
+	}
+
+	if cr.N != nil && *cr.N != 1 {
+		return nil, badRequest("n", "invalid_value", "only n=1 is supported, got %d", *cr.N)
+	}
+
+	if len(cr.Stop) > maxStops {
+		return nil, badRequest("stop", "invalid_value", "stop holds at most %d sequences, got %d", maxStops, len(cr.Stop))
+	}
+	for i, s := range cr.Stop {
+		if s == "" {
+			return nil, badRequest(fmt.Sprintf("stop[%d]", i), "invalid_value", "stop sequences must not be empty")
+		}
+	}
+	if len(cr.Stop) > 0 {
+		p.req.Stop = append([]string(nil), cr.Stop...)
+	}
+
+	s, aerr := planSampling(cr)
+	if aerr != nil {
+		return nil, aerr
+	}
+	p.req.Sampling = s
+
+	cache, aerr := planCache(cr.ElasticCache, lim.cache)
+	if aerr != nil {
+		return nil, aerr
+	}
+	p.req.Cache = cache
+	return p, nil
+}
+
+// planUnsupported rejects OpenAI features this server cannot honour, rather
+// than silently ignoring them.
+func planUnsupported(cr *ChatRequest) *apiError {
+	if cr.Logprobs != nil && *cr.Logprobs {
+		return badRequest("logprobs", "unsupported_parameter", "logprobs are not supported by this server")
+	}
+	if t := bytes.TrimSpace(cr.Tools); len(t) > 0 && !bytes.Equal(t, []byte("null")) && !bytes.Equal(t, []byte("[]")) {
+		return badRequest("tools", "unsupported_parameter", "tools (function calling) are not supported by this server")
+	}
+	if rf := cr.ResponseFormat; rf != nil && rf.Type != "" && rf.Type != "text" {
+		return badRequest("response_format.type", "unsupported_parameter", "response_format %q is not supported; only \"text\"", rf.Type)
+	}
+	return nil
+}
+
+// planMessages flattens messages into engine messages with image markers.
+func planMessages(msgs []ChatMessage, lim planLimits, p *chatPlan) *apiError {
+	if len(msgs) == 0 {
+		return badRequest("messages", "invalid_value", "messages must be a non-empty array")
+	}
+	out := make([]completion.Message, 0, len(msgs))
+	for i, m := range msgs {
+		param := fmt.Sprintf("messages[%d]", i)
+		role := m.Role
+		switch role {
+		case "system", "user", "assistant":
+		case "developer":
+			role = "system"
+		case "":
+			return badRequest(param+".role", "invalid_value", "%s.role is required", param)
+		case "tool", "function":
+			return badRequest(param+".role", "invalid_value", "role %q is not supported (this server has no tool calling)", m.Role)
+		default:
+			return badRequest(param+".role", "invalid_value", "unknown role %q (want system, developer, user or assistant)", m.Role)
+		}
+		text, aerr := flattenContent(m.Content, role, param, lim, p)
+		if aerr != nil {
+			return aerr
+		}
+		out = append(out, completion.Message{Role: role, Content: text})
+	}
+	if len(p.images) > 0 && !lim.vision {
+		return badRequest("messages", "images_not_supported", "this model cannot read images (the server was started without --mmproj)")
+	}
+	p.req.Messages = out
+	return nil
+}
+
+// flattenContent joins a message's parts with "\n" (as llama-server does),
+// an image part becoming completion.ImageMarker.
+func flattenContent(c MessageContent, role, param string, lim planLimits, p *chatPlan) (string, *apiError) {
+	switch {
+	case c.Text != nil:
+		if strings.Contains(*c.Text, completion.ImageMarker) {
+			return "", markerInText(param + ".content")
+		}
+		return *c.Text, nil
+	case c.Parts == nil:
+		if role == "assistant" {
+			return "", nil
+		}
+		return "", badRequest(param+".content", "invalid_value", "%s.content is required", param)
+	}
+	pieces := make([]string, 0, len(c.Parts))
+	for j, part := range c.Parts {
+		pp := fmt.Sprintf("%s.content[%d]", param, j)
+		switch part.Type {
+		case "text":
+			if part.Text == nil {
+				return "", badRequest(pp+".text", "invalid_value", "%s.text is required for a text part", pp)
+			}
+			if strings.Contains(*part.Text, completion.ImageMarker) {
+				return "", markerInText(pp + ".text")
+			}
+			pieces = append(pieces, *part.Text)
+		case "image_url":
+			ref, aerr := planImage(part.ImageURL, role, pp, lim, len(p.images))
+			if aerr != nil {
+				return "", aerr
+			}
+			p.images = append(p.images, ref)
+			pieces = append(pieces, completion.ImageMarker)
+		case "":
+			return "", badRequest(pp+".type", "invalid_value", "%s.type is required (text or image_url)", pp)
+		default:
+			return "", badRequest(pp+".type", "invalid_value", "unsupported content part type %q (want text or image_url)", part.Type)
+		}
+	}
+	return strings.Join(pieces, "\n"), nil
+}
+
+func markerInText(param string) *apiError {
+	return badRequest(param, "invalid_value", "text must not contain the reserved image marker %q", completion.ImageMarker)
+}
+
+// planImage checks one image_url part; the image itself is loaded later.
+func planImage(iu *ImageURL, role, pp string, lim planLimits, before int) (imageRef, *apiError) {
+	param := pp + ".image_url"
+	if role != "user" {
+		return imageRef{}, badRequest(pp, "invalid_value", "images are only allowed in user messages, not %s", role)
+	}
+	if lim.maxImages <= 0 {
+		return imageRef{}, badRequest(pp, "too_many_images", "images are disabled on this server (--max-images 0)")
+	}
+	if before >= lim.maxImages {
+		return imageRef{}, badRequest("messages", "too_many_images", "a request may hold at most %d images", lim.maxImages)
+	}
+	if iu == nil || iu.URL == "" {
+		return imageRef{}, badRequest(param+".url", "invalid_value", "%s.url is required", param)
+	}
+	switch iu.Detail {
+	case "", "auto", "low", "high":
+	default:
+		return imageRef{}, badRequest(param+".detail", "invalid_value", "detail must be auto, low or high, got %q", iu.Detail)
+	}
+	u := iu.URL
+	switch {
+	case hasPrefixFold(u, "data:"):
+		// Checked and decoded by loadImages.
+	case hasPrefixFold(u, "http://"), hasPrefixFold(u, "https://"):
+		if !lim.allowImageURLs {
+			return imageRef{}, badRequest(param+".url", "image_url_not_allowed",
+				"remote image URLs are disabled on this server (see --allow-image-urls); send the image inline as data:image/png;base64,...")
+		}
+	default:
+		return imageRef{}, badRequest(param+".url", "invalid_image_url", "image URL must be a data: URL (data:image/png;base64,...) or an http(s) URL")
+	}
+	return imageRef{url: u, param: param}, nil
+}
+
+func hasPrefixFold(s, prefix string) bool {
+	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
+
+// planSampling starts from llama-server's defaults and applies the request.
+func planSampling(cr *ChatRequest) (completion.Sampling, *apiError) {
+	s := completion.DefaultSampling()
+	type rangeCheck struct {
+		v        *float64
+		name     string
+		lo, hi   float64
+		loOpen   bool
+		describe string
+		set      func(float32)
+	}
+	checks := []rangeCheck{
+		{cr.Temperature, "temperature", 0, 2, false, "between 0 and 2", func(v float32) { s.Temperature = v }},
+		{cr.TopP, "top_p", 0, 1, true, "greater than 0 and at most 1", func(v float32) { s.TopP = v }},
+		{cr.MinP, "min_p", 0, 1, false, "between 0 and 1", func(v float32) { s.MinP = v }},
+		{cr.PresencePenalty, "presence_penalty", -2, 2, false, "between -2 and 2", func(v float32) { s.PresencePenalty = v }},
+		{cr.FrequencyPenalty, "frequency_penalty", -2, 2, false, "between -2 and 2", func(v float32) { s.FrequencyPenalty = v }},
+		{cr.RepeatPenalty, "repeat_penalty", 0, 10, true, "greater than 0 and at most 10", func(v float32) { s.RepeatPenalty = v }},
+	}
+	for _, c := range checks {
+		if c.v == nil {
+			continue
+		}
+		v := *c.v
+		if v != v || v < c.lo || v > c.hi || (c.loOpen && v == c.lo) {
+			return s, badRequest(c.name, "invalid_value", "%s must be %s, got %v", c.name, c.describe, v)
+		}
+		c.set(float32(v))
+	}
+	if cr.TopK != nil {
+		if *cr.TopK < 0 {
+			return s, badRequest("top_k", "invalid_value", "top_k must be >= 0 (0: disabled), got %d", *cr.TopK)
+		}
+		s.TopK = int32(min(*cr.TopK, 1<<30))
+	}
+	if cr.Seed != nil {
+		s.Seed = foldSeed(*cr.Seed)
+	}
+	return s, nil
+}
+
+// foldSeed maps an OpenAI (int64) seed onto llama.cpp's uint32 seed:
+// -1 means random (0xFFFFFFFF), 0..2^32-2 map to themselves, anything else is
+// folded into that range deterministically.
+func foldSeed(seed int64) uint32 {
+	const random = 0xFFFFFFFF
+	if seed == -1 {
+		return random
+	}
+	u := uint64(seed)
+	v := uint32(u ^ u>>32)
+	if v == random {
+		v--
+	}
+	return v
+}
+
+// planCache applies the elastic_cache extension to the server default.
+func planCache(ec *ElasticCacheParams, def elasticcache.Config) (elasticcache.Config, *apiError) {
+	c := def
+	if ec == nil {
+		return c, nil
+	}
+	if ec.Policy != nil {
+		pol, err := elasticcache.ParsePolicy(*ec.Policy)
+		if err != nil {
+			return c, cacheError(err)
+		}
+		c.Policy = pol
+	}
+	if ec.Budget != nil {
+		c.Budget = *ec.Budget
+	}
+	if ec.Sink != nil {
+		c.Sink = *ec.Sink
+	}
+	if ec.Distance != nil {
+		c.Distance = *ec.Distance
+	}
+	if err := c.Validate(); err != nil {
+		return c, cacheError(err)
+	}
+	return c, nil
+}
+
+func cacheError(err error) *apiError {
+	var ce *elasticcache.ConfigError
+	if errors.As(err, &ce) && ce.Field != "" {
+		param := "elastic_cache." + strings.TrimPrefix(ce.Field, "elastic_cache.")
+		return badRequest(param, "invalid_value", "%s: %s", param, ce.Msg)
+	}
+	return badRequest("elastic_cache", "invalid_value", "elastic_cache: %v", err)
+}

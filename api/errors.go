@@ -1,0 +1,132 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+
+	"github.com/elasticserve/elasticserve/engine/completion"
+)
+
+// OpenAI error types.
+const (
+	typeInvalidRequest     = "invalid_request_error"
+	typeAuthentication     = "authentication_error"
+	typeNotFound           = "not_found_error"
+	typeRateLimit          = "rate_limit_error"
+	typeServer             = "server_error"
+	typeServiceUnavailable = "service_unavailable_error"
+)
+
+// statusClientClosed is logged (and counted) for a client that hung up
+// before its answer was ready; nobody reads it. Not counted as an error.
+const statusClientClosed = 499
+
+// apiError is an error on its way to the client.
+type apiError struct {
+	Status     int
+	Type       string
+	Message    string
+	Param      string // "" -> null
+	Code       string // "" -> null
+	RetryAfter int    // seconds; 0: no Retry-After header
+}
+
+func (e *apiError) Error() string { return e.Message }
+
+func (e *apiError) body() ErrorBody {
+	d := ErrorDetail{Message: e.Message, Type: e.Type}
+	if e.Type == "" {
+		d.Type = typeForStatus(e.Status)
+	}
+	if e.Param != "" {
+		d.Param = &e.Param
+	}
+	if e.Code != "" {
+		d.Code = &e.Code
+	}
+	return ErrorBody{Error: d}
+}
+
+func typeForStatus(status int) string {
+	switch {
+	case status == http.StatusUnauthorized:
+		return typeAuthentication
+	case status == http.StatusNotFound:
+		return typeNotFound
+	case status == http.StatusTooManyRequests:
+		return typeRateLimit
+	case status == http.StatusServiceUnavailable:
+		return typeServiceUnavailable
+	case status >= 500:
+		return typeServer
+	}
+	return typeInvalidRequest
+}
+
+// badRequest is a 400 invalid_request_error.
+func badRequest(param, code, format string, a ...any) *apiError {
+	return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: param, Code: code, Message: fmt.Sprintf(format, a...)}
+}
+
+func tooLarge(param, code, format string, a ...any) *apiError {
+	return &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Param: param, Code: code, Message: fmt.Sprintf(format, a...)}
+}
+
+func notFound(code, format string, a ...any) *apiError {
+	return &apiError{Status: http.StatusNotFound, Type: typeNotFound, Code: code, Message: fmt.Sprintf(format, a...)}
+}
+
+func internalError(format string, a ...any) *apiError {
+	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: fmt.Sprintf(format, a...)}
+}
+
+// writeError sends e as the OpenAI error JSON.
+func writeError(w http.ResponseWriter, e *apiError) {
+	if e.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
+	}
+	writeJSON(w, e.Status, e.body())
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status = http.StatusInternalServerError
+		b = []byte(`{"error":{"message":"cannot encode response","type":"server_error","param":null,"code":"internal_error"}}`)
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(b)+1))
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}
+
+// engineError maps an error from Backend.Submit or a final Event to the client.
+func engineError(err error) *apiError {
+	var ie *completion.InputError
+	var ae *apiError
+	switch {
+	case errors.As(err, &ae):
+		return ae
+	case errors.As(err, &ie):
+		code := ie.Code
+		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: ie.Param, Code: code, Message: ie.Msg}
+	case errors.Is(err, completion.ErrQueueFull):
+		return &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit, Code: "queue_full", RetryAfter: 1,
+			Message: "the server is busy: every slot is in use and the waiting queue is full; retry shortly"}
+	case errors.Is(err, completion.ErrShuttingDown):
+		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServiceUnavailable, Code: "shutting_down", RetryAfter: 5,
+			Message: "the server is shutting down"}
+	case errors.Is(err, context.DeadlineExceeded):
+		return &apiError{Status: http.StatusGatewayTimeout, Type: typeServer, Code: "request_timeout",
+			Message: "the request ran past the server's --request-timeout"}
+	case errors.Is(err, context.Canceled):
+		// Only the client sees this, and it has gone away.
+		return &apiError{Status: statusClientClosed, Type: typeInvalidRequest, Code: "request_cancelled", Message: "the request was cancelled"}
+	}
+	return internalError("generation failed: %v", err)
+}

@@ -1,0 +1,108 @@
+package api
+
+import (
+	"context"
+	"encoding/base64"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
+)
+
+// FuzzDecodeChatRequest: decoding and validation never panic, errors are
+// 4xx, and a valid plan has one marker per image.
+func FuzzDecodeChatRequest(f *testing.F) {
+	png := dataURLOf("image/png", pngBytes(f, 2, 2))
+	for _, s := range []string{
+		`{"messages":[{"role":"user","content":"hi"}]}`,
+		`{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"` + png + `"}}]}],"stream":true,"stream_options":{"include_usage":true}}`,
+		`{"messages":[{"role":"user","content":[{"type":"image_url","image_url":"data:image/jpeg;base64,/9j/"}]}],"stop":["a","b"],"seed":-1}`,
+		`{"messages":[{"role":"assistant","content":null}],"max_tokens":3,"temperature":0.2,"top_p":0.9,"top_k":5,"min_p":0.1,"repeat_penalty":1.1}`,
+		`{"messages":[{"role":"developer","content":"x"}],"elastic_cache":{"policy":"h2o","budget":0.5,"sink":1,"distance":-3}}`,
+		`{"messages":"x"}`, `[]`, `null`, `{"messages":[{"role":"user","content":[1]}]}`, "{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}",
+	} {
+		f.Add([]byte(s))
+	}
+	lim := planLimits{maxImages: 4, vision: true, cache: elasticcache.DefaultConfig()}
+	s := &server{opts: Options{MaxImageBytes: 1 << 16, MaxImagePixels: 1 << 16}.withDefaults(), decodeSem: make(chan struct{}, 1)}
+	s.opts.MaxImageBytes, s.opts.MaxImagePixels = 1<<16, 1<<16
+	f.Fuzz(func(t *testing.T, body []byte) {
+		cr, aerr := decodeChatRequest(body)
+		if aerr != nil {
+			checkClientError(t, aerr)
+			return
+		}
+		plan, aerr := planChat(cr, lim)
+		if aerr != nil {
+			checkClientError(t, aerr)
+			return
+		}
+		markers := 0
+		for _, m := range plan.req.Messages {
+			markers += strings.Count(m.Content, completion.ImageMarker)
+		}
+		if markers != len(plan.images) || len(plan.images) > lim.maxImages {
+			t.Fatalf("%d markers for %d images", markers, len(plan.images))
+		}
+		if err := plan.req.Cache.Validate(); err != nil {
+			t.Fatalf("invalid cache config passed: %v", err)
+		}
+		imgs, aerr := s.loadImages(context.Background(), plan.images)
+		if aerr != nil {
+			checkClientError(t, aerr)
+			return
+		}
+		if len(imgs) != len(plan.images) {
+			t.Fatalf("%d images loaded for %d refs", len(imgs), len(plan.images))
+		}
+	})
+}
+
+func checkClientError(t *testing.T, e *apiError) {
+	t.Helper()
+	if e.Status < 400 || e.Status >= 500 || e.Message == "" {
+		t.Fatalf("unexpected error %+v", e)
+	}
+	if e.Status == http.StatusBadRequest && e.Type != typeInvalidRequest {
+		t.Fatalf("400 with type %q", e.Type)
+	}
+}
+
+// FuzzParseDataURL: never panics, never returns more than the limit, and
+// round-trips what it accepts.
+func FuzzParseDataURL(f *testing.F) {
+	for _, s := range []string{
+		"data:image/png;base64,iVBORw0KGgo=",
+		"data:image/jpeg;base64,/9j/4AAQ",
+		"data:;base64,",
+		"data:image/png,abc",
+		"DATA:image/webp;charset=x;base64,UklGRg",
+		"data:image/png;base64,a-_b",
+		"data:image/png;base64,QQ\r\n==",
+		"http://example.com/a.png",
+	} {
+		f.Add(s, int64(16))
+	}
+	f.Fuzz(func(t *testing.T, s string, max int64) {
+		if max < 0 {
+			max = -max
+		}
+		max %= 1 << 20
+		du, err := parseDataURL(s, max)
+		if err != nil {
+			return
+		}
+		if max > 0 && int64(len(du.Data)) > max {
+			t.Fatalf("%d bytes over the limit %d", len(du.Data), max)
+		}
+		if du.MediaType != strings.ToLower(du.MediaType) {
+			t.Fatalf("media type not lower-cased: %q", du.MediaType)
+		}
+		again, err := parseDataURL("data:"+du.MediaType+";base64,"+base64.StdEncoding.EncodeToString(du.Data), max)
+		if err != nil || string(again.Data) != string(du.Data) {
+			t.Fatalf("round trip failed: %v", err)
+		}
+	})
+}

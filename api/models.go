@@ -1,0 +1,51 @@
+package api
+
+import (
+	"net/http"
+
+	"github.com/go-chi/chi/v5"
+)
+
+const ownedBy = "elasticserve"
+
+// servedModel is the id clients see: the alias, or the backend's model id.
+func (s *server) servedModel(info BackendInfo) string {
+	if s.opts.ModelAlias != "" {
+		return s.opts.ModelAlias
+	}
+	return info.ModelID
+}
+
+// knownModel reports whether name refers to the loaded model.
+func (s *server) knownModel(name string, info BackendInfo) bool {
+	return name != "" && (name == s.servedModel(info) || name == info.ModelID)
+}
+
+func modelNotFound(name, served string) *apiError {
+	e := notFound("model_not_found", "the model '%s' does not exist; this server serves '%s'", name, served)
+	return e
+}
+
+func (s *server) modelObject(info BackendInfo) Model {
+	var created int64
+	if !info.Created.IsZero() {
+		created = info.Created.Unix()
+	}
+	return Model{ID: s.servedModel(info), Object: "model", Created: created, OwnedBy: ownedBy}
+}
+
+func (s *server) handleListModels(w http.ResponseWriter, _ *http.Request) {
+	info := s.backend.Info()
+	writeJSON(w, http.StatusOK, ModelList{Object: "list", Data: []Model{s.modelObject(info)}})
+}
+
+// handleGetModel serves /v1/models/{id}; ids may contain '/', hence the wildcard.
+func (s *server) handleGetModel(w http.ResponseWriter, r *http.Request) {
+	id := chi.URLParam(r, "*")
+	info := s.backend.Info()
+	if !s.knownModel(id, info) {
+		writeError(w, modelNotFound(id, s.servedModel(info)))
+		return
+	}
+	writeJSON(w, http.StatusOK, s.modelObject(info))
+}

@@ -1,0 +1,276 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"reflect"
+
+	"github.com/elasticserve/elasticserve/engine/completion"
+)
+
+// ---- requests ----
+
+// ChatRequest is the body of POST /v1/chat/completions. Fields this server
+// does not know are ignored (the OpenAI SDKs send a few).
+type ChatRequest struct {
+	Model               string         `json:"model"`
+	Messages            []ChatMessage  `json:"messages"`
+	MaxTokens           *int           `json:"max_tokens"`
+	MaxCompletionTokens *int           `json:"max_completion_tokens"`
+	Temperature         *float64       `json:"temperature"`
+	TopP                *float64       `json:"top_p"`
+	Seed                *int64         `json:"seed"`
+	Stop                StopList       `json:"stop"`
+	PresencePenalty     *float64       `json:"presence_penalty"`
+	FrequencyPenalty    *float64       `json:"frequency_penalty"`
+	N                   *int           `json:"n"`
+	Stream              *bool          `json:"stream"`
+	StreamOptions       *StreamOptions `json:"stream_options"`
+
+	// Features this server does not offer; rejected when actually asked for.
+	Logprobs       *bool           `json:"logprobs"`
+	Tools          json.RawMessage `json:"tools"`
+	ResponseFormat *struct {
+		Type string `json:"type"`
+	} `json:"response_format"`
+
+	// llama.cpp-style sampler extensions.
+	TopK          *int     `json:"top_k"`
+	MinP          *float64 `json:"min_p"`
+	RepeatPenalty *float64 `json:"repeat_penalty"`
+
+	// ElasticCache overrides the server's default cache setting for this request.
+	ElasticCache *ElasticCacheParams `json:"elastic_cache"`
+}
+
+// StreamOptions is stream_options.
+type StreamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
+}
+
+// ElasticCacheParams is the elastic_cache extension; missing fields keep the
+// server default.
+type ElasticCacheParams struct {
+	Policy   *string  `json:"policy"`
+	Budget   *float64 `json:"budget"`
+	Sink     *int     `json:"sink"`
+	Distance *int     `json:"distance"`
+}
+
+// ChatMessage is one entry of messages.
+type ChatMessage struct {
+	Role    string         `json:"role"`
+	Content MessageContent `json:"content"`
+	Name    string         `json:"name,omitempty"`
+}
+
+// MessageContent is a message's content: a string, an array of parts, or null.
+type MessageContent struct {
+	Text  *string       // set when content was a JSON string
+	Parts []ContentPart // set (non-nil) when content was an array
+}
+
+// IsNull reports whether content was null or absent.
+func (c MessageContent) IsNull() bool { return c.Text == nil && c.Parts == nil }
+
+// UnmarshalJSON accepts a string, an array of parts, or null.
+func (c *MessageContent) UnmarshalJSON(b []byte) error {
+	*c = MessageContent{}
+	switch firstByte(b) {
+	case 'n':
+		return nil
+	case '"':
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		c.Text = &s
+		return nil
+	case '[':
+		parts := []ContentPart{}
+		if err := json.Unmarshal(b, &parts); err != nil {
+			return err
+		}
+		c.Parts = parts
+		return nil
+	}
+	return &json.UnmarshalTypeError{Value: jsonKind(b), Type: reflect.TypeFor[MessageContent](), Field: ""}
+}
+
+// ContentPart is one element of an array content.
+type ContentPart struct {
+	Type     string    `json:"type"`
+	Text     *string   `json:"text"`
+	ImageURL *ImageURL `json:"image_url"`
+}
+
+// ImageURL is a part's image_url: an object {url, detail} or, leniently, a bare string.
+type ImageURL struct {
+	URL    string `json:"url"`
+	Detail string `json:"detail,omitempty"`
+}
+
+// UnmarshalJSON accepts {"url": ..., "detail": ...} or a string.
+func (u *ImageURL) UnmarshalJSON(b []byte) error {
+	if firstByte(b) == '"' {
+		*u = ImageURL{}
+		return json.Unmarshal(b, &u.URL)
+	}
+	if firstByte(b) != '{' {
+		return &json.UnmarshalTypeError{Value: jsonKind(b), Type: reflect.TypeFor[ImageURL]()}
+	}
+	type plain ImageURL
+	var p plain
+	if err := json.Unmarshal(b, &p); err != nil {
+		return err
+	}
+	*u = ImageURL(p)
+	return nil
+}
+
+// StopList is stop: a string, an array of strings, or null.
+type StopList []string
+
+// UnmarshalJSON accepts a string, an array of strings, or null.
+func (s *StopList) UnmarshalJSON(b []byte) error {
+	switch firstByte(b) {
+	case 'n':
+		*s = nil
+		return nil
+	case '"':
+		var one string
+		if err := json.Unmarshal(b, &one); err != nil {
+			return err
+		}
+		*s = StopList{one}
+		return nil
+	case '[':
+		var many []string
+		if err := json.Unmarshal(b, &many); err != nil {
+			var te *json.UnmarshalTypeError
+			if asTypeError(err, &te) {
+				return &json.UnmarshalTypeError{Value: te.Value, Type: reflect.TypeFor[string](), Offset: te.Offset}
+			}
+			return err
+		}
+		if many == nil {
+			many = []string{}
+		}
+		*s = many
+		return nil
+	}
+	return &json.UnmarshalTypeError{Value: jsonKind(b), Type: reflect.TypeFor[StopList]()}
+}
+
+func firstByte(b []byte) byte {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	if len(b) == 0 {
+		return 0
+	}
+	return b[0]
+}
+
+// jsonKind names a JSON value's kind the way encoding/json does in its errors.
+func jsonKind(b []byte) string {
+	switch firstByte(b) {
+	case '{':
+		return "object"
+	case '[':
+		return "array"
+	case '"':
+		return "string"
+	case 't', 'f':
+		return "bool"
+	case 'n':
+		return "null"
+	}
+	return "number"
+}
+
+// ---- responses ----
+
+// ChatCompletion is the non-streaming response.
+type ChatCompletion struct {
+	ID                string               `json:"id"`
+	Object            string               `json:"object"` // "chat.completion"
+	Created           int64                `json:"created"`
+	Model             string               `json:"model"`
+	Choices           []ChatChoice         `json:"choices"`
+	Usage             completion.Usage     `json:"usage"`
+	KVCache           *completion.KVReport `json:"kv_cache,omitempty"`
+	SystemFingerprint string               `json:"system_fingerprint,omitempty"`
+	Timings           *CompletionTimings   `json:"timings,omitempty"`
+}
+
+// CompletionTimings is a llama-server style extension.
+type CompletionTimings struct {
+	TotalMS            float64 `json:"total_ms"`
+	PredictedPerSecond float64 `json:"predicted_per_second"`
+}
+
+// ChatChoice is one element of choices in a non-streaming response.
+type ChatChoice struct {
+	Index        int              `json:"index"`
+	Message      AssistantMessage `json:"message"`
+	FinishReason string           `json:"finish_reason"`
+	Logprobs     *struct{}        `json:"logprobs"` // always null
+}
+
+// AssistantMessage is the generated message.
+type AssistantMessage struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// ChatCompletionChunk is one SSE event of a streaming response.
+type ChatCompletionChunk struct {
+	ID                string               `json:"id"`
+	Object            string               `json:"object"` // "chat.completion.chunk"
+	Created           int64                `json:"created"`
+	Model             string               `json:"model"`
+	Choices           []ChunkChoice        `json:"choices"`
+	Usage             *completion.Usage    `json:"usage,omitempty"`
+	KVCache           *completion.KVReport `json:"kv_cache,omitempty"`
+	SystemFingerprint string               `json:"system_fingerprint,omitempty"`
+}
+
+// ChunkChoice is one element of choices in a chunk.
+type ChunkChoice struct {
+	Index        int       `json:"index"`
+	Delta        Delta     `json:"delta"`
+	FinishReason *string   `json:"finish_reason"` // null until the last content chunk
+	Logprobs     *struct{} `json:"logprobs"`      // always null
+}
+
+// Delta is the incremental message of a chunk.
+type Delta struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+// Model is one entry of GET /v1/models.
+type Model struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"` // "model"
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+// ModelList is the body of GET /v1/models.
+type ModelList struct {
+	Object string  `json:"object"` // "list"
+	Data   []Model `json:"data"`
+}
+
+// ErrorBody is the body of every error response.
+type ErrorBody struct {
+	Error ErrorDetail `json:"error"`
+}
+
+// ErrorDetail follows the OpenAI error object.
+type ErrorDetail struct {
+	Message string  `json:"message"`
+	Type    string  `json:"type"`
+	Param   *string `json:"param"`
+	Code    *string `json:"code"`
+}

@@ -1,0 +1,192 @@
+// Package api is elasticserve's OpenAI-compatible HTTP layer: routing,
+// request decoding and validation, image checks, SSE streaming, auth and
+// metrics. It talks to the inference engine only through Backend, so it
+// builds and tests without cgo.
+package api
+
+import (
+	"context"
+	"net/http"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/rs/zerolog"
+
+	"github.com/elasticserve/elasticserve/config"
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
+)
+
+// Backend is the inference engine as the HTTP layer sees it.
+type Backend interface {
+	// Submit validates resource limits (prompt length etc.) and enqueues.
+	// Errors: *completion.InputError (400), completion.ErrQueueFull (429 +
+	// Retry-After), completion.ErrShuttingDown (503). The returned channel
+	// yields completion.Events; the last has Done=true. Cancelling ctx must make
+	// the engine stop the request and close the channel soon.
+	Submit(ctx context.Context, req *completion.Request) (<-chan completion.Event, error)
+	// Info describes the loaded model; it must be cheap (called per request).
+	Info() BackendInfo
+	// Stats is a snapshot for /metrics.
+	Stats() BackendStats
+	// Ready reports whether the model is loaded and requests are accepted.
+	Ready() bool
+}
+
+// BackendInfo describes the loaded model.
+type BackendInfo struct {
+	ModelID   string    // canonical id (e.g. the model file name); also accepted as "model"
+	Created   time.Time // reported as the model's "created" (e.g. model file mtime or load time)
+	CtxPerSeq int       // KV cells per sequence (ctx-size / parallel)
+	Vision    bool      // a multimodal projector is loaded
+	Slots     int       // parallel sequences
+}
+
+// BackendStats is the engine state exported on /metrics. Its fields match
+// completion.Stats, so api.BackendStats(eng.Stats()) converts.
+type BackendStats struct {
+	QueueDepth   int // requests waiting for a slot
+	SlotsBusy    int // slots running a request
+	SlotsTotal   int // slots in total; 0: BackendInfo.Slots is reported
+	KVCellsUsed  int // KV cells holding entries, all sequences
+	KVCellsTotal int // KV cells in total
+}
+
+// Options is what the HTTP layer needs from the configuration.
+type Options struct {
+	// ModelAlias is the model id served; empty: BackendInfo.ModelID.
+	ModelAlias string
+	// APIKey, when non-empty, is required as a Bearer token on everything
+	// but /health and /ready.
+	APIKey string
+
+	MaxBodyBytes          int64 // request body limit; <= 0: 64 MiB
+	MaxImageBytes         int64 // per image, decoded; <= 0: 10 MiB
+	MaxImages             int   // per request; 0: images refused
+	MaxImagePixels        int64 // width*height; <= 0: 16777216
+	AllowImageURLs        bool
+	AllowPrivateImageURLs bool
+	ImageURLTimeout       time.Duration // <= 0: 10s
+
+	// RequestTimeout bounds one completion; 0: none.
+	RequestTimeout time.Duration
+	// DefaultMaxTokens applies when a request sets no max_tokens; <= 0: none.
+	DefaultMaxTokens int
+	// Cache is the default Elastic Cache setting; zero value: elasticcache.DefaultConfig().
+	Cache elasticcache.Config
+}
+
+// OptionsFromConfig maps the server configuration onto Options.
+func OptionsFromConfig(c *config.Config) Options {
+	cache, err := c.Cache()
+	if err != nil {
+		cache = elasticcache.DefaultConfig()
+	}
+	return Options{
+		ModelAlias:            c.ModelAlias,
+		APIKey:                c.APIKey,
+		MaxBodyBytes:          int64(c.MaxBodyBytes),
+		MaxImageBytes:         int64(c.MaxImageBytes),
+		MaxImages:             c.MaxImages,
+		MaxImagePixels:        c.MaxImagePixels,
+		AllowImageURLs:        c.AllowImageURLs,
+		AllowPrivateImageURLs: c.AllowPrivateImageURLs,
+		ImageURLTimeout:       c.ImageURLTimeout,
+		RequestTimeout:        c.RequestTimeout,
+		DefaultMaxTokens:      max(c.MaxTokensDefault, 0),
+		Cache:                 cache,
+	}
+}
+
+func (o Options) withDefaults() Options {
+	if o.MaxBodyBytes <= 0 {
+		o.MaxBodyBytes = 64 << 20
+	}
+	if o.MaxImageBytes <= 0 {
+		o.MaxImageBytes = 10 << 20
+	}
+	if o.MaxImagePixels <= 0 {
+		o.MaxImagePixels = 16777216
+	}
+	if o.ImageURLTimeout <= 0 {
+		o.ImageURLTimeout = 10 * time.Second
+	}
+	if o.Cache == (elasticcache.Config{}) {
+		o.Cache = elasticcache.DefaultConfig()
+	}
+	return o
+}
+
+// server holds the handlers' shared state; one per New.
+type server struct {
+	opts      Options
+	backend   Backend
+	log       zerolog.Logger
+	metrics   *metrics
+	fetcher   *imageFetcher
+	decodeSem chan struct{} // bounds concurrent full image decodes
+}
+
+// New builds the HTTP handler. It does not start anything.
+func New(opts Options, backend Backend, log zerolog.Logger) http.Handler {
+	opts = opts.withDefaults()
+	s := &server{
+		opts:      opts,
+		backend:   backend,
+		log:       log,
+		metrics:   newMetrics(),
+		decodeSem: make(chan struct{}, max(runtime.GOMAXPROCS(0), 1)),
+	}
+	if opts.AllowImageURLs {
+		s.fetcher = newImageFetcher(opts.ImageURLTimeout, opts.MaxImageBytes, opts.AllowPrivateImageURLs)
+	}
+	return s.routes()
+}
+
+func (s *server) routes() http.Handler {
+	r := chi.NewRouter()
+	r.Use(requestID, accessLog(s.log), s.metrics.middleware, recoverer(s.log))
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, notFound("not_found", "unknown endpoint %s %s", r.Method, r.URL.Path))
+	})
+	r.MethodNotAllowed(func(w http.ResponseWriter, req *http.Request) {
+		var allowed []string
+		for _, m := range []string{http.MethodGet, http.MethodPost} {
+			if r.Match(chi.NewRouteContext(), m, req.URL.Path) {
+				allowed = append(allowed, m)
+			}
+		}
+		w.Header().Set("Allow", strings.Join(allowed, ", "))
+		writeError(w, &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed",
+			Message: "method " + req.Method + " is not allowed on " + req.URL.Path})
+	})
+
+	r.Get("/health", s.handleHealth)
+	r.Get("/ready", s.handleReady)
+
+	r.Group(func(r chi.Router) {
+		r.Use(apiKeyAuth(s.opts.APIKey))
+		r.Get("/metrics", s.handleMetrics)
+		for _, prefix := range []string{"/v1", ""} {
+			r.Get(prefix+"/models", s.handleListModels)
+			r.Get(prefix+"/models/*", s.handleGetModel)
+			r.With(limitBody(s.opts.MaxBodyBytes), requireJSON).Post(prefix+"/chat/completions", s.handleChat)
+		}
+	})
+	return r
+}
+
+func (s *server) handleHealth(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *server) handleReady(w http.ResponseWriter, _ *http.Request) {
+	if !s.backend.Ready() {
+		writeError(w, &apiError{Status: http.StatusServiceUnavailable, Type: typeServiceUnavailable, Code: "not_ready",
+			Message: "the model is not loaded yet", RetryAfter: 1})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}

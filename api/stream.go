@@ -1,0 +1,104 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"time"
+
+	"github.com/elasticserve/elasticserve/engine/completion"
+)
+
+// sseWriter writes server-sent events, flushing after each.
+type sseWriter struct {
+	w   http.ResponseWriter
+	rc  *http.ResponseController
+	err error // first write error (client gone); later writes are skipped
+}
+
+func newSSE(w http.ResponseWriter) *sseWriter {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // nginx: do not buffer the stream
+	w.WriteHeader(http.StatusOK)
+	return &sseWriter{w: w, rc: http.NewResponseController(w)}
+}
+
+// data sends one "data: <json>" event.
+func (s *sseWriter) data(v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		b = []byte(`{"error":{"message":"cannot encode chunk","type":"server_error","param":null,"code":"internal_error"}}`)
+	}
+	s.raw(b)
+}
+
+func (s *sseWriter) raw(payload []byte) {
+	if s.err != nil {
+		return
+	}
+	buf := make([]byte, 0, len(payload)+8)
+	buf = append(buf, "data: "...)
+	buf = append(buf, payload...)
+	buf = append(buf, '\n', '\n')
+	if _, err := s.w.Write(buf); err != nil {
+		s.err = err
+		return
+	}
+	if err := s.rc.Flush(); err != nil {
+		s.err = err
+	}
+}
+
+func (s *sseWriter) done() { s.raw([]byte("[DONE]")) }
+
+// streamChat answers with SSE: a role chunk, content chunks, a chunk with
+// finish_reason, optionally a usage chunk, then [DONE]. An error after the
+// stream began is sent as a data: {"error": ...} event before [DONE].
+func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.Request, c *chatState, events <-chan completion.Event, includeUsage bool) {
+	sse := newSSE(w)
+	chunk := func(d Delta, finish *string) ChatCompletionChunk {
+		return ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
+			Choices: []ChunkChoice{{Index: 0, Delta: d, FinishReason: finish}}}
+	}
+	empty := ""
+	sse.data(chunk(Delta{Role: "assistant", Content: &empty}, nil))
+	for {
+		ev, ok, err := next(ctx, events)
+		if !ok {
+			if r.Context().Err() == nil { // not a client hang-up: tell the client
+				s.metrics.requestFailed()
+				sse.data(s.requestError(r.Context(), err).body())
+				sse.done()
+			}
+			return
+		}
+		if ev.Text != "" {
+			if c.firstTok.IsZero() {
+				c.firstTok = time.Now()
+			}
+			text := ev.Text
+			sse.data(chunk(Delta{Content: &text}, nil))
+		}
+		if !ev.Done {
+			continue
+		}
+		if ev.Err != nil {
+			s.metrics.requestFailed()
+			sse.data(s.requestError(r.Context(), ev.Err).body())
+			sse.done()
+			return
+		}
+		s.metrics.completed(ev, c.firstTok)
+		fr := finishReason(ev)
+		sse.data(chunk(Delta{}, &fr))
+		if includeUsage {
+			usage := ev.Usage
+			sse.data(ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
+				Choices: []ChunkChoice{}, Usage: &usage, KVCache: ev.KV})
+		}
+		sse.done()
+		return
+	}
+}

@@ -1,0 +1,188 @@
+// Command elasticserve is an OpenAI-compatible chat server for GGUF vision-language
+// models that compresses each request's KV cache with Elastic Cache.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/elasticserve/elasticserve/api"
+	"github.com/elasticserve/elasticserve/config"
+	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+func main() {
+	cfg, err := config.Load(os.Args[1:], os.LookupEnv)
+	if errors.Is(err, config.ErrHelp) {
+		fmt.Fprint(os.Stdout, config.Usage())
+		return
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "elasticserve: %v\n", err)
+		os.Exit(2)
+	}
+	log := newLogger(cfg)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, cfg, log); err != nil {
+		log.Error().Err(err).Msg("elasticserve stopped")
+		os.Exit(1)
+	}
+}
+
+func newLogger(cfg *config.Config) zerolog.Logger {
+	level, err := cfg.ZerologLevel()
+	if err != nil {
+		level = zerolog.InfoLevel
+	}
+	var l zerolog.Logger
+	if cfg.LogFormat == "json" {
+		l = zerolog.New(os.Stderr)
+	} else {
+		l = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly})
+	}
+	return l.Level(level).With().Timestamp().Logger()
+}
+
+func llamaLogLevel(l zerolog.Level) llama.LogLevel {
+	switch {
+	case l <= zerolog.DebugLevel:
+		return llama.LogInfo
+	case l <= zerolog.WarnLevel:
+		return llama.LogWarn
+	default:
+		return llama.LogError
+	}
+}
+
+func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
+	llama.Init(llamaLogLevel(log.GetLevel()))
+	log.Info().Str("system", llama.SystemInfo()).Msg("llama.cpp")
+	for _, d := range llama.Devices() {
+		log.Info().Str("device", d.Name).Str("description", d.Description).Str("type", d.Type).
+			Uint64("free_mib", d.FreeBytes>>20).Uint64("total_mib", d.TotalBytes>>20).Msg("backend device")
+	}
+
+	start := time.Now()
+	lastPct := -1
+	model, err := llama.LoadModel(cfg.Model, llama.ModelParams{
+		GPULayers: -1,
+		UseMmap:   true,
+		Progress: func(f float32) bool {
+			if pct := int(f*4) * 25; pct != lastPct {
+				lastPct = pct
+				log.Info().Int("percent", pct).Msg("loading model")
+			}
+			return ctx.Err() == nil
+		},
+	})
+	if err != nil {
+		return err
+	}
+	defer model.Close()
+	info := model.Info()
+	log.Info().Str("model", cfg.Model).Str("arch", info.Arch).Str("desc", info.Desc).Int("layers", info.Layers).
+		Int("heads", info.Heads).Int("kv_heads", info.KVHeads).Int("embd", info.Embd).Int("ctx_train", info.CtxTrain).
+		Dur("took", time.Since(start)).Msg("model loaded")
+
+	var vision *llama.Vision
+	if cfg.MMProj != "" {
+		vision, err = llama.LoadVision(model, cfg.MMProj, llama.VisionParams{Threads: cfg.Threads, UseGPU: llama.HasGPU(), FlashAttn: cfg.FlashAttn})
+		if err != nil {
+			return err
+		}
+		defer vision.Close()
+		log.Info().Str("mmproj", cfg.MMProj).Msg("vision encoder loaded")
+	}
+
+	eng, err := engine.New(model, vision, engine.Options{
+		Parallel:   cfg.Parallel,
+		CtxSize:    cfg.CtxSize,
+		BatchSize:  cfg.BatchSize,
+		UBatchSize: cfg.UBatchSize,
+		Threads:    cfg.Threads,
+		FlashAttn:  cfg.FlashAttn,
+		QueueSize:  cfg.QueueSize,
+		Log:        log,
+	})
+	if err != nil {
+		return err
+	}
+	defer eng.Close()
+	engCtx, cancelEngine := context.WithCancel(context.Background())
+	defer cancelEngine()
+	go eng.Run(engCtx)
+
+	modelID := filepath.Base(cfg.Model)
+	created := time.Now()
+	if st, err := os.Stat(cfg.Model); err == nil {
+		created = st.ModTime()
+	}
+	backend := &backend{eng: eng, info: api.BackendInfo{
+		ModelID: modelID, Created: created, CtxPerSeq: eng.SeqCells(), Vision: vision != nil, Slots: cfg.Parallel,
+	}}
+	handler := api.New(api.OptionsFromConfig(cfg), backend, log)
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+	}
+	srv := &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       2 * time.Minute, // bodies with images; streams write, so no WriteTimeout
+		IdleTimeout:       2 * time.Minute,
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info().Str("url", "http://"+ln.Addr().String()).Int("parallel", cfg.Parallel).Int("ctx_size", cfg.CtxSize).
+		Int("cells_per_seq", eng.SeqCells()).Str("policy", cfg.Policy).Float64("budget", cfg.Budget).Msg("elasticserve listening")
+
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info().Dur("grace", cfg.ShutdownGrace).Msg("shutting down: finishing in-flight requests")
+	eng.Shutdown()
+	grace, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
+	defer cancel()
+	err = srv.Shutdown(grace)
+	cancelEngine()
+	<-eng.Done()
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	log.Info().Msg("bye")
+	return nil
+}
+
+// backend adapts the engine to the HTTP layer.
+type backend struct {
+	eng  *engine.Engine
+	info api.BackendInfo
+}
+
+func (b *backend) Submit(ctx context.Context, req *engine.Request) (<-chan engine.Event, error) {
+	return b.eng.Submit(ctx, req)
+}
+
+func (b *backend) Info() api.BackendInfo { return b.info }
+
+func (b *backend) Ready() bool { return b.eng.Ready() }
+
+func (b *backend) Stats() api.BackendStats {
+	s := b.eng.Stats()
+	return api.BackendStats{QueueDepth: s.QueueDepth, SlotsBusy: s.SlotsBusy, KVCellsUsed: s.KVCellsUsed, KVCellsTotal: s.KVCellsTotal}
+}

@@ -1,0 +1,436 @@
+// Package config loads the elasticserve server configuration from environment
+// variables (prefix ELASTICSERVE_) and command-line flags. Flags win over the
+// environment, which wins over the built-in defaults.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caarlos0/env/v11"
+	"github.com/rs/zerolog"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+)
+
+// EnvPrefix is prepended to every environment variable name.
+const EnvPrefix = "ELASTICSERVE_"
+
+// ErrHelp is returned by Load when the arguments ask for help (-h, --help).
+// Print Usage() and exit 0.
+var ErrHelp = flag.ErrHelp
+
+// Config is the whole server configuration. The env tag of every field is the
+// flag name upper-cased with '-' turned into '_' (plus EnvPrefix).
+type Config struct {
+	// Model is the path of the GGUF language model (required).
+	Model string `env:"MODEL"`
+	// MMProj is the path of the GGUF multimodal projector; empty: text only.
+	MMProj string `env:"MMPROJ"`
+	// Addr is the listen address, host:port.
+	Addr string `env:"ADDR" envDefault:"127.0.0.1:8080"`
+
+	// CtxSize is the number of KV cells in total, shared by Parallel sequences.
+	CtxSize int `env:"CTX_SIZE" envDefault:"4096"`
+	// Parallel is the number of sequences decoded at the same time (slots).
+	Parallel int `env:"PARALLEL" envDefault:"4"`
+	// Threads is the number of CPU threads for generation; default runtime.NumCPU().
+	Threads    int  `env:"THREADS"`
+	BatchSize  int  `env:"BATCH_SIZE" envDefault:"512"`
+	UBatchSize int  `env:"UBATCH_SIZE" envDefault:"512"`
+	FlashAttn  bool `env:"FLASH_ATTN" envDefault:"false"`
+
+	// ModelAlias is the model id served by the API; default: Model's file
+	// name without its extension.
+	ModelAlias string `env:"MODEL_ALIAS"`
+	// APIKey, when set, is required as "Authorization: Bearer <key>".
+	APIKey string `env:"API_KEY"`
+
+	// Elastic Cache defaults (per request overridable).
+	Policy   string  `env:"POLICY" envDefault:"elastic"`
+	Budget   float64 `env:"BUDGET" envDefault:"0.8"`
+	Sink     int     `env:"SINK" envDefault:"4"`
+	Distance int     `env:"DISTANCE" envDefault:"-25"`
+
+	// Image limits.
+	MaxImageBytes         ByteSize      `env:"MAX_IMAGE_BYTES" envDefault:"10MiB"`
+	MaxImages             int           `env:"MAX_IMAGES" envDefault:"4"`
+	MaxImagePixels        int64         `env:"MAX_IMAGE_PIXELS" envDefault:"16777216"`
+	AllowImageURLs        bool          `env:"ALLOW_IMAGE_URLS" envDefault:"false"`
+	AllowPrivateImageURLs bool          `env:"ALLOW_PRIVATE_IMAGE_URLS" envDefault:"false"`
+	ImageURLTimeout       time.Duration `env:"IMAGE_URL_TIMEOUT" envDefault:"10s"`
+
+	// HTTP limits.
+	MaxBodyBytes   ByteSize      `env:"MAX_BODY_BYTES" envDefault:"64MiB"`
+	QueueSize      int           `env:"QUEUE_SIZE" envDefault:"64"`
+	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
+	ShutdownGrace  time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
+
+	LogLevel  string `env:"LOG_LEVEL" envDefault:"info"`
+	LogFormat string `env:"LOG_FORMAT" envDefault:"console"`
+
+	// MaxTokensDefault is the completion-token limit of a request that sets
+	// neither max_tokens nor max_completion_tokens; -1: no limit (until EOS or
+	// the sequence's context is full).
+	MaxTokensDefault int `env:"N_PREDICT" envDefault:"-1"`
+}
+
+// Load reads the configuration: built-in defaults, then the environment
+// (looked up with lookupEnv; pass os.LookupEnv in main), then args (without
+// the program name). It returns ErrHelp for -h/--help and otherwise a
+// one-line error for anything invalid.
+func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error) {
+	if lookupEnv == nil {
+		lookupEnv = func(string) (string, bool) { return "", false }
+	}
+	cfg := &Config{Threads: runtime.NumCPU()}
+	if err := loadEnv(cfg, lookupEnv); err != nil {
+		return nil, err
+	}
+	fs := newFlagSet(cfg)
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, ErrHelp
+		}
+		return nil, fmt.Errorf("config: %v (see --help)", err)
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("config: unexpected argument %q (all settings are --flags; see --help)", fs.Arg(0))
+	}
+	cfg.applyDerivedDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// Usage returns the --help text: every flag with its default and its
+// environment variable.
+func Usage() string {
+	var b strings.Builder
+	cfg := &Config{Threads: runtime.NumCPU()}
+	// Built-in defaults only (no environment) so the text is reproducible.
+	_ = loadEnv(cfg, func(string) (string, bool) { return "", false })
+	fs := newFlagSet(cfg)
+	fs.SetOutput(&b)
+	fmt.Fprintf(&b, "Usage: elasticserve --model PATH [flags]\n\n")
+	fmt.Fprintf(&b, "An OpenAI-compatible vision-language-model server. Every flag can also be set\n")
+	fmt.Fprintf(&b, "through the environment variable named after it; flags win.\n\n")
+	fs.PrintDefaults()
+	return b.String()
+}
+
+// loadEnv fills cfg from the environment. caarlos0/env wants a map, so the
+// variables it knows about are looked up one by one (no other variable is read).
+func loadEnv(cfg *Config, lookupEnv func(string) (string, bool)) error {
+	opts := env.Options{Prefix: EnvPrefix}
+	params, err := env.GetFieldParamsWithOptions(cfg, opts)
+	if err != nil {
+		return fmt.Errorf("config: %v", err)
+	}
+	environ := make(map[string]string, len(params)) // non-nil: env must not fall back to os.Environ
+	for _, p := range params {
+		if v, ok := lookupEnv(p.Key); ok {
+			environ[p.Key] = v
+		}
+	}
+	opts.Environment = environ
+	if err := env.ParseWithOptions(cfg, opts); err != nil {
+		return fmt.Errorf("config: %s", oneLine(envErrorText(err)))
+	}
+	return nil
+}
+
+// envErrorText flattens env's aggregate error.
+func envErrorText(err error) string {
+	var agg env.AggregateError
+	if errors.As(err, &agg) && len(agg.Errors) > 0 {
+		parts := make([]string, len(agg.Errors))
+		for i, e := range agg.Errors {
+			parts[i] = e.Error()
+			var pe env.ParseError
+			if errors.As(e, &pe) {
+				if f, ok := reflect.TypeFor[Config]().FieldByName(pe.Name); ok {
+					parts[i] = fmt.Sprintf("%s: invalid %s value: %v", EnvPrefix+f.Tag.Get("env"), pe.Type, pe.Err)
+				}
+			}
+		}
+		return "environment: " + strings.Join(parts, "; ")
+	}
+	return "environment: " + err.Error()
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
+
+// EnvName is the environment variable that mirrors a flag.
+func EnvName(flagName string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// newFlagSet declares every flag with cfg's current value as its default, so
+// parsing only overrides what the command line sets.
+func newFlagSet(cfg *Config) *flag.FlagSet {
+	fs := flag.NewFlagSet("elasticserve", flag.ContinueOnError)
+	u := func(name, text string) (string, string) { return name, text + " (env " + EnvName(name) + ")" }
+	str := func(p *string, name, text string) { n, t := u(name, text); fs.StringVar(p, n, *p, t) }
+	num := func(p *int, name, text string) { n, t := u(name, text); fs.IntVar(p, n, *p, t) }
+	boolean := func(p *bool, name, text string) { n, t := u(name, text); fs.BoolVar(p, n, *p, t) }
+	dur := func(p *time.Duration, name, text string) { n, t := u(name, text); fs.DurationVar(p, n, *p, t) }
+	size := func(p *ByteSize, name, text string) { n, t := u(name, text); fs.Var(p, n, t) }
+
+	str(&cfg.Model, "model", "path of the GGUF model file (required)")
+	str(&cfg.MMProj, "mmproj", "path of the GGUF multimodal projector; without it, requests with images are rejected")
+	str(&cfg.Addr, "addr", "listen address host:port")
+	num(&cfg.CtxSize, "ctx-size", "KV cache cells in total, shared by the --parallel sequences (each gets ctx-size/parallel)")
+	num(&cfg.Parallel, "parallel", "number of requests decoded at the same time (slots)")
+	num(&cfg.Threads, "threads", "CPU threads used for generation (0 or the default: the number of CPUs)")
+	num(&cfg.BatchSize, "batch-size", "logical batch size for prompt processing")
+	num(&cfg.UBatchSize, "ubatch-size", "physical batch size (capped at --batch-size)")
+	boolean(&cfg.FlashAttn, "flash-attn", "use flash attention")
+	str(&cfg.ModelAlias, "model-alias", "model id reported by the API (default: the model file name without extension)")
+	str(&cfg.APIKey, "api-key", "require 'Authorization: Bearer <key>' on the API and /metrics (/health and /ready stay open)")
+	str(&cfg.Policy, "policy", "default Elastic Cache policy: full, elastic, h2o or local")
+	fs.Float64Var(&cfg.Budget, "budget", cfg.Budget, "default Elastic Cache budget: fraction of the prompt's KV entries to keep, in (0, 1] (env "+EnvName("budget")+")")
+	num(&cfg.Sink, "sink", "default Elastic Cache sink: leading KV entries always kept")
+	num(&cfg.Distance, "distance", "default Elastic Cache distance: elastic decode truncation offset")
+	size(&cfg.MaxImageBytes, "max-image-bytes", "largest accepted image, in decoded bytes; a `size` like 10485760 or 10MiB")
+	num(&cfg.MaxImages, "max-images", "most images in one request (0: images disabled)")
+	fs.Int64Var(&cfg.MaxImagePixels, "max-image-pixels", cfg.MaxImagePixels, "largest accepted image, width*height pixels (guards against decompression bombs) (env "+EnvName("max-image-pixels")+")")
+	boolean(&cfg.AllowImageURLs, "allow-image-urls", "allow http(s) image URLs; the server fetches them (otherwise only data: URLs)")
+	boolean(&cfg.AllowPrivateImageURLs, "allow-private-image-urls", "allow image URLs whose host resolves to a private, loopback or link-local address")
+	dur(&cfg.ImageURLTimeout, "image-url-timeout", "time limit for fetching one image URL")
+	size(&cfg.MaxBodyBytes, "max-body-bytes", "largest accepted request body; a `size` like 67108864 or 64MiB")
+	num(&cfg.QueueSize, "queue-size", "requests that may wait for a free slot; beyond that the server answers 429")
+	dur(&cfg.RequestTimeout, "request-timeout", "time limit for one completion request (0: none)")
+	dur(&cfg.ShutdownGrace, "shutdown-grace", "on SIGTERM/SIGINT, how long running requests may finish before they are cancelled")
+	str(&cfg.LogLevel, "log-level", "log level: trace, debug, info, warn, error")
+	str(&cfg.LogFormat, "log-format", "log format: json or console")
+	num(&cfg.MaxTokensDefault, "n-predict", "completion-token limit when a request sets none (-1: until EOS or the context is full)")
+	return fs
+}
+
+func (c *Config) applyDerivedDefaults() {
+	c.Model = strings.TrimSpace(c.Model)
+	c.MMProj = strings.TrimSpace(c.MMProj)
+	c.Policy = strings.ToLower(strings.TrimSpace(c.Policy))
+	c.LogLevel = strings.ToLower(strings.TrimSpace(c.LogLevel))
+	c.LogFormat = strings.ToLower(strings.TrimSpace(c.LogFormat))
+	c.ModelAlias = strings.TrimSpace(c.ModelAlias)
+	if c.ModelAlias == "" && c.Model != "" {
+		base := filepath.Base(c.Model)
+		c.ModelAlias = strings.TrimSuffix(base, filepath.Ext(base))
+		if c.ModelAlias == "" {
+			c.ModelAlias = base
+		}
+	}
+	if c.Threads <= 0 { // 0 or -1: automatic
+		c.Threads = runtime.NumCPU()
+	}
+	// llama.cpp uses min(n_batch, n_ubatch); make that visible in the config.
+	if c.UBatchSize > c.BatchSize && c.BatchSize > 0 {
+		c.UBatchSize = c.BatchSize
+	}
+}
+
+// Validate checks every field and returns the first problem as one line
+// naming the flag (and its environment variable).
+func (c *Config) Validate() error {
+	bad := func(flagName, format string, a ...any) error {
+		return fmt.Errorf("config: --%s (%s): %s", flagName, EnvName(flagName), fmt.Sprintf(format, a...))
+	}
+	if c.Model == "" {
+		return bad("model", "required: path of the GGUF model file")
+	}
+	if err := regularFile(c.Model); err != nil {
+		return bad("model", "%v", err)
+	}
+	if c.MMProj != "" {
+		if err := regularFile(c.MMProj); err != nil {
+			return bad("mmproj", "%v", err)
+		}
+	}
+	if err := validAddr(c.Addr); err != nil {
+		return bad("addr", "%v", err)
+	}
+	if c.Parallel < 1 || c.Parallel > 256 {
+		return bad("parallel", "must be between 1 and 256, got %d", c.Parallel)
+	}
+	if c.CtxSize < 64 {
+		return bad("ctx-size", "must be at least 64, got %d", c.CtxSize)
+	}
+	if per := c.CtxSize / c.Parallel; per < 64 {
+		return bad("ctx-size", "%d cells shared by --parallel %d leaves %d per sequence; need at least 64 (raise --ctx-size or lower --parallel)", c.CtxSize, c.Parallel, per)
+	}
+	if c.Threads < 1 || c.Threads > 1024 {
+		return bad("threads", "must be between 1 and 1024, got %d", c.Threads)
+	}
+	if c.BatchSize < 1 {
+		return bad("batch-size", "must be at least 1, got %d", c.BatchSize)
+	}
+	if c.UBatchSize < 1 {
+		return bad("ubatch-size", "must be at least 1, got %d", c.UBatchSize)
+	}
+	if c.ModelAlias == "" || strings.ContainsFunc(c.ModelAlias, isSpaceOrControl) {
+		return bad("model-alias", "must be non-empty without spaces or control characters, got %q", c.ModelAlias)
+	}
+	if c.APIKey != "" && (strings.TrimSpace(c.APIKey) != c.APIKey || strings.ContainsFunc(c.APIKey, isSpaceOrControl)) {
+		return bad("api-key", "must not contain spaces or control characters")
+	}
+	if _, err := elasticcache.ParsePolicy(c.Policy); err != nil {
+		return bad("policy", "%v", err)
+	}
+	if math.IsNaN(c.Budget) || c.Budget <= 0 || c.Budget > 1 {
+		return bad("budget", "must be in (0, 1], got %v", c.Budget)
+	}
+	if c.Sink < 0 {
+		return bad("sink", "must be >= 0, got %d", c.Sink)
+	}
+	cache, _ := c.Cache()
+	if err := cache.Validate(); err != nil {
+		var ce *elasticcache.ConfigError
+		if errors.As(err, &ce) && flagFor(ce.Field) != "" {
+			return bad(flagFor(ce.Field), "%s", ce.Msg)
+		}
+		return fmt.Errorf("config: elastic cache: %v", err)
+	}
+	if c.MaxImageBytes < 1 {
+		return bad("max-image-bytes", "must be at least 1 byte, got %d", c.MaxImageBytes)
+	}
+	if c.MaxImages < 0 || c.MaxImages > 64 {
+		return bad("max-images", "must be between 0 and 64, got %d", c.MaxImages)
+	}
+	if c.MaxImagePixels < 1 {
+		return bad("max-image-pixels", "must be at least 1, got %d", c.MaxImagePixels)
+	}
+	if c.ImageURLTimeout <= 0 {
+		return bad("image-url-timeout", "must be positive, got %s", c.ImageURLTimeout)
+	}
+	if c.MaxBodyBytes < 1024 {
+		return bad("max-body-bytes", "must be at least 1024, got %d", c.MaxBodyBytes)
+	}
+	if c.QueueSize < 0 {
+		return bad("queue-size", "must be >= 0, got %d", c.QueueSize)
+	}
+	if c.RequestTimeout < 0 {
+		return bad("request-timeout", "must be >= 0 (0: none), got %s", c.RequestTimeout)
+	}
+	if c.ShutdownGrace < 0 {
+		return bad("shutdown-grace", "must be >= 0, got %s", c.ShutdownGrace)
+	}
+	if _, err := c.ZerologLevel(); err != nil {
+		return bad("log-level", "unknown level %q (want trace, debug, info, warn or error)", c.LogLevel)
+	}
+	if c.LogFormat != "json" && c.LogFormat != "console" {
+		return bad("log-format", "must be json or console, got %q", c.LogFormat)
+	}
+	if c.MaxTokensDefault < -1 || c.MaxTokensDefault == 0 {
+		return bad("n-predict", "must be -1 (no limit) or a positive token count, got %d", c.MaxTokensDefault)
+	}
+	return nil
+}
+
+// Cache is the server-wide default Elastic Cache configuration.
+func (c *Config) Cache() (elasticcache.Config, error) {
+	cc := elasticcache.DefaultConfig()
+	p, err := elasticcache.ParsePolicy(c.Policy)
+	if err != nil {
+		return cc, err
+	}
+	cc.Policy = p
+	cc.Budget = c.Budget
+	cc.Sink = c.Sink
+	cc.Distance = c.Distance
+	return cc, nil
+}
+
+// SeqCtx is the number of KV cells each of the Parallel sequences gets.
+func (c *Config) SeqCtx() int { return c.CtxSize / c.Parallel }
+
+// ZerologLevel parses LogLevel.
+func (c *Config) ZerologLevel() (zerolog.Level, error) {
+	switch c.LogLevel {
+	case "trace", "debug", "info", "warn", "error":
+		return zerolog.ParseLevel(c.LogLevel)
+	case "warning":
+		return zerolog.WarnLevel, nil
+	}
+	return zerolog.NoLevel, fmt.Errorf("unknown log level %q", c.LogLevel)
+}
+
+// String renders the configuration for a startup log line, API key redacted.
+func (c *Config) String() string {
+	key := ""
+	if c.APIKey != "" {
+		key = "(set)"
+	}
+	return fmt.Sprintf("model=%s mmproj=%s alias=%s addr=%s ctx-size=%d parallel=%d threads=%d batch=%d ubatch=%d flash-attn=%t "+
+		"policy=%s budget=%s sink=%d distance=%d api-key=%s queue=%d",
+		c.Model, c.MMProj, c.ModelAlias, c.Addr, c.CtxSize, c.Parallel, c.Threads, c.BatchSize, c.UBatchSize, c.FlashAttn,
+		c.Policy, strconv.FormatFloat(c.Budget, 'g', -1, 64), c.Sink, c.Distance, key, c.QueueSize)
+}
+
+// flagFor maps an elasticcache.ConfigError field to its flag.
+func flagFor(field string) string {
+	switch strings.ToLower(field) {
+	case "policy":
+		return "policy"
+	case "budget":
+		return "budget"
+	case "sink":
+		return "sink"
+	case "distance":
+		return "distance"
+	}
+	return ""
+}
+
+func regularFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("file %s does not exist", path)
+		}
+		return fmt.Errorf("cannot read %s: %v", path, unwrapPathError(err))
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	return nil
+}
+
+func unwrapPathError(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+func validAddr(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("want host:port, got %q", addr)
+	}
+	_ = host // empty host: all interfaces
+	n, err := strconv.Atoi(port)
+	if err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("invalid port %q", port)
+	}
+	return nil
+}
+
+func isSpaceOrControl(r rune) bool {
+	return r == ' ' || r == '\t' || r == '\n' || r == '\r' || r < 0x20 || r == 0x7f
+}
