@@ -50,6 +50,14 @@ type Config struct {
 	BatchSize  int  `env:"BATCH_SIZE" envDefault:"512"`
 	UBatchSize int  `env:"UBATCH_SIZE" envDefault:"512"`
 	FlashAttn  bool `env:"FLASH_ATTN" envDefault:"false"`
+	// KVUnified shares one pool of CtxSize cells between all slots and admits a request
+	// when the cells its cache policy lets it hold fit; false gives each slot its own
+	// CtxSize/Parallel cells.
+	KVUnified bool `env:"KV_UNIFIED" envDefault:"true"`
+	// KVType is the KV cache storage type: f16, bf16 or f32.
+	KVType string `env:"KV_TYPE" envDefault:"f16"`
+	// GPULayers is how many layers go to a GPU when one is present (-1: all).
+	GPULayers int `env:"GPU_LAYERS" envDefault:"-1"`
 
 	// ModelAlias is the model id served by the API; default: Model's file
 	// name without its extension.
@@ -193,7 +201,10 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	str(&cfg.Model, "model", "path of the GGUF model file (required)")
 	str(&cfg.MMProj, "mmproj", "path of the GGUF multimodal projector; without it, requests with images are rejected")
 	str(&cfg.Addr, "addr", "listen address host:port")
-	num(&cfg.CtxSize, "ctx-size", "KV cache cells in total, shared by the --parallel sequences (each gets ctx-size/parallel)")
+	num(&cfg.CtxSize, "ctx-size", "KV cache cells in total, shared by the --parallel sequences")
+	boolean(&cfg.KVUnified, "kv-unified", "one KV pool for all slots with budget-aware admission (false: each slot owns ctx-size/parallel cells)")
+	str(&cfg.KVType, "kv-type", "KV cache storage type: f16, bf16 or f32")
+	num(&cfg.GPULayers, "gpu-layers", "model layers offloaded to the GPU when one is present (-1: all, 0: none)")
 	num(&cfg.Parallel, "parallel", "number of requests decoded at the same time (slots)")
 	num(&cfg.Threads, "threads", "CPU threads used for generation (0 or the default: the number of CPUs)")
 	num(&cfg.BatchSize, "batch-size", "logical batch size for prompt processing")
@@ -227,6 +238,7 @@ func (c *Config) applyDerivedDefaults() {
 	c.Policy = strings.ToLower(strings.TrimSpace(c.Policy))
 	c.LogLevel = strings.ToLower(strings.TrimSpace(c.LogLevel))
 	c.LogFormat = strings.ToLower(strings.TrimSpace(c.LogFormat))
+	c.KVType = strings.ToLower(strings.TrimSpace(c.KVType))
 	c.ModelAlias = strings.TrimSpace(c.ModelAlias)
 	if c.ModelAlias == "" && c.Model != "" {
 		base := filepath.Base(c.Model)
@@ -252,6 +264,14 @@ func (c *Config) Validate() error {
 	}
 	if c.Model == "" {
 		return bad("model", "required: path of the GGUF model file")
+	}
+	switch c.KVType {
+	case "f16", "bf16", "f32":
+	default:
+		return bad("kv-type", "must be f16, bf16 or f32, got %q", c.KVType)
+	}
+	if c.GPULayers < -1 {
+		return bad("gpu-layers", "must be -1 (all) or a layer count >= 0, got %d", c.GPULayers)
 	}
 	if err := regularFile(c.Model); err != nil {
 		return bad("model", "%v", err)

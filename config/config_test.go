@@ -35,7 +35,7 @@ func TestDefaults(t *testing.T) {
 	}
 	want := Config{
 		Model: model, Addr: "127.0.0.1:8080", CtxSize: 4096, Parallel: 4, Threads: runtime.NumCPU(),
-		BatchSize: 512, UBatchSize: 512, ModelAlias: "qwen2-vl-2b.Q4_K_M",
+		BatchSize: 512, UBatchSize: 512, KVUnified: true, KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
 		Policy: "elastic", Budget: 0.8, Sink: 4, Distance: -25,
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,
 		MaxBodyBytes: 64 << 20, QueueSize: 64, ShutdownGrace: 30 * time.Second,

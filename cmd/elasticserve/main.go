@@ -77,7 +77,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	start := time.Now()
 	lastPct := -1
 	model, err := llama.LoadModel(cfg.Model, llama.ModelParams{
-		GPULayers: -1,
+		GPULayers: cfg.GPULayers,
 		UseMmap:   true,
 		Progress: func(f float32) bool {
 			if pct := int(f*4) * 25; pct != lastPct {
@@ -98,7 +98,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 
 	var vision *llama.Vision
 	if cfg.MMProj != "" {
-		vision, err = llama.LoadVision(model, cfg.MMProj, llama.VisionParams{Threads: cfg.Threads, UseGPU: llama.HasGPU(), FlashAttn: cfg.FlashAttn})
+		vision, err = llama.LoadVision(model, cfg.MMProj, llama.VisionParams{Threads: cfg.Threads, UseGPU: llama.HasGPU() && cfg.GPULayers != 0, FlashAttn: cfg.FlashAttn})
 		if err != nil {
 			return err
 		}
@@ -113,6 +113,8 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		UBatchSize: cfg.UBatchSize,
 		Threads:    cfg.Threads,
 		FlashAttn:  cfg.FlashAttn,
+		Unified:    cfg.KVUnified,
+		KVType:     cfg.KVType,
 		QueueSize:  cfg.QueueSize,
 		Log:        log,
 	})
