@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
+	"sync"
 	"time"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
@@ -194,42 +196,50 @@ func (e *Engine) compress(s *seq) error {
 
 // ApplyPlan builds the compressed cache: cell i of layer l holds the mean of the rows
 // of plan.Layers[l].Keep[i] and its merge group (a plain copy when the group is empty).
+// Layers are independent, so they are merged in parallel.
 func ApplyPlan(src *llama.SeqCache, plan *elasticcache.PrefillPlan, cellOfPos []int) *llama.SeqCache {
 	dst := llama.NewSeqCacheLike(src, plan.K)
-	nSrc := src.Cells()
-	var acc, row []float32
-	for l, lp := range plan.Layers {
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+	for l := range plan.Layers {
 		for _, part := range []struct{ in, out *llama.LayerRows }{{&src.K[l], &dst.K[l]}, {&src.V[l], &dst.V[l]}} {
-			if cap(acc) < part.in.RowElems {
-				acc = make([]float32, part.in.RowElems)
-				row = make([]float32, part.in.RowElems)
-			}
-			acc, row = acc[:part.in.RowElems], row[:part.in.RowElems]
-			for i, anchor := range lp.Keep {
-				var group []int
-				if i < len(lp.Groups) {
-					group = lp.Groups[i]
-				}
-				if len(group) == 0 {
-					part.out.CopyRow(plan.K, i, part.in, nSrc, cellOfPos[anchor])
-					continue
-				}
-				part.in.Row(nSrc, cellOfPos[anchor], acc)
-				for _, g := range group {
-					part.in.Row(nSrc, cellOfPos[g], row)
-					for k, v := range row {
-						acc[k] += v
-					}
-				}
-				inv := 1 / float32(len(group)+1)
-				for k := range acc {
-					acc[k] *= inv
-				}
-				part.out.SetRow(plan.K, i, acc)
-			}
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				mergeLayer(part.in, part.out, src.Cells(), plan.K, plan.Layers[l], cellOfPos)
+			}()
 		}
 	}
+	wg.Wait()
 	return dst
+}
+
+func mergeLayer(in, out *llama.LayerRows, nSrc, k int, lp elasticcache.LayerPlan, cellOfPos []int) {
+	acc := make([]float32, in.RowElems)
+	row := make([]float32, in.RowElems)
+	for i, anchor := range lp.Keep {
+		var group []int
+		if i < len(lp.Groups) {
+			group = lp.Groups[i]
+		}
+		if len(group) == 0 {
+			out.CopyRow(k, i, in, nSrc, cellOfPos[anchor])
+			continue
+		}
+		in.Row(nSrc, cellOfPos[anchor], acc)
+		for _, g := range group {
+			in.Row(nSrc, cellOfPos[g], row)
+			for j, v := range row {
+				acc[j] += v
+			}
+		}
+		inv := 1 / float32(len(group)+1)
+		for j := range acc {
+			acc[j] *= inv
+		}
+		out.SetRow(k, i, acc)
+	}
 }
 
 // decodeStep decodes the pending token of every generating sequence: one shared batch

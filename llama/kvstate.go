@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sync"
 	"unsafe"
 )
 
@@ -194,6 +195,23 @@ func NewSeqCacheLike(src *SeqCache, n int) *SeqCache {
 
 // Row decodes cell c of a layer into dst (len RowElems) as float32.
 func (lr *LayerRows) Row(cells, c int, dst []float32) {
+	if lr.Type == typeF16 {
+		t := f16Table()
+		d := lr.Data
+		if !lr.Trans {
+			base := 2 * c * lr.RowElems
+			for e := range dst[:lr.RowElems] {
+				i := base + 2*e
+				dst[e] = t[uint16(d[i])|uint16(d[i+1])<<8]
+			}
+			return
+		}
+		for e := range dst[:lr.RowElems] {
+			i := 2 * (e*cells + c)
+			dst[e] = t[uint16(d[i])|uint16(d[i+1])<<8]
+		}
+		return
+	}
 	for e := range lr.RowElems {
 		dst[e] = lr.at(lr.index(cells, c, e))
 	}
@@ -315,6 +333,15 @@ func (c *Context) WriteSeqCache(seq int, s *SeqCache) error {
 	}
 	return nil
 }
+
+// f16Table maps every half to its float32 value: a read-only table built once.
+var f16Table = sync.OnceValue(func() *[1 << 16]float32 {
+	var t [1 << 16]float32
+	for h := range t {
+		t[h] = F16ToF32(uint16(h))
+	}
+	return &t
+})
 
 // F16ToF32 converts an IEEE half to float32.
 func F16ToF32(h uint16) float32 {
