@@ -20,9 +20,16 @@ MMPROJ ?= $(MODEL_DIR)/mmproj.gguf
 ADDR ?= 127.0.0.1:8080
 TEST_TIMEOUT ?= 40m
 # Packages without cgo of their own: these run under the race detector.
-PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... ./internal/testmodel/...
+PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... ./internal/testmodel/... \
+	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
+	./internal/eval/progress/... ./internal/eval/report/...
 
-.PHONY: deps mod build test test-race vet fmt run model bench clean env
+.PHONY: eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src
+
+# GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
+# `make cuda` builds it from the same module sources with CMake and nvcc.
+CUDA_ARCHS ?= native
+CUDA_BUILD := build/cuda
 
 deps:
 	@missing=""; \
@@ -64,8 +71,28 @@ run: build model
 	$(BIN)/elasticserve --model $(MODEL) --mmproj $(MMPROJ) --addr $(ADDR)
 
 # `eval "$$(make -s env)"` gives a shell the same cgo flags (and so the same build cache).
+# A quick quality/latency sweep of the bundled model on a synthetic shapes set.
+eval: build model
+	$(BIN)/elastic-eval gen-data --out out/shapes --n 20
+	$(BIN)/elastic-eval sweep --model $(MODEL) --mmproj $(MMPROJ) --data out/shapes/data.json \
+	  --max-samples 8 --max-tokens 32 --prompt-tokens 300 --gen-tokens 64 --batch 4 --out out/eval
+
 env:
 	@echo "export CGO_ENABLED=1"; echo "export CGO_CPPFLAGS='$$CGO_CPPFLAGS'"; echo "export CGO_CFLAGS='$$CGO_CFLAGS'"; echo "export CGO_CXXFLAGS='$$CGO_CXXFLAGS'"
 
+# The module's CMake entry point and ggml sources, copied where CMake may write.
+cuda-src: mod
+	rm -rf $(CUDA_BUILD)/src && mkdir -p $(CUDA_BUILD)/src/ml/backend/ggml
+	cp $(OLLAMA_DIR)/CMakeLists.txt $(CUDA_BUILD)/src/
+	cp -r $(OLLAMA_DIR)/ml/backend/ggml/ggml $(CUDA_BUILD)/src/ml/backend/ggml/
+	chmod -R u+w $(CUDA_BUILD)/src
+
+cuda: cuda-src
+	@command -v nvcc >/dev/null || { echo "make cuda needs nvcc (CUDA toolkit) and cmake"; exit 1; }
+	cmake -S $(CUDA_BUILD)/src -B $(CUDA_BUILD)/out -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)
+	cmake --build $(CUDA_BUILD)/out --target ggml-cuda -j$$(nproc)
+	mkdir -p lib/ollama && cp -a $(CUDA_BUILD)/out/lib/ollama/libggml-cuda.so* $(CUDA_BUILD)/out/lib/ollama/libggml-base.so* lib/ollama/
+	@echo "CUDA backend in lib/ollama; bin/elasticserve logs 'backend device ... type=gpu' at start-up"
+
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) build lib

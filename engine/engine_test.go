@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 	if tmModel, err = llama.LoadModel(mp, llama.ModelParams{UseMmap: true}); err != nil {
 		panic(err)
 	}
-	if tmVision, err = llama.LoadVision(tmModel, vp, llama.VisionParams{Threads: 2}); err != nil {
+	if tmVision, err = llama.LoadVision(tmModel, vp, llama.VisionParams{Threads: 1}); err != nil {
 		panic(err)
 	}
 	code := m.Run()
@@ -62,7 +62,7 @@ func startEngine(t testing.TB, opts Options) *testEngine {
 	if opts.BatchSize == 0 {
 		opts.BatchSize = 256
 	}
-	opts.Threads = 2
+	opts.Threads = 1
 	opts.Log = zerolog.Nop()
 	te := &testEngine{}
 	opts.Observe = func(o Observation) {
@@ -307,7 +307,7 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 
 // Rows read back after a merge equal the oracle's group means (f16 tolerance).
 func TestMergedRowsEqualOracleMeans(t *testing.T) {
-	ctx, err := llama.NewContext(tmModel, llama.ContextParams{NCtx: 1024, NSeqMax: 1, Threads: 2, Capture: true})
+	ctx, err := llama.NewContext(tmModel, llama.ContextParams{NCtx: 1024, NSeqMax: 1, Threads: 1, Capture: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -510,7 +510,7 @@ func TestForcedDecodingNLLMatchesDirectLoop(t *testing.T) {
 	}
 
 	// Direct loop on a fresh context.
-	ctx, err := llama.NewContext(tmModel, llama.ContextParams{NCtx: 2048, NSeqMax: 1, Threads: 2})
+	ctx, err := llama.NewContext(tmModel, llama.ContextParams{NCtx: 2048, NSeqMax: 1, Threads: 1})
 	if err != nil {
 		t.Fatal(err)
 	}

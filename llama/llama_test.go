@@ -30,7 +30,7 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	tmVision, err = LoadVision(tmModel, mmprojPath, VisionParams{Threads: 2})
+	tmVision, err = LoadVision(tmModel, mmprojPath, VisionParams{Threads: 1})
 	if err != nil {
 		panic(err)
 	}
@@ -49,7 +49,7 @@ func newCtx(t testing.TB, p ContextParams) *Context {
 		p.NSeqMax = 1
 	}
 	if p.Threads == 0 {
-		p.Threads = 2
+		p.Threads = 1
 	}
 	c, err := NewContext(tmModel, p)
 	if err != nil {

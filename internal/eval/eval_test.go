@@ -1,0 +1,326 @@
+package eval
+
+import (
+	"context"
+	"encoding/csv"
+	"image/png"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/internal/eval/dataset"
+	"github.com/elasticserve/elasticserve/internal/eval/report"
+	"github.com/elasticserve/elasticserve/internal/eval/shapes"
+	"github.com/elasticserve/elasticserve/internal/testmodel"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// These tests run the real engine on the tiny random-weight test model (no
+// mocks). One thread keeps them steady on a loaded 2-core machine.
+
+var allPolicies = []elasticcache.Policy{elasticcache.Elastic, elasticcache.H2O, elasticcache.Local}
+
+func openRunner(t *testing.T, budgets []float64) *Runner {
+	t.Helper()
+	mp, vp, err := testmodel.Ensure(testmodel.DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Open(Options{Model: mp, MMProj: vp, Threads: 1, Policies: allPolicies, Budgets: budgets,
+		Sink: elasticcache.DefaultSink, Distance: elasticcache.DefaultDistance, MaxTokens: 6, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Close)
+	return r
+}
+
+func synthData(t *testing.T, n int, kinds ...shapes.QAKind) string {
+	t.Helper()
+	dir := t.TempDir()
+	if _, err := dataset.WriteSynthetic(dataset.SynthOptions{Dir: dir, N: n, Seed: 5, Shapes: shapes.DefaultOptions(), Kinds: kinds}); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, "data.json")
+}
+
+// PPL under full is exp(total NLL / total tokens) of the engine's forced
+// decoding, each sample's NLL equals a direct llama.cpp decode loop's, and at
+// budget 1.0 every policy gives full's PPL.
+func TestPPLMatchesDirectDecodeLoopAndBudgetOne(t *testing.T) {
+	start := time.Now()
+	r := openRunner(t, []float64{1})
+	set, err := dataset.Load(synthData(t, 1, shapes.Describe, shapes.ColorOf), "")
+	if err != nil || len(set.Samples) != 2 {
+		t.Fatalf("%v %+v", err, set)
+	}
+	q, err := r.PPL(context.Background(), set.Samples)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(q.Samples) != 2 || len(q.Skipped) != 0 || len(q.Rows) != 1+len(allPolicies) {
+		t.Fatalf("samples %d, skipped %v, rows %d", len(q.Samples), q.Skipped, len(q.Rows))
+	}
+	var nll float64
+	var toks int
+	for _, s := range q.Samples {
+		want := directNLL(t, r, s.Sample)
+		if got := s.NLL[0]; math.Abs(got-want) > 1e-4*math.Abs(want) {
+			t.Errorf("%s: engine NLL %.6f, direct loop %.6f", s.Sample.ID, got, want)
+		}
+		nll += s.NLL[0]
+		toks += s.Tokens
+	}
+	full := q.Rows[0]
+	if full.Policy != "full" || full.Tokens != toks || full.PPL != math.Exp(nll/float64(toks)) {
+		t.Fatalf("full row %+v, want PPL exp(%g/%d)", full, nll, toks)
+	}
+	t.Logf("full PPL %.4f over %d tokens", full.PPL, toks)
+	for _, rw := range q.Rows[1:] {
+		if rw.Budget != 1 || rw.PPL != full.PPL || rw.NLL != full.NLL {
+			t.Errorf("%s@%g: PPL %.10g, full %.10g", rw.Policy, rw.Budget, rw.PPL, full.PPL)
+		}
+	}
+	t.Logf("took %s", time.Since(start))
+}
+
+// directNLL scores the sample's answer with a plain llama.cpp context: the same
+// chat template and prompt chunks as the engine, then one token per decode.
+func directNLL(t *testing.T, r *Runner, s dataset.Sample) float64 {
+	t.Helper()
+	m, v := r.Model(), r.Vision()
+	ctx, err := llama.NewContext(m, llama.ContextParams{NCtx: 1024, NBatch: 512, NSeqMax: 1, Threads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Close()
+	text, err := m.ApplyChatTemplate("", []llama.ChatMessage{{Role: "user", Content: strings.Replace(s.Prompt, dataset.ImageToken, engine.ImageMarker, 1)}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := os.ReadFile(s.Image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := v.Tokenize(text, [][]byte{img}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	pos := 0
+	var logits []float32
+	for i, ch := range p.Chunks {
+		last := i == len(p.Chunks)-1
+		var b *llama.Batch
+		switch ch.Kind {
+		case llama.ChunkText:
+			b = llama.NewBatch(ch.NTokens, 0, 1)
+			for j, tok := range ch.Tokens {
+				b.Add(tok, pos+j, 0, last && j == ch.NTokens-1)
+			}
+		case llama.ChunkImage:
+			embd, err := p.EncodeImage(ch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			w := v.EmbdSize()
+			b = llama.NewBatch(ch.NTokens, w, 1)
+			for j := range ch.NTokens {
+				b.AddEmbd(embd[j*w:(j+1)*w], pos+j, 0, last && j == ch.NTokens-1)
+			}
+			ctx.SetCausal(!v.NonCausal())
+		}
+		err := ctx.Decode(b)
+		ctx.SetCausal(true)
+		b.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if last {
+			logits = slices.Clone(ctx.Logits(ch.NTokens - 1))
+		}
+		pos += ch.NTokens
+	}
+	answer, err := m.Tokenize(s.Answer, false, false)
+	if err != nil || len(answer) == 0 {
+		t.Fatalf("answer tokens %v: %v", answer, err)
+	}
+	nll := negLogProb(logits, answer[0])
+	b := llama.NewBatch(1, 0, 1)
+	defer b.Close()
+	for i := 1; i < len(answer); i++ {
+		b.Clear()
+		b.Add(answer[i-1], pos, 0, true)
+		pos++
+		if err := ctx.Decode(b); err != nil {
+			t.Fatal(err)
+		}
+		nll += negLogProb(ctx.Logits(0), answer[i])
+	}
+	return nll
+}
+
+func negLogProb(logits []float32, tok llama.Token) float64 {
+	mx := math.Inf(-1)
+	for _, v := range logits {
+		mx = math.Max(mx, float64(v))
+	}
+	sum := 0.0
+	for _, v := range logits {
+		sum += math.Exp(float64(v) - mx)
+	}
+	return mx + math.Log(sum) - float64(logits[tok])
+}
+
+// A sweep over 4 synthetic samples (plus a broken entry and a missing image,
+// which are skipped and counted) writes a CSV, a markdown table and PNG plots
+// that parse.
+func TestSweepWritesParsableFiles(t *testing.T) {
+	start := time.Now()
+	r := openRunner(t, []float64{0.5})
+	data := synthData(t, 1)
+	// Add a malformed entry and one whose image is missing.
+	b, err := os.ReadFile(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	extra := `{"id": "broken", "conversations": [{"from": "human", "value": "no answer"}]},
+	{"id": "lost", "image": "images/none.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},`
+	if err := os.WriteFile(data, []byte("["+extra+string(b[1:])), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "out")
+	var progress strings.Builder
+	r.opts.Progress = &progress
+	res, err := r.Run(context.Background(), RunOptions{
+		Metrics:    []string{report.Latency, report.PPL, report.ROUGE},
+		Data:       data,
+		MaxSamples: 4,
+		Latency:    LatencyOptions{PromptTokens: 220, GenTokens: 8, Batch: 2},
+		Out:        out,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Dataset.Skipped) != 2 || len(res.Samples) != 4 {
+		t.Fatalf("skipped %v, samples %d", res.Dataset.Skipped, len(res.Samples))
+	}
+	for _, want := range []string{`skipping id "broken" (entry 0): malformed entry`, `skipping id "lost" (entry 1): image`} {
+		if !strings.Contains(progress.String(), want) {
+			t.Errorf("stderr lacks %q:\n%s", want, progress.String())
+		}
+	}
+	nCfg := 1 + len(allPolicies)
+	if len(res.Results.Rows) != 3*nCfg {
+		t.Fatalf("%d rows", len(res.Results.Rows))
+	}
+	if res.Latency.PromptTokens > 220 || res.Latency.PromptTokens < 200 {
+		t.Errorf("latency prompt is %d tokens, want about 220", res.Latency.PromptTokens)
+	}
+	for _, rw := range res.Results.Rows {
+		switch rw.Metric {
+		case report.PPL:
+			if rw.Samples != 4 || !(rw.PPL > 1) || math.IsInf(rw.PPL, 0) {
+				t.Errorf("ppl row %+v", rw)
+			}
+		case report.ROUGE:
+			if rw.Policy == "full" && (rw.ROUGE1 != 1 || rw.ROUGEL != 1) {
+				t.Errorf("full against itself: %+v", rw)
+			}
+			if rw.AccN != 3 { // the 4 samples drawn with seed 1 are 1 description and 3 short answers
+				t.Errorf("%s@%g: accuracy scored on %d samples, want 3", rw.Policy, rw.Budget, rw.AccN)
+			}
+		case report.Latency:
+			if rw.Batch != 2 || rw.GenTokens != 8 || rw.TotalMs <= 0 || rw.PeakCells <= 0 || rw.Speedup <= 0 {
+				t.Errorf("latency row %+v", rw)
+			}
+			if rw.Policy != "full" && rw.PeakCells >= res.Results.Rows[2*nCfg].PeakCells {
+				t.Errorf("%s@%g holds %g cells at its peak, full %g", rw.Policy, rw.Budget, rw.PeakCells, res.Results.Rows[2*nCfg].PeakCells)
+			}
+		}
+	}
+
+	f, err := os.Open(filepath.Join(out, "results.csv"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, err := csv.NewReader(f).ReadAll()
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs) != 1+3*nCfg || !slices.Equal(recs[0], report.CSVHeader()) {
+		t.Fatalf("csv: %d records, header %v", len(recs), recs[0])
+	}
+	ppl := slices.Index(recs[0], "ppl")
+	if v, err := strconv.ParseFloat(recs[1][ppl], 64); err != nil || v != res.PPL.Rows[0].PPL {
+		t.Errorf("csv ppl %q, want %g", recs[1][ppl], res.PPL.Rows[0].PPL)
+	}
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"| policy | budget | n | PPL |", "| elastic | 0.5 | 4 |", "ROUGE-L", "speedup", "2 skipped while loading"} {
+		if !strings.Contains(string(md), want) {
+			t.Errorf("results.md lacks %q", want)
+		}
+	}
+	nPNG := 0
+	for _, p := range res.Files {
+		if filepath.Ext(p) != ".png" {
+			continue
+		}
+		nPNG++
+		f, err := os.Open(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := png.Decode(f); err != nil {
+			t.Errorf("%s: %v", p, err)
+		}
+		f.Close()
+	}
+	if nPNG < 8 {
+		t.Errorf("%d plots: %v", nPNG, res.Files)
+	}
+	t.Logf("took %s\n%s", time.Since(start), res.Results.Markdown())
+}
+
+// A sample whose prompt cannot fit is skipped for every policy, named, and the
+// run goes on.
+func TestOversizedSampleIsSkippedEverywhere(t *testing.T) {
+	r := openRunner(t, []float64{0.5})
+	r.opts.CtxSize = 200 // one sequence of 200 cells: the 144-token image fits, a long question does not
+	set, err := dataset.Load(synthData(t, 1, shapes.Count, shapes.Exists), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := set.Samples[1]
+	long.ID = "too-long"
+	long.Prompt += strings.Repeat(" more words", 30)
+	samples := []dataset.Sample{set.Samples[0], long}
+	var progress strings.Builder
+	r.opts.Progress = &progress
+	q, err := r.ROUGE(context.Background(), samples)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(q.Samples) != 1 || len(q.Skipped) != 1 || !strings.Contains(q.Skipped[0], `id "too-long"`) {
+		t.Fatalf("scored %d, skipped %v", len(q.Samples), q.Skipped)
+	}
+	if !strings.Contains(progress.String(), `skipping id "too-long"`) {
+		t.Errorf("no message on stderr:\n%s", progress.String())
+	}
+	for _, rw := range q.Rows {
+		if rw.Samples != 1 {
+			t.Errorf("%s@%g scored %d samples", rw.Policy, rw.Budget, rw.Samples)
+		}
+	}
+}
