@@ -24,7 +24,7 @@ PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... .
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
 	./internal/eval/progress/... ./internal/eval/report/...
 
-.PHONY: eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src
+.PHONY: fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src
 
 # GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
 # `make cuda` builds it from the same module sources with CMake and nvcc.
@@ -60,6 +60,14 @@ test: deps mod
 	$(GO) vet ./...
 	$(GO) test -race $(PURE_PKGS)
 	$(GO) test -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) --no-print-directory fuzz FUZZTIME=3s
+
+# Fuzz targets (request decoding, data URLs, image checks); `make fuzz FUZZTIME=5m` for long runs.
+FUZZTIME ?= 60s
+fuzz:
+	@for t in FuzzDecodeChatRequest FuzzParseDataURL FuzzCheckImage; do \
+	  $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./api/ || exit 1; \
+	done
 
 bench: deps mod
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./...

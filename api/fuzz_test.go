@@ -1,8 +1,11 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
+	"errors"
+	"image"
 	"net/http"
 	"strings"
 	"testing"
@@ -103,6 +106,31 @@ func FuzzParseDataURL(f *testing.F) {
 		again, err := parseDataURL("data:"+du.MediaType+";base64,"+base64.StdEncoding.EncodeToString(du.Data), max)
 		if err != nil || string(again.Data) != string(du.Data) {
 			t.Fatalf("round trip failed: %v", err)
+		}
+	})
+}
+
+// FuzzCheckImage: image validation never panics, and what it accepts is a whole
+// image within the pixel limit.
+func FuzzCheckImage(f *testing.F) {
+	good := pngBytes(f, 3, 2)
+	f.Add(good)
+	f.Add(good[:len(good)/2])
+	f.Add([]byte("\xff\xd8\xff\xe0 not really a jpeg"))
+	f.Add([]byte("GIF89a"))
+	lim := imageLimits{MaxBytes: 1 << 16, MaxPixels: 1 << 12}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		format, err := checkImage(data, "", lim)
+		if err != nil {
+			var p *imageProblem
+			if !errors.As(err, &p) || p.msg == "" {
+				t.Fatalf("error %v is not an imageProblem with a message", err)
+			}
+			return
+		}
+		cfg, _, derr := image.DecodeConfig(bytes.NewReader(data))
+		if derr != nil || int64(cfg.Width)*int64(cfg.Height) > lim.MaxPixels || (format != "png" && format != "jpeg") {
+			t.Fatalf("accepted %s %dx%d (%v)", format, cfg.Width, cfg.Height, derr)
 		}
 	})
 }

@@ -163,6 +163,15 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	err = srv.Shutdown(grace)
 	cancelEngine()
 	<-eng.Done()
+	if errors.Is(err, context.DeadlineExceeded) {
+		// The engine has failed the requests still running; let their handlers send
+		// that error (an SSE error event, or a 503) before the process exits, so a
+		// stream is never just cut off.
+		final, cancelFinal := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = srv.Shutdown(final)
+		cancelFinal()
+		_ = srv.Close()
+	}
 	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
 		return err
 	}

@@ -1,0 +1,108 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// readmeCurl returns the first ```sh block of README.md that runs curl.
+func readmeCurl(tb testing.TB) string {
+	tb.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot, "README.md"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i < len(lines); i++ {
+		if strings.TrimSpace(lines[i]) != "```sh" {
+			continue
+		}
+		var block []string
+		for i++; i < len(lines) && strings.TrimSpace(lines[i]) != "```"; i++ {
+			block = append(block, lines[i])
+		}
+		text := strings.Join(block, "\n")
+		if strings.Contains(text, "curl ") {
+			return text
+		}
+	}
+	tb.Fatal("README.md has no ```sh block with a curl command")
+	return ""
+}
+
+// TestReadmeCurl runs the README's curl example against a live server: the
+// documented address is replaced by the test server's, and the example image
+// by a generated PNG when the repository does not ship it.
+func TestReadmeCurl(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("curl is not installed; the README example cannot be run")
+	}
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Skip("bash is not installed; the README example cannot be run")
+	}
+	s := sharedServer(t, "main", mainSpec)
+	script := readmeCurl(t)
+	const documented = "http://127.0.0.1:8080"
+	if !strings.Contains(script, documented) {
+		t.Fatalf("the README curl example no longer uses %s; update this test:\n%s", documented, script)
+	}
+	script = strings.ReplaceAll(script, documented, s.URL)
+	const examplePNG = "docs/example.png"
+	if strings.Contains(script, examplePNG) {
+		if _, err := os.Stat(filepath.Join(repoRoot, examplePNG)); err != nil {
+			tmp := filepath.Join(t.TempDir(), "example.png")
+			if err := os.WriteFile(tmp, redCircle(t), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s is not in the repository; using a generated PNG", examplePNG)
+			script = strings.ReplaceAll(script, examplePNG, tmp)
+		}
+	}
+	// Use the curl found above even where the script says plain "curl".
+	script = "curl() { " + shellQuote(curl) + ` "$@"; }` + "\n" + script
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bash, "-euo", "pipefail", "-c", script)
+	cmd.Dir = repoRoot
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("the README example failed: %v\nstderr: %s\nstdout: %s", err, stderr.String(), stdout.String())
+	}
+	var resp struct {
+		Object  string `json:"object"`
+		Choices []struct {
+			Message struct {
+				Role    string `json:"role"`
+				Content string `json:"content"`
+			} `json:"message"`
+			FinishReason string `json:"finish_reason"`
+		} `json:"choices"`
+		Usage   struct{ PromptTokens, CompletionTokens int } `json:"usage"`
+		KVCache *struct {
+			Policy string  `json:"policy"`
+			Budget float64 `json:"budget"`
+		} `json:"kv_cache"`
+		Error json.RawMessage `json:"error"`
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &resp); err != nil {
+		t.Fatalf("the README example did not print JSON: %v\n%s", err, stdout.String())
+	}
+	if resp.Error != nil || resp.Object != "chat.completion" || len(resp.Choices) != 1 || resp.Choices[0].Message.Role != "assistant" {
+		t.Fatalf("unexpected answer to the README example: %s", stdout.String())
+	}
+	if resp.KVCache == nil || resp.KVCache.Policy != "elastic" || resp.KVCache.Budget != 0.5 {
+		t.Errorf("kv_cache does not reflect the example's elastic_cache: %s", stdout.String())
+	}
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
