@@ -24,7 +24,7 @@ PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... .
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
 	./internal/eval/progress/... ./internal/eval/report/...
 
-.PHONY: fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src
+.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src
 
 # GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
 # `make cuda` builds it from the same module sources with CMake and nvcc.
@@ -101,6 +101,16 @@ cuda: cuda-src
 	cmake --build $(CUDA_BUILD)/out --target ggml-cuda -j$$(nproc)
 	mkdir -p lib/ollama && cp -a $(CUDA_BUILD)/out/lib/ollama/libggml-cuda.so* $(CUDA_BUILD)/out/lib/ollama/libggml-base.so* lib/ollama/
 	@echo "CUDA backend in lib/ollama; bin/elasticserve logs 'backend device ... type=gpu' at start-up"
+
+# Everything a GPU machine without Go needs for the issue-G benchmark, in one folder
+# (portable binaries, ggml sources, the script): carry build/gpu and run build/gpu/run.sh.
+gpu-bundle:
+	$(MAKE) --no-print-directory build ARCH=x86-64-v3 BIN=build/gpu/bin
+	$(MAKE) --no-print-directory cuda-src CUDA_BUILD=build/gpu
+	sed -i 's/set(GGML_CUDA_FA ON)/set(GGML_CUDA_FA OFF)/' build/gpu/src/CMakeLists.txt
+	rm -f build/gpu/bin/mkdemo
+	cp tools/gpu/run.sh build/gpu/run.sh
+	@du -sh build/gpu
 
 clean:
 	rm -rf $(BIN) build lib
