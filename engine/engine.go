@@ -38,6 +38,9 @@ type Options struct {
 	// Observe, when set, is called on the decode loop after each prefill plan and each
 	// generation step (tests and diagnostics; it must not block).
 	Observe func(Observation)
+	// Fault, when set, is asked before each step of a request; an error fails that
+	// request as a decode failure would (fault-injection tests).
+	Fault func(requestID string) error
 }
 
 // Observation describes one sequence's cache right after a step.

@@ -613,3 +613,38 @@ func TestBudgetHalfServesTwiceTheConversations(t *testing.T) {
 		t.Errorf("full: at most %d conversations ran at once, want 2 (the others wait)", got)
 	}
 }
+
+// A failure inside the decode loop fails only the affected request; the others finish
+// and the engine keeps serving.
+func TestDecodeFailureFailsOnlyThatRequest(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 2})
+	var steps sync.Map
+	e.opts.Fault = func(id string) error {
+		n, _ := steps.LoadOrStore(id, new(int))
+		*n.(*int)++
+		if id == "bad" && *n.(*int) == 5 {
+			return fmt.Errorf("injected failure")
+		}
+		return nil
+	}
+	bad, err := e.Submit(context.Background(), greedyReq("bad", "one", 20, cfg(elasticcache.Elastic, 0.5)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := e.Submit(context.Background(), greedyReq("good", "two", 20, cfg(elasticcache.Elastic, 0.5)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := collect(t, bad); r.err == nil || !strings.Contains(r.err.Error(), "injected") {
+		t.Fatalf("bad request: %+v", r)
+	}
+	if r := collect(t, good); r.err != nil || r.usage.CompletionTokens != 20 {
+		t.Fatalf("good request: %+v", r)
+	}
+	if r := run(t, e, greedyReq("after", "three", 5, cfg(elasticcache.Full, 1))); r.usage.CompletionTokens != 5 {
+		t.Fatalf("after: %+v", r)
+	}
+	if st := e.Stats(); st.SlotsBusy != 0 || st.KVCellsUsed != 0 {
+		t.Fatalf("leaked: %+v", st)
+	}
+}

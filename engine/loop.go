@@ -23,7 +23,7 @@ func (e *Engine) prefillStep() {
 			}
 		}
 	}
-	if s == nil {
+	if s == nil || e.injected(s) {
 		return
 	}
 	if s.chunkIdx == 0 && s.chunkOff == 0 {
@@ -247,7 +247,7 @@ func mergeLayer(in, out *llama.LayerRows, nSrc, k int, lp elasticcache.LayerPlan
 func (e *Engine) decodeStep() {
 	var plain, captured []*seq
 	for _, s := range e.slots {
-		if s == nil || !s.prefilled {
+		if s == nil || !s.prefilled || e.injected(s) {
 			continue
 		}
 		if s.pool.free() == 0 {
@@ -402,6 +402,18 @@ func (e *Engine) emit(s *seq, tok llama.Token) {
 		return
 	}
 	s.pending = tok
+}
+
+// injected reports (and applies) a test fault for s.
+func (e *Engine) injected(s *seq) bool {
+	if e.opts.Fault == nil {
+		return false
+	}
+	if err := e.opts.Fault(s.req.ID); err != nil {
+		e.fail(s, fmt.Errorf("engine: %w", err))
+		return true
+	}
+	return false
 }
 
 func (e *Engine) fail(s *seq, err error) {
