@@ -336,15 +336,7 @@ func (e *Engine) activeCount() int {
 // admit moves waiting requests into free slots, first come first served, when the
 // cells their policy may hold fit next to the reservations already made.
 func (e *Engine) admit() {
-	for {
-		select {
-		case s := <-e.queue:
-			e.waiting = append(e.waiting, s)
-			continue
-		default:
-		}
-		break
-	}
+	e.drainQueue()
 	for len(e.waiting) > 0 {
 		s := e.waiting[0]
 		if s.ctx.Err() != nil {
@@ -377,6 +369,18 @@ func (e *Engine) admit() {
 		e.reserved[pi] += s.reserve
 		e.slots[slot] = s
 		e.busy.Add(1)
+	}
+}
+
+// drainQueue moves everything submitted so far onto the loop's waiting list.
+func (e *Engine) drainQueue() {
+	for {
+		select {
+		case s := <-e.queue:
+			e.waiting = append(e.waiting, s)
+		default:
+			return
+		}
 	}
 }
 
@@ -461,15 +465,7 @@ func (e *Engine) failAll(err error) {
 			e.finish(i, Event{Done: true, Err: err})
 		}
 	}
-	for {
-		select {
-		case s := <-e.queue:
-			e.waiting = append(e.waiting, s)
-			continue
-		default:
-		}
-		break
-	}
+	e.drainQueue()
 	for len(e.waiting) > 0 {
 		e.dropWaiting(Event{Done: true, Err: err})
 	}

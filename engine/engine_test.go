@@ -531,14 +531,14 @@ func TestForcedDecodingNLLMatchesDirectLoop(t *testing.T) {
 	if err := ctx.Decode(b); err != nil {
 		t.Fatal(err)
 	}
-	want := negLogProb(ctx.Logits(len(prompt)-1), answer[0])
+	want := NegLogProb(ctx.Logits(len(prompt)-1), answer[0])
 	for i := 1; i < len(answer); i++ {
 		b.Clear()
 		b.Add(answer[i-1], len(prompt)+i-1, 0, true)
 		if err := ctx.Decode(b); err != nil {
 			t.Fatal(err)
 		}
-		want += negLogProb(ctx.Logits(0), answer[i])
+		want += NegLogProb(ctx.Logits(0), answer[i])
 	}
 	if math.Abs(final.NLL-want) > 1e-4*math.Abs(want) {
 		t.Fatalf("engine NLL %g, direct loop %g", final.NLL, want)

@@ -352,13 +352,13 @@ func (e *Engine) next(s *seq, row int) llama.Token {
 		return e.model.Info().EOS
 	}
 	tok := llama.Token(s.req.Force[s.nGen])
-	s.nll += negLogProb(e.ctx.Logits(row), tok)
+	s.nll += NegLogProb(e.ctx.Logits(row), tok)
 	s.nllN++
 	return tok
 }
 
-// negLogProb is -log softmax(logits)[tok], computed stably.
-func negLogProb(logits []float32, tok llama.Token) float64 {
+// NegLogProb is -log softmax(logits)[tok], computed stably.
+func NegLogProb(logits []float32, tok llama.Token) float64 {
 	mx := math.Inf(-1)
 	for _, v := range logits {
 		mx = math.Max(mx, float64(v))

@@ -152,7 +152,7 @@ func directNLL(t *testing.T, r *Runner, s dataset.Sample) float64 {
 	if err != nil || len(answer) == 0 {
 		t.Fatalf("answer tokens %v: %v", answer, err)
 	}
-	nll := negLogProb(logits, answer[0])
+	nll := engine.NegLogProb(logits, answer[0])
 	b := llama.NewBatch(1, 0, 1)
 	defer b.Close()
 	for i := 1; i < len(answer); i++ {
@@ -162,21 +162,9 @@ func directNLL(t *testing.T, r *Runner, s dataset.Sample) float64 {
 		if err := ctx.Decode(b); err != nil {
 			t.Fatal(err)
 		}
-		nll += negLogProb(ctx.Logits(0), answer[i])
+		nll += engine.NegLogProb(ctx.Logits(0), answer[i])
 	}
 	return nll
-}
-
-func negLogProb(logits []float32, tok llama.Token) float64 {
-	mx := math.Inf(-1)
-	for _, v := range logits {
-		mx = math.Max(mx, float64(v))
-	}
-	sum := 0.0
-	for _, v := range logits {
-		sum += math.Exp(float64(v) - mx)
-	}
-	return mx + math.Log(sum) - float64(logits[tok])
 }
 
 // A sweep over 4 synthetic samples (plus a broken entry and a missing image,
