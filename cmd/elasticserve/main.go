@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -67,6 +68,8 @@ func llamaLogLevel(l zerolog.Level) llama.LogLevel {
 }
 
 func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
+	// The dependency reports CPU features through slog at start-up; we log them ourselves.
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	llama.Init(llamaLogLevel(log.GetLevel()))
 	log.Info().Str("system", llama.SystemInfo()).Msg("llama.cpp")
 	for _, d := range llama.Devices() {
