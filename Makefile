@@ -14,7 +14,7 @@ export CGO_CPPFLAGS := -I$(CURDIR)/third_party -I$(LLAMA_CPP)/include -I$(LLAMA_
 export CGO_CFLAGS := -O3 -march=$(ARCH)
 export CGO_CXXFLAGS := -O3 -march=$(ARCH)
 
-MODEL_DIR ?= models/test
+MODEL_DIR ?= models/demo
 MODEL ?= $(MODEL_DIR)/model.gguf
 MMPROJ ?= $(MODEL_DIR)/mmproj.gguf
 ADDR ?= 127.0.0.1:8080
@@ -74,8 +74,7 @@ bench: deps mod
 
 run: build model
 	@echo "elasticserve on http://$(ADDR)  (model: $(MODEL))"
-	@echo "try:  curl -s http://$(ADDR)/v1/chat/completions -H 'Content-Type: application/json' \\"
-	@echo "        -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What color is the circle?\"}],\"max_tokens\":32}'"
+	@echo "try:  curl -s http://$(ADDR)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"max_tokens\":16,\"temperature\":0,\"elastic_cache\":{\"policy\":\"full\"},\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"What color is the circle?\"},{\"type\":\"image_url\",\"image_url\":{\"url\":\"data:image/png;base64,'\"\$$(base64 -w0 models/demo/example.png)\"'\"}}]}]}'"
 	$(BIN)/elasticserve --model $(MODEL) --mmproj $(MMPROJ) --addr $(ADDR)
 
 # `eval "$$(make -s env)"` gives a shell the same cgo flags (and so the same build cache).
@@ -94,6 +93,7 @@ cuda-src: mod
 	cp $(OLLAMA_DIR)/CMakeLists.txt $(CUDA_BUILD)/src/
 	cp -r $(OLLAMA_DIR)/ml/backend/ggml/ggml $(CUDA_BUILD)/src/ml/backend/ggml/
 	chmod -R u+w $(CUDA_BUILD)/src
+	printf 'module elasticserve.local/cudabuild\n' > $(CUDA_BUILD)/go.mod # keep its Go files out of ./...
 
 cuda: cuda-src
 	@command -v nvcc >/dev/null || { echo "make cuda needs nvcc (CUDA toolkit) and cmake"; exit 1; }

@@ -504,7 +504,7 @@ func (e *Engine) report(s *seq) *KVReport {
 	held := len(s.entryCell)
 	r := &KVReport{
 		Policy:        string(s.req.Cache.Policy),
-		Budget:        s.req.Cache.Budget,
+		Budget:        reportBudget(s.req.Cache),
 		PromptEntries: s.nPrompt,
 		Kept:          st.Kept,
 		Merged:        st.Merged,
@@ -559,4 +559,12 @@ func (e *Engine) placeBatch(ids []int) ([]int, error) {
 		}
 	}
 	return cells, nil
+}
+
+// reportBudget is the budget in effect: full keeps everything whatever was configured.
+func reportBudget(c elasticcache.Config) float64 {
+	if c.Policy == elasticcache.Full {
+		return 1
+	}
+	return c.Budget
 }

@@ -64,6 +64,9 @@ type tensorInfo struct {
 	dims []uint64
 	typ  uint32
 	fill fill
+	// data, when set, holds the tensor's values (trained weights) and
+	// replaces the generated fill.
+	data []float32
 }
 
 func (t *tensorInfo) elements() uint64 {
@@ -216,7 +219,11 @@ func writeGGUF(w io.Writer, kvs []kv, tensors []tensorInfo, seed int64) error {
 	dataStart := g.n
 	for i := range tensors {
 		t := &tensors[i]
-		if err := generate(g, t, seed); err != nil {
+		write := generate
+		if t.data != nil {
+			write = func(g *ggufWriter, t *tensorInfo, _ int64) error { return writeData(g, t) }
+		}
+		if err := write(g, t, seed); err != nil {
 			return fmt.Errorf("tensor %s: %w", t.name, err)
 		}
 		// pad relative to the data section start (which is itself aligned)

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// Question is one entry of the held-out file written by
+// tools/demo-vlm/evaluate.py (models/demo/heldout.json).
+type Question struct {
+	ID        string `json:"id"`
+	Image     string `json:"image"` // relative to the JSON file's folder
+	Question  string `json:"question"`
+	TextFirst bool   `json:"text_first"`
+	Kind      string `json:"kind"`      // color, count, position, exists, describe
+	Reference string `json:"reference"` // ground truth
+	Torch     string `json:"torch"`     // PyTorch greedy answer (export check)
+}
+
+// QuestionFile is the held-out file.
+type QuestionFile struct {
+	Note      string     `json:"note"`
+	Questions []Question `json:"questions"`
+}
+
+// ReadQuestions loads a held-out file and the images it names.
+func ReadQuestions(path string) (*QuestionFile, map[string][]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	var qf QuestionFile
+	if err := json.Unmarshal(b, &qf); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	imgs := map[string][]byte{}
+	for _, q := range qf.Questions {
+		if _, ok := imgs[q.Image]; ok {
+			continue
+		}
+		data, err := os.ReadFile(filepath.Join(filepath.Dir(path), q.Image))
+		if err != nil {
+			return nil, nil, err
+		}
+		imgs[q.Image] = data
+	}
+	return &qf, imgs, nil
+}
+
+// Answerer runs greedy requests on an engine.
+type Answerer struct {
+	Model  *llama.Model
+	Vision *llama.Vision
+	Engine *engine.Engine
+	stop   context.CancelFunc
+}
+
+// StartAnswerer loads dir's pair and starts an engine with parallel slots.
+func StartAnswerer(dir string, parallel, threads int, kvType string) (*Answerer, error) {
+	m, v, err := loadPair(dir, threads)
+	if err != nil {
+		return nil, err
+	}
+	e, err := engine.New(m, v, engine.Options{
+		Parallel: parallel, CtxSize: 1024 * parallel, BatchSize: 512, Threads: threads,
+		KVType: kvType, Log: zerolog.Nop(),
+	})
+	if err != nil {
+		v.Close()
+		m.Close()
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go e.Run(ctx)
+	return &Answerer{Model: m, Vision: v, Engine: e, stop: cancel}, nil
+}
+
+// Close stops the engine and frees the model.
+func (a *Answerer) Close() {
+	a.stop()
+	<-a.Engine.Done()
+	a.Engine.Close()
+	a.Vision.Close()
+	a.Model.Close()
+}
+
+// Answer returns the greedy answers to qs (in order), with cache setting c.
+func (a *Answerer) Answer(qs []Question, imgs map[string][]byte, c elasticcache.Config, maxTokens int) ([]string, error) {
+	type res struct {
+		i    int
+		text string
+		err  error
+	}
+	out := make([]string, len(qs))
+	results := make(chan res)
+	sem := make(chan struct{}, 32) // stay under the engine's queue size
+	go func() {
+		for i, q := range qs {
+			sem <- struct{}{}
+			go func() {
+				defer func() { <-sem }()
+				req := &engine.Request{
+					ID:        fmt.Sprintf("q%d", i),
+					Messages:  []engine.Message{{Role: "user", Content: userContent(q.Question, q.TextFirst)}},
+					Images:    [][]byte{imgs[q.Image]},
+					MaxTokens: maxTokens,
+					Sampling:  engine.Sampling{Temperature: 0, RepeatPenalty: 1},
+					Cache:     c,
+				}
+				ch, err := a.Engine.Submit(context.Background(), req)
+				if err != nil {
+					results <- res{i: i, err: err}
+					return
+				}
+				var b strings.Builder
+				for ev := range ch {
+					b.WriteString(ev.Text)
+					if ev.Done {
+						err = ev.Err
+						break
+					}
+				}
+				results <- res{i: i, text: b.String(), err: err}
+			}()
+		}
+	}()
+	var errs []error
+	for range qs {
+		r := <-results
+		if r.err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", qs[r.i].ID, r.err))
+		}
+		out[r.i] = r.text
+	}
+	return out, errors.Join(errs...)
+}
+
+// Clean is the comparable form of a generated answer: without the leading
+// space the vocabulary's space prefix produces and without trailing blanks.
+func Clean(s string) string { return strings.TrimSpace(s) }
+
+func answerCmd(fs *flag.FlagSet, args []string) error {
+	dir := fs.String("dir", "models/demo", "folder with model.gguf and mmproj.gguf")
+	qpath := fs.String("questions", "models/demo/heldout.json", "held-out questions")
+	out := fs.String("out", "", "JSON output (required)")
+	policy := fs.String("policy", "full", "cache policy")
+	budget := fs.Float64("budget", 1, "cache budget")
+	parallel := fs.Int("parallel", 4, "engine slots")
+	threads := fs.Int("threads", 2, "threads")
+	kvType := fs.String("kv-type", "", "KV cache type (default f16)")
+	maxTokens := fs.Int("max-tokens", 256, "answer length limit")
+	fs.Parse(args)
+	if *out == "" {
+		return errors.New("answer: --out is required")
+	}
+	qf, imgs, err := ReadQuestions(*qpath)
+	if err != nil {
+		return err
+	}
+	c := elasticcache.DefaultConfig()
+	if c.Policy, err = elasticcache.ParsePolicy(*policy); err != nil {
+		return err
+	}
+	c.Budget = *budget
+	llama.Init(llama.LogError)
+	a, err := StartAnswerer(*dir, *parallel, *threads, *kvType)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	start := time.Now()
+	answers, err := a.Answer(qf.Questions, imgs, c, *maxTokens)
+	if err != nil {
+		return err
+	}
+	type row struct {
+		ID     string `json:"id"`
+		Answer string `json:"answer"`
+	}
+	rows := make([]row, len(answers))
+	same := 0
+	for i, s := range answers {
+		rows[i] = row{qf.Questions[i].ID, Clean(s)}
+		if Clean(s) == qf.Questions[i].Torch {
+			same++
+		}
+	}
+	fmt.Printf("%d answers in %s; %d/%d equal to the PyTorch answers\n", len(rows), time.Since(start).Round(time.Millisecond), same, len(rows))
+	b, _ := json.MarshalIndent(rows, "", " ")
+	return os.WriteFile(*out, b, 0o644)
+}

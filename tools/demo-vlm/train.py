@@ -1,0 +1,292 @@
+"""Trains the demo VLM end to end (vision tower, projector and text model, all
+from scratch) on shapes samples, with the loss on the assistant answer only.
+
+  python3 train.py --train data/train.jsonl.gz --heldout data/heldout.jsonl --out runs/cpu \
+      --config "$(cat config.json)" --steps 6000 --batch 16 --threads 2
+
+Writes run/ckpt.pt (every --ckpt-every steps / --ckpt-minutes and at the end;
+usable at any time, --resume continues it), run/log.jsonl (loss, tokens,
+speed, periodic held-out accuracy) and run/config.json; --npz DIR also writes
+the weights as numpy files (what export.py reads). --max-minutes stops early
+with a checkpoint; with --time-schedule the learning rate decays over that
+time budget instead of --steps. gpu_train.sh has the shipped model's settings.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import score
+import vlm
+
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless training batches, built on the CPU (in DataLoader workers when
+    --workers > 0): each batch holds --batch (picture, question) pairs of one
+    group (describe, or the short questions) so that lengths are similar."""
+
+    def __init__(self, samples, batch, describe_frac, text_first_frac, seed, n_patches):
+        self.samples, self.batch, self.n = samples, batch, n_patches
+        self.describe_frac, self.text_first_frac, self.seed = describe_frac, text_first_frac, seed
+        self.groups = {}
+        for i, s in enumerate(samples):
+            for j, qa in enumerate(s["qas"]):
+                self.groups.setdefault("describe" if qa["kind"] == "describe" else "short", []).append((i, j))
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
+        while True:
+            kind = "describe" if rng.random() < self.describe_frac else "short"
+            picks = rng.sample(self.groups[kind], self.batch)
+            yield self.make(picks, [rng.random() < self.text_first_frac for _ in picks])
+
+    def make(self, picks, text_first):
+        N = self.n
+        u8 = np.stack([data.render(self.samples[i]) for i, _ in picks])
+        rows, tgts, offs = [], [], []
+        for b, (i, j) in enumerate(picks):
+            qa = self.samples[i]["qas"][j]
+            pre, post = vlm.prompt_tokens(qa["q"], not text_first[b])
+            ans = vlm.answer_tokens(qa["a"])
+            # input: pre, N image slots (token 0, replaced by the image
+            # embeddings), post, the answer without its last token; position p
+            # predicts token p+1, so the answer is predicted from the last
+            # prompt position onwards
+            rows.append(pre + [0] * N + post + ans[:-1])
+            tgts.append([-100] * (len(pre) + N + len(post) - 1) + ans)
+            offs.append(len(pre))
+        T = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+        tgt = torch.tensor([t + [-100] * (T - len(t)) for t in tgts])
+        aux = torch.from_numpy(np.stack([data.patch_labels(self.samples[i]) for i, _ in picks]))
+        return torch.from_numpy(u8), ids, tgt, torch.tensor(offs), aux
+
+
+AUX_CLASSES = (len(data.KINDS) + 1, len(data.COLORS) + 1, 3, 10)
+
+
+def embed_batch(model, u8, ids, offs, aux_head=None, aux=None):
+    """Input embeddings [B, T, E]: token embeddings with the image embeddings
+    written at offs[b] .. offs[b]+N-1; plus, with aux_head, the auxiliary
+    patch-label loss of the vision tower (training only; the head is not
+    part of the exported model)."""
+    dev = ids.device
+    N = model.c.n_patches
+    feats = model.vision.features(vlm.normalize(u8).to(dev))
+    img = model.vision.project(feats)  # [B, N, E]
+    emb = model.tok(ids)
+    bi = torch.arange(ids.shape[0], device=dev).repeat_interleave(N)
+    pi = (offs[:, None] + torch.arange(N, device=dev)[None]).reshape(-1)
+    emb = emb.index_put((bi, pi), img.reshape(-1, img.shape[-1]).to(emb.dtype))
+    aux_loss = None
+    if aux_head is not None:
+        f = F.layer_norm(feats[:, :N].float(), (feats.shape[-1],))
+        logits = aux_head(f).float()  # [B, N, sum(classes)]
+        parts = torch.split(logits, AUX_CLASSES, dim=-1)
+        aux_loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), aux[..., k].reshape(-1))
+                       for k, p in enumerate(parts)) / len(parts)
+    return emb, aux_loss
+
+
+def loss_fn(model, emb, tgt):
+    h = model.hidden(emb)
+    m = tgt != -100
+    logits = model.out(h[m])
+    return F.cross_entropy(logits.float(), tgt[m])
+
+
+@torch.no_grad()
+def quick_eval(model, heldout, n_images=40, describe=8):
+    """Greedy accuracy on the first n_images held-out samples (short questions,
+    half with the question before the image) and exact-match rate of a few
+    descriptions."""
+    model.eval()
+    cpu_model = model
+    hits, total = {}, {}
+    desc_ok = 0
+    for k, s in enumerate(heldout[:n_images]):
+        emb = vlm.encode_images(cpu_model, data.render(s)[None])[0]
+        for qa in s["qas"]:
+            if qa["kind"] == "describe":
+                if k < describe:
+                    ans, _ = vlm.greedy(cpu_model, emb, qa["q"], True, max_new=240)
+                    desc_ok += ans.strip() == qa["a"]
+                continue
+            ans, _ = vlm.greedy(cpu_model, emb, qa["q"], k % 2 == 0, max_new=16)
+            total[qa["kind"]] = total.get(qa["kind"], 0) + 1
+            hits[qa["kind"]] = hits.get(qa["kind"], 0) + score.correct(ans, qa["a"])
+    model.train()
+    acc = {k: hits[k] / total[k] for k in total}
+    acc["short"] = sum(hits.values()) / max(1, sum(total.values()))
+    acc["describe_exact"] = desc_ok / max(1, min(describe, n_images))
+    return acc
+
+
+def lr_at(step, a, frac_time=None):
+    """Linear warm-up, then cosine decay to min_lr_frac over the steps (or,
+    with --max-minutes and --time-schedule, over the time budget)."""
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    if frac_time is not None:
+        p = min(1.0, frac_time)
+    else:
+        p = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
+    return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--heldout", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default="{}", help="JSON overrides of vlm.Config")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--describe-frac", type=float, default=0.35, help="share of batches with the describe question")
+    ap.add_argument("--text-first-frac", type=float, default=0.5, help="share of prompts with the question before the image")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--min-lr-frac", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPU)")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--max-minutes", type=float, default=0)
+    ap.add_argument("--ckpt-minutes", type=float, default=0, help="also checkpoint every this many minutes")
+    ap.add_argument("--time-schedule", action="store_true", help="decay the learning rate over --max-minutes instead of --steps")
+    ap.add_argument("--eval-minutes", type=float, default=0, help="also evaluate every this many minutes")
+    ap.add_argument("--eval-images", type=int, default=40, help="held-out pictures in the periodic evaluation")
+    ap.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary patch-label loss (0: off)")
+    ap.add_argument("--init", default="", help="start from these weights (ckpt.pt or an --npz folder)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes building batches")
+    ap.add_argument("--npz", default="", help="also save the weights as numpy files text.npz + vision.npz in this folder")
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    os.makedirs(a.out, exist_ok=True)
+    cfg = vlm.Config(**json.loads(a.config))
+    model = vlm.VLM(cfg)
+    if a.init:
+        import export
+        init, meta = export.load(a.init)
+        model.load_state_dict(init.state_dict())
+        print(f"initialised from {a.init} ({meta.get('step')} steps, {meta.get('tokens')} tokens)")
+    model = model.to(a.device)
+    aux_head = torch.nn.Linear(cfg.vision_embd, sum(AUX_CLASSES)).to(a.device) if a.aux_weight > 0 else None
+    params = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0}],
+                            lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+    step, tokens, elapsed0 = 0, 0, 0.0
+    ckpt_path = os.path.join(a.out, "ckpt.pt")
+    if a.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=a.device, weights_only=False) if "weights_only" in torch.load.__code__.co_varnames else torch.load(ckpt_path, map_location=a.device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, tokens, elapsed0 = ck["step"], ck["tokens"], ck["elapsed"]
+        print(f"resumed at step {step}")
+    with open(os.path.join(a.out, "config.json"), "w") as f:
+        json.dump({"model": cfg.to_dict(), "train": vars(a)}, f, indent=1)
+
+    t0 = time.time()
+    train = data.read_samples(a.train)
+    heldout = data.read_samples(a.heldout)
+    print(f"{len(train)} training samples, {len(heldout)} held-out; "
+          f"{sum(p.numel() for p in model.parameters())} parameters; loaded in {time.time() - t0:.1f}s", flush=True)
+    src = Batches(train, a.batch, a.describe_frac, a.text_first_frac, a.seed + step, cfg.n_patches)
+    kw = {"num_workers": a.workers, "prefetch_factor": 4, "persistent_workers": True} if a.workers > 0 else {}
+    loader = iter(torch.utils.data.DataLoader(src, batch_size=None, **kw))
+
+    def save():
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"config": cfg.to_dict(), "model": state, "opt": opt.state_dict(), "step": step,
+                    "tokens": tokens, "elapsed": elapsed0 + time.time() - start}, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+        if a.npz:
+            os.makedirs(a.npz, exist_ok=True)
+            for part in ("text", "vision"):
+                arrs = {k: v.float().numpy() for k, v in state.items() if k.startswith("vision.") == (part == "vision")}
+                np.savez(os.path.join(a.npz, part + ".tmp.npz"), **arrs)
+                os.replace(os.path.join(a.npz, part + ".tmp.npz"), os.path.join(a.npz, part + ".npz"))
+            with open(os.path.join(a.npz, "model_config.json"), "w") as f:
+                json.dump({"config": cfg.to_dict(), "step": step, "tokens": tokens,
+                           "elapsed_s": elapsed0 + time.time() - start}, f)
+
+    def evaluate():
+        acc = quick_eval(model, heldout, n_images=a.eval_images, describe=min(8, a.eval_images))
+        rec = {"step": step, "eval": acc, "elapsed_s": elapsed0 + time.time() - start}
+        print(json.dumps(rec), flush=True)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    log = open(os.path.join(a.out, "log.jsonl"), "a")
+    model.train()
+    start = time.time()
+    budget = a.max_minutes * 60
+    last_t, last_tok, run_loss, run_aux, run_n = start, tokens, 0.0, 0.0, 0
+    last_eval = last_save = start
+    dev = torch.device(a.device)
+    while step < a.steps:
+        now = time.time()
+        frac = (now - start) / budget if (a.time_schedule and budget > 0) else None
+        lr = lr_at(step, a, frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        u8, ids, tgt, offs, aux = (t.to(dev, non_blocking=True) for t in next(loader))
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+            emb, aux_loss = embed_batch(model, u8, ids, offs, aux_head, aux)
+            loss = loss_fn(model, emb, tgt)
+        total = loss if aux_loss is None else loss + a.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        step += 1
+        tokens += ids.numel()
+        run_loss += loss.item()
+        run_aux += aux_loss.item() if aux_loss is not None else 0.0
+        run_n += 1
+        now = time.time()
+        if step % a.log_every == 0:
+            rec = {"step": step, "loss": run_loss / run_n, "aux": run_aux / run_n, "lr": lr, "tokens": tokens,
+                   "tok_per_s": (tokens - last_tok) / (now - last_t), "elapsed_s": elapsed0 + now - start}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            last_t, last_tok, run_loss, run_aux, run_n = now, tokens, 0.0, 0.0, 0
+        out_of_time = budget > 0 and now - start >= budget
+        if (step % a.ckpt_every == 0 or step == a.steps or out_of_time
+                or (a.ckpt_minutes > 0 and now - last_save >= a.ckpt_minutes * 60)):
+            save()
+            last_save = time.time()
+        if step % a.eval_every == 0 or (a.eval_minutes > 0 and now - last_eval >= a.eval_minutes * 60):
+            evaluate()
+            last_eval = time.time()
+        if out_of_time:
+            print("time budget reached", flush=True)
+            break
+    save()
+    evaluate()
+    print(f"done: {step} steps, {tokens} tokens, {elapsed0 + time.time() - start:.0f}s", flush=True)
+    os._exit(0)  # do not wait for the DataLoader workers
+
+if __name__ == "__main__":
+    main()
