@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -49,6 +50,9 @@ type testEngine struct {
 	*Engine
 	mu  sync.Mutex
 	obs []Observation
+	// Hooks a test installs after start; the decode loop reads them atomically.
+	onObserve atomic.Pointer[func(Observation)]
+	onFault   atomic.Pointer[func(string) error]
 }
 
 func startEngine(t testing.TB, opts Options) *testEngine {
@@ -69,6 +73,15 @@ func startEngine(t testing.TB, opts Options) *testEngine {
 		te.mu.Lock()
 		te.obs = append(te.obs, o)
 		te.mu.Unlock()
+		if h := te.onObserve.Load(); h != nil {
+			(*h)(o)
+		}
+	}
+	opts.Fault = func(id string) error {
+		if h := te.onFault.Load(); h != nil {
+			return (*h)(id)
+		}
+		return nil
 	}
 	e, err := New(tmModel, tmVision, opts)
 	if err != nil {
@@ -252,7 +265,7 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 		t.Run(fmt.Sprintf("unified=%v", unified), func(t *testing.T) {
 			e := startEngine(t, Options{Parallel: 3, CtxSize: 3 * 1024, Unified: unified, UBatchSize: 64})
 			checked := 0
-			e.opts.Observe = func(o Observation) {
+			check := func(o Observation) {
 				if o.T%37 != 0 && !o.Prefill {
 					return
 				}
@@ -280,6 +293,7 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 				}
 				checked++
 			}
+			e.onObserve.Store(&check)
 			reqs := []*Request{
 				greedyReq("h2o", strings.Repeat("abc ", 30), 120, cfg(elasticcache.H2O, 0.5)),
 				greedyReq("elastic", longPrompt, 120, cfg(elasticcache.Elastic, 0.4), testPNG(t, 1)),
@@ -619,7 +633,7 @@ func TestBudgetHalfServesTwiceTheConversations(t *testing.T) {
 func TestDecodeFailureFailsOnlyThatRequest(t *testing.T) {
 	e := startEngine(t, Options{Parallel: 2})
 	var steps sync.Map
-	e.opts.Fault = func(id string) error {
+	fault := func(id string) error {
 		n, _ := steps.LoadOrStore(id, new(int))
 		*n.(*int)++
 		if id == "bad" && *n.(*int) == 5 {
@@ -627,6 +641,7 @@ func TestDecodeFailureFailsOnlyThatRequest(t *testing.T) {
 		}
 		return nil
 	}
+	e.onFault.Store(&fault)
 	bad, err := e.Submit(context.Background(), greedyReq("bad", "one", 20, cfg(elasticcache.Elastic, 0.5)))
 	if err != nil {
 		t.Fatal(err)
