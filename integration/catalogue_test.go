@@ -325,30 +325,7 @@ func sendCase(t *testing.T, s *server, method, path string, tc badCase) response
 			rd = io.MultiReader(rd) // hides the length: Transfer-Encoding chunked
 		}
 	}
-	req, err := http.NewRequest(method, s.URL+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if tc.body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	for k, v := range tc.headers {
-		if v == "" {
-			req.Header.Del(k)
-		} else {
-			req.Header.Set(k, v)
-		}
-	}
-	resp, err := httpClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("reading the answer: %v", err)
-	}
-	return response{Status: resp.StatusCode, Header: resp.Header, Body: b}
+	return send(t, method, s.URL+path, rd, tc.headers)
 }
 
 func clip(b []byte) string {

@@ -410,11 +410,17 @@ func request(tb testing.TB, method, url string, body []byte, headers map[string]
 	if body != nil {
 		rd = bytes.NewReader(body)
 	}
+	return send(tb, method, url, rd, headers)
+}
+
+// send is request with any body reader (nil: no body); an empty header value deletes it.
+func send(tb testing.TB, method, url string, rd io.Reader, headers map[string]string) response {
+	tb.Helper()
 	req, err := http.NewRequest(method, url, rd)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if body != nil {
+	if rd != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	for k, v := range headers {
