@@ -274,17 +274,7 @@ func TestGracefulShutdown(t *testing.T) {
 	s := launch(t, serverSpec{flags: []string{"--parallel", "1", "--ctx-size", "4096", "--shutdown-grace", "60s"}})
 	const maxTokens = 3000
 	body := textChat("tell me everything", maxTokens, map[string]any{"stream": true, "stream_options": map[string]any{"include_usage": true}})
-	req, err := http.NewRequest(http.MethodPost, s.URL+"/v1/chat/completions", bytes.NewReader(mustJSON(t, body)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	tr := &http.Transport{}
-	defer tr.CloseIdleConnections()
-	resp, err := (&http.Client{Transport: tr}).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := openStream(t, s, body)
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(resp.Body)
@@ -370,17 +360,7 @@ func TestGracefulShutdown(t *testing.T) {
 func TestShutdownGraceExpires(t *testing.T) {
 	s := launch(t, serverSpec{flags: []string{"--parallel", "1", "--ctx-size", "4096", "--shutdown-grace", "300ms"}})
 	body := textChat("tell me everything", 4000, map[string]any{"stream": true})
-	req, err := http.NewRequest(http.MethodPost, s.URL+"/v1/chat/completions", bytes.NewReader(mustJSON(t, body)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	tr := &http.Transport{}
-	defer tr.CloseIdleConnections()
-	resp, err := (&http.Client{Transport: tr}).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := openStream(t, s, body)
 	defer resp.Body.Close()
 	firstContent := make(chan struct{})
 	result := make(chan streamResult, 1)
@@ -425,4 +405,22 @@ func TestShutdownGraceExpires(t *testing.T) {
 	if code != 0 {
 		t.Errorf("exit code %d, want 0", code)
 	}
+}
+
+// openStream posts a chat request on a connection of its own (closed with the test),
+// so that the server's shutdown sees exactly this client.
+func openStream(t *testing.T, s *server, body any) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, s.URL+"/v1/chat/completions", bytes.NewReader(mustJSON(t, body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
 }
