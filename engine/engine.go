@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -90,9 +89,7 @@ type Engine struct {
 	ready     atomic.Bool
 	closed    atomic.Bool
 
-	mu      sync.Mutex // guards stopped
-	stopped bool
-	done    chan struct{}
+	done chan struct{}
 }
 
 // New creates the engine and its llama context. vision may be nil (text only).
@@ -418,7 +415,7 @@ func (e *Engine) plan(s *seq, poolSize int) {
 		return max(n, s.req.Cache.KeepCount(n+g)+1)
 	}
 	for g > 1 && need(g) > poolSize {
-		// shrink to what the pool can ever hold (binary steps, then exact)
+		// Shrink G until the reservation fits the pool: big steps while far over, then by one.
 		over := need(g) - poolSize
 		g -= max(1, min(over, g-1))
 	}

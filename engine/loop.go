@@ -384,9 +384,6 @@ func (e *Engine) emit(s *seq, tok llama.Token) {
 		return
 	}
 	s.nGen++
-	if s.nGen == 1 {
-		s.firstAt = time.Now()
-	}
 	text := s.utf8.Write(e.model.TokenPiece(tok, false))
 	out, hit := s.stops.add(text)
 	if out != "" {

@@ -61,7 +61,6 @@ type seq struct {
 	stops   stopScanner
 	stopHit bool
 	started time.Time
-	firstAt time.Time
 }
 
 func (s *seq) release() {

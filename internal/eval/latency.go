@@ -1,6 +1,7 @@
 package eval
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -108,7 +109,7 @@ func (r *Runner) Latency(ctx context.Context, lo LatencyOptions) (*LatencyResult
 			runs = append(runs, rw)
 			bar.Add(1)
 		}
-		slices.SortStableFunc(runs, func(a, b report.Row) int { return cmpFloat(a.TotalMs, b.TotalMs) })
+		slices.SortStableFunc(runs, func(a, b report.Row) int { return cmp.Compare(a.TotalMs, b.TotalMs) })
 		res.Rows = append(res.Rows, runs[len(runs)/2])
 	}
 	if full := res.Rows[0]; full.TotalMs > 0 {
@@ -245,14 +246,4 @@ func (r *Runner) latencyPrompts(p, b int) ([]string, [][][]byte, int, error) {
 		contents[i] = content(lo)
 	}
 	return contents, images, best, nil
-}
-
-func cmpFloat(a, b float64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

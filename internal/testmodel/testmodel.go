@@ -158,6 +158,19 @@ func (o Options) fileType() uint32 {
 	return 0 // LLAMA_FTYPE_ALL_F32
 }
 
+// tensorMakers returns constructors for matrices (in the options' matrix type) and
+// for vectors (always f32), as both files lay them out.
+func (o Options) tensorMakers() (mat func(name string, in, out uint64, f fill) tensorInfo, vec func(name string, n uint64, f fill) tensorInfo) {
+	mt := o.matType()
+	mat = func(name string, in, out uint64, f fill) tensorInfo {
+		return tensorInfo{name: name, dims: []uint64{in, out}, typ: mt, fill: f}
+	}
+	vec = func(name string, n uint64, f fill) tensorInfo {
+		return tensorInfo{name: name, dims: []uint64{n}, typ: ggmlTypeF32, fill: f}
+	}
+	return mat, vec
+}
+
 func invSqrt(n int) float64 { return 1 / math.Sqrt(float64(n)) }
 
 // textModel returns the metadata and tensors of model.gguf.
@@ -197,14 +210,7 @@ func (o Options) textModel() ([]kv, []tensorInfo) {
 		{"tokenizer.chat_template", ChatTemplate},
 	}
 
-	mt := o.matType()
-	f32 := ggmlTypeF32
-	mat := func(name string, in, out uint64, f fill) tensorInfo {
-		return tensorInfo{name: name, dims: []uint64{in, out}, typ: mt, fill: f}
-	}
-	vec := func(name string, n uint64, f fill) tensorInfo {
-		return tensorInfo{name: name, dims: []uint64{n}, typ: f32, fill: f}
-	}
+	mat, vec := o.tensorMakers()
 	norm := around(1, 0.25)
 
 	// Scales: the embedding has unit variance; projections keep activations
@@ -281,23 +287,16 @@ func (o Options) mmproj() ([]kv, []tensorInfo) {
 		{"clip.vision.image_std", clipImageStd},
 	}
 
-	mt := o.matType()
-	f32 := ggmlTypeF32
-	mat := func(name string, in, out uint64, f fill) tensorInfo {
-		return tensorInfo{name: name, dims: []uint64{in, out}, typ: mt, fill: f}
-	}
-	vec := func(name string, n uint64, f fill) tensorInfo {
-		return tensorInfo{name: name, dims: []uint64{n}, typ: f32, fill: f}
-	}
+	mat, vec := o.tensorMakers()
 	lnW, lnB, bias := around(1, 0.25), around(0, 0.1), uniform(0.05)
 
 	ts := []tensorInfo{
 		// conv kernel {KW, KH, in channels, out channels}
-		{name: "v.patch_embd.weight", dims: []uint64{P, P, 3, VE}, typ: mt, fill: uniform(invSqrt(3 * o.PatchSize * o.PatchSize))},
+		{name: "v.patch_embd.weight", dims: []uint64{P, P, 3, VE}, typ: o.matType(), fill: uniform(invSqrt(3 * o.PatchSize * o.PatchSize))},
 		// clip.cpp concatenates the class embedding to f32 activations, so it
 		// (and the position table) stay f32.
 		vec("v.class_embd", VE, uniform(0.5)),
-		{name: "v.position_embd.weight", dims: []uint64{VE, nPos}, typ: f32, fill: uniform(0.5)},
+		{name: "v.position_embd.weight", dims: []uint64{VE, nPos}, typ: ggmlTypeF32, fill: uniform(0.5)},
 		vec("v.pre_ln.weight", VE, lnW),
 		vec("v.pre_ln.bias", VE, lnB),
 	}

@@ -1,6 +1,7 @@
 package report
 
 import (
+	"cmp"
 	"fmt"
 	"image/color"
 	"math"
@@ -80,7 +81,7 @@ func plotColumn(path, title string, rows []Row, c column) error {
 	}
 	for i, pol := range policies {
 		pts := byPolicy[pol]
-		slices.SortFunc(pts, func(a, b plotter.XY) int { return cmpFloat(a.X, b.X) })
+		slices.SortFunc(pts, func(a, b plotter.XY) int { return cmp.Compare(a.X, b.X) })
 		line, points, err := plotter.NewLinePoints(pts)
 		if err != nil {
 			return err
@@ -113,14 +114,4 @@ func plotColumn(path, title string, rows []Row, c column) error {
 		p.Y.Min, p.Y.Max = lo-0.08*span, hi+0.45*span
 	}
 	return p.Save(7*vg.Inch, 4.5*vg.Inch, path)
-}
-
-func cmpFloat(a, b float64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
