@@ -10,12 +10,18 @@ speed, periodic held-out accuracy) and run/config.json; --npz DIR also writes
 the weights as numpy files (what export.py reads). --max-minutes stops early
 with a checkpoint; with --time-schedule the learning rate decays over that
 time budget instead of --steps. gpu_train.sh has the shipped model's settings.
+
+--attn-sup-weight adds a training-only loss that teaches one head of text
+block --attn-sup-layer to look at the image tokens of the shape a short
+question names, from every position that predicts an answer token;
+--freeze-vision trains the text model alone (README.md: the CPU experiments).
 """
 import argparse
 import json
 import math
 import os
 import random
+import re
 import time
 
 import numpy as np
@@ -52,11 +58,12 @@ class Batches(torch.utils.data.IterableDataset):
     def make(self, picks, text_first):
         N = self.n
         u8 = np.stack([data.render(self.samples[i]) for i, _ in picks])
-        rows, tgts, offs = [], [], []
+        rows, tgts, offs, sup = [], [], [], []
         for b, (i, j) in enumerate(picks):
             qa = self.samples[i]["qas"][j]
             pre, post = vlm.prompt_tokens(qa["q"], not text_first[b])
             ans = vlm.answer_tokens(qa["a"])
+            sup.append(attention_targets(self.samples[i], qa, len(pre), N, len(pre) + N + len(post) - 1, len(ans)))
             # input: pre, N image slots (token 0, replaced by the image
             # embeddings), post, the answer without its last token; position p
             # predicts token p+1, so the answer is predicted from the last
@@ -68,7 +75,32 @@ class Batches(torch.utils.data.IterableDataset):
         ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
         tgt = torch.tensor([t + [-100] * (T - len(t)) for t in tgts])
         aux = torch.from_numpy(np.stack([data.patch_labels(self.samples[i]) for i, _ in picks]))
-        return torch.from_numpy(u8), ids, tgt, torch.tensor(offs), aux
+        Q = max(1, max(len(q) for q, _ in sup))
+        sq = torch.full((len(picks), Q), -1, dtype=torch.long)
+        sk = torch.zeros((len(picks), T), dtype=torch.bool)
+        for b, (q, k) in enumerate(sup):
+            sq[b, :len(q)] = torch.tensor(q, dtype=torch.long)
+            sk[b, k] = True
+        return torch.from_numpy(u8), ids, tgt, torch.tensor(offs), aux, sq, sk
+
+
+def attention_targets(sample, qa, off, N, last, n_ans):
+    """Training-only attention targets for the short questions about one shape
+    (color, position, and "is there" when a shape of that kind is drawn): the
+    query positions that predict the answer tokens (last prompt position
+    onwards) and the sequence positions of that shape's image tokens. The
+    image tokens are patches 1..N-1 then the class token (clip.cpp drops
+    patch 0), so patch p sits at off + p - 1. Empty lists: no supervision."""
+    if qa["kind"] not in ("color", "position", "exists"):
+        return [], []
+    m = re.search(r"(\w+)\?$", qa["q"])
+    if not m or m.group(1) not in data.KINDS:
+        return [], []
+    lab = data.patch_labels(sample)[:, 0]
+    keys = [off + p - 1 for p in np.nonzero(lab == data.KINDS.index(m.group(1)))[0] if p >= 1]
+    if not keys:
+        return [], []
+    return list(range(last, last + n_ans)), keys
 
 
 AUX_CLASSES = (len(data.KINDS) + 1, len(data.COLORS) + 1, 3, 10)
@@ -97,11 +129,45 @@ def embed_batch(model, u8, ids, offs, aux_head=None, aux=None):
     return emb, aux_loss
 
 
-def loss_fn(model, emb, tgt):
-    h = model.hidden(emb)
+def loss_fn(model, emb, tgt, sup=None):
+    """Answer loss; with sup = (layer, head, query positions [B, Q] (-1:
+    none), target key mask [B, T]) also the attention-supervision loss: minus
+    the log of the attention mass that head puts on the target keys from each
+    query position, averaged (None when the batch has no targets)."""
+    T = emb.shape[1]
+    cos, sin = vlm.rope_tables(T, model.c.embd // model.c.heads, model.c.rope_base, emb.device)
+    x, sup_loss = emb, None
+    for i, b in enumerate(model.blocks):
+        if sup is not None and i == sup[0] and (sup[2] >= 0).any():
+            lm = log_target_mass(query_scores(b, x, cos, sin, sup[1], sup[2]), sup[3])
+            sup_loss = -lm[sup[2] >= 0].mean()
+        x = b(x, cos, sin)
+    h = model.norm(x)
     m = tgt != -100
     logits = model.out(h[m])
-    return F.cross_entropy(logits.float(), tgt[m])
+    return F.cross_entropy(logits.float(), tgt[m]), sup_loss
+
+
+def query_scores(block, x, cos, sin, head, qpos):
+    """Causal attention scores [B, Q, T] (float32, -inf on future keys) of one
+    head of a text block from the query positions qpos [B, Q] (-1 entries
+    are computed at position 0 and left to the caller to ignore)."""
+    B, T, _ = x.shape
+    h = block.attn_norm(x)
+    q = vlm.apply_rope(block.q(h).view(B, T, block.h, block.hd).transpose(1, 2)[:, head:head + 1], cos, sin)[:, 0]
+    kvh = head // (block.h // block.kvh)
+    k = vlm.apply_rope(block.k(h).view(B, T, block.kvh, block.hd).transpose(1, 2)[:, kvh:kvh + 1], cos, sin)[:, 0]
+    qp = qpos.clamp_min(0)
+    qs = torch.gather(q, 1, qp[..., None].expand(-1, -1, q.shape[-1]))  # [B, Q, hd]
+    s = (qs @ k.transpose(-1, -2)).float() / math.sqrt(block.hd)
+    future = torch.arange(T, device=x.device)[None, None, :] > qp[..., None]
+    return s.masked_fill(future, float("-inf"))
+
+
+def log_target_mass(s, keys):
+    """log of the softmax mass of scores s [B, Q, T] on the keys [B, T]
+    (bool), computed in log space so that tiny masses keep their gradient."""
+    return torch.logsumexp(s.masked_fill(~keys[:, None, :], float("-inf")), -1) - torch.logsumexp(s, -1)
 
 
 @torch.no_grad()
@@ -129,6 +195,25 @@ def quick_eval(model, heldout, n_images=40, describe=8):
     acc["short"] = sum(hits.values()) / max(1, sum(total.values()))
     acc["describe_exact"] = desc_ok / max(1, min(describe, n_images))
     return acc
+
+
+@torch.no_grad()
+def pick_head(model, emb, layer, sq, sk):
+    """The head of text block `layer` that already puts the most attention
+    on the supervision targets of this batch."""
+    T = emb.shape[1]
+    cos, sin = vlm.rope_tables(T, model.c.embd // model.c.heads, model.c.rope_base, emb.device)
+    x = emb
+    for b in model.blocks[:layer]:
+        x = b(x, cos, sin)
+    blk = model.blocks[layer]
+    masses = []
+    for h in range(blk.h):
+        lm = log_target_mass(query_scores(blk, x, cos, sin, h, sq), sk)
+        masses.append(lm.exp()[sq >= 0].mean().item())
+    best = max(range(blk.h), key=lambda h: masses[h])
+    print(f"attention supervision: block {layer}, head {best} (target mass per head {[round(m, 3) for m in masses]})", flush=True)
+    return best
 
 
 def lr_at(step, a, frac_time=None):
@@ -170,6 +255,11 @@ def main():
     ap.add_argument("--eval-minutes", type=float, default=0, help="also evaluate every this many minutes")
     ap.add_argument("--eval-images", type=int, default=40, help="held-out pictures in the periodic evaluation")
     ap.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary patch-label loss (0: off)")
+    ap.add_argument("--attn-sup-weight", type=float, default=0.0,
+                    help="weight of the attention-supervision loss (0: off): one text head learns to look at the shape a short question names")
+    ap.add_argument("--attn-sup-layer", type=int, default=2, help="text block of the supervised head")
+    ap.add_argument("--attn-sup-head", type=int, default=-1, help="supervised head (-1: the head of that block already closest, on the first batch)")
+    ap.add_argument("--freeze-vision", action="store_true", help="train the text model only")
     ap.add_argument("--init", default="", help="start from these weights (ckpt.pt or an --npz folder)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes building batches")
     ap.add_argument("--npz", default="", help="also save the weights as numpy files text.npz + vision.npz in this folder")
@@ -189,8 +279,11 @@ def main():
         model.load_state_dict(init.state_dict())
         print(f"initialised from {a.init} ({meta.get('step')} steps, {meta.get('tokens')} tokens)")
     model = model.to(a.device)
+    if a.freeze_vision:
+        for p in model.vision.parameters():
+            p.requires_grad_(False)
     aux_head = torch.nn.Linear(cfg.vision_embd, sum(AUX_CLASSES)).to(a.device) if a.aux_weight > 0 else None
-    params = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + (list(aux_head.named_parameters()) if aux_head is not None else [])
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0}],
@@ -241,7 +334,7 @@ def main():
     model.train()
     start = time.time()
     budget = a.max_minutes * 60
-    last_t, last_tok, run_loss, run_aux, run_n = start, tokens, 0.0, 0.0, 0
+    last_t, last_tok, run_loss, run_aux, run_sup, run_n = start, tokens, 0.0, 0.0, 0.0, 0
     last_eval = last_save = start
     dev = torch.device(a.device)
     while step < a.steps:
@@ -250,11 +343,16 @@ def main():
         lr = lr_at(step, a, frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        u8, ids, tgt, offs, aux = (t.to(dev, non_blocking=True) for t in next(loader))
+        u8, ids, tgt, offs, aux, sq, sk = (t.to(dev, non_blocking=True) for t in next(loader))
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=a.bf16):
             emb, aux_loss = embed_batch(model, u8, ids, offs, aux_head, aux)
-            loss = loss_fn(model, emb, tgt)
+            if a.attn_sup_weight > 0 and a.attn_sup_head < 0 and (sq >= 0).any():
+                a.attn_sup_head = pick_head(model, emb, a.attn_sup_layer, sq, sk)
+            sup = (a.attn_sup_layer, a.attn_sup_head, sq, sk) if a.attn_sup_weight > 0 and a.attn_sup_head >= 0 else None
+            loss, sup_loss = loss_fn(model, emb, tgt, sup)
         total = loss if aux_loss is None else loss + a.aux_weight * aux_loss
+        if sup_loss is not None:
+            total = total + a.attn_sup_weight * sup_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -263,15 +361,16 @@ def main():
         tokens += ids.numel()
         run_loss += loss.item()
         run_aux += aux_loss.item() if aux_loss is not None else 0.0
+        run_sup += sup_loss.item() if sup_loss is not None else 0.0
         run_n += 1
         now = time.time()
         if step % a.log_every == 0:
-            rec = {"step": step, "loss": run_loss / run_n, "aux": run_aux / run_n, "lr": lr, "tokens": tokens,
+            rec = {"step": step, "loss": run_loss / run_n, "aux": run_aux / run_n, "attn_sup": run_sup / run_n, "lr": lr, "tokens": tokens,
                    "tok_per_s": (tokens - last_tok) / (now - last_t), "elapsed_s": elapsed0 + now - start}
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            last_t, last_tok, run_loss, run_aux, run_n = now, tokens, 0.0, 0.0, 0
+            last_t, last_tok, run_loss, run_aux, run_sup, run_n = now, tokens, 0.0, 0.0, 0.0, 0
         out_of_time = budget > 0 and now - start >= budget
         if (step % a.ckpt_every == 0 or step == a.steps or out_of_time
                 or (a.ckpt_minutes > 0 and now - last_save >= a.ckpt_minutes * 60)):
