@@ -139,8 +139,11 @@ def loss_fn(model, emb, tgt, sup=None):
     x, sup_loss = emb, None
     for i, b in enumerate(model.blocks):
         if sup is not None and i == sup[0] and (sup[2] >= 0).any():
-            lm = log_target_mass(query_scores(b, x, cos, sin, sup[1], sup[2]), sup[3])
+            sc = query_scores(b, x, cos, sin, sup[1], sup[2])
+            lm = log_target_mass(sc, sup[3])
             sup_loss = -lm[sup[2] >= 0].mean()
+            if len(sup) > 4:
+                sup_loss = sup_loss + read_loss(b, x, sc, sup)
         x = b(x, cos, sin)
     h = model.norm(x)
     m = tgt != -100
@@ -162,6 +165,26 @@ def query_scores(block, x, cos, sin, head, qpos):
     s = (qs @ k.transpose(-1, -2)).float() / math.sqrt(block.hd)
     future = torch.arange(T, device=x.device)[None, None, :] > qp[..., None]
     return s.masked_fill(future, float("-inf"))
+
+
+def read_loss(block, x, sc, sup):
+    """Training-only: the supervised head's output at the query positions
+    must name the target shape's color and grid cell through a linear head
+    (sup[4]); the labels come from the patch labels (sup[5], [B, N, 4]) of
+    the first target key (sup[6]: image offsets)."""
+    head, qpos, keys, read_head, aux, offs = sup[1], sup[2], sup[3], sup[4], sup[5], sup[6]
+    B, T, _ = x.shape
+    kvh = head // (block.h // block.kvh)
+    v = block.v(block.attn_norm(x)).view(B, T, block.kvh, block.hd)[:, :, kvh]  # [B, T, hd]
+    out = torch.softmax(sc, -1) @ v.float()  # [B, Q, hd]
+    first = keys.float().argmax(-1)  # first target position
+    patch = (first - offs + 1).clamp(0, aux.shape[1] - 1)
+    lab = aux[torch.arange(B, device=x.device), patch]  # [B, 4]
+    valid = (qpos >= 0) & keys.any(-1)[:, None]
+    logits = read_head(out[valid])
+    rows = valid.nonzero()[:, 0]
+    nc = len(data.COLORS)
+    return (F.cross_entropy(logits[:, :nc], lab[rows, 1]) + F.cross_entropy(logits[:, nc:], lab[rows, 3])) / 2
 
 
 def log_target_mass(s, keys):
@@ -259,6 +282,8 @@ def main():
                     help="weight of the attention-supervision loss (0: off): one text head learns to look at the shape a short question names")
     ap.add_argument("--attn-sup-layer", type=int, default=2, help="text block of the supervised head")
     ap.add_argument("--attn-sup-head", type=int, default=-1, help="supervised head (-1: the head of that block already closest, on the first batch)")
+    ap.add_argument("--read-sup", action="store_true",
+                    help="with --attn-sup-weight: the supervised head's output must also name the shape's color and cell (linear, training-only)")
     ap.add_argument("--freeze-vision", action="store_true", help="train the text model only")
     ap.add_argument("--init", default="", help="start from these weights (ckpt.pt or an --npz folder)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes building batches")
@@ -283,7 +308,12 @@ def main():
         for p in model.vision.parameters():
             p.requires_grad_(False)
     aux_head = torch.nn.Linear(cfg.vision_embd, sum(AUX_CLASSES)).to(a.device) if a.aux_weight > 0 else None
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + (list(aux_head.named_parameters()) if aux_head is not None else [])
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    read_head = None
+    if a.read_sup:
+        read_head = torch.nn.Linear(cfg.embd // cfg.heads, len(data.COLORS) + 9).to(a.device)
+        params += list(read_head.named_parameters())
+    params += list(aux_head.named_parameters()) if aux_head is not None else []
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0}],
@@ -349,6 +379,8 @@ def main():
             if a.attn_sup_weight > 0 and a.attn_sup_head < 0 and (sq >= 0).any():
                 a.attn_sup_head = pick_head(model, emb, a.attn_sup_layer, sq, sk)
             sup = (a.attn_sup_layer, a.attn_sup_head, sq, sk) if a.attn_sup_weight > 0 and a.attn_sup_head >= 0 else None
+            if sup is not None and read_head is not None:
+                sup = sup + (read_head, aux, offs)
             loss, sup_loss = loss_fn(model, emb, tgt, sup)
         total = loss if aux_loss is None else loss + a.aux_weight * aux_loss
         if sup_loss is not None:
