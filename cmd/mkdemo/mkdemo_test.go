@@ -93,6 +93,20 @@ func demoPresent(t *testing.T) {
 // The exported demo model, run through the engine with greedy decoding,
 // answers the held-out questions as the PyTorch model did (the export check),
 // and its exact-answer accuracy is what tools/demo-vlm measured.
+// startDemo serves the demo model with the given number of slots, one
+// thread each: ggml's worker threads spin at barriers, which on a loaded
+// machine (parallel test binaries) slows decoding by orders of magnitude.
+func startDemo(t *testing.T, slots int) *Answerer {
+	t.Helper()
+	llama.Init(llama.LogError)
+	a, err := StartAnswerer(demoDir, slots, 1, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Close)
+	return a
+}
+
 func TestDemoModelMatchesPyTorch(t *testing.T) {
 	demoPresent(t)
 	if testing.Short() {
@@ -110,15 +124,7 @@ func TestDemoModelMatchesPyTorch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	llama.Init(llama.LogError)
-	// one thread each: ggml's worker threads spin at barriers, which on a
-	// loaded machine (parallel test binaries) slows decoding by orders of
-	// magnitude
-	a, err := StartAnswerer(demoDir, 4, 1, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := startDemo(t, 4)
 	c := elasticcache.DefaultConfig()
 	c.Policy, c.Budget = elasticcache.Full, 1
 	answers, err := a.Answer(qf.Questions, imgs, c, 256)
@@ -166,12 +172,7 @@ func TestDemoExample(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	llama.Init(llama.LogError)
-	a, err := StartAnswerer(demoDir, 2, 1, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
+	a := startDemo(t, 2)
 	var qs []Question
 	for _, tf := range []bool{false, true} {
 		qs = append(qs,

@@ -139,11 +139,12 @@ def loss_fn(model, emb, tgt, sup=None):
     x, sup_loss = emb, None
     for i, b in enumerate(model.blocks):
         if sup is not None and i == sup[0] and (sup[2] >= 0).any():
-            sc = query_scores(b, x, cos, sin, sup[1], sup[2])
+            h = b.attn_norm(x)
+            sc = query_scores(b, h, cos, sin, sup[1], sup[2])
             lm = log_target_mass(sc, sup[3])
             sup_loss = -lm[sup[2] >= 0].mean()
             if len(sup) > 4:
-                sup_loss = sup_loss + read_loss(b, x, sc, sup)
+                sup_loss = sup_loss + read_loss(b, h, sc, sup)
         x = b(x, cos, sin)
     h = model.norm(x)
     m = tgt != -100
@@ -151,35 +152,35 @@ def loss_fn(model, emb, tgt, sup=None):
     return F.cross_entropy(logits.float(), tgt[m]), sup_loss
 
 
-def query_scores(block, x, cos, sin, head, qpos):
+def query_scores(block, h, cos, sin, head, qpos):
     """Causal attention scores [B, Q, T] (float32, -inf on future keys) of one
-    head of a text block from the query positions qpos [B, Q] (-1 entries
-    are computed at position 0 and left to the caller to ignore)."""
-    B, T, _ = x.shape
-    h = block.attn_norm(x)
+    head of a text block, given its normed input h, from the query positions
+    qpos [B, Q] (-1 entries are computed at position 0 and left to the caller
+    to ignore)."""
+    B, T, _ = h.shape
     q = vlm.apply_rope(block.q(h).view(B, T, block.h, block.hd).transpose(1, 2)[:, head:head + 1], cos, sin)[:, 0]
     kvh = head // (block.h // block.kvh)
     k = vlm.apply_rope(block.k(h).view(B, T, block.kvh, block.hd).transpose(1, 2)[:, kvh:kvh + 1], cos, sin)[:, 0]
     qp = qpos.clamp_min(0)
     qs = torch.gather(q, 1, qp[..., None].expand(-1, -1, q.shape[-1]))  # [B, Q, hd]
     s = (qs @ k.transpose(-1, -2)).float() / math.sqrt(block.hd)
-    future = torch.arange(T, device=x.device)[None, None, :] > qp[..., None]
+    future = torch.arange(T, device=h.device)[None, None, :] > qp[..., None]
     return s.masked_fill(future, float("-inf"))
 
 
-def read_loss(block, x, sc, sup):
+def read_loss(block, h, sc, sup):
     """Training-only: the supervised head's output at the query positions
     must name the target shape's color and grid cell through a linear head
     (sup[4]); the labels come from the patch labels (sup[5], [B, N, 4]) of
     the first target key (sup[6]: image offsets)."""
     head, qpos, keys, read_head, aux, offs = sup[1], sup[2], sup[3], sup[4], sup[5], sup[6]
-    B, T, _ = x.shape
+    B, T, _ = h.shape
     kvh = head // (block.h // block.kvh)
-    v = block.v(block.attn_norm(x)).view(B, T, block.kvh, block.hd)[:, :, kvh]  # [B, T, hd]
+    v = block.v(h).view(B, T, block.kvh, block.hd)[:, :, kvh]  # [B, T, hd]
     out = torch.softmax(sc, -1) @ v.float()  # [B, Q, hd]
     first = keys.float().argmax(-1)  # first target position
     patch = (first - offs + 1).clamp(0, aux.shape[1] - 1)
-    lab = aux[torch.arange(B, device=x.device), patch]  # [B, 4]
+    lab = aux[torch.arange(B, device=h.device), patch]  # [B, 4]
     valid = (qpos >= 0) & keys.any(-1)[:, None]
     logits = read_head(out[valid])
     rows = valid.nonzero()[:, 0]
@@ -232,7 +233,7 @@ def pick_head(model, emb, layer, sq, sk):
     blk = model.blocks[layer]
     masses = []
     for h in range(blk.h):
-        lm = log_target_mass(query_scores(blk, x, cos, sin, h, sq), sk)
+        lm = log_target_mass(query_scores(blk, blk.attn_norm(x), cos, sin, h, sq), sk)
         masses.append(lm.exp()[sq >= 0].mean().item())
     best = max(range(blk.h), key=lambda h: masses[h])
     print(f"attention supervision: block {layer}, head {best} (target mass per head {[round(m, 3) for m in masses]})", flush=True)
