@@ -39,8 +39,8 @@ class Batches(torch.utils.data.IterableDataset):
     --workers > 0): each batch holds --batch (picture, question) pairs of one
     group (describe, or the short questions) so that lengths are similar."""
 
-    def __init__(self, samples, batch, describe_frac, text_first_frac, seed, n_patches):
-        self.samples, self.batch, self.n = samples, batch, n_patches
+    def __init__(self, samples, batch, describe_frac, text_first_frac, seed, n_patches, count_sup=False):
+        self.samples, self.batch, self.n, self.count_sup = samples, batch, n_patches, count_sup
         self.describe_frac, self.text_first_frac, self.seed = describe_frac, text_first_frac, seed
         self.groups = {}
         for i, s in enumerate(samples):
@@ -58,12 +58,14 @@ class Batches(torch.utils.data.IterableDataset):
     def make(self, picks, text_first):
         N = self.n
         u8 = np.stack([data.render(self.samples[i]) for i, _ in picks])
-        rows, tgts, offs, sup = [], [], [], []
+        rows, tgts, offs, sup, readable = [], [], [], [], []
         for b, (i, j) in enumerate(picks):
             qa = self.samples[i]["qas"][j]
             pre, post = vlm.prompt_tokens(qa["q"], not text_first[b])
             ans = vlm.answer_tokens(qa["a"])
-            sup.append(attention_targets(self.samples[i], qa, len(pre), N, len(pre) + N + len(post) - 1, len(ans)))
+            sup.append(attention_targets(self.samples[i], qa, len(pre), N, len(pre) + N + len(post) - 1, len(ans),
+                                         self.count_sup))
+            readable.append(qa["kind"] != "count")
             # input: pre, N image slots (token 0, replaced by the image
             # embeddings), post, the answer without its last token; position p
             # predicts token p+1, so the answer is predicted from the last
@@ -81,22 +83,27 @@ class Batches(torch.utils.data.IterableDataset):
         for b, (q, k) in enumerate(sup):
             sq[b, :len(q)] = torch.tensor(q, dtype=torch.long)
             sk[b, k] = True
-        return torch.from_numpy(u8), ids, tgt, torch.tensor(offs), aux, sq, sk
+        return torch.from_numpy(u8), ids, tgt, torch.tensor(offs), aux, sq, sk, torch.tensor(readable)
 
 
-def attention_targets(sample, qa, off, N, last, n_ans):
+def attention_targets(sample, qa, off, N, last, n_ans, count=False):
     """Training-only attention targets for the short questions about one shape
     (color, position, and "is there" when a shape of that kind is drawn): the
     query positions that predict the answer tokens (last prompt position
     onwards) and the sequence positions of that shape's image tokens. The
     image tokens are patches 1..N-1 then the class token (clip.cpp drops
-    patch 0), so patch p sits at off + p - 1. Empty lists: no supervision."""
+    patch 0), so patch p sits at off + p - 1. With count, "how many" also
+    gets targets: the image tokens of every shape, since counting needs all
+    of them in view. Empty lists: no supervision."""
+    lab = data.patch_labels(sample)[:, 0]
+    if count and qa["kind"] == "count":
+        keys = [off + p - 1 for p in np.nonzero(lab != len(data.KINDS))[0] if p >= 1]
+        return (list(range(last, last + n_ans)), keys) if keys else ([], [])
     if qa["kind"] not in ("color", "position", "exists"):
         return [], []
     m = re.search(r"(\w+)\?$", qa["q"])
     if not m or m.group(1) not in data.KINDS:
         return [], []
-    lab = data.patch_labels(sample)[:, 0]
     keys = [off + p - 1 for p in np.nonzero(lab == data.KINDS.index(m.group(1)))[0] if p >= 1]
     if not keys:
         return [], []
@@ -172,8 +179,11 @@ def read_loss(block, h, sc, sup):
     """Training-only: the supervised head's output at the query positions
     must name the target shape's color and grid cell through a linear head
     (sup[4]); the labels come from the patch labels (sup[5], [B, N, 4]) of
-    the first target key (sup[6]: image offsets)."""
-    head, qpos, keys, read_head, aux, offs = sup[1], sup[2], sup[3], sup[4], sup[5], sup[6]
+    the first target key (sup[6]: image offsets); only rows whose targets
+    are one shape (sup[7]) take part. With sup[8] the readout learns alone
+    (the model gets no gradient from it), for a fresh readout on trained
+    weights."""
+    head, qpos, keys, read_head, aux, offs, readable, alone = sup[1:9]
     B, T, _ = h.shape
     kvh = head // (block.h // block.kvh)
     v = block.v(h).view(B, T, block.kvh, block.hd)[:, :, kvh]  # [B, T, hd]
@@ -181,8 +191,8 @@ def read_loss(block, h, sc, sup):
     first = keys.float().argmax(-1)  # first target position
     patch = (first - offs + 1).clamp(0, aux.shape[1] - 1)
     lab = aux[torch.arange(B, device=h.device), patch]  # [B, 4]
-    valid = (qpos >= 0) & keys.any(-1)[:, None]
-    logits = read_head(out[valid])
+    valid = (qpos >= 0) & (keys.any(-1) & readable)[:, None]
+    logits = read_head(out[valid].detach() if alone else out[valid])
     rows = valid.nonzero()[:, 0]
     nc = len(data.COLORS)
     return (F.cross_entropy(logits[:, :nc], lab[rows, 1]) + F.cross_entropy(logits[:, nc:], lab[rows, 3])) / 2
@@ -285,6 +295,10 @@ def main():
     ap.add_argument("--attn-sup-head", type=int, default=-1, help="supervised head (-1: the head of that block already closest, on the first batch)")
     ap.add_argument("--read-sup", action="store_true",
                     help="with --attn-sup-weight: the supervised head's output must also name the shape's color and cell (linear, training-only)")
+    ap.add_argument("--read-warm", type=int, default=0,
+                    help="with --read-sup: for this many steps only the readout learns from its loss (a fresh readout on trained weights)")
+    ap.add_argument("--count-sup", action="store_true",
+                    help="with --attn-sup-weight: the same head also learns to look at every shape for \"how many\"")
     ap.add_argument("--freeze-vision", action="store_true", help="train the text model only")
     ap.add_argument("--init", default="", help="start from these weights (ckpt.pt or an --npz folder)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes building batches")
@@ -312,7 +326,13 @@ def main():
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     read_head = None
     if a.read_sup:
-        read_head = torch.nn.Linear(cfg.embd // cfg.heads, len(data.COLORS) + 9).to(a.device)
+        read_head = torch.nn.Linear(cfg.embd // cfg.heads, len(data.COLORS) + 9)
+        if a.init.endswith(".pt"):
+            ck = torch.load(a.init, map_location="cpu")
+            if "read_head" in ck:
+                read_head.load_state_dict(ck["read_head"])
+                print("readout loaded from", a.init)
+        read_head = read_head.to(a.device)
         params += list(read_head.named_parameters())
     params += list(aux_head.named_parameters()) if aux_head is not None else []
     decay = [p for n, p in params if p.dim() >= 2]
@@ -335,13 +355,14 @@ def main():
     heldout = data.read_samples(a.heldout)
     print(f"{len(train)} training samples, {len(heldout)} held-out; "
           f"{sum(p.numel() for p in model.parameters())} parameters; loaded in {time.time() - t0:.1f}s", flush=True)
-    src = Batches(train, a.batch, a.describe_frac, a.text_first_frac, a.seed + step, cfg.n_patches)
+    src = Batches(train, a.batch, a.describe_frac, a.text_first_frac, a.seed + step, cfg.n_patches, a.count_sup)
     kw = {"num_workers": a.workers, "prefetch_factor": 4, "persistent_workers": True} if a.workers > 0 else {}
     loader = iter(torch.utils.data.DataLoader(src, batch_size=None, **kw))
 
     def save():
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"config": cfg.to_dict(), "model": state, "opt": opt.state_dict(), "step": step,
+        extra = {"read_head": read_head.state_dict()} if read_head is not None else {}
+        torch.save({**extra, "config": cfg.to_dict(), "model": state, "opt": opt.state_dict(), "step": step,
                     "tokens": tokens, "elapsed": elapsed0 + time.time() - start}, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)
         if a.npz:
@@ -374,14 +395,14 @@ def main():
         lr = lr_at(step, a, frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        u8, ids, tgt, offs, aux, sq, sk = (t.to(dev, non_blocking=True) for t in next(loader))
+        u8, ids, tgt, offs, aux, sq, sk, readable = (t.to(dev, non_blocking=True) for t in next(loader))
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=a.bf16):
             emb, aux_loss = embed_batch(model, u8, ids, offs, aux_head, aux)
             if a.attn_sup_weight > 0 and a.attn_sup_head < 0 and (sq >= 0).any():
                 a.attn_sup_head = pick_head(model, emb, a.attn_sup_layer, sq, sk)
             sup = (a.attn_sup_layer, a.attn_sup_head, sq, sk) if a.attn_sup_weight > 0 and a.attn_sup_head >= 0 else None
             if sup is not None and read_head is not None:
-                sup = sup + (read_head, aux, offs)
+                sup = sup + (read_head, aux, offs, readable, step < a.read_warm)
             loss, sup_loss = loss_fn(model, emb, tgt, sup)
         total = loss if aux_loss is None else loss + a.aux_weight * aux_loss
         if sup_loss is not None:
