@@ -344,6 +344,8 @@ def main():
     if a.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=a.device, weights_only=False) if "weights_only" in torch.load.__code__.co_varnames else torch.load(ckpt_path, map_location=a.device)
         model.load_state_dict(ck["model"])
+        if read_head is not None and "read_head" in ck:
+            read_head.load_state_dict(ck["read_head"])
         opt.load_state_dict(ck["opt"])
         step, tokens, elapsed0 = ck["step"], ck["tokens"], ck["elapsed"]
         print(f"resumed at step {step}")
