@@ -90,9 +90,6 @@ func demoPresent(t *testing.T) {
 	}
 }
 
-// The exported demo model, run through the engine with greedy decoding,
-// answers the held-out questions as the PyTorch model did (the export check),
-// and its exact-answer accuracy is what tools/demo-vlm measured.
 // startDemo serves the demo model with the given number of slots, one
 // thread each: ggml's worker threads spin at barriers, which on a loaded
 // machine (parallel test binaries) slows decoding by orders of magnitude.
@@ -107,6 +104,9 @@ func startDemo(t *testing.T, slots int) *Answerer {
 	return a
 }
 
+// The exported demo model, run through the engine with greedy decoding,
+// answers the held-out questions as the PyTorch model did (the export check),
+// and its exact-answer accuracy is what tools/demo-vlm measured.
 func TestDemoModelMatchesPyTorch(t *testing.T) {
 	demoPresent(t)
 	if testing.Short() {

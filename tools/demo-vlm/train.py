@@ -17,6 +17,7 @@ question names, from every position that predicts an answer token;
 --freeze-vision trains the text model alone (README.md: the CPU experiments).
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -136,21 +137,40 @@ def embed_batch(model, u8, ids, offs, aux_head=None, aux=None):
     return emb, aux_loss
 
 
+@dataclasses.dataclass
+class Sup:
+    """One batch's attention supervision: the head of text block `layer`,
+    the query positions qpos [B, Q] (-1: none) and the target key mask
+    keys [B, T]; with read_head, also the color / cell readout of that head's
+    output, labelled from the patch labels aux [B, N, 4] of the first target
+    key (offs: image offsets), on the rows marked readable [B] (targets that
+    are one shape); alone: the readout learns without moving the model."""
+    layer: int
+    head: int
+    qpos: torch.Tensor
+    keys: torch.Tensor
+    read_head: torch.nn.Module = None
+    aux: torch.Tensor = None
+    offs: torch.Tensor = None
+    readable: torch.Tensor = None
+    alone: bool = False
+
+
 def loss_fn(model, emb, tgt, sup=None):
-    """Answer loss; with sup = (layer, head, query positions [B, Q] (-1:
-    none), target key mask [B, T]) also the attention-supervision loss: minus
-    the log of the attention mass that head puts on the target keys from each
-    query position, averaged (None when the batch has no targets)."""
+    """Answer loss; with sup (a Sup) also the attention-supervision loss:
+    minus the log of the attention mass that head puts on the target keys
+    from each query position, averaged, plus the readout loss (None when the
+    batch has no targets)."""
     T = emb.shape[1]
     cos, sin = vlm.rope_tables(T, model.c.embd // model.c.heads, model.c.rope_base, emb.device)
     x, sup_loss = emb, None
     for i, b in enumerate(model.blocks):
-        if sup is not None and i == sup[0] and (sup[2] >= 0).any():
+        if sup is not None and i == sup.layer and (sup.qpos >= 0).any():
             h = b.attn_norm(x)
-            sc = query_scores(b, h, cos, sin, sup[1], sup[2])
-            lm = log_target_mass(sc, sup[3])
-            sup_loss = -lm[sup[2] >= 0].mean()
-            if len(sup) > 4:
+            sc = query_scores(b, h, cos, sin, sup.head, sup.qpos)
+            lm = log_target_mass(sc, sup.keys)
+            sup_loss = -lm[sup.qpos >= 0].mean()
+            if sup.read_head is not None:
                 sup_loss = sup_loss + read_loss(b, h, sc, sup)
         x = b(x, cos, sin)
     h = model.norm(x)
@@ -177,22 +197,18 @@ def query_scores(block, h, cos, sin, head, qpos):
 
 def read_loss(block, h, sc, sup):
     """Training-only: the supervised head's output at the query positions
-    must name the target shape's color and grid cell through a linear head
-    (sup[4]); the labels come from the patch labels (sup[5], [B, N, 4]) of
-    the first target key (sup[6]: image offsets); only rows whose targets
-    are one shape (sup[7]) take part. With sup[8] the readout learns alone
-    (the model gets no gradient from it), for a fresh readout on trained
-    weights."""
-    head, qpos, keys, read_head, aux, offs, readable, alone = sup[1:9]
+    must name the target shape's color and grid cell through sup.read_head
+    (see Sup for the labels and the rows that take part)."""
+    head, qpos, keys, aux = sup.head, sup.qpos, sup.keys, sup.aux
     B, T, _ = h.shape
     kvh = head // (block.h // block.kvh)
     v = block.v(h).view(B, T, block.kvh, block.hd)[:, :, kvh]  # [B, T, hd]
     out = torch.softmax(sc, -1) @ v.float()  # [B, Q, hd]
     first = keys.float().argmax(-1)  # first target position
-    patch = (first - offs + 1).clamp(0, aux.shape[1] - 1)
+    patch = (first - sup.offs + 1).clamp(0, aux.shape[1] - 1)
     lab = aux[torch.arange(B, device=h.device), patch]  # [B, 4]
-    valid = (qpos >= 0) & (keys.any(-1) & readable)[:, None]
-    logits = read_head(out[valid].detach() if alone else out[valid])
+    valid = (qpos >= 0) & (keys.any(-1) & sup.readable)[:, None]
+    logits = sup.read_head(out[valid].detach() if sup.alone else out[valid])
     rows = valid.nonzero()[:, 0]
     nc = len(data.COLORS)
     return (F.cross_entropy(logits[:, :nc], lab[rows, 1]) + F.cross_entropy(logits[:, nc:], lab[rows, 3])) / 2
@@ -402,9 +418,9 @@ def main():
             emb, aux_loss = embed_batch(model, u8, ids, offs, aux_head, aux)
             if a.attn_sup_weight > 0 and a.attn_sup_head < 0 and (sq >= 0).any():
                 a.attn_sup_head = pick_head(model, emb, a.attn_sup_layer, sq, sk)
-            sup = (a.attn_sup_layer, a.attn_sup_head, sq, sk) if a.attn_sup_weight > 0 and a.attn_sup_head >= 0 else None
-            if sup is not None and read_head is not None:
-                sup = sup + (read_head, aux, offs, readable, step < a.read_warm)
+            sup = None
+            if a.attn_sup_weight > 0 and a.attn_sup_head >= 0:
+                sup = Sup(a.attn_sup_layer, a.attn_sup_head, sq, sk, read_head, aux, offs, readable, step < a.read_warm)
             loss, sup_loss = loss_fn(model, emb, tgt, sup)
         total = loss if aux_loss is None else loss + a.aux_weight * aux_loss
         if sup_loss is not None:
