@@ -36,6 +36,7 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		maxImages:        s.opts.MaxImages,
 		allowImageURLs:   s.opts.AllowImageURLs,
 		vision:           info.Vision,
+		marker:           info.MediaMarker,
 		defaultMaxTokens: s.opts.DefaultMaxTokens,
 		cache:            s.opts.Cache,
 	})
@@ -50,15 +51,17 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel = context.WithTimeout(ctx, s.opts.RequestTimeout)
 		defer cancel()
 	}
-	if plan.req.Images, aerr = s.loadImages(ctx, plan.images); aerr != nil {
+	images, aerr := s.loadImages(ctx, plan.images)
+	if aerr != nil {
 		writeError(w, aerr)
 		return
 	}
+	plan.setImages(images)
 	plan.req.ID = RequestIDFromContext(r.Context())
 
 	events, err := s.backend.Submit(ctx, plan.req)
 	if err != nil {
-		writeError(w, s.requestError(r.Context(), err))
+		writeError(w, s.requestError(r.Context(), err, plan))
 		return
 	}
 	c := &chatState{
@@ -66,6 +69,7 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		created: time.Now().Unix(),
 		model:   s.servedModel(info),
 		start:   time.Now(),
+		plan:    plan,
 	}
 	if plan.stream {
 		s.streamChat(ctx, w, r, c, events, plan.includeUsage)
@@ -81,6 +85,7 @@ type chatState struct {
 	model    string
 	start    time.Time
 	firstTok time.Time
+	plan     *chatPlan // for errors about one part of the request
 }
 
 // next waits for the next event. ok is false when ctx ended or the channel
@@ -111,7 +116,7 @@ func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http
 	for {
 		ev, ok, err := next(ctx, events)
 		if !ok { // the error status is counted by the metrics middleware
-			writeError(w, s.requestError(r.Context(), err))
+			writeError(w, s.requestError(r.Context(), err, c.plan))
 			return
 		}
 		if ev.Text != "" && c.firstTok.IsZero() {
@@ -122,7 +127,7 @@ func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http
 			continue
 		}
 		if ev.Err != nil {
-			writeError(w, s.requestError(r.Context(), ev.Err))
+			writeError(w, s.requestError(r.Context(), ev.Err, c.plan))
 			return
 		}
 		rate := s.metrics.completed(ev, c.firstTok)
@@ -136,22 +141,28 @@ func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http
 				Message:      AssistantMessage{Role: "assistant", Content: text.String()},
 				FinishReason: finishReason(ev),
 			}},
-			Usage:   ev.Usage,
-			KVCache: ev.KV,
+			Usage:   usageOf(ev.Usage),
+			KVCache: kvCacheOf(ev.KV),
 			Timings: &CompletionTimings{TotalMS: msSince(c.start), PredictedPerSecond: rate},
 		})
 		return
 	}
 }
 
-// requestError maps an engine/ctx error, telling a client that went away
-// (499, only logged) from a server-side timeout or cancellation.
-func (s *server) requestError(clientCtx context.Context, err error) *apiError {
+// requestError maps an engine/ctx error for the request p planned, telling
+// a client that went away (499, only logged) from a server-side timeout or
+// cancellation. An engine failure is logged here: its client learns only
+// that it happened.
+func (s *server) requestError(clientCtx context.Context, err error, p *chatPlan) *apiError {
+	var internal *completion.InternalError
+	if errors.As(err, &internal) {
+		s.log.Error().Str("request_id", RequestIDFromContext(clientCtx)).Err(internal.Err).Msg("engine failed on a request")
+	}
 	if errors.Is(err, context.Canceled) && clientCtx.Err() == nil {
 		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServiceUnavailable, Code: "request_cancelled",
 			Message: "the server cancelled the request (it may be shutting down)"}
 	}
-	return engineError(err)
+	return planError(err, p)
 }
 
 func finishReason(ev completion.Event) string {
@@ -176,7 +187,8 @@ func readBody(r *http.Request) ([]byte, *apiError) {
 	return body, nil
 }
 
-// loadImages decodes data URLs, fetches http(s) URLs and checks every image.
+// loadImages decodes data URLs, fetches http(s) URLs and checks every
+// image's header; it returns the images' bytes in refs order.
 func (s *server) loadImages(ctx context.Context, refs []imageRef) ([][]byte, *apiError) {
 	if len(refs) == 0 {
 		return nil, nil
@@ -188,7 +200,7 @@ func (s *server) loadImages(ctx context.Context, refs []imageRef) ([][]byte, *ap
 		if aerr != nil {
 			return nil, aerr
 		}
-		if aerr := s.checkImage(ctx, data, declared, lim, ref.param); aerr != nil {
+		if aerr := checkImageParam(data, declared, lim, ref.param); aerr != nil {
 			return nil, aerr
 		}
 		out = append(out, data)
@@ -224,13 +236,8 @@ func (s *server) readImage(ctx context.Context, ref imageRef) ([]byte, string, *
 	return data, ct, nil
 }
 
-func (s *server) checkImage(ctx context.Context, data []byte, declared string, lim imageLimits, param string) *apiError {
-	select {
-	case s.decodeSem <- struct{}{}:
-		defer func() { <-s.decodeSem }()
-	case <-ctx.Done():
-		return engineError(ctx.Err())
-	}
+// checkImageParam is checkImage as an error about the request field param.
+func checkImageParam(data []byte, declared string, lim imageLimits, param string) *apiError {
 	if _, err := checkImage(data, declared, lim); err != nil {
 		var ip *imageProblem
 		if errors.As(err, &ip) && ip.tooLarge {

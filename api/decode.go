@@ -97,19 +97,46 @@ func typeName(t reflect.Type) string {
 	return t.String()
 }
 
-// chatPlan is a validated request: the engine request without image bytes,
-// and where to get each image.
+// chatPlan is a validated request: the engine request with its image parts
+// still empty, where to get each image, and which request field each part
+// came from.
 type chatPlan struct {
 	req          *completion.Request
-	images       []imageRef // in marker order
+	images       []imageRef // in prompt order
+	partParams   [][]string // partParams[i][j]: the field req.Messages[i].Parts[j] came from
 	stream       bool
 	includeUsage bool
 }
 
-// imageRef is one image to load (data: or http(s) URL).
+// imageRef is one image to load (data: or http(s) URL) and the part it fills.
 type imageRef struct {
-	url   string
-	param string // e.g. messages[0].content[1].image_url
+	url       string
+	param     string // e.g. messages[0].content[1].image_url
+	msg, part int    // index into req.Messages and its Parts
+}
+
+// imageParam names image i of the plan for an error; without a plan (or
+// for an index it does not know) the error points at messages.
+func (p *chatPlan) imageParam(i int) (param, name string) {
+	if p != nil && i >= 0 && i < len(p.images) {
+		return p.images[i].param, p.images[i].param
+	}
+	return "messages", fmt.Sprintf("image %d of the request", i)
+}
+
+// textParam names part j of message i, as imageParam does.
+func (p *chatPlan) textParam(i, j int) string {
+	if p != nil && i >= 0 && i < len(p.partParams) && j >= 0 && j < len(p.partParams[i]) {
+		return p.partParams[i][j]
+	}
+	return "messages"
+}
+
+// setImages puts loaded image bytes (in p.images order) into their parts.
+func (p *chatPlan) setImages(data [][]byte) {
+	for i, ref := range p.images {
+		p.req.Messages[ref.msg].Parts[ref.part].Image = data[i]
+	}
 }
 
 // planLimits is what validation needs to know about the server.
@@ -117,8 +144,9 @@ type planLimits struct {
 	maxImages        int
 	allowImageURLs   bool
 	vision           bool
-	defaultMaxTokens int // 0: none
-	cache            elasticcache.Config
+	marker           string // the engine's media marker; "": not checked here
+	defaultMaxTokens int    // 0: none
+	cache            elasticcache.Spec
 }
 
 const maxStops = 4
@@ -200,12 +228,14 @@ func planUnsupported(cr *ChatRequest) *apiError {
 	return nil
 }
 
-// planMessages flattens messages into engine messages with image markers.
+// planMessages turns messages into engine messages: one part per string
+// content or content part, in order.
 func planMessages(msgs []ChatMessage, lim planLimits, p *chatPlan) *apiError {
 	if len(msgs) == 0 {
 		return badRequest("messages", "invalid_value", "messages must be a non-empty array")
 	}
 	out := make([]completion.Message, 0, len(msgs))
+	p.partParams = make([][]string, 0, len(msgs))
 	for i, m := range msgs {
 		param := fmt.Sprintf("messages[%d]", i)
 		role := m.Role
@@ -220,11 +250,12 @@ func planMessages(msgs []ChatMessage, lim planLimits, p *chatPlan) *apiError {
 		default:
 			return badRequest(param+".role", "invalid_value", "unknown role %q (want system, developer, user or assistant)", m.Role)
 		}
-		text, aerr := flattenContent(m.Content, role, param, lim, p)
+		parts, params, aerr := planContent(m.Content, role, param, i, lim, p)
 		if aerr != nil {
 			return aerr
 		}
-		out = append(out, completion.Message{Role: role, Content: text})
+		out = append(out, completion.Message{Role: role, Parts: parts})
+		p.partParams = append(p.partParams, params)
 	}
 	if len(p.images) > 0 && !lim.vision {
 		return badRequest("messages", "images_not_supported", "this model cannot read images (the server was started without --mmproj)")
@@ -233,51 +264,65 @@ func planMessages(msgs []ChatMessage, lim planLimits, p *chatPlan) *apiError {
 	return nil
 }
 
-// flattenContent joins a message's parts with "\n" (as llama-server does),
-// an image part becoming completion.ImageMarker.
-func flattenContent(c MessageContent, role, param string, lim planLimits, p *chatPlan) (string, *apiError) {
+// planContent returns message msg's parts and the field each came from.
+// Image parts are left empty; loadImages fills them.
+func planContent(c MessageContent, role, param string, msg int, lim planLimits, p *chatPlan) ([]completion.Part, []string, *apiError) {
 	switch {
 	case c.Text != nil:
-		if strings.Contains(*c.Text, completion.ImageMarker) {
-			return "", markerInText(param + ".content")
+		pp := param + ".content"
+		if aerr := checkMarker(*c.Text, lim.marker, pp); aerr != nil {
+			return nil, nil, aerr
 		}
-		return *c.Text, nil
+		return []completion.Part{completion.Text(*c.Text)}, []string{pp}, nil
 	case c.Parts == nil:
 		if role == "assistant" {
-			return "", nil
+			return nil, nil, nil
 		}
-		return "", badRequest(param+".content", "invalid_value", "%s.content is required", param)
+		return nil, nil, badRequest(param+".content", "invalid_value", "%s.content is required", param)
 	}
-	pieces := make([]string, 0, len(c.Parts))
+	parts := make([]completion.Part, 0, len(c.Parts))
+	params := make([]string, 0, len(c.Parts))
 	for j, part := range c.Parts {
 		pp := fmt.Sprintf("%s.content[%d]", param, j)
 		switch part.Type {
 		case "text":
 			if part.Text == nil {
-				return "", badRequest(pp+".text", "invalid_value", "%s.text is required for a text part", pp)
+				return nil, nil, badRequest(pp+".text", "invalid_value", "%s.text is required for a text part", pp)
 			}
-			if strings.Contains(*part.Text, completion.ImageMarker) {
-				return "", markerInText(pp + ".text")
+			if aerr := checkMarker(*part.Text, lim.marker, pp+".text"); aerr != nil {
+				return nil, nil, aerr
 			}
-			pieces = append(pieces, *part.Text)
+			parts = append(parts, completion.Text(*part.Text))
+			params = append(params, pp+".text")
 		case "image_url":
 			ref, aerr := planImage(part.ImageURL, role, pp, lim, len(p.images))
 			if aerr != nil {
-				return "", aerr
+				return nil, nil, aerr
 			}
+			ref.msg, ref.part = msg, len(parts)
 			p.images = append(p.images, ref)
-			pieces = append(pieces, completion.ImageMarker)
+			parts = append(parts, completion.Image(nil))
+			params = append(params, ref.param)
 		case "":
-			return "", badRequest(pp+".type", "invalid_value", "%s.type is required (text or image_url)", pp)
+			return nil, nil, badRequest(pp+".type", "invalid_value", "%s.type is required (text or image_url)", pp)
 		default:
-			return "", badRequest(pp+".type", "invalid_value", "unsupported content part type %q (want text or image_url)", part.Type)
+			return nil, nil, badRequest(pp+".type", "invalid_value", "unsupported content part type %q (want text or image_url)", part.Type)
 		}
 	}
-	return strings.Join(pieces, "\n"), nil
+	return parts, params, nil
 }
 
-func markerInText(param string) *apiError {
-	return badRequest(param, "invalid_value", "text must not contain the reserved image marker %q", completion.ImageMarker)
+// checkMarker refuses text holding the engine's media marker, which the
+// engine would take for an image.
+func checkMarker(text, marker, param string) *apiError {
+	if marker != "" && strings.Contains(text, marker) {
+		return markerInText(param, marker)
+	}
+	return nil
+}
+
+func markerInText(param, marker string) *apiError {
+	return badRequest(param, "invalid_value", "text must not contain the reserved image marker %q", marker)
 }
 
 // planImage checks one image_url part; the image itself is loaded later.
@@ -376,16 +421,17 @@ func foldSeed(seed int64) uint32 {
 	return v
 }
 
-// planCache applies the elastic_cache extension to the server default.
-func planCache(ec *ElasticCacheParams, def elasticcache.Config) (elasticcache.Config, *apiError) {
-	c := def
+// planCache applies the elastic_cache extension to the server default and
+// validates the result.
+func planCache(ec *ElasticCacheParams, def elasticcache.Spec) (elasticcache.Spec, *apiError) {
 	if ec == nil {
-		return c, nil
+		return def, nil
 	}
+	c := def.Config()
 	if ec.Policy != nil {
 		pol, err := elasticcache.ParsePolicy(*ec.Policy)
 		if err != nil {
-			return c, cacheError(err)
+			return elasticcache.Spec{}, cacheError(err)
 		}
 		c.Policy = pol
 	}
@@ -398,10 +444,11 @@ func planCache(ec *ElasticCacheParams, def elasticcache.Config) (elasticcache.Co
 	if ec.Distance != nil {
 		c.Distance = *ec.Distance
 	}
-	if err := c.Validate(); err != nil {
-		return c, cacheError(err)
+	spec, err := c.Spec()
+	if err != nil {
+		return elasticcache.Spec{}, cacheError(err)
 	}
-	return c, nil
+	return spec, nil
 }
 
 func cacheError(err error) *apiError {

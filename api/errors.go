@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 
+	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine/completion"
 )
 
@@ -106,15 +107,43 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // engineError maps an error from Backend.Submit or a final Event to the client.
-func engineError(err error) *apiError {
-	var ie *completion.InputError
-	var ae *apiError
+func engineError(err error) *apiError { return planError(err, nil) }
+
+// planError is engineError for the request p planned (nil: unknown): an
+// error about one image or text part names that part's field instead of
+// "messages".
+func planError(err error, p *chatPlan) *apiError {
+	var (
+		ae       *apiError
+		internal *completion.InternalError
+		tooLong  *completion.PromptTooLongError
+		policy   *completion.PolicyUnsupportedError
+		img      *completion.ImageError
+		marker   *completion.MarkerInTextError
+		ce       *elasticcache.ConfigError
+	)
 	switch {
 	case errors.As(err, &ae):
 		return ae
-	case errors.As(err, &ie):
-		code := ie.Code
-		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: ie.Param, Code: code, Message: ie.Msg}
+	case errors.As(err, &internal):
+		// Whatever it wraps, it is the server's fault; the details are logged, not sent.
+		return internalError("the server failed while generating this answer (request id %q)", internal.RequestID)
+	case errors.As(err, &tooLong):
+		return badRequest("messages", "context_length_exceeded", "the prompt is %d tokens but a sequence holds at most %d; shorten the messages or raise --ctx-size",
+			tooLong.Tokens, tooLong.Limit)
+	case errors.As(err, &policy):
+		return badRequest("elastic_cache.policy", "unsupported_policy", "%s", policy.Error())
+	case errors.As(err, &img):
+		param, name := p.imageParam(img.Index)
+		return badRequest(param, "invalid_image", "%s cannot be decoded by the vision encoder; it is truncated or corrupt (%v)", name, img.Err)
+	case errors.As(err, &marker):
+		return markerInText(p.textParam(marker.Message, marker.Part), marker.Marker)
+	case errors.Is(err, completion.ErrNoVision):
+		return badRequest("messages", "images_not_supported", "%s", completion.ErrNoVision.Error())
+	case errors.Is(err, completion.ErrEmptyPrompt):
+		return badRequest("messages", "invalid_value", "the prompt is empty: the messages render to no tokens")
+	case errors.As(err, &ce):
+		return cacheError(ce)
 	case errors.Is(err, completion.ErrQueueFull):
 		return &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit, Code: "queue_full", RetryAfter: 1,
 			Message: "the server is busy: every slot is in use and the waiting queue is full; retry shortly"}

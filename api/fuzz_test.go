@@ -15,7 +15,8 @@ import (
 )
 
 // FuzzDecodeChatRequest: decoding and validation never panic, errors are
-// 4xx, and a valid plan has one marker per image.
+// 4xx, and in a valid plan every image ref fills its own image part and
+// every image part has a ref; text never holds the marker.
 func FuzzDecodeChatRequest(f *testing.F) {
 	png := dataURLOf("image/png", pngBytes(f, 2, 2))
 	for _, s := range []string{
@@ -28,8 +29,8 @@ func FuzzDecodeChatRequest(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
-	lim := planLimits{maxImages: 4, vision: true, cache: elasticcache.DefaultConfig()}
-	s := &server{opts: Options{MaxImageBytes: 1 << 16, MaxImagePixels: 1 << 16}.withDefaults(), decodeSem: make(chan struct{}, 1)}
+	lim := planLimits{maxImages: 4, vision: true, marker: testMarker, cache: elasticcache.DefaultSpec()}
+	s := &server{opts: Options{MaxImageBytes: 1 << 16, MaxImagePixels: 1 << 16}.withDefaults()}
 	s.opts.MaxImageBytes, s.opts.MaxImagePixels = 1<<16, 1<<16
 	f.Fuzz(func(t *testing.T, body []byte) {
 		cr, aerr := decodeChatRequest(body)
@@ -42,15 +43,32 @@ func FuzzDecodeChatRequest(f *testing.F) {
 			checkClientError(t, aerr)
 			return
 		}
-		markers := 0
-		for _, m := range plan.req.Messages {
-			markers += strings.Count(m.Content, completion.ImageMarker)
+		imageParts := 0
+		for i, m := range plan.req.Messages {
+			if len(plan.partParams[i]) != len(m.Parts) {
+				t.Fatalf("message %d: %d parts, %d params", i, len(m.Parts), len(plan.partParams[i]))
+			}
+			for _, p := range m.Parts {
+				switch p.Kind {
+				case completion.PartImage:
+					imageParts++
+				case completion.PartText:
+					if strings.Contains(p.Text, testMarker) {
+						t.Fatalf("text part %q holds the marker", p.Text)
+					}
+				}
+			}
 		}
-		if markers != len(plan.images) || len(plan.images) > lim.maxImages {
-			t.Fatalf("%d markers for %d images", markers, len(plan.images))
+		if imageParts != len(plan.images) || len(plan.images) > lim.maxImages {
+			t.Fatalf("%d image parts for %d images", imageParts, len(plan.images))
 		}
-		if err := plan.req.Cache.Validate(); err != nil {
-			t.Fatalf("invalid cache config passed: %v", err)
+		for _, ref := range plan.images {
+			if p := plan.req.Messages[ref.msg].Parts[ref.part]; p.Kind != completion.PartImage {
+				t.Fatalf("image ref %+v points at a %v part", ref, p.Kind)
+			}
+		}
+		if plan.req.Cache.IsZero() || plan.req.Cache.Config().Validate() != nil {
+			t.Fatalf("invalid cache setting passed: %+v", plan.req.Cache.Config())
 		}
 		imgs, aerr := s.loadImages(context.Background(), plan.images)
 		if aerr != nil {
@@ -59,6 +77,12 @@ func FuzzDecodeChatRequest(f *testing.F) {
 		}
 		if len(imgs) != len(plan.images) {
 			t.Fatalf("%d images loaded for %d refs", len(imgs), len(plan.images))
+		}
+		plan.setImages(imgs)
+		for i, img := range plan.req.Images() {
+			if !bytes.Equal(img, imgs[i]) {
+				t.Fatalf("image %d is not in its part", i)
+			}
 		}
 	})
 }
@@ -110,8 +134,9 @@ func FuzzParseDataURL(f *testing.F) {
 	})
 }
 
-// FuzzCheckImage: image validation never panics, and what it accepts is a whole
-// image within the pixel limit.
+// FuzzCheckImage: image validation never panics, and what it accepts has a
+// PNG or JPEG header within the pixel limit (the body is the engine's to
+// decode).
 func FuzzCheckImage(f *testing.F) {
 	good := pngBytes(f, 3, 2)
 	f.Add(good)

@@ -36,9 +36,14 @@ type fakeBackend struct {
 	cancelled chan struct{} // closed when a request's ctx ends while it runs
 }
 
+// testMarker is llama.cpp's media marker, which the fake engine reports.
+const testMarker = "<__media__>"
+
+var _ Backend = (*fakeBackend)(nil)
+
 func newFake() *fakeBackend {
 	return &fakeBackend{
-		info:      BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4},
+		info:      BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4, MediaMarker: testMarker},
 		stats:     BackendStats{QueueDepth: 2, SlotsBusy: 1, KVCellsUsed: 300, KVCellsTotal: 4096},
 		ready:     true,
 		events:    okEvents("Hello", " world"),
@@ -70,6 +75,9 @@ func (f *fakeBackend) Submit(ctx context.Context, req *completion.Request) (<-ch
 	if err != nil {
 		return nil, err
 	}
+	if err := decodeImages(req); err != nil {
+		return nil, err
+	}
 	ch := make(chan completion.Event)
 	go func() {
 		defer close(ch)
@@ -87,6 +95,17 @@ func (f *fakeBackend) Submit(ctx context.Context, req *completion.Request) (<-ch
 		}
 	}()
 	return ch, nil
+}
+
+// decodeImages decodes every image as the engine's vision encoder does,
+// which is where a truncated or corrupt image is found.
+func decodeImages(req *completion.Request) error {
+	for i, data := range req.Images() {
+		if _, _, err := image.Decode(bytes.NewReader(data)); err != nil {
+			return &completion.ImageError{Index: i, Err: err}
+		}
+	}
+	return nil
 }
 
 func (f *fakeBackend) Info() BackendInfo   { f.mu.Lock(); defer f.mu.Unlock(); return f.info }

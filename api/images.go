@@ -118,15 +118,19 @@ type imageProblem struct {
 
 func (p *imageProblem) Error() string { return p.msg }
 
-// checkImage makes sure data is one whole PNG or JPEG within the limits. It
-// reads the header first so a decompression bomb is refused before any pixel
-// memory is allocated, then decodes fully to catch truncated or corrupt data.
+// checkImage makes sure data starts as a PNG or JPEG within the limits. It
+// reads the header only: a decompression bomb is refused before any pixel
+// memory is allocated, and the pixels are decoded once, by the engine's
+// vision encoder, which refuses a truncated or corrupt body
+// (*completion.ImageError).
 func checkImage(data []byte, declared string, lim imageLimits) (format string, err error) {
 	if lim.MaxBytes > 0 && int64(len(data)) > lim.MaxBytes {
 		return "", &imageProblem{tooLarge: true, msg: fmt.Sprintf("image is %d bytes; the limit is %d", len(data), lim.MaxBytes)}
 	}
 	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
-	if err != nil {
+	// Another package of the binary may register more formats (GIF, WebP)
+	// with package image; the vision encoder takes these two.
+	if err != nil || (format != "png" && format != "jpeg") {
 		return "", &imageProblem{msg: unsupportedImageMsg(data, declared)}
 	}
 	if cfg.Width <= 0 || cfg.Height <= 0 {
@@ -134,9 +138,6 @@ func checkImage(data []byte, declared string, lim imageLimits) (format string, e
 	}
 	if px := int64(cfg.Width) * int64(cfg.Height); lim.MaxPixels > 0 && px > lim.MaxPixels {
 		return "", &imageProblem{code: "image_too_large", msg: fmt.Sprintf("image is %dx%d = %d pixels; the limit is %d", cfg.Width, cfg.Height, px, lim.MaxPixels)}
-	}
-	if _, _, err := image.Decode(bytes.NewReader(data)); err != nil {
-		return "", &imageProblem{msg: fmt.Sprintf("%s image is truncated or corrupt: %v", format, err)}
 	}
 	return format, nil
 }

@@ -44,13 +44,13 @@ func newMetrics() *metrics {
 // middleware counts every response by route pattern and status.
 func (m *metrics) middleware(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		rw := wrapWriter(w)
+		rw := wrapWriter(w, r)
 		next.ServeHTTP(rw, r)
 		endpoint := "unmatched"
 		if rc := chi.RouteContext(r.Context()); rc != nil && rc.RoutePattern() != "" {
 			endpoint = rc.RoutePattern()
 		}
-		status := rw.statusOr()
+		status := statusOf(rw)
 		m.request(endpoint, status)
 		if status >= 400 && status != statusClientClosed {
 			m.requestErrors.Add(1)

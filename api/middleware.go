@@ -11,77 +11,40 @@ import (
 	"strings"
 	"time"
 
+	"github.com/go-chi/chi/v5/middleware"
 	"github.com/rs/zerolog"
 )
 
-// respWriter records the status and size of a response. Middlewares share
-// one (see wrapWriter); it passes Flush through for SSE and Unwrap for
-// http.ResponseController.
-type respWriter struct {
-	http.ResponseWriter
-	status      int
-	bytes       int64
-	wroteHeader bool
+// wrapWriter returns the response writer shared by the middlewares that
+// read the status and size of a response: the first one wraps w with chi's
+// recorder (which passes Flush through for SSE, and Unwrap for
+// http.ResponseController), the others reuse it.
+func wrapWriter(w http.ResponseWriter, r *http.Request) middleware.WrapResponseWriter {
+	if ww, ok := w.(middleware.WrapResponseWriter); ok {
+		return ww
+	}
+	return middleware.NewWrapResponseWriter(w, r.ProtoMajor)
 }
 
-func wrapWriter(w http.ResponseWriter) *respWriter {
-	if rw, ok := w.(*respWriter); ok {
-		return rw
-	}
-	return &respWriter{ResponseWriter: w}
-}
-
-func (w *respWriter) WriteHeader(code int) {
-	if !w.wroteHeader && code >= 200 {
-		w.status = code
-		w.wroteHeader = true
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *respWriter) Write(b []byte) (int, error) {
-	if !w.wroteHeader {
-		w.WriteHeader(http.StatusOK)
-	}
-	n, err := w.ResponseWriter.Write(b)
-	w.bytes += int64(n)
-	return n, err
-}
-
-func (w *respWriter) Flush() {
-	if !w.wroteHeader {
-		w.WriteHeader(http.StatusOK)
-	}
-	if f, ok := w.ResponseWriter.(http.Flusher); ok {
-		f.Flush()
-	}
-}
-
-func (w *respWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-// statusOr is the recorded status; a handler that wrote nothing sent 200.
-func (w *respWriter) statusOr() int {
-	if w.status == 0 {
+// statusOf is the status sent; a handler that wrote nothing sent 200.
+func statusOf(w middleware.WrapResponseWriter) int {
+	if w.Status() == 0 {
 		return http.StatusOK
 	}
-	return w.status
+	return w.Status()
 }
 
 // ---- request id ----
 
-type ctxKey int
-
-const requestIDKey ctxKey = iota
-
-// RequestIDFromContext returns the request id set by the router ("" if none).
-func RequestIDFromContext(ctx context.Context) string {
-	id, _ := ctx.Value(requestIDKey).(string)
-	return id
-}
+// RequestIDFromContext returns the request id set by the router ("" if
+// none); middleware.GetReqID reads the same value.
+func RequestIDFromContext(ctx context.Context) string { return middleware.GetReqID(ctx) }
 
 const requestIDHeader = "X-Request-Id"
 
-// requestID echoes a sane X-Request-Id or makes one, and puts it in the context.
+// requestID echoes a sane X-Request-Id or makes one, and puts it in the
+// context under chi's key. Unlike chi's RequestID it never trusts a
+// client's id that could corrupt a log line or a header.
 func requestID(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id := r.Header.Get(requestIDHeader)
@@ -89,7 +52,7 @@ func requestID(next http.Handler) http.Handler {
 			id = randomHex(8)
 		}
 		w.Header().Set(requestIDHeader, id)
-		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestIDKey, id)))
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), middleware.RequestIDKey, id)))
 	})
 }
 
@@ -113,9 +76,9 @@ func accessLog(log zerolog.Logger) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
-			rw := wrapWriter(w)
+			rw := wrapWriter(w, r)
 			next.ServeHTTP(rw, r)
-			status := rw.statusOr()
+			status := statusOf(rw)
 			ev := log.Info()
 			if status >= 500 {
 				ev = log.Warn()
@@ -124,7 +87,7 @@ func accessLog(log zerolog.Logger) func(http.Handler) http.Handler {
 				Str("method", r.Method).
 				Str("path", r.URL.Path).
 				Int("status", status).
-				Int64("bytes", rw.bytes).
+				Int("bytes", rw.BytesWritten()).
 				Dur("duration", time.Since(start)).
 				Str("remote", r.RemoteAddr).
 				Msg("http request")
@@ -135,11 +98,12 @@ func accessLog(log zerolog.Logger) func(http.Handler) http.Handler {
 // ---- panic recovery ----
 
 // recoverer turns a handler panic into a 500 (when nothing was sent yet) and
-// keeps the server alive.
+// keeps the server alive. chi's Recoverer would answer in plain text; this
+// one answers with an OpenAI error.
 func recoverer(log zerolog.Logger) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			rw := wrapWriter(w)
+			rw := wrapWriter(w, r)
 			defer func() {
 				v := recover()
 				if v == nil {
@@ -150,7 +114,7 @@ func recoverer(log zerolog.Logger) func(http.Handler) http.Handler {
 				}
 				log.Error().Str("request_id", RequestIDFromContext(r.Context())).
 					Str("panic", fmt.Sprint(v)).Bytes("stack", debug.Stack()).Msg("handler panic")
-				if !rw.wroteHeader {
+				if rw.Status() == 0 {
 					writeError(rw, internalError("internal server error"))
 				}
 			}()

@@ -191,15 +191,55 @@ func jsonKind(b []byte) string {
 
 // ChatCompletion is the non-streaming response.
 type ChatCompletion struct {
-	ID                string               `json:"id"`
-	Object            string               `json:"object"` // "chat.completion"
-	Created           int64                `json:"created"`
-	Model             string               `json:"model"`
-	Choices           []ChatChoice         `json:"choices"`
-	Usage             completion.Usage     `json:"usage"`
-	KVCache           *completion.KVReport `json:"kv_cache,omitempty"`
-	SystemFingerprint string               `json:"system_fingerprint,omitempty"`
-	Timings           *CompletionTimings   `json:"timings,omitempty"`
+	ID                string             `json:"id"`
+	Object            string             `json:"object"` // "chat.completion"
+	Created           int64              `json:"created"`
+	Model             string             `json:"model"`
+	Choices           []ChatChoice       `json:"choices"`
+	Usage             Usage              `json:"usage"`
+	KVCache           *KVCacheReport     `json:"kv_cache,omitempty"`
+	SystemFingerprint string             `json:"system_fingerprint,omitempty"`
+	Timings           *CompletionTimings `json:"timings,omitempty"`
+}
+
+// Usage is the OpenAI usage object.
+type Usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+func usageOf(u completion.Usage) Usage {
+	return Usage{PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, TotalTokens: u.TotalTokens}
+}
+
+// KVCacheReport is the kv_cache extension: what the cache policy did.
+type KVCacheReport struct {
+	Policy        string  `json:"policy"`
+	Budget        float64 `json:"budget"`
+	PromptEntries int     `json:"prompt_entries"`
+	Kept          int     `json:"kept"`
+	Merged        int     `json:"merged"`
+	Evicted       int     `json:"evicted"`
+	PeakCells     int     `json:"peak_cells"`
+	FinalCells    int     `json:"final_cells"`
+	BytesSaved    int64   `json:"bytes_saved"`
+	PrefillMs     float64 `json:"prefill_ms"`
+	CompressMs    float64 `json:"compress_ms"`
+	DecodeMs      float64 `json:"decode_ms"`
+}
+
+// kvCacheOf is nil when the engine sent no report.
+func kvCacheOf(kv *completion.KVReport) *KVCacheReport {
+	if kv == nil {
+		return nil
+	}
+	return &KVCacheReport{
+		Policy: kv.Policy, Budget: kv.Budget, PromptEntries: kv.PromptEntries,
+		Kept: kv.Kept, Merged: kv.Merged, Evicted: kv.Evicted,
+		PeakCells: kv.PeakCells, FinalCells: kv.FinalCells, BytesSaved: kv.BytesSaved,
+		PrefillMs: kv.PrefillMs, CompressMs: kv.CompressMs, DecodeMs: kv.DecodeMs,
+	}
 }
 
 // CompletionTimings is a llama-server style extension.
@@ -224,14 +264,14 @@ type AssistantMessage struct {
 
 // ChatCompletionChunk is one SSE event of a streaming response.
 type ChatCompletionChunk struct {
-	ID                string               `json:"id"`
-	Object            string               `json:"object"` // "chat.completion.chunk"
-	Created           int64                `json:"created"`
-	Model             string               `json:"model"`
-	Choices           []ChunkChoice        `json:"choices"`
-	Usage             *completion.Usage    `json:"usage,omitempty"`
-	KVCache           *completion.KVReport `json:"kv_cache,omitempty"`
-	SystemFingerprint string               `json:"system_fingerprint,omitempty"`
+	ID                string         `json:"id"`
+	Object            string         `json:"object"` // "chat.completion.chunk"
+	Created           int64          `json:"created"`
+	Model             string         `json:"model"`
+	Choices           []ChunkChoice  `json:"choices"`
+	Usage             *Usage         `json:"usage,omitempty"`
+	KVCache           *KVCacheReport `json:"kv_cache,omitempty"`
+	SystemFingerprint string         `json:"system_fingerprint,omitempty"`
 }
 
 // ChunkChoice is one element of choices in a chunk.

@@ -40,7 +40,7 @@ func TestOpenAIGoSDK(t *testing.T) {
 	if resp.Choices[0].Message.Content != "Hello world" || resp.Choices[0].FinishReason != "stop" || resp.Usage.TotalTokens != 13 || resp.Model != "test-vlm" {
 		t.Fatalf("%+v", resp)
 	}
-	if r := fb.lastRequest(t); len(r.Images) != 1 || r.MaxTokens != 8 || r.Sampling.Temperature != 0 {
+	if r := fb.lastRequest(t); len(r.Images()) != 1 || r.MaxTokens != 8 || r.Sampling.Temperature != 0 {
 		t.Fatalf("engine request %+v", r)
 	}
 

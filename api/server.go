@@ -7,7 +7,6 @@ package api
 import (
 	"context"
 	"net/http"
-	"runtime"
 	"strings"
 	"time"
 
@@ -22,10 +21,11 @@ import (
 // Backend is the inference engine as the HTTP layer sees it.
 type Backend interface {
 	// Submit validates resource limits (prompt length etc.) and enqueues.
-	// Errors: *completion.InputError (400), completion.ErrQueueFull (429 +
-	// Retry-After), completion.ErrShuttingDown (503). The returned channel
-	// yields completion.Events; the last has Done=true. Cancelling ctx must make
-	// the engine stop the request and close the channel soon.
+	// Its errors, and those of a final Event, are the typed errors of package
+	// completion (see engineError for how each reaches the client). The
+	// returned channel yields completion.Events; the last has Done=true.
+	// Cancelling ctx must make the engine stop the request and close the
+	// channel soon.
 	Submit(ctx context.Context, req *completion.Request) (<-chan completion.Event, error)
 	// Info describes the loaded model; it must be cheap (called per request).
 	Info() BackendInfo
@@ -42,6 +42,10 @@ type BackendInfo struct {
 	CtxPerSeq int       // KV cells per sequence (ctx-size / parallel)
 	Vision    bool      // a multimodal projector is loaded
 	Slots     int       // parallel sequences
+	// MediaMarker is the text the engine renders an image part as; text
+	// holding it is refused before it reaches the engine. Empty: no check
+	// here (the engine still refuses it, with *completion.MarkerInTextError).
+	MediaMarker string
 }
 
 // BackendStats is the engine state exported on /metrics. Its fields match
@@ -74,15 +78,17 @@ type Options struct {
 	RequestTimeout time.Duration
 	// DefaultMaxTokens applies when a request sets no max_tokens; <= 0: none.
 	DefaultMaxTokens int
-	// Cache is the default Elastic Cache setting; zero value: elasticcache.DefaultConfig().
-	Cache elasticcache.Config
+	// Cache is the default Elastic Cache setting; zero: elasticcache.DefaultSpec().
+	Cache elasticcache.Spec
 }
 
-// OptionsFromConfig maps the server configuration onto Options.
+// OptionsFromConfig maps the server configuration onto Options. c is
+// expected to have passed Validate; an invalid cache setting falls back to
+// the default.
 func OptionsFromConfig(c *config.Config) Options {
 	cache, err := c.Cache()
 	if err != nil {
-		cache = elasticcache.DefaultConfig()
+		cache = elasticcache.DefaultSpec()
 	}
 	return Options{
 		ModelAlias:            c.ModelAlias,
@@ -113,31 +119,29 @@ func (o Options) withDefaults() Options {
 	if o.ImageURLTimeout <= 0 {
 		o.ImageURLTimeout = 10 * time.Second
 	}
-	if o.Cache == (elasticcache.Config{}) {
-		o.Cache = elasticcache.DefaultConfig()
+	if o.Cache.IsZero() {
+		o.Cache = elasticcache.DefaultSpec()
 	}
 	return o
 }
 
 // server holds the handlers' shared state; one per New.
 type server struct {
-	opts      Options
-	backend   Backend
-	log       zerolog.Logger
-	metrics   *metrics
-	fetcher   *imageFetcher
-	decodeSem chan struct{} // bounds concurrent full image decodes
+	opts    Options
+	backend Backend
+	log     zerolog.Logger
+	metrics *metrics
+	fetcher *imageFetcher
 }
 
 // New builds the HTTP handler. It does not start anything.
 func New(opts Options, backend Backend, log zerolog.Logger) http.Handler {
 	opts = opts.withDefaults()
 	s := &server{
-		opts:      opts,
-		backend:   backend,
-		log:       log,
-		metrics:   newMetrics(),
-		decodeSem: make(chan struct{}, max(runtime.GOMAXPROCS(0), 1)),
+		opts:    opts,
+		backend: backend,
+		log:     log,
+		metrics: newMetrics(),
 	}
 	if opts.AllowImageURLs {
 		s.fetcher = newImageFetcher(opts.ImageURLTimeout, opts.MaxImageBytes, opts.AllowPrivateImageURLs)

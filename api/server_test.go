@@ -301,7 +301,7 @@ func TestOptionsFromConfig(t *testing.T) {
 		AllowImageURLs: true, Policy: "h2o", Budget: 0.5, Sink: 1, Distance: 2, MaxTokensDefault: -1}
 	o := OptionsFromConfig(c)
 	if o.ModelAlias != "m" || o.APIKey != "k" || o.MaxBodyBytes != 100 || o.MaxImageBytes != 50 || o.MaxImages != 2 ||
-		o.MaxImagePixels != 9 || !o.AllowImageURLs || o.DefaultMaxTokens != 0 || string(o.Cache.Policy) != "h2o" || o.Cache.Budget != 0.5 {
+		o.MaxImagePixels != 9 || !o.AllowImageURLs || o.DefaultMaxTokens != 0 || o.Cache.Policy() != "h2o" || o.Cache.Budget() != 0.5 {
 		t.Fatalf("%+v", o)
 	}
 }
@@ -321,7 +321,7 @@ func TestOpenAISDKShapedRequest(t *testing.T) {
 	if !bytes.HasSuffix(b, []byte("data: [DONE]\n\n")) {
 		t.Fatalf("%s", b)
 	}
-	if r := fb.lastRequest(t); len(r.Images) != 1 || r.MaxTokens != 16 {
+	if r := fb.lastRequest(t); len(r.Images()) != 1 || r.MaxTokens != 16 {
 		t.Fatalf("%+v", r)
 	}
 	_ = http.StatusOK

@@ -69,7 +69,7 @@ func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.
 		if !ok {
 			if r.Context().Err() == nil { // not a client hang-up: tell the client
 				s.metrics.requestFailed()
-				sse.data(s.requestError(r.Context(), err).body())
+				sse.data(s.requestError(r.Context(), err, c.plan).body())
 				sse.done()
 			}
 			return
@@ -86,7 +86,7 @@ func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.
 		}
 		if ev.Err != nil {
 			s.metrics.requestFailed()
-			sse.data(s.requestError(r.Context(), ev.Err).body())
+			sse.data(s.requestError(r.Context(), ev.Err, c.plan).body())
 			sse.done()
 			return
 		}
@@ -94,9 +94,9 @@ func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.
 		fr := finishReason(ev)
 		sse.data(chunk(Delta{}, &fr))
 		if includeUsage {
-			usage := ev.Usage
+			usage := usageOf(ev.Usage)
 			sse.data(ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
-				Choices: []ChunkChoice{}, Usage: &usage, KVCache: ev.KV})
+				Choices: []ChunkChoice{}, Usage: &usage, KVCache: kvCacheOf(ev.KV)})
 		}
 		sse.done()
 		return

@@ -201,36 +201,6 @@ func TestFinishReasonLength(t *testing.T) {
 	}
 }
 
-func TestSubmitErrors(t *testing.T) {
-	tests := []struct {
-		err        error
-		status     int
-		typ, code  string
-		param      string
-		retryAfter bool
-	}{
-		{completion.PromptTooLong(5000, 1024), 400, "invalid_request_error", "context_length_exceeded", "messages", false},
-		{&completion.InputError{Param: "messages[0].content[1]", Code: "image_failed", Msg: "cannot encode image"}, 400, "invalid_request_error", "image_failed", "messages[0].content[1]", false},
-		{completion.ErrQueueFull, 429, "rate_limit_error", "queue_full", "<null>", true},
-		{completion.ErrShuttingDown, 503, "service_unavailable_error", "shutting_down", "<null>", true},
-		{errors.New("boom"), 500, "server_error", "internal_error", "<null>", false},
-	}
-	for _, tt := range tests {
-		t.Run(tt.code, func(t *testing.T) {
-			fb := newFake()
-			fb.submitErr = tt.err
-			w := postChat(newHandler(t, testOptions(), fb), chatBody(t, map[string]any{}))
-			e := decodeError(t, w)
-			if w.Code != tt.status || e.Type != tt.typ || str(e.Code) != tt.code || str(e.Param) != tt.param {
-				t.Fatalf("%d %s", w.Code, w.Body)
-			}
-			if (w.Header().Get("Retry-After") != "") != tt.retryAfter {
-				t.Fatalf("Retry-After %q", w.Header().Get("Retry-After"))
-			}
-		})
-	}
-}
-
 // A client that goes away cancels the request's context, so the engine frees the slot.
 func TestClientDisconnectCancels(t *testing.T) {
 	for _, stream := range []bool{true, false} {

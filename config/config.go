@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -308,17 +307,7 @@ func (c *Config) Validate() error {
 	if c.APIKey != "" && (strings.TrimSpace(c.APIKey) != c.APIKey || strings.ContainsFunc(c.APIKey, isSpaceOrControl)) {
 		return bad("api-key", "must not contain spaces or control characters")
 	}
-	if _, err := elasticcache.ParsePolicy(c.Policy); err != nil {
-		return bad("policy", "%v", err)
-	}
-	if math.IsNaN(c.Budget) || c.Budget <= 0 || c.Budget > 1 {
-		return bad("budget", "must be in (0, 1], got %v", c.Budget)
-	}
-	if c.Sink < 0 {
-		return bad("sink", "must be >= 0, got %d", c.Sink)
-	}
-	cache, _ := c.Cache()
-	if err := cache.Validate(); err != nil {
+	if _, err := c.Cache(); err != nil {
 		var ce *elasticcache.ConfigError
 		if errors.As(err, &ce) && flagFor(ce.Field) != "" {
 			return bad(flagFor(ce.Field), "%s", ce.Msg)
@@ -361,18 +350,15 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// Cache is the server-wide default Elastic Cache configuration.
-func (c *Config) Cache() (elasticcache.Config, error) {
-	cc := elasticcache.DefaultConfig()
+// Cache is the server-wide default Elastic Cache setting. It is where the
+// --policy, --budget, --sink and --distance values are validated (Validate
+// reports its *elasticcache.ConfigError under the flag's name).
+func (c *Config) Cache() (elasticcache.Spec, error) {
 	p, err := elasticcache.ParsePolicy(c.Policy)
 	if err != nil {
-		return cc, err
+		return elasticcache.Spec{}, err
 	}
-	cc.Policy = p
-	cc.Budget = c.Budget
-	cc.Sink = c.Sink
-	cc.Distance = c.Distance
-	return cc, nil
+	return elasticcache.Config{Policy: p, Budget: c.Budget, Sink: c.Sink, Distance: c.Distance}.Spec()
 }
 
 // SeqCtx is the number of KV cells each of the Parallel sequences gets.

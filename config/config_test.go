@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/caarlos0/env/v11"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
 )
 
 func tempFile(t *testing.T, name string) string {
@@ -48,7 +50,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatalf("SeqCtx = %d", cfg.SeqCtx())
 	}
 	cc, err := cfg.Cache()
-	if err != nil || cc.Budget != 0.8 || cc.Sink != 4 || cc.Distance != -25 {
+	if err != nil || cc.Policy() != elasticcache.Elastic || cc.Budget() != 0.8 || cc.Sink() != 4 || cc.Distance() != -25 {
 		t.Fatalf("Cache() = %+v, %v", cc, err)
 	}
 }
@@ -134,6 +136,8 @@ func TestInvalid(t *testing.T) {
 		{"budget above one", []string{"--model", model, "--budget", "1.5"}, nil, "--budget"},
 		{"budget NaN", []string{"--model", model, "--budget", "NaN"}, nil, "--budget"},
 		{"sink negative", []string{"--model", model, "--sink", "-1"}, nil, "--sink"},
+		{"sink too large", []string{"--model", model, "--sink", "5000"}, nil, "--sink (ELASTICSERVE_SINK): 5000 is not in"},
+		{"distance too large", []string{"--model", model, "--distance", "-200000"}, nil, "--distance"},
 		{"max images negative", []string{"--model", model, "--max-images", "-1"}, nil, "--max-images"},
 		{"max image bytes zero", []string{"--model", model, "--max-image-bytes", "0"}, nil, "--max-image-bytes"},
 		{"bad size", []string{"--model", model, "--max-image-bytes", "ten"}, nil, "invalid size"},
@@ -171,6 +175,32 @@ func TestInvalid(t *testing.T) {
 				t.Fatalf("error is not one line: %q", msg)
 			}
 		})
+	}
+}
+
+// Cache is the validated setting: the flags' values as a Spec, or the
+// *elasticcache.ConfigError naming the bad field.
+func TestCache(t *testing.T) {
+	c := &Config{Policy: "H2O", Budget: 0.5, Sink: 2, Distance: 7}
+	spec, err := c.Cache()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := elasticcache.Config{Policy: elasticcache.H2O, Budget: 0.5, Sink: 2, Distance: 7}
+	if spec.Config() != want {
+		t.Fatalf("Cache() = %+v, want %+v", spec.Config(), want)
+	}
+	for field, bad := range map[string]*Config{
+		"policy":   {Policy: "lru", Budget: 0.5},
+		"budget":   {Policy: "elastic", Budget: 0},
+		"sink":     {Policy: "elastic", Budget: 0.5, Sink: -1},
+		"distance": {Policy: "elastic", Budget: 0.5, Distance: 1 << 30},
+	} {
+		spec, err := bad.Cache()
+		var ce *elasticcache.ConfigError
+		if !errors.As(err, &ce) || ce.Field != field || !spec.IsZero() {
+			t.Errorf("%s: Cache() = %+v, %v; want a ConfigError for %s", field, spec, err, field)
+		}
 	}
 }
 

@@ -8,10 +8,10 @@ import (
 func benchPlanPrefill(b *testing.B, pol Policy) {
 	const layers, n = 32, 1500
 	scores := randomScores(rand.New(rand.NewSource(1)), layers, n, 0)
-	cfg := Config{Policy: pol, Budget: 0.5, Sink: 4, Distance: -25}
+	spec := MustSpec(Config{Policy: pol, Budget: 0.5, Sink: 4, Distance: -25})
 	b.ReportAllocs()
 	for b.Loop() {
-		tr, err := NewTracker(cfg, layers)
+		tr, err := NewTracker(spec, layers)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -26,7 +26,7 @@ const (
 	MaxDistance     = 100000
 )
 
-// ceilSlack is the relative tolerance used by KeepCount: a product within
+// ceilSlack is the relative tolerance used by keepCount: a product within
 // ceilSlack*max(1,x) above an integer counts as that integer.
 const ceilSlack = 1e-9
 
@@ -89,10 +89,8 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// KeepCount is ceil(Budget*n), at least 1 and at most n (0 when n <= 0).
+// keepCount is ceil(b*n), at least 1 and at most n (0 when n <= 0).
 // Products within a relative 1e-9 above an integer are taken as that integer.
-func (c Config) KeepCount(n int) int { return keepCount(c.Budget, n) }
-
 func keepCount(b float64, n int) int {
 	switch {
 	case n <= 0:
@@ -112,11 +110,3 @@ func keepCount(b float64, n int) int {
 	}
 	return int(k)
 }
-
-// NeedsPrefillScores reports whether PlanPrefill needs attention column sums
-// (elastic and h2o).
-func (c Config) NeedsPrefillScores() bool { return c.Policy == Elastic || c.Policy == H2O }
-
-// NeedsDecodeScores reports whether AfterDecode needs attention column sums
-// (h2o only).
-func (c Config) NeedsDecodeScores() bool { return c.Policy == H2O }

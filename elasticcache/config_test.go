@@ -35,9 +35,13 @@ func TestKeepCountTable(t *testing.T) {
 		{0.5, -3, 0},
 	}
 	for _, c := range cases {
-		got := Config{Budget: c.b}.KeepCount(c.n)
-		if got != c.want {
-			t.Errorf("KeepCount(b=%v, n=%d) = %d, want %d", c.b, c.n, got, c.want)
+		if got := keepCount(c.b, c.n); got != c.want {
+			t.Errorf("keepCount(b=%v, n=%d) = %d, want %d", c.b, c.n, got, c.want)
+		}
+		// Every budget above is valid, so a compressing Spec must agree.
+		spec := MustSpec(Config{Policy: Elastic, Budget: c.b})
+		if got := spec.KeepCount(c.n); got != c.want {
+			t.Errorf("Spec{budget %v}.KeepCount(%d) = %d, want %d", c.b, c.n, got, c.want)
 		}
 	}
 }
@@ -46,11 +50,11 @@ func TestKeepCountTable(t *testing.T) {
 // leaks into the ceiling shows up here (0.07*100, 0.14*50, ...).
 func TestKeepCountMatchesIntegerCeilForPercentBudgets(t *testing.T) {
 	for pct := 1; pct <= 100; pct++ {
-		c := Config{Budget: float64(pct) / 100}
+		b := float64(pct) / 100
 		for n := 1; n <= 3000; n++ {
 			want := max(1, (pct*n+99)/100)
-			if got := c.KeepCount(n); got != want {
-				t.Fatalf("KeepCount(b=%v, n=%d) = %d, want %d", c.Budget, n, got, want)
+			if got := keepCount(b, n); got != want {
+				t.Fatalf("keepCount(b=%v, n=%d) = %d, want %d", b, n, got, want)
 			}
 		}
 	}
@@ -59,9 +63,9 @@ func TestKeepCountMatchesIntegerCeilForPercentBudgets(t *testing.T) {
 func TestKeepCountStaysWithinOneAndN(t *testing.T) {
 	for _, b := range []float64{1e-300, 1e-6, 0.001, 0.5, 0.999999, 1, math.Nextafter(1, 0)} {
 		for _, n := range []int{1, 2, 3, 17, 1000, 1 << 20} {
-			k := Config{Budget: b}.KeepCount(n)
+			k := keepCount(b, n)
 			if k < 1 || k > n {
-				t.Errorf("KeepCount(b=%v, n=%d) = %d, outside [1, n]", b, n, k)
+				t.Errorf("keepCount(b=%v, n=%d) = %d, outside [1, n]", b, n, k)
 			}
 		}
 	}
@@ -129,9 +133,13 @@ func TestValidateErrorsNameTheField(t *testing.T) {
 			c := base
 			tc.edit(&c)
 			err := c.Validate()
+			spec, specErr := c.Spec()
 			if tc.field == "" {
 				if err != nil {
 					t.Fatalf("Validate(%+v) = %v, want nil", c, err)
+				}
+				if specErr != nil || spec.Config() != c {
+					t.Fatalf("Spec(%+v) = %+v, %v; want the same setting, nil", c, spec.Config(), specErr)
 				}
 				return
 			}
@@ -145,28 +153,15 @@ func TestValidateErrorsNameTheField(t *testing.T) {
 			if ce.Error() == "" || ce.Msg == "" {
 				t.Fatalf("empty error text")
 			}
-			if _, err := NewTracker(c, 32); !errors.As(err, &ce) {
-				t.Fatalf("NewTracker accepted invalid config %+v", c)
+			// Spec is the one validation point the engine and the Tracker
+			// rely on: it must refuse exactly what Validate refuses, the same way.
+			var sce *ConfigError
+			if !errors.As(specErr, &sce) || *sce != *ce {
+				t.Fatalf("Spec(%+v) = %v, want the *ConfigError %v", c, specErr, ce)
+			}
+			if !spec.IsZero() {
+				t.Fatalf("Spec(%+v) returned a non-zero Spec with its error", c)
 			}
 		})
-	}
-}
-
-func TestScoreNeeds(t *testing.T) {
-	cases := []struct {
-		p               Policy
-		prefill, decode bool
-	}{
-		{Full, false, false},
-		{Elastic, true, false},
-		{H2O, true, true},
-		{Local, false, false},
-	}
-	for _, c := range cases {
-		cfg := Config{Policy: c.p, Budget: 0.5}
-		if cfg.NeedsPrefillScores() != c.prefill || cfg.NeedsDecodeScores() != c.decode {
-			t.Errorf("%s: NeedsPrefillScores=%v NeedsDecodeScores=%v, want %v %v",
-				c.p, cfg.NeedsPrefillScores(), cfg.NeedsDecodeScores(), c.prefill, c.decode)
-		}
 	}
 }

@@ -19,16 +19,17 @@ type sim struct {
 	pos    []int
 }
 
-func newSim(t testing.TB, cfg Config, n, layers int, seed int64) *sim {
+// newSim plans an n-entry prompt with random scores where spec needs them.
+func newSim(t testing.TB, spec Spec, n, layers int, seed int64) *sim {
 	t.Helper()
 	s := &sim{t: t, r: rand.New(rand.NewSource(seed)), layers: layers}
-	tr, err := NewTracker(cfg, layers)
+	tr, err := NewTracker(spec, layers)
 	if err != nil {
 		t.Fatal(err)
 	}
 	s.tr = tr
 	var scores [][]float32
-	if cfg.NeedsPrefillScores() {
+	if spec.PrefillScores() {
 		scores = randomScores(s.r, layers, n, 0)
 	}
 	p, err := tr.PlanPrefill(n, scores)
@@ -52,7 +53,7 @@ func (s *sim) step() int {
 	s.pos = append(s.pos, s.T)
 	s.T++
 	var scores [][]float32
-	if s.tr.Config().NeedsDecodeScores() {
+	if s.tr.Spec().DecodeScores() {
 		scores = randomScores(s.r, s.layers, len(s.pos), 0)
 	}
 	idx, err := s.tr.AfterDecode(s.T, len(s.pos), scores)
@@ -110,8 +111,8 @@ func TestElasticDecodeEvictionIndex(t *testing.T) {
 // With a fixed truncation index p the first p entries never move and the
 // rest is the most recent window.
 func TestElasticDecodeKeepsFirstPAndSlidesTheRest(t *testing.T) {
-	cfg := Config{Policy: Elastic, Budget: 0.5, Sink: 4, Distance: -25}
-	s := newSim(t, cfg, 200, 2, 9) // K=100, p=75
+	spec := MustSpec(Config{Policy: Elastic, Budget: 0.5, Sink: 4, Distance: -25})
+	s := newSim(t, spec, 200, 2, 9) // K=100, p=75
 	head := slices.Clone(s.pos[:75])
 	for range 1000 {
 		idx := s.step()
@@ -187,6 +188,7 @@ func TestH2OMatchesIndependentAccumulation(t *testing.T) {
 	r := rand.New(rand.NewSource(21))
 	const layers, n = 4, 120
 	cfg := Config{Policy: H2O, Budget: 0.4, Sink: 4}
+	spec := MustSpec(cfg)
 	prompt := randomScores(r, layers, n, 6)
 	tr, p := mustPlan(t, cfg, n, prompt)
 	acc := make([]float64, 0)
@@ -211,7 +213,7 @@ func TestH2OMatchesIndependentAccumulation(t *testing.T) {
 			acc[j] += m / layers
 		}
 		want := -1
-		if held > cfg.KeepCount(T) {
+		if held > spec.KeepCount(T) {
 			want = 4
 			for j := 5; j < held-1; j++ {
 				if acc[j] < acc[want] {
@@ -234,13 +236,13 @@ func TestH2OMatchesIndependentAccumulation(t *testing.T) {
 
 func TestLocalWindowSlides(t *testing.T) {
 	for _, sink := range []int{0, 4} {
-		cfg := Config{Policy: Local, Budget: 0.25, Sink: sink}
-		s := newSim(t, cfg, 400, 2, 1) // K=100
+		spec := MustSpec(Config{Policy: Local, Budget: 0.25, Sink: sink})
+		s := newSim(t, spec, 400, 2, 1) // K=100
 		for range 800 {
 			s.step()
 			held := len(s.pos)
-			if held != cfg.KeepCount(s.T) {
-				t.Fatalf("sink=%d T=%d: held %d, want %d", sink, s.T, held, cfg.KeepCount(s.T))
+			if held != spec.KeepCount(s.T) {
+				t.Fatalf("sink=%d T=%d: held %d, want %d", sink, s.T, held, spec.KeepCount(s.T))
 			}
 			for i := range sink {
 				if s.pos[i] != i {
@@ -259,8 +261,7 @@ func TestLocalWindowSlides(t *testing.T) {
 func TestBudgetOneNeverPlansOrEvicts(t *testing.T) {
 	for _, pol := range []Policy{Full, Elastic, H2O, Local} {
 		for _, n := range []int{1, 7, 577} {
-			cfg := Config{Policy: pol, Budget: 1, Sink: 4, Distance: -25}
-			s := newSim(t, cfg, n, 3, 2)
+			s := newSim(t, MustSpec(Config{Policy: pol, Budget: 1, Sink: 4, Distance: -25}), n, 3, 2)
 			if len(s.pos) != n {
 				t.Fatalf("%s n=%d: phase 1 changed the cache", pol, n)
 			}
@@ -293,16 +294,15 @@ func TestHeldNeverExceedsBudgetBoundDuringDecode(t *testing.T) {
 				for _, n := range []int{1, 3, 40, 300} {
 					for _, d := range []int{-25, 0, 10} {
 						cfg := Config{Policy: pol, Budget: b, Sink: sink, Distance: d}
-						s := newSim(t, cfg, n, 2, int64(n))
-						if pol != Full && len(s.pos) != cfg.KeepCount(n) {
-							t.Fatalf("%+v n=%d: %d held after phase 1, want %d", cfg, n, len(s.pos), cfg.KeepCount(n))
+						spec := MustSpec(cfg)
+						s := newSim(t, spec, n, 2, int64(n))
+						// A full Spec keeps n of n, so one rule covers every policy.
+						if len(s.pos) != spec.KeepCount(n) {
+							t.Fatalf("%+v n=%d: %d held after phase 1, want %d", cfg, n, len(s.pos), spec.KeepCount(n))
 						}
 						for range 400 {
 							s.step()
-							limit := cfg.KeepCount(s.T)
-							if pol == Full {
-								limit = s.T
-							}
+							limit := spec.KeepCount(s.T)
 							if len(s.pos) > limit {
 								t.Fatalf("%+v n=%d T=%d: held %d > ceil(b*T) = %d", cfg, n, s.T, len(s.pos), limit)
 							}
@@ -328,9 +328,9 @@ func TestTrackerRejectsMisuse(t *testing.T) {
 		run  func() error
 		want string
 	}{
-		{"zero layers", func() error { _, err := NewTracker(DefaultConfig(), 0); return err }, "nLayers"},
+		{"zero layers", func() error { _, err := NewTracker(DefaultSpec(), 0); return err }, "nLayers"},
 		{"plan twice", func() error {
-			tr, _ := NewTracker(DefaultConfig(), 2)
+			tr, _ := NewTracker(DefaultSpec(), 2)
 			if _, err := tr.PlanPrefill(10, scores(2, 10)); err != nil {
 				return nil
 			}
@@ -338,56 +338,56 @@ func TestTrackerRejectsMisuse(t *testing.T) {
 			return err
 		}, "twice"},
 		{"empty prompt", func() error {
-			tr, _ := NewTracker(DefaultConfig(), 2)
+			tr, _ := NewTracker(DefaultSpec(), 2)
 			_, err := tr.PlanPrefill(0, nil)
 			return err
 		}, "prompt"},
 		{"elastic without scores", func() error {
-			tr, _ := NewTracker(DefaultConfig(), 2)
+			tr, _ := NewTracker(DefaultSpec(), 2)
 			_, err := tr.PlanPrefill(10, nil)
 			return err
 		}, "needs prompt scores"},
 		{"h2o without scores", func() error {
-			tr, _ := NewTracker(Config{Policy: H2O, Budget: 0.9, Sink: 4}, 2)
+			tr, _ := NewTracker(MustSpec(Config{Policy: H2O, Budget: 0.9, Sink: 4}), 2)
 			_, err := tr.PlanPrefill(3, nil) // K=n, but decode will need them
 			return err
 		}, "needs prompt scores"},
 		{"wrong layer count", func() error {
-			tr, _ := NewTracker(DefaultConfig(), 2)
+			tr, _ := NewTracker(DefaultSpec(), 2)
 			_, err := tr.PlanPrefill(10, scores(3, 10))
 			return err
 		}, "layers"},
 		{"wrong row length", func() error {
-			tr, _ := NewTracker(DefaultConfig(), 2)
+			tr, _ := NewTracker(DefaultSpec(), 2)
 			_, err := tr.PlanPrefill(10, scores(2, 11))
 			return err
 		}, "entries"},
 		{"NaN score", func() error {
-			tr, _ := NewTracker(DefaultConfig(), 2)
+			tr, _ := NewTracker(DefaultSpec(), 2)
 			s := scores(2, 10)
 			s[1][3] = float32(nanF())
 			_, err := tr.PlanPrefill(10, s)
 			return err
 		}, "NaN"},
 		{"decode before plan", func() error {
-			tr, _ := NewTracker(DefaultConfig(), 2)
+			tr, _ := NewTracker(DefaultSpec(), 2)
 			_, err := tr.AfterDecode(11, 11, nil)
 			return err
 		}, "before PlanPrefill"},
 		{"held above T", func() error {
-			tr, _ := NewTracker(Config{Policy: Local, Budget: 0.5}, 2)
+			tr, _ := NewTracker(MustSpec(Config{Policy: Local, Budget: 0.5}), 2)
 			tr.PlanPrefill(10, nil)
 			_, err := tr.AfterDecode(11, 12, nil)
 			return err
 		}, "held"},
 		{"h2o decode without scores", func() error {
-			tr, _ := NewTracker(Config{Policy: H2O, Budget: 0.5}, 2)
+			tr, _ := NewTracker(MustSpec(Config{Policy: H2O, Budget: 0.5}), 2)
 			tr.PlanPrefill(10, scores(2, 10))
 			_, err := tr.AfterDecode(11, 6, nil)
 			return err
 		}, "decode scores"},
 		{"h2o held out of step", func() error {
-			tr, _ := NewTracker(Config{Policy: H2O, Budget: 0.5}, 2)
+			tr, _ := NewTracker(MustSpec(Config{Policy: H2O, Budget: 0.5}), 2)
 			tr.PlanPrefill(10, scores(2, 10)) // holds 5
 			_, err := tr.AfterDecode(11, 7, scores(2, 7))
 			return err
@@ -407,18 +407,30 @@ func TestTrackerRejectsMisuse(t *testing.T) {
 	}
 }
 
+// Full ignores its budget, and the zero Spec (no setting chosen) is full.
 func TestFullPolicyIgnoresEverything(t *testing.T) {
-	tr, p := mustPlan(t, Config{Policy: Full, Budget: 0.1}, 100, nil)
-	if p != nil {
-		t.Fatal("full planned a change")
-	}
-	for T := 101; T < 300; T++ {
-		if idx, err := tr.AfterDecode(T, T, nil); idx != -1 || err != nil {
-			t.Fatalf("full: AfterDecode = %d, %v", idx, err)
-		}
-	}
-	if st := tr.Stats(); st != (Stats{PromptEntries: 100, Kept: 100}) {
-		t.Fatalf("Stats = %+v", st)
+	for name, spec := range map[string]Spec{
+		"full at budget 0.1": MustSpec(Config{Policy: Full, Budget: 0.1}),
+		"zero Spec":          {},
+	} {
+		t.Run(name, func(t *testing.T) {
+			tr, err := NewTracker(spec, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := tr.PlanPrefill(100, nil)
+			if err != nil || p != nil {
+				t.Fatalf("PlanPrefill = %v, %v; want no change", p, err)
+			}
+			for T := 101; T < 300; T++ {
+				if idx, err := tr.AfterDecode(T, T, nil); idx != -1 || err != nil {
+					t.Fatalf("AfterDecode = %d, %v", idx, err)
+				}
+			}
+			if st := tr.Stats(); st != (Stats{PromptEntries: 100, Kept: 100}) {
+				t.Fatalf("Stats = %+v", st)
+			}
+		})
 	}
 }
 

@@ -1,10 +1,12 @@
 // Package elasticcache plans how a sequence's KV cache is shrunk under the
 // Elastic Cache method (Liu et al., ECCV 2024) and two eviction baselines.
 //
-// The package only decides which entries stay, which are averaged into which,
-// and which one to drop after each generated token. It never touches tensors:
-// the engine reads a plan and moves rows itself. ApplyLayer is a plain Go
-// version of that row movement, used by tests and to check the engine's hook.
+// The package decides which entries stay, which are averaged into which, and
+// which one to drop after each generated token (Tracker, PrefillPlan), and it
+// merges rows (Merge) through a small interface over the cache's storage
+// (Store, Rows), so it never depends on how the rows reach the cache: the
+// engine reads a sequence's cells, lets Merge rewrite them, and writes them
+// back. ApplyLayer is the float64 oracle that Merge is tested against.
 //
 // Policies:
 //

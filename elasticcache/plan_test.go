@@ -7,14 +7,19 @@ import (
 	"testing"
 )
 
-// mustPlan creates a tracker and runs PlanPrefill, failing the test on error.
+// mustPlan creates a tracker for cfg (one layer per scores row, 2 without
+// scores) and runs PlanPrefill, failing the test on error.
 func mustPlan(t testing.TB, cfg Config, n int, scores [][]float32) (*Tracker, *PrefillPlan) {
 	t.Helper()
+	spec, err := cfg.Spec()
+	if err != nil {
+		t.Fatalf("Spec(%+v): %v", cfg, err)
+	}
 	nl := len(scores)
 	if nl == 0 {
 		nl = 2
 	}
-	tr, err := NewTracker(cfg, nl)
+	tr, err := NewTracker(spec, nl)
 	if err != nil {
 		t.Fatalf("NewTracker(%+v): %v", cfg, err)
 	}
@@ -111,7 +116,7 @@ func TestElasticPlanMatchesBruteForceRule(t *testing.T) {
 	for trial := 0; trial < 400; trial++ {
 		n := 2 + r.Intn(200)
 		cfg := Config{Policy: Elastic, Budget: 0.02 + 0.97*r.Float64(), Sink: r.Intn(9), Distance: -25}
-		k := cfg.KeepCount(n)
+		k := keepCount(cfg.Budget, n)
 		levels := []int{0, 2, 5}[trial%3]
 		scores := randomScores(r, 3, n, levels)
 		_, p := mustPlan(t, cfg, n, scores)
@@ -142,7 +147,7 @@ func TestElasticPlanPartitionsThePrompt(t *testing.T) {
 	for trial := 0; trial < 300; trial++ {
 		n := 2 + r.Intn(600)
 		cfg := Config{Policy: Elastic, Budget: 0.05 + 0.9*r.Float64(), Sink: r.Intn(12), Distance: -25}
-		k := cfg.KeepCount(n)
+		k := keepCount(cfg.Budget, n)
 		if k >= n {
 			continue
 		}
@@ -353,7 +358,7 @@ func TestAfterPhaseOneEveryLayerHoldsExactlyK(t *testing.T) {
 		for _, n := range []int{1, 2, 3, 5, 17, 100, 577, 1500} {
 			for _, b := range []float64{0.01, 0.1, 0.25, 0.5, 0.8, 0.99, 1} {
 				cfg := Config{Policy: pol, Budget: b, Sink: 4, Distance: -25}
-				k := cfg.KeepCount(n)
+				k := keepCount(cfg.Budget, n)
 				tr, p := mustPlan(t, cfg, n, randomScores(r, 3, n, 4))
 				if k >= n {
 					if p != nil {

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"sync"
 )
 
 // Stats summarises what a Tracker did to one sequence.
@@ -16,10 +15,10 @@ type Stats struct {
 }
 
 // Tracker is the cache policy state of one sequence, created before its
-// prompt is encoded. Its methods may be called from several goroutines.
+// prompt is encoded. It is not safe for concurrent use: one goroutine (the
+// engine's decode loop) owns it.
 type Tracker struct {
-	mu      sync.Mutex
-	cfg     Config
+	spec    Spec
 	nLayers int
 
 	planned  bool
@@ -33,19 +32,16 @@ type Tracker struct {
 	acc []float64 // h2o: accumulated score of each held entry, position order
 }
 
-// NewTracker validates cfg and returns a tracker for a model of nLayers layers.
-func NewTracker(cfg Config, nLayers int) (*Tracker, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
+// NewTracker returns a tracker for a model of nLayers layers.
+func NewTracker(spec Spec, nLayers int) (*Tracker, error) {
 	if nLayers < 1 {
 		return nil, fmt.Errorf("elasticcache: nLayers must be at least 1, got %d", nLayers)
 	}
-	return &Tracker{cfg: cfg, nLayers: nLayers}, nil
+	return &Tracker{spec: spec, nLayers: nLayers}, nil
 }
 
-// Config returns the tracker's configuration.
-func (t *Tracker) Config() Config { return t.cfg }
+// Spec returns the tracker's setting.
+func (t *Tracker) Spec() Spec { return t.spec }
 
 var errNotPlanned = errors.New("elasticcache: AfterDecode called before PlanPrefill")
 
@@ -74,23 +70,22 @@ func (t *Tracker) checkScores(scores [][]float32, width int) error {
 // local), when nothing would change (K >= n for elastic), or when the budget
 // is 1. It returns nil when the cache stays as it is.
 func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	if t.planned {
 		return nil, errors.New("elasticcache: PlanPrefill called twice")
 	}
 	if n < 1 {
 		return nil, fmt.Errorf("elasticcache: prompt of %d entries", n)
 	}
-	k := t.cfg.KeepCount(n)
-	compress := k < n && t.cfg.Policy != Full
+	k := t.spec.KeepCount(n)
+	compress := k < n
+	policy := t.spec.Policy()
 
 	// Which policies read the scores here: elastic when it compresses, h2o
 	// whenever a later step may evict (its scores carry into decode).
-	needed := (t.cfg.Policy == Elastic && compress) || (t.cfg.Policy == H2O && t.cfg.Budget < 1)
-	if t.cfg.NeedsPrefillScores() && (needed || scores != nil) {
+	needed := (policy == Elastic && compress) || policy == H2O && t.spec.Compresses()
+	if t.spec.PrefillScores() && (needed || scores != nil) {
 		if scores == nil {
-			return nil, fmt.Errorf("elasticcache: policy %s needs prompt scores", t.cfg.Policy)
+			return nil, fmt.Errorf("elasticcache: policy %s needs prompt scores", policy)
 		}
 		if err := t.checkScores(scores, n); err != nil {
 			return nil, err
@@ -98,16 +93,17 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 	}
 
 	var plan *PrefillPlan
-	s := min(t.cfg.Sink, n)
+	sink := t.spec.Sink()
+	s := min(sink, n)
 	switch {
-	case t.cfg.Policy == Full:
-	case t.cfg.Policy == Elastic && compress:
-		plan = planElastic(n, k, t.cfg.Sink, scores)
-		s = effectiveSink(t.cfg.Sink, k)
-	case t.cfg.Policy == Local && compress:
-		plan = planLocal(n, k, t.cfg.Sink, t.nLayers)
-		s = effectiveSink(t.cfg.Sink, k)
-	case t.cfg.Policy == H2O && t.cfg.Budget < 1:
+	case !t.spec.Compresses():
+	case policy == Elastic && compress:
+		plan = planElastic(n, k, sink, scores)
+		s = effectiveSink(sink, k)
+	case policy == Local && compress:
+		plan = planLocal(n, k, sink, t.nLayers)
+		s = effectiveSink(sink, k)
+	case policy == H2O:
 		means := h2oMeans(n, scores)
 		if compress {
 			plan, t.acc = planH2O(n, k, t.nLayers, means)
@@ -125,10 +121,10 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 		t.evicted = plan.Evicted()
 	}
 	t.sinkHeld = s
-	if t.cfg.Distance < 0 {
-		t.point = t.kept + t.cfg.Distance
+	if d := t.spec.Distance(); d < 0 {
+		t.point = t.kept + d
 	} else {
-		t.point = t.cfg.Distance
+		t.point = d
 	}
 	return plan, nil
 }
@@ -145,27 +141,25 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 // elastic takes index p clamped to [sink, held-2]; local takes index sink;
 // h2o takes the lowest accumulated score in [sink, held-1), earliest on ties.
 // For elastic and local "sink" is the number of original sink entries still
-// held after phase 1; for h2o it is Config.Sink as an index, as in the
+// held after phase 1; for h2o it is Spec.Sink as an index, as in the
 // reference H2O cache (its phase 1 does not protect sink entries).
 func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	if held < 1 || held > T {
 		return -1, fmt.Errorf("elasticcache: held=%d with T=%d (want 1 <= held <= T)", held, T)
 	}
-	if t.cfg.Policy == Full {
+	if t.spec.Policy() == Full {
 		return -1, nil
 	}
 	if !t.planned {
 		return -1, errNotPlanned
 	}
-	if t.cfg.Budget >= 1 {
+	if !t.spec.Compresses() {
 		return -1, nil // ceil(1*T) = T >= held: never evicts, nothing to track
 	}
-	over := held > t.cfg.KeepCount(T) // implies held >= 2
+	over := held > t.spec.KeepCount(T) // implies held >= 2
 
 	idx := -1
-	switch t.cfg.Policy {
+	switch t.spec.Policy() {
 	case Elastic:
 		if over {
 			lo, hi := min(t.sinkHeld, held-2), held-2
@@ -193,7 +187,7 @@ func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
 			}
 		}
 		if over {
-			idx = min(t.cfg.Sink, held-2)
+			idx = min(t.spec.Sink(), held-2)
 			for j := idx + 1; j < held-1; j++ {
 				if t.acc[j] < t.acc[idx] {
 					idx = j
@@ -210,7 +204,5 @@ func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
 
 // Stats returns the tracker's counters.
 func (t *Tracker) Stats() Stats {
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	return Stats{PromptEntries: t.promptN, Kept: t.kept, Merged: t.merged, Evicted: t.evicted}
 }

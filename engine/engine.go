@@ -1,20 +1,24 @@
-// Package engine owns the llama context and its decode loop. One goroutine (Run)
-// drives every sequence: it admits requests into free slots, prefills prompts in
-// chunks between decode steps, batches the next token of every generating sequence,
-// and applies the sequence's cache policy (elasticcache) through the llama KV hook.
+// Package engine owns the llama context and its decode loop. One goroutine drives
+// every sequence: it admits requests into free slots, prefills prompts in chunks
+// between decode steps, batches the next token of every generating sequence, and
+// lets each sequence's cache owner (seqCache) apply its policy through the KV hook.
+//
+// Lifecycle: Start creates the context and starts the loop; Submit (or Complete)
+// runs requests from any goroutine; Stop drains, stops the loop and frees the
+// context. The server, the eval tool, the demo tools and the tests all use this.
 package engine
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -30,15 +34,14 @@ type Options struct {
 	Threads    int
 	FlashAttn  bool // faster attention; policies that need attention scores are refused
 	QueueSize  int  // requests waiting for a slot before Submit answers ErrQueueFull
-	// AllowBeyondTrain lets generation run past the model's training context.
-	AllowBeyondTrain bool
-	KVType           string
-	Log              zerolog.Logger
+	KVType     string
+	Log        zerolog.Logger
 	// Observe, when set, is called on the decode loop after each prefill plan and each
 	// generation step (tests and diagnostics; it must not block).
 	Observe func(Observation)
 	// Fault, when set, is asked before each step of a request; an error fails that
-	// request as a decode failure would (fault-injection tests).
+	// request as a decode failure would, and a panic as any panic in the engine's work
+	// on one request would (fault-injection tests).
 	Fault func(requestID string) error
 }
 
@@ -65,12 +68,16 @@ type Stats struct {
 type Engine struct {
 	model  *llama.Model
 	vision *llama.Vision
-	ctx    *llama.Context
+	ctx    *llama.Context // owned by the decode loop
 	opts   Options
 	log    zerolog.Logger
 
-	queue chan *seq
-	wake  chan struct{}
+	// mu orders Submit's enqueue against Stop: once closed is set, nothing more
+	// enters the queue, so the loop's last drain sees every request.
+	mu     sync.Mutex
+	closed bool
+	queue  chan *seq
+	wake   chan struct{}
 
 	slots   []*seq // index = llama sequence id; nil when free
 	waiting []*seq // taken off the queue, not yet admitted (FIFO)
@@ -82,18 +89,34 @@ type Engine struct {
 	embdBatch *llama.Batch
 
 	bytesPerCell int64
+	nCtx         int
+	seqCells     int
 
 	queued    atomic.Int64
 	busy      atomic.Int64
 	cellsUsed atomic.Int64
-	ready     atomic.Bool
-	closed    atomic.Bool
+	running   atomic.Bool
 
-	done chan struct{}
+	cancel   context.CancelFunc
+	done     chan struct{}
+	freeOnce sync.Once
 }
 
-// New creates the engine and its llama context. vision may be nil (text only).
-func New(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, error) {
+// Start creates the engine's llama context on model and starts its decode loop.
+// vision may be nil (text only). Stop it with Stop.
+func Start(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, error) {
+	e, err := newEngine(model, vision, opts)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	e.cancel = cancel
+	e.running.Store(true)
+	go e.run(ctx)
+	return e, nil
+}
+
+func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, error) {
 	if opts.Parallel < 1 {
 		opts.Parallel = 1
 	}
@@ -137,61 +160,73 @@ func New(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, error
 		slots:        make([]*seq, opts.Parallel),
 		tokBatch:     llama.NewBatch(opts.BatchSize, 0, 1),
 		bytesPerCell: int64(info.Layers) * 2 * int64(info.KVRowElems) * elem,
+		nCtx:         ctx.NCtx(),
+		seqCells:     ctx.NCtxSeq(),
 		done:         make(chan struct{}),
 	}
 	if opts.Unified {
-		e.pools = []*cellPool{newCellPool(ctx.NCtx(), ctx.Params().NUBatch)}
+		e.pools = []*cellPool{newCellPool(e.nCtx, ctx.Params().NUBatch)}
 	} else {
 		for range opts.Parallel {
-			e.pools = append(e.pools, newCellPool(ctx.NCtxSeq(), ctx.Params().NUBatch))
+			e.pools = append(e.pools, newCellPool(e.seqCells, ctx.Params().NUBatch))
 		}
 	}
 	e.reserved = make([]int, len(e.pools))
 	if vision != nil {
 		e.embdBatch = llama.NewBatch(opts.BatchSize, vision.EmbdSize(), 1)
 	}
-	e.ready.Store(true)
 	return e, nil
 }
 
-// Close frees the context. Run must have returned.
-func (e *Engine) Close() {
-	e.tokBatch.Close()
-	e.embdBatch.Close()
-	e.ctx.Close()
+// Stop stops admitting requests (Submit answers ErrShuttingDown), lets the running
+// and queued ones finish until ctx ends, then fails the rest with ErrShuttingDown,
+// waits for the decode loop and frees the llama context. Later calls only wait.
+func (e *Engine) Stop(ctx context.Context) {
+	e.mu.Lock()
+	e.closed = true
+	e.mu.Unlock()
+	e.signal()
+	select {
+	case <-e.done:
+	case <-ctx.Done():
+		e.cancel()
+		<-e.done
+	}
+	e.freeOnce.Do(func() {
+		e.tokBatch.Close()
+		e.embdBatch.Close()
+		e.ctx.Close()
+	})
 }
 
-// Context exposes the llama context (tests and benchmarks).
-func (e *Engine) Context() *llama.Context { return e.ctx }
-
-// Model returns the engine's model.
-func (e *Engine) Model() *llama.Model { return e.model }
-
-// HasVision reports whether images are accepted.
-func (e *Engine) HasVision() bool { return e.vision != nil }
-
 // SeqCells is the number of cells one slot can hold.
-func (e *Engine) SeqCells() int { return e.ctx.NCtxSeq() }
+func (e *Engine) SeqCells() int { return e.seqCells }
 
 // Ready reports whether the engine accepts work.
-func (e *Engine) Ready() bool { return e.ready.Load() && !e.closed.Load() }
+func (e *Engine) Ready() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.running.Load() && !e.closed
+}
 
-// Stats returns a snapshot of queue and cache use.
+// Stats returns a snapshot of queue and cache use. It never touches the llama
+// context, so it may be called at any time, even after Stop.
 func (e *Engine) Stats() Stats {
 	return Stats{
 		QueueDepth:   int(e.queued.Load()),
 		SlotsBusy:    int(e.busy.Load()),
 		SlotsTotal:   e.opts.Parallel,
 		KVCellsUsed:  int(e.cellsUsed.Load()),
-		KVCellsTotal: e.ctx.NCtx(),
+		KVCellsTotal: e.nCtx,
 	}
 }
 
 // Submit prepares req (chat template, tokenization, image preprocessing) on the
 // caller's goroutine and queues it. Events arrive on the returned channel until one
-// has Done set; cancelling ctx stops the request and frees its slot.
+// has Done set; cancelling ctx stops the request and frees its slot. Errors are
+// those listed in package completion; nothing is queued when Submit fails.
 func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error) {
-	if e.closed.Load() {
+	if !e.Ready() {
 		return nil, ErrShuttingDown
 	}
 	s, err := e.prepare(req)
@@ -199,16 +234,34 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 		return nil, err
 	}
 	s.ctx = ctx
-	out := make(chan Event, 16)
-	if e.queued.Add(1) > int64(e.opts.QueueSize) {
+	e.mu.Lock()
+	switch {
+	case e.closed:
+		err = ErrShuttingDown
+	case e.queued.Add(1) > int64(e.opts.QueueSize):
 		e.queued.Add(-1)
-		s.release()
-		return nil, ErrQueueFull
+		err = ErrQueueFull
+	default:
+		e.queue <- s // never blocks: the channel holds QueueSize and queued bounds it
 	}
-	e.queue <- s // never blocks: the channel holds QueueSize and queued bounds it
+	e.mu.Unlock()
+	if err != nil {
+		s.release()
+		return nil, err
+	}
 	e.signal()
+	out := make(chan Event, 16)
 	go s.box.forward(ctx, out)
 	return out, nil
+}
+
+// Complete submits req and waits for its end (see completion.Collect).
+func (e *Engine) Complete(ctx context.Context, req *Request) (Result, error) {
+	ch, err := e.Submit(ctx, req)
+	if err != nil {
+		return Result{}, err
+	}
+	return completion.Collect(ctx, ch)
 }
 
 func (e *Engine) signal() {
@@ -218,350 +271,85 @@ func (e *Engine) signal() {
 	}
 }
 
-// Shutdown stops admitting requests; running and queued ones finish normally.
-func (e *Engine) Shutdown() {
-	e.closed.Store(true)
-	e.signal()
-}
-
-// Done is closed when Run has returned.
-func (e *Engine) Done() <-chan struct{} { return e.done }
-
-// prepare renders and tokenizes the prompt and checks it fits a slot.
+// prepare refuses what this engine cannot run, then renders and tokenizes the
+// prompt and checks that it fits a slot.
 func (e *Engine) prepare(req *Request) (*seq, error) {
-	if err := req.Cache.Validate(); err != nil {
-		var ce *elasticcache.ConfigError
-		if errors.As(err, &ce) {
-			return nil, &InputError{Param: "elastic_cache." + ce.Field, Code: "invalid_value", Msg: ce.Error()}
-		}
-		return nil, &InputError{Param: "elastic_cache", Code: "invalid_value", Msg: err.Error()}
+	if err := e.supports(req.Cache); err != nil {
+		return nil, err
 	}
-	if e.opts.FlashAttn && req.Cache.NeedsPrefillScores() && req.Cache.Budget < 1 {
-		return nil, &InputError{Param: "elastic_cache.policy", Code: "unsupported_policy",
-			Msg: fmt.Sprintf("policy %q needs attention scores, which this server (started with --flash-attn) does not compute", req.Cache.Policy)}
-	}
-	if len(req.Images) > 0 && e.vision == nil {
-		return nil, &InputError{Param: "messages", Code: "images_not_supported",
-			Msg: "this model has no vision encoder (start the server with --mmproj) and cannot take images"}
-	}
-	msgs := make([]llama.ChatMessage, len(req.Messages))
-	for i, m := range req.Messages {
-		msgs[i] = llama.ChatMessage{Role: m.Role, Content: m.Content}
-	}
-	text, err := e.model.ApplyChatTemplate("", msgs, true)
-	if err != nil {
-		return nil, fmt.Errorf("engine: %w", err)
-	}
-	s := &seq{req: req, box: newOutbox(), stops: stopScanner{stops: req.Stop}}
-	if e.vision != nil && strings.Contains(text, ImageMarker) {
-		p, err := e.vision.Tokenize(text, req.Images, true)
-		if err != nil {
-			if errors.Is(err, llama.ErrBadImage) {
-				return nil, &InputError{Param: "messages", Code: "invalid_image", Msg: err.Error()}
-			}
-			return nil, &InputError{Param: "messages", Code: "invalid_value", Msg: err.Error()}
-		}
-		s.prompt = p
-		for _, c := range p.Chunks {
-			s.chunks = append(s.chunks, promptChunk{kind: c.Kind, tokens: c.Tokens, n: c.NTokens, src: c})
-		}
-	} else {
-		if len(req.Images) > 0 {
-			return nil, &InputError{Param: "messages", Code: "invalid_value", Msg: "images were given but the rendered prompt has no place for them"}
-		}
-		toks, err := e.model.Tokenize(text, true, true)
-		if err != nil {
-			return nil, &InputError{Param: "messages", Code: "invalid_value", Msg: err.Error()}
-		}
-		s.chunks = []promptChunk{{kind: llama.ChunkText, tokens: toks, n: len(toks)}}
-	}
-	for _, c := range s.chunks {
-		s.nPrompt += c.n
+	s := &seq{id: -1, req: req, box: newOutbox(), stops: stopScanner{stops: req.Stop}}
+	if err := e.tokenize(s); err != nil {
+		s.release()
+		return nil, err
 	}
 	if s.nPrompt == 0 {
 		s.release()
-		return nil, &InputError{Param: "messages", Code: "invalid_value", Msg: "the prompt is empty"}
+		return nil, completion.ErrEmptyPrompt
 	}
 	if limit := e.pools[0].size() - 1; s.nPrompt > limit {
 		s.release()
-		return nil, PromptTooLong(s.nPrompt, limit)
+		return nil, &completion.PromptTooLongError{Tokens: s.nPrompt, Limit: limit}
 	}
 	return s, nil
 }
 
-// Run is the decode loop. It returns when ctx ends or, after Shutdown, when every
-// request has finished.
-func (e *Engine) Run(ctx context.Context) {
-	defer close(e.done)
-	defer e.ready.Store(false)
-	for {
-		e.admit()
-		active := e.activeCount()
-		if active == 0 {
-			if e.closed.Load() && len(e.queue) == 0 && len(e.waiting) == 0 {
-				return
-			}
-			select {
-			case <-ctx.Done():
-				e.failAll(ErrShuttingDown)
-				return
-			case <-e.wake:
-			}
-			continue
-		}
-		if ctx.Err() != nil {
-			e.failAll(ErrShuttingDown)
-			return
-		}
-		e.reapCancelled()
-		e.prefillStep()
-		e.decodeStep()
-		e.updateCells()
+// supports refuses a cache setting this engine cannot apply, before any sequence
+// is touched.
+func (e *Engine) supports(spec elasticcache.Spec) error {
+	switch {
+	case spec.PrefillScores() && e.opts.FlashAttn:
+		return &completion.PolicyUnsupportedError{Policy: spec.Policy(),
+			Reason: "it needs attention scores, which this server (started with --flash-attn) does not compute"}
+	case spec.Compresses() && e.model.Info().SWA > 0:
+		return &completion.PolicyUnsupportedError{Policy: spec.Policy(),
+			Reason: "this model uses sliding-window attention, whose two-part cache the KV hook cannot rewrite yet; use policy full"}
 	}
-}
-
-func (e *Engine) activeCount() int {
-	n := 0
-	for _, s := range e.slots {
-		if s != nil {
-			n++
-		}
-	}
-	return n
-}
-
-// admit moves waiting requests into free slots, first come first served, when the
-// cells their policy may hold fit next to the reservations already made.
-func (e *Engine) admit() {
-	e.drainQueue()
-	for len(e.waiting) > 0 {
-		s := e.waiting[0]
-		if s.ctx.Err() != nil {
-			e.dropWaiting(Event{Done: true, Err: s.ctx.Err()})
-			continue
-		}
-		slot := -1
-		for i := range e.slots {
-			if e.slots[i] == nil {
-				slot = i
-				break
-			}
-		}
-		if slot < 0 {
-			return
-		}
-		pi := e.poolOf(slot)
-		e.plan(s, e.pools[pi].size())
-		if e.reserved[pi]+s.reserve > e.pools[pi].size() {
-			return // wait for cells to be released
-		}
-		e.waiting = e.waiting[1:]
-		e.queued.Add(-1)
-		if err := e.start(slot, s); err != nil {
-			s.box.push(Event{Done: true, Err: err})
-			s.release()
-			continue
-		}
-		s.pool = e.pools[pi]
-		e.reserved[pi] += s.reserve
-		e.slots[slot] = s
-		e.busy.Add(1)
-	}
-}
-
-// drainQueue moves everything submitted so far onto the loop's waiting list.
-func (e *Engine) drainQueue() {
-	for {
-		select {
-		case s := <-e.queue:
-			e.waiting = append(e.waiting, s)
-		default:
-			return
-		}
-	}
-}
-
-func (e *Engine) dropWaiting(ev Event) {
-	s := e.waiting[0]
-	e.waiting = e.waiting[1:]
-	e.queued.Add(-1)
-	s.box.push(ev)
-	s.release()
-}
-
-func (e *Engine) poolOf(slot int) int {
-	if len(e.pools) == 1 {
-		return 0
-	}
-	return slot
+	return nil
 }
 
 // plan fixes how many tokens s may generate and how many cells that needs at most
-// under its policy: the whole prompt while it is encoded, then ceil(b*T)+1.
+// under its policy (Spec.MaxCells), shrinking the generation until it fits the pool.
 func (e *Engine) plan(s *seq, poolSize int) {
 	n := s.nPrompt
-	perSlot := e.ctx.NCtx() / e.opts.Parallel
+	perSlot := e.nCtx / e.opts.Parallel
 	g := s.req.MaxTokens
 	if g <= 0 {
 		g = max(perSlot-n, 1) // llama-server's default: until the slot's context is full
 	}
-	if lim := e.model.Info().CtxTrain - n; lim > 0 && !e.opts.AllowBeyondTrain {
+	if lim := e.model.Info().CtxTrain - n; lim > 0 { // never past the training context
 		g = min(g, lim)
 	}
-	need := func(g int) int {
-		if s.req.Cache.Policy == elasticcache.Full || s.req.Cache.Budget >= 1 {
-			return n + g
-		}
-		return max(n, s.req.Cache.KeepCount(n+g)+1)
-	}
-	for g > 1 && need(g) > poolSize {
-		// Shrink G until the reservation fits the pool: big steps while far over, then by one.
-		over := need(g) - poolSize
+	spec := s.req.Cache
+	for g > 1 && spec.MaxCells(n, g) > poolSize {
+		// Big steps while far over, then by one.
+		over := spec.MaxCells(n, g) - poolSize
 		g -= max(1, min(over, g-1))
 	}
 	s.maxGen = max(g, 1)
-	s.reserve = min(need(s.maxGen), poolSize)
-}
-
-func (e *Engine) start(id int, s *seq) error {
-	tr, err := elasticcache.NewTracker(s.req.Cache, e.model.Info().Layers)
-	if err != nil {
-		return err
-	}
-	s.id = id
-	s.tracker = tr
-	s.sampler = llama.NewSampler(llama.SamplerParams(s.req.Sampling))
-	s.started = time.Now()
-	e.ctx.SeqClear(id)
-	return nil
-}
-
-// reapCancelled ends requests whose client is gone or whose deadline passed.
-func (e *Engine) reapCancelled() {
-	for i, s := range e.slots {
-		if s != nil && s.ctx.Err() != nil {
-			e.finish(i, Event{Done: true, Err: s.ctx.Err()})
-		}
-	}
-	kept := e.waiting[:0]
-	for _, s := range e.waiting {
-		if s.ctx.Err() != nil {
-			e.queued.Add(-1)
-			s.box.push(Event{Done: true, Err: s.ctx.Err()})
-			s.release()
-			continue
-		}
-		kept = append(kept, s)
-	}
-	e.waiting = kept
-}
-
-func (e *Engine) failAll(err error) {
-	for i, s := range e.slots {
-		if s != nil {
-			e.finish(i, Event{Done: true, Err: err})
-		}
-	}
-	e.drainQueue()
-	for len(e.waiting) > 0 {
-		e.dropWaiting(Event{Done: true, Err: err})
-	}
-}
-
-// finish sends the final event, frees the slot's cells and its C objects.
-func (e *Engine) finish(i int, ev Event) {
-	s := e.slots[i]
-	if ev.Err == nil && !s.stopHit {
-		// Release text held back for a possible stop string or an unfinished character.
-		txt, hit := s.stops.add(s.utf8.Flush())
-		if !hit {
-			txt += s.stops.flush()
-		}
-		if txt != "" {
-			s.box.push(Event{Text: txt})
-		}
-	}
-	ev.NLL, ev.NLLTokens = s.nll, s.nllN
-	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen}
-	ev.KV = e.report(s)
-	s.box.push(ev)
-	e.ctx.SeqClear(i)
-	if s.pool != nil {
-		s.pool.releaseAll(i)
-		e.reserved[e.poolOf(i)] -= s.reserve
-	}
-	s.release()
-	e.slots[i] = nil
-	e.busy.Add(-1)
+	s.reserve = min(spec.MaxCells(n, s.maxGen), poolSize)
 }
 
 func (e *Engine) report(s *seq) *KVReport {
-	st := s.tracker.Stats()
-	total := s.nPast
-	held := len(s.entryCell)
+	spec := s.req.Cache
 	r := &KVReport{
-		Policy:        string(s.req.Cache.Policy),
-		Budget:        reportBudget(s.req.Cache),
+		Policy:        string(spec.Policy()),
+		Budget:        spec.Budget(),
 		PromptEntries: s.nPrompt,
-		Kept:          st.Kept,
-		Merged:        st.Merged,
-		Evicted:       st.Evicted,
-		PeakCells:     s.peakCells,
-		FinalCells:    held,
 		PrefillMs:     ms(s.prefillDur),
-		CompressMs:    ms(s.compressDur),
+	}
+	if c := s.cache; c != nil {
+		st := c.tracker.Stats()
+		r.Kept, r.Merged, r.Evicted = st.Kept, st.Merged, st.Evicted
+		r.PeakCells, r.FinalCells = c.peak, c.held()
+		r.CompressMs = ms(c.compressDur)
+		if s.nPast > c.held() {
+			r.BytesSaved = int64(s.nPast-c.held()) * e.bytesPerCell
+		}
 	}
 	if !s.decodeStart.IsZero() {
 		r.DecodeMs = ms(time.Since(s.decodeStart))
 	}
-	if total > held {
-		r.BytesSaved = int64(total-held) * e.bytesPerCell
-	}
 	return r
 }
 
-func (e *Engine) updateCells() {
-	n := 0
-	for _, s := range e.slots {
-		if s != nil {
-			n += len(s.entryCell)
-		}
-	}
-	e.cellsUsed.Store(int64(n))
-}
-
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-// placeBatch records where llama.cpp put the tokens of the batch just decoded: ids
-// holds each token's sequence in batch order. Each pool places its own tokens in order.
-func (e *Engine) placeBatch(ids []int) ([]int, error) {
-	cells := make([]int, len(ids))
-	for pi, p := range e.pools {
-		var idx, seqs []int
-		for i, id := range ids {
-			if e.poolOf(id) == pi {
-				idx = append(idx, i)
-				seqs = append(seqs, id)
-			}
-		}
-		if len(seqs) == 0 {
-			continue
-		}
-		got, ok := p.place(seqs)
-		if !ok {
-			return nil, errors.New("engine: cell bookkeeping found no free cell where llama.cpp did")
-		}
-		for k, i := range idx {
-			cells[i] = got[k]
-		}
-	}
-	return cells, nil
-}
-
-// reportBudget is the budget in effect: full keeps everything whatever was configured.
-func reportBudget(c elasticcache.Config) float64 {
-	if c.Policy == elasticcache.Full {
-		return 1
-	}
-	return c.Budget
-}

@@ -1,342 +1,402 @@
 package engine
 
 import (
-	"errors"
+	"context"
 	"fmt"
 	"math"
-	"runtime"
-	"sync"
+	"runtime/debug"
+	"slices"
 	"time"
 
-	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
-// prefillStep encodes one batch of one prompt. A single sequence prefills at a time
-// so that captured attention belongs to it alone.
+// run is the decode loop. It returns when ctx ends (failing what is left) or, after
+// Stop, when every request has finished.
+func (e *Engine) run(ctx context.Context) {
+	defer close(e.done)
+	defer e.running.Store(false)
+	for {
+		e.admit()
+		if e.activeCount() == 0 {
+			e.mu.Lock()
+			idle := e.closed && len(e.queue) == 0 && len(e.waiting) == 0
+			e.mu.Unlock()
+			if idle {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				e.failAll(ErrShuttingDown)
+				return
+			case <-e.wake:
+			}
+			continue
+		}
+		if ctx.Err() != nil {
+			e.failAll(ErrShuttingDown)
+			return
+		}
+		e.step()
+	}
+}
+
+// step is one turn of the loop: end cancelled requests, encode one batch of one
+// prompt, decode one token of every generating sequence. A panic outside the work
+// on a single request fails the requests that were running, not the process.
+func (e *Engine) step() {
+	defer func() {
+		if v := recover(); v != nil {
+			stack := debug.Stack()
+			for _, s := range e.slots {
+				if s != nil {
+					e.failPanic(s, v, stack)
+				}
+			}
+		}
+		e.updateCells()
+	}()
+	e.reapCancelled()
+	e.prefillStep()
+	e.decodeStep()
+}
+
+func (e *Engine) activeCount() int {
+	n := 0
+	for _, s := range e.slots {
+		if s != nil {
+			n++
+		}
+	}
+	return n
+}
+
+// admit moves waiting requests into free slots, first come first served, when the
+// cells their policy may hold fit next to the reservations already made.
+func (e *Engine) admit() {
+	e.drainQueue()
+	for len(e.waiting) > 0 {
+		s := e.waiting[0]
+		if s.ctx.Err() != nil {
+			e.dropWaiting(Event{Done: true, Err: s.ctx.Err()})
+			continue
+		}
+		slot := slices.Index(e.slots, nil)
+		if slot < 0 {
+			return
+		}
+		pi := e.poolOf(slot)
+		e.plan(s, e.pools[pi].size())
+		if e.reserved[pi]+s.reserve > e.pools[pi].size() {
+			return // wait for cells to be released
+		}
+		e.waiting = e.waiting[1:]
+		e.queued.Add(-1)
+		cache, err := newSeqCache(e.ctx, slot, e.pools[pi], s.req.Cache, e.model.Info().Layers, s.nPrompt)
+		if err != nil {
+			s.box.push(Event{Done: true, Err: err})
+			s.release()
+			continue
+		}
+		s.id = slot
+		s.cache = cache
+		s.sampler = llama.NewSampler(llama.SamplerParams(s.req.Sampling))
+		s.started = time.Now()
+		e.reserved[pi] += s.reserve
+		e.slots[slot] = s
+		e.busy.Add(1)
+	}
+}
+
+// drainQueue moves everything submitted so far onto the loop's waiting list.
+func (e *Engine) drainQueue() {
+	for {
+		select {
+		case s := <-e.queue:
+			e.waiting = append(e.waiting, s)
+		default:
+			return
+		}
+	}
+}
+
+func (e *Engine) dropWaiting(ev Event) {
+	s := e.waiting[0]
+	e.waiting = e.waiting[1:]
+	e.queued.Add(-1)
+	s.box.push(ev)
+	s.release()
+}
+
+func (e *Engine) poolOf(slot int) int {
+	if len(e.pools) == 1 {
+		return 0
+	}
+	return slot
+}
+
+// reapCancelled ends requests whose client is gone or whose deadline passed.
+func (e *Engine) reapCancelled() {
+	for _, s := range e.slots {
+		if s != nil && s.ctx.Err() != nil {
+			e.finish(s, Event{Done: true, Err: s.ctx.Err()})
+		}
+	}
+	kept := e.waiting[:0]
+	for _, s := range e.waiting {
+		if s.ctx.Err() != nil {
+			e.queued.Add(-1)
+			s.box.push(Event{Done: true, Err: s.ctx.Err()})
+			s.release()
+			continue
+		}
+		kept = append(kept, s)
+	}
+	e.waiting = kept
+}
+
+func (e *Engine) failAll(err error) {
+	for _, s := range e.slots {
+		if s != nil {
+			e.finish(s, Event{Done: true, Err: err})
+		}
+	}
+	e.drainQueue()
+	for len(e.waiting) > 0 {
+		e.dropWaiting(Event{Done: true, Err: err})
+	}
+}
+
+// finish sends s's final event, frees its cells and its C objects. It does nothing
+// for a sequence that has already finished.
+func (e *Engine) finish(s *seq, ev Event) {
+	if s.id < 0 || e.slots[s.id] != s {
+		return
+	}
+	e.slots[s.id] = nil
+	e.busy.Add(-1)
+	e.reserved[e.poolOf(s.id)] -= s.reserve
+	if ev.Err == nil && !s.stopHit {
+		// Release text held back for a possible stop string or an unfinished character.
+		txt, hit := s.stops.add(s.utf8.Flush())
+		if !hit {
+			txt += s.stops.flush()
+		}
+		if txt != "" {
+			s.box.push(Event{Text: txt})
+		}
+	}
+	ev.NLL, ev.NLLTokens = s.nll, s.nllN
+	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen}
+	ev.KV = e.report(s)
+	s.box.push(ev)
+	s.cache.free()
+	s.release()
+}
+
+func (e *Engine) updateCells() {
+	n := 0
+	for _, s := range e.slots {
+		if s != nil {
+			n += s.cache.held()
+		}
+	}
+	e.cellsUsed.Store(int64(n))
+}
+
+// placeBatch records where llama.cpp put the tokens of the batch just decoded: ids
+// holds each token's sequence in batch order. Each pool places its own tokens in order.
+func (e *Engine) placeBatch(ids []int) ([]int, error) {
+	cells := make([]int, len(ids))
+	for pi, p := range e.pools {
+		var idx, seqs []int
+		for i, id := range ids {
+			if e.poolOf(id) == pi {
+				idx = append(idx, i)
+				seqs = append(seqs, id)
+			}
+		}
+		if len(seqs) == 0 {
+			continue
+		}
+		got, ok := p.place(seqs)
+		if !ok {
+			return nil, errBookkeeping
+		}
+		for k, i := range idx {
+			cells[i] = got[k]
+		}
+	}
+	return cells, nil
+}
+
+// prefillStep encodes one batch of one prompt, the oldest unfinished one. A single
+// sequence prefills at a time so that captured attention belongs to it alone.
 func (e *Engine) prefillStep() {
 	var s *seq
 	for _, cand := range e.slots {
-		if cand != nil && !cand.prefilled {
-			if s == nil || cand.started.Before(s.started) {
-				s = cand
-			}
+		if cand != nil && !cand.prefilled && (s == nil || cand.started.Before(s.started)) {
+			s = cand
 		}
 	}
-	if s == nil || e.injected(s) {
+	if s != nil {
+		e.guard(s, func() { e.prefill(s) })
+	}
+}
+
+// prefill schedules the next batch of s's prompt, decodes it through s's cache
+// owner, and after the last batch lets the owner apply the prompt plan.
+func (e *Engine) prefill(s *seq) {
+	if e.injected(s) {
 		return
 	}
 	if s.chunkIdx == 0 && s.chunkOff == 0 {
 		s.prefillStart = time.Now()
-		if s.req.Cache.NeedsPrefillScores() && s.req.Cache.Budget < 1 {
-			s.scores = make([][]float32, e.model.Info().Layers)
-			for l := range s.scores {
-				s.scores[l] = make([]float32, s.nPrompt)
-			}
-		}
 	}
-	ch := &s.chunks[s.chunkIdx]
-	n := min(e.opts.BatchSize, ch.n-s.chunkOff)
-	last := s.chunkIdx == len(s.chunks)-1 && s.chunkOff+n == ch.n
-	var b *llama.Batch
-	switch ch.kind {
-	case llama.ChunkText:
-		b = e.tokBatch
-		b.Clear()
-		for i := 0; i < n; i++ {
-			b.Add(ch.tokens[s.chunkOff+i], s.nPast+i, s.id, last && i == n-1)
-		}
-	case llama.ChunkImage:
-		if ch.embd == nil {
-			embd, err := s.prompt.EncodeImage(ch.src)
-			if err != nil {
-				e.fail(s, fmt.Errorf("engine: %w", err))
-				return
-			}
-			ch.embd = embd
-		}
-		b = e.embdBatch
-		b.Clear()
-		w := e.vision.EmbdSize()
-		for i := 0; i < n; i++ {
-			r := s.chunkOff + i
-			b.AddEmbd(ch.embd[r*w:(r+1)*w], s.nPast+i, s.id, last && i == n-1)
-		}
-		if e.vision.NonCausal() {
-			e.ctx.SetCausal(false)
-			defer e.ctx.SetCausal(true)
-		}
+	b, n, nonCausal, err := e.promptBatch(s)
+	if err != nil {
+		e.fail(s, err)
+		return
 	}
-	capture := s.scores != nil
-	if capture {
-		e.ctx.CaptureReset()
-		e.ctx.CaptureEnable(true)
+	if nonCausal {
+		e.ctx.SetCausal(false)
 	}
-	err := e.ctx.Decode(b)
-	if capture {
-		e.ctx.CaptureEnable(false)
+	err = s.cache.decode(b, s.nPast, true)
+	if nonCausal {
+		e.ctx.SetCausal(true)
 	}
 	if err != nil {
 		e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
 		return
 	}
-	ids := make([]int, n)
-	for i := range ids {
-		ids[i] = s.id
-	}
-	cells, err := e.placeBatch(ids)
-	if err != nil {
-		e.fail(s, err)
-		return
-	}
-	for i, c := range cells {
-		s.record(c, s.nPast+i)
-	}
 	s.nPast += n
-	if capture {
-		if err := e.collectPrefillScores(s); err != nil {
-			e.fail(s, err)
-			return
-		}
-	}
-	s.chunkOff += n
-	if s.chunkOff == ch.n {
+	ch := &s.chunks[s.chunkIdx]
+	if s.chunkOff += n; s.chunkOff == ch.n {
 		ch.embd = nil
 		s.chunkIdx++
 		s.chunkOff = 0
 	}
-	if !last {
+	if s.chunkIdx < len(s.chunks) {
 		return
 	}
 	s.prefilled = true
 	tok := e.next(s, b.Len()-1)
 	s.prefillDur = time.Since(s.prefillStart)
-	t0 := time.Now()
-	if err := e.compress(s); err != nil {
-		e.fail(s, err)
+	if err := s.cache.compress(); err != nil {
+		e.fail(s, fmt.Errorf("engine: %w", err))
 		return
 	}
-	s.compressDur = time.Since(t0)
-	s.scores = nil
 	e.observe(s, true)
 	s.decodeStart = time.Now()
 	e.emit(s, tok)
 }
 
-func maxCell(cells []int) int {
-	m := 0
-	for _, c := range cells {
-		m = max(m, c)
+// promptBatch fills a batch with the next n tokens (or image embeddings) of s's
+// prompt; the last one of the prompt asks for logits. nonCausal is set for an image
+// that the model attends without a causal mask.
+func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err error) {
+	ch := &s.chunks[s.chunkIdx]
+	n = min(e.opts.BatchSize, ch.n-s.chunkOff)
+	last := s.chunkIdx == len(s.chunks)-1 && s.chunkOff+n == ch.n
+	switch ch.kind {
+	case llama.ChunkText:
+		b = e.tokBatch
+		b.Clear()
+		for i := range n {
+			b.Add(ch.tokens[s.chunkOff+i], s.nPast+i, s.id, last && i == n-1)
+		}
+	case llama.ChunkImage:
+		if ch.embd == nil {
+			if ch.embd, err = s.prompt.EncodeImage(ch.src); err != nil {
+				return nil, 0, false, fmt.Errorf("engine: %w", err)
+			}
+		}
+		b = e.embdBatch
+		b.Clear()
+		w := e.vision.EmbdSize()
+		for i := range n {
+			r := s.chunkOff + i
+			b.AddEmbd(ch.embd[r*w:(r+1)*w], s.nPast+i, s.id, last && i == n-1)
+		}
+		nonCausal = e.vision.NonCausal()
 	}
-	return m
+	return b, n, nonCausal, nil
 }
 
-// collectPrefillScores adds the columns captured for this batch to the sequence's
-// scores, by prompt position.
-func (e *Engine) collectPrefillScores(s *seq) error {
-	sums, err := e.ctx.CaptureSums(maxCell(s.entryCell) + 1)
-	if err != nil {
-		return fmt.Errorf("engine: %w", err)
-	}
-	for l := range sums {
-		for i, c := range s.entryCell {
-			s.scores[l][s.entryPos[i]] += sums[l][c]
+// decodeStep decodes the pending token of every generating sequence: one shared
+// batch for those whose policy allows it, one call each for those whose attention
+// must be captured alone.
+func (e *Engine) decodeStep() {
+	var shared, alone []*seq
+	for _, s := range e.slots {
+		if s == nil || !s.prefilled {
+			continue
+		}
+		if e.guardBool(s, func() bool { return e.injected(s) }) {
+			continue
+		}
+		switch {
+		case s.cache.pool.free() == 0:
+			e.finish(s, Event{Done: true, FinishReason: FinishLength})
+		case s.req.Cache.BatchedDecode():
+			shared = append(shared, s)
+		default:
+			alone = append(alone, s)
 		}
 	}
-	return nil
+	if len(shared) > 0 {
+		e.decodeShared(shared)
+	}
+	for _, s := range alone {
+		e.guard(s, func() {
+			b := e.tokBatch
+			b.Clear()
+			b.Add(s.pending, s.nPast, s.id, true)
+			if err := s.cache.decode(b, s.nPast, false); err != nil {
+				e.fail(s, fmt.Errorf("engine: decode: %w", err))
+				return
+			}
+			e.afterDecode(s, 0)
+		})
+	}
 }
 
-// compress applies the prefill plan: every layer keeps K rows (merged per the plan),
-// written back as K contiguous cells.
-func (e *Engine) compress(s *seq) error {
-	plan, err := s.tracker.PlanPrefill(s.nPrompt, s.scores)
-	if err != nil {
-		return fmt.Errorf("engine: plan: %w", err)
-	}
-	if plan == nil {
-		return nil
-	}
-	src, err := e.ctx.ReadSeqCache(s.id)
-	if err != nil {
-		return fmt.Errorf("engine: %w", err)
-	}
-	if src.Cells() != s.nPrompt {
-		return fmt.Errorf("engine: sequence holds %d cells, expected %d", src.Cells(), s.nPrompt)
-	}
-	// cellOfPos maps a prompt position to its cell in src (cell order = state order).
-	cellOfPos := make([]int, s.nPrompt)
-	for c, p := range src.Pos {
-		if int(p) >= s.nPrompt {
-			return fmt.Errorf("engine: unexpected position %d in the cache", p)
-		}
-		cellOfPos[p] = c
-	}
-	dst := ApplyPlan(src, plan, cellOfPos)
-	pos := make([]int, plan.K)
-	for i, p := range plan.Layers[0].Keep {
-		pos[i] = p
-		dst.Pos[i] = int32(p)
-	}
-	if err := e.ctx.WriteSeqCache(s.id, dst); err != nil {
-		return fmt.Errorf("engine: %w", err)
-	}
-	// llama.cpp removed the sequence, then placed the K cells as one ubatch.
-	s.pool.releaseAll(s.id)
-	ids := make([]int, plan.K)
-	for i := range ids {
+func (e *Engine) decodeShared(ss []*seq) {
+	b := e.tokBatch
+	b.Clear()
+	ids := make([]int, len(ss))
+	for i, s := range ss {
+		b.Add(s.pending, s.nPast, s.id, true)
 		ids[i] = s.id
 	}
-	cells, ok := s.pool.placeUBatch(ids)
-	if !ok {
-		return errors.New("engine: cell bookkeeping could not place the rewritten cache")
+	err := e.ctx.Decode(b)
+	var cells []int
+	if err == nil {
+		cells, err = e.placeBatch(ids)
 	}
-	s.resetLayout(cells, pos)
-	return nil
-}
-
-// ApplyPlan builds the compressed cache: cell i of layer l holds the mean of the rows
-// of plan.Layers[l].Keep[i] and its merge group (a plain copy when the group is empty).
-// Layers are independent, so they are merged in parallel.
-func ApplyPlan(src *llama.SeqCache, plan *elasticcache.PrefillPlan, cellOfPos []int) *llama.SeqCache {
-	dst := llama.NewSeqCacheLike(src, plan.K)
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
-	for l := range plan.Layers {
-		for _, part := range []struct{ in, out *llama.LayerRows }{{&src.K[l], &dst.K[l]}, {&src.V[l], &dst.V[l]}} {
-			wg.Add(1)
-			sem <- struct{}{}
-			go func() {
-				defer func() { <-sem; wg.Done() }()
-				mergeLayer(part.in, part.out, src.Cells(), plan.K, plan.Layers[l], cellOfPos)
-			}()
-		}
-	}
-	wg.Wait()
-	return dst
-}
-
-func mergeLayer(in, out *llama.LayerRows, nSrc, k int, lp elasticcache.LayerPlan, cellOfPos []int) {
-	acc := make([]float32, in.RowElems)
-	row := make([]float32, in.RowElems)
-	for i, anchor := range lp.Keep {
-		var group []int
-		if i < len(lp.Groups) {
-			group = lp.Groups[i]
-		}
-		if len(group) == 0 {
-			out.CopyRow(k, i, in, nSrc, cellOfPos[anchor])
-			continue
-		}
-		in.Row(nSrc, cellOfPos[anchor], acc)
-		for _, g := range group {
-			in.Row(nSrc, cellOfPos[g], row)
-			for j, v := range row {
-				acc[j] += v
-			}
-		}
-		inv := 1 / float32(len(group)+1)
-		for j := range acc {
-			acc[j] *= inv
-		}
-		out.SetRow(k, i, acc)
-	}
-}
-
-// decodeStep decodes the pending token of every generating sequence: one shared batch
-// for policies without decode scores, one captured call each for those with them.
-func (e *Engine) decodeStep() {
-	var plain, captured []*seq
-	for _, s := range e.slots {
-		if s == nil || !s.prefilled || e.injected(s) {
-			continue
-		}
-		if s.pool.free() == 0 {
-			e.finishSeq(s, Event{Done: true, FinishReason: FinishLength})
-			continue
-		}
-		if s.req.Cache.NeedsDecodeScores() && s.req.Cache.Budget < 1 {
-			captured = append(captured, s)
-		} else {
-			plain = append(plain, s)
-		}
-	}
-	if len(plain) > 0 {
-		b := e.tokBatch
-		b.Clear()
-		for _, s := range plain {
-			b.Add(s.pending, s.nPast, s.id, true)
-		}
-		ids := make([]int, len(plain))
-		for i, s := range plain {
-			ids[i] = s.id
-		}
-		err := e.ctx.Decode(b)
-		var cells []int
-		if err == nil {
-			cells, err = e.placeBatch(ids)
-		}
-		if err != nil {
-			for _, s := range plain {
-				e.fail(s, fmt.Errorf("engine: decode: %w", err))
-			}
-		} else {
-			for i, s := range plain {
-				e.afterDecode(s, i, cells[i], nil)
-			}
-		}
-	}
-	for _, s := range captured {
-		b := e.tokBatch
-		b.Clear()
-		b.Add(s.pending, s.nPast, s.id, true)
-		e.ctx.CaptureReset()
-		e.ctx.CaptureEnable(true)
-		err := e.ctx.Decode(b)
-		e.ctx.CaptureEnable(false)
-		var cells []int
-		if err == nil {
-			cells, err = e.placeBatch([]int{s.id})
-		}
-		if err != nil {
-			e.fail(s, fmt.Errorf("engine: decode: %w", err))
-			continue
-		}
-		e.afterDecode(s, 0, cells[0], s)
-	}
-}
-
-// afterDecode records the new cell, samples the next token, lets the policy evict,
-// and emits the token. withScores is non-nil when this step's attention was captured.
-func (e *Engine) afterDecode(s *seq, row, cell int, withScores *seq) {
-	s.record(cell, s.nPast)
-	s.nPast++
-	tok := e.next(s, row)
-	var scores [][]float32
-	if withScores != nil {
-		sums, err := e.ctx.CaptureSums(maxCell(s.entryCell) + 1)
-		if err != nil {
-			e.fail(s, fmt.Errorf("engine: %w", err))
-			return
-		}
-		scores = make([][]float32, len(sums))
-		for l := range sums {
-			scores[l] = make([]float32, len(s.entryCell))
-			for i, c := range s.entryCell {
-				scores[l][i] = sums[l][c]
-			}
-		}
-	}
-	idx, err := s.tracker.AfterDecode(s.nPast, len(s.entryCell), scores)
 	if err != nil {
-		e.fail(s, fmt.Errorf("engine: policy: %w", err))
+		for _, s := range ss {
+			e.fail(s, fmt.Errorf("engine: decode: %w", err))
+		}
 		return
 	}
-	if idx >= 0 {
-		pos := s.evict(idx)
-		if !e.ctx.SeqRemove(s.id, pos, pos+1) {
-			e.fail(s, fmt.Errorf("engine: could not evict position %d", pos))
-			return
-		}
+	for i, s := range ss {
+		e.guard(s, func() {
+			s.cache.placed(cells[i], s.nPast)
+			e.afterDecode(s, i)
+		})
+	}
+}
+
+// afterDecode samples the next token from output row, lets the cache owner act on
+// the token just stored, and emits the sampled token.
+func (e *Engine) afterDecode(s *seq, row int) {
+	s.nPast++
+	tok := e.next(s, row)
+	if err := s.cache.afterToken(s.nPast); err != nil {
+		e.fail(s, fmt.Errorf("engine: %w", err))
+		return
 	}
 	e.observe(s, false)
 	e.emit(s, tok)
@@ -373,14 +433,14 @@ func NegLogProb(logits []float32, tok llama.Token) float64 {
 func (e *Engine) observe(s *seq, prefill bool) {
 	if e.opts.Observe != nil {
 		e.opts.Observe(Observation{Slot: s.id, RequestID: s.req.ID, Prefill: prefill, T: s.nPast,
-			Held: len(s.entryCell), Attended: e.ctx.LastAttendedRange()})
+			Held: s.cache.held(), Attended: e.ctx.LastAttendedRange()})
 	}
 }
 
 // emit handles a sampled token: end of generation, stop strings, length, or streaming.
 func (e *Engine) emit(s *seq, tok llama.Token) {
 	if s.req.Force == nil && e.model.IsEOG(tok) {
-		e.finishSeq(s, Event{Done: true, FinishReason: FinishStop})
+		e.finish(s, Event{Done: true, FinishReason: FinishStop})
 		return
 	}
 	s.nGen++
@@ -391,11 +451,11 @@ func (e *Engine) emit(s *seq, tok llama.Token) {
 	}
 	if hit || s.req.Force != nil && s.nGen >= len(s.req.Force) {
 		s.stopHit = hit
-		e.finishSeq(s, Event{Done: true, FinishReason: FinishStop})
+		e.finish(s, Event{Done: true, FinishReason: FinishStop})
 		return
 	}
 	if s.nGen >= s.maxGen {
-		e.finishSeq(s, Event{Done: true, FinishReason: FinishLength})
+		e.finish(s, Event{Done: true, FinishReason: FinishLength})
 		return
 	}
 	s.pending = tok
@@ -415,12 +475,41 @@ func (e *Engine) injected(s *seq) bool {
 
 func (e *Engine) fail(s *seq, err error) {
 	e.log.Error().Err(err).Int("slot", s.id).Str("request_id", s.req.ID).Msg("request failed")
-	e.finishSeq(s, Event{Done: true, Err: err})
+	e.finish(s, Event{Done: true, Err: err})
 }
 
-func (e *Engine) finishSeq(s *seq, ev Event) {
-	if e.slots[s.id] != s {
-		return
-	}
-	e.finish(s.id, ev)
+// guard runs one piece of the engine's work on s. A panic in it fails s alone
+// (an *completion.InternalError, logged with its stack) and the loop goes on.
+func (e *Engine) guard(s *seq, work func()) {
+	defer func() {
+		if v := recover(); v != nil {
+			e.failPanic(s, v, debug.Stack())
+		}
+	}()
+	work()
+}
+
+func (e *Engine) guardBool(s *seq, work func() bool) (r bool) {
+	r = true // a panicking check counts as handled: s has failed
+	e.guard(s, func() { r = work() })
+	return r
+}
+
+func (e *Engine) failPanic(s *seq, v any, stack []byte) {
+	e.log.Error().Int("slot", s.id).Str("request_id", s.req.ID).Str("panic", fmt.Sprint(v)).
+		Bytes("stack", stack).Msg("panic while working on a request; it fails, the engine goes on")
+	err := &completion.InternalError{RequestID: s.req.ID, Err: fmt.Errorf("panic: %v", v)}
+	defer func() {
+		// Finishing a sequence whose state the panic broke may panic again: then
+		// free its slot by hand, so the engine keeps its other requests.
+		if recover() != nil && s.id >= 0 && e.slots[s.id] == s {
+			e.slots[s.id] = nil
+			e.busy.Add(-1)
+			e.reserved[e.poolOf(s.id)] -= s.reserve
+			e.ctx.SeqClear(s.id)
+			s.cache.pool.releaseAll(s.id)
+			s.box.push(Event{Done: true, Err: err})
+		}
+	}()
+	e.finish(s, Event{Done: true, Err: err})
 }

@@ -5,17 +5,17 @@ import "github.com/elasticserve/elasticserve/engine/completion"
 // The engine speaks the types of package completion; these aliases keep its own
 // code and its callers short.
 type (
-	Message    = completion.Message
-	Sampling   = completion.Sampling
-	Request    = completion.Request
-	Usage      = completion.Usage
-	KVReport   = completion.KVReport
-	Event      = completion.Event
-	InputError = completion.InputError
+	Message  = completion.Message
+	Part     = completion.Part
+	Sampling = completion.Sampling
+	Request  = completion.Request
+	Usage    = completion.Usage
+	KVReport = completion.KVReport
+	Event    = completion.Event
+	Result   = completion.Result
 )
 
 const (
-	ImageMarker  = completion.ImageMarker
 	FinishStop   = completion.FinishStop
 	FinishLength = completion.FinishLength
 )
@@ -23,6 +23,5 @@ const (
 var (
 	ErrQueueFull    = completion.ErrQueueFull
 	ErrShuttingDown = completion.ErrShuttingDown
-	PromptTooLong   = completion.PromptTooLong
 	DefaultSampling = completion.DefaultSampling
 )

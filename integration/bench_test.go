@@ -13,6 +13,7 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
 	"github.com/elasticserve/elasticserve/llama"
 )
@@ -165,25 +166,24 @@ func benchServerVsDirect(b *testing.B, modelFile string, rounds int) {
 	}
 
 	// The engine alone, as the server drives it (--parallel 1, unified pool).
-	eng, err := engine.New(model, nil, engine.Options{
+	eng, err := engine.Start(model, nil, engine.Options{
 		Parallel: 1, CtxSize: ctxSize, BatchSize: 512, UBatchSize: 512, Threads: 1, Unified: true,
 		QueueSize: 4, Log: zerolog.Nop(),
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
-	engCtx, stopEngine := context.WithCancel(context.Background())
-	go eng.Run(engCtx)
-	defer func() { stopEngine(); <-eng.Done(); eng.Close() }()
+	defer eng.Stop(context.Background())
 	cache := elasticcache.DefaultConfig()
 	cache.Policy = elasticcache.Full
+	fullSpec := elasticcache.MustSpec(cache)
 	viaEngine := func() (rate float64, text string) {
 		ch, err := eng.Submit(context.Background(), &engine.Request{
 			ID:        "bench",
-			Messages:  []engine.Message{{Role: "user", Content: prompt}},
+			Messages:  []engine.Message{{Role: "user", Parts: []engine.Part{completion.Text(prompt)}}},
 			MaxTokens: genTokens,
 			Sampling:  engine.Sampling{Temperature: 0},
-			Cache:     cache,
+			Cache:     fullSpec,
 		})
 		if err != nil {
 			b.Fatal(err)

@@ -117,6 +117,7 @@ type serverSpec struct {
 	vision bool
 	flags  []string
 	model  string // GGUF to serve; default the tiny test model (modelPath)
+	mmproj string // projector loaded with vision; default the test model's (mmprojPath)
 }
 
 // startServer launches the binary on a free loopback port (--addr
@@ -130,7 +131,11 @@ func startServer(name string, spec serverSpec) (*server, error) {
 	}
 	args := []string{"--model", model, "--addr", "127.0.0.1:0", "--threads", "1", "--log-format", "json"}
 	if spec.vision {
-		args = append(args, "--mmproj", mmprojPath)
+		mmproj := spec.mmproj
+		if mmproj == "" {
+			mmproj = mmprojPath
+		}
+		args = append(args, "--mmproj", mmproj)
 	}
 	args = append(args, spec.flags...)
 	cmd := exec.Command(binPath, args...)
@@ -245,6 +250,15 @@ var (
 )
 
 const testAPIKey = "sk-integration-test-key-0123456789"
+
+// demoSpec serves the bundled demo model (models/demo, in the repository),
+// whose answers are known: the tests that need a model that really reads
+// the picture ask it. Its slots have the cells of the default flags.
+func demoSpec() serverSpec {
+	dir := filepath.Join(repoRoot, "models", "demo")
+	return serverSpec{vision: true, model: filepath.Join(dir, "model.gguf"), mmproj: filepath.Join(dir, "mmproj.gguf"),
+		flags: []string{"--parallel", "2", "--ctx-size", "2048"}}
+}
 
 func sharedServer(tb testing.TB, name string, spec serverSpec) *server {
 	tb.Helper()

@@ -38,9 +38,12 @@ func readmeCurl(tb testing.TB) string {
 	return ""
 }
 
-// TestReadmeCurl runs the README's curl example against a live server: the
-// documented address is replaced by the test server's, and the example image
-// by a generated PNG when the repository does not ship it.
+// readmeAnswer is the answer README.md promises for its curl example.
+const readmeAnswer = " red"
+
+// TestReadmeCurl runs the README's curl example against a live server on
+// the bundled demo model, as `make run` serves it (the documented address
+// is replaced by the test server's), and checks the documented answer.
 func TestReadmeCurl(t *testing.T) {
 	curl, err := exec.LookPath("curl")
 	if err != nil {
@@ -50,7 +53,14 @@ func TestReadmeCurl(t *testing.T) {
 	if err != nil {
 		t.Skip("bash is not installed; the README example cannot be run")
 	}
-	s := sharedServer(t, "main", mainSpec)
+	readme, err := os.ReadFile(filepath.Join(repoRoot, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(readme), "The answer is `\""+readmeAnswer+"\"`") {
+		t.Fatalf("README.md no longer says the answer is %q; update this test", readmeAnswer)
+	}
+	s := sharedServer(t, "demo", demoSpec())
 	script := readmeCurl(t)
 	const documented = "http://127.0.0.1:8080"
 	if !strings.Contains(script, documented) {
@@ -58,15 +68,8 @@ func TestReadmeCurl(t *testing.T) {
 	}
 	script = strings.ReplaceAll(script, documented, s.URL)
 	const examplePNG = "models/demo/example.png"
-	if strings.Contains(script, examplePNG) {
-		if _, err := os.Stat(filepath.Join(repoRoot, examplePNG)); err != nil {
-			tmp := filepath.Join(t.TempDir(), "example.png")
-			if err := os.WriteFile(tmp, redCircle(t), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			t.Logf("%s is not in the repository; using a generated PNG", examplePNG)
-			script = strings.ReplaceAll(script, examplePNG, tmp)
-		}
+	if !strings.Contains(script, examplePNG) {
+		t.Fatalf("the README curl example no longer sends %s; update this test:\n%s", examplePNG, script)
 	}
 	// Use the curl found above even where the script says plain "curl".
 	script = "curl() { " + shellQuote(curl) + ` "$@"; }` + "\n" + script
@@ -107,6 +110,9 @@ func TestReadmeCurl(t *testing.T) {
 	}
 	if resp.KVCache == nil || resp.KVCache.Policy != want[1] {
 		t.Errorf("kv_cache does not reflect the example's policy %q: %s", want[1], stdout.String())
+	}
+	if got := resp.Choices[0].Message.Content; got != readmeAnswer {
+		t.Errorf("the README example answered %q; README.md promises %q", got, readmeAnswer)
 	}
 }
 

@@ -21,6 +21,8 @@ type slowBackend struct {
 	every time.Duration
 }
 
+var _ api.Backend = slowBackend{}
+
 func (b slowBackend) Submit(ctx context.Context, _ *completion.Request) (<-chan completion.Event, error) {
 	ch := make(chan completion.Event)
 	go func() {

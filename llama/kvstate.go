@@ -172,6 +172,11 @@ func parseSeqCache(b []byte) (*SeqCache, error) {
 	if r.err != nil {
 		return nil, r.err
 	}
+	if rest := len(b) - r.off; rest != 0 {
+		// A layout this parser does not know (a sliding-window model's second cache,
+		// recurrent state): refuse it rather than rewrite half of it.
+		return nil, fmt.Errorf("kv state: %d bytes follow the cache this hook understands (unsupported cache layout)", rest)
+	}
 	if s.Stream < 0 {
 		return nil, errors.New("kv state: the sequence holds no cells")
 	}

@@ -485,3 +485,25 @@ func TestSystemInfoReportsAVX2WhenTheCPUHasIt(t *testing.T) {
 		t.Fatalf("CPU has avx2 but the build reports: %s (build with make: -march flags)", SystemInfo())
 	}
 }
+
+// The hook refuses a state it does not fully understand (here: bytes after the
+// one cache it parses, as a sliding-window model's second cache would add) instead
+// of rewriting part of it.
+func TestSeqCacheParserRefusesUnknownTrailingState(t *testing.T) {
+	c := newCtx(t, ContextParams{})
+	decodeTokens(t, c, mustTokenize(t, "a few tokens to hold"), 0, 0)
+	sc, err := c.ReadSeqCache(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := sc.encode()
+	if _, err := parseSeqCache(data); err != nil {
+		t.Fatalf("the unchanged state does not parse: %v", err)
+	}
+	if _, err := parseSeqCache(append(data, 0, 0, 0, 0)); err == nil || !strings.Contains(err.Error(), "unsupported cache layout") {
+		t.Fatalf("trailing state accepted: %v", err)
+	}
+	if _, err := parseSeqCache(data[:len(data)-3]); err == nil {
+		t.Fatal("truncated state accepted")
+	}
+}

@@ -45,6 +45,9 @@ type ModelInfo struct {
 	ChatTmpl   string
 	HeadDim    int // embedding size / heads
 	KVRowElems int // K (and V) elements per cell per layer: KVHeads * HeadDim
+	// SWA is the sliding-window size of models with sliding-window attention layers
+	// (0: none). Their cache holds two caches, which the KV hook does not rewrite.
+	SWA int
 }
 
 // Model is a loaded GGUF model. It is safe for concurrent use by tokenizer calls;
@@ -135,6 +138,7 @@ func (m *Model) readInfo() ModelInfo {
 		BOS:       Token(C.llama_vocab_bos(m.vocab)),
 		EOS:       Token(C.llama_vocab_eos(m.vocab)),
 		AddBOS:    bool(C.llama_vocab_get_add_bos(m.vocab)),
+		SWA:       int(C.llama_model_n_swa(m.c)),
 	}
 	if t := C.llama_model_chat_template(m.c, nil); t != nil {
 		i.ChatTmpl = C.GoString(t)

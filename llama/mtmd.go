@@ -125,8 +125,18 @@ func (p *Prompt) Close() {
 	}
 }
 
-// ErrBadImage is returned when image bytes cannot be decoded.
+// ErrBadImage is returned (inside an *ImageError) when image bytes cannot be decoded.
 var ErrBadImage = errors.New("image could not be decoded")
+
+// ImageError says which image of a Tokenize call could not be read.
+type ImageError struct {
+	Index int
+	Err   error
+}
+
+func (e *ImageError) Error() string { return fmt.Sprintf("image %d: %v", e.Index, e.Err) }
+
+func (e *ImageError) Unwrap() error { return e.Err }
 
 // Tokenize splits text (with one MediaMarker per image) into text and image chunks.
 // addSpecial adds BOS; special tokens in text are parsed.
@@ -147,7 +157,7 @@ func (v *Vision) Tokenize(text string, images [][]byte, addSpecial bool) (*Promp
 	}()
 	for i, img := range images {
 		if len(img) == 0 {
-			return nil, fmt.Errorf("image %d: %w", i, ErrBadImage)
+			return nil, &ImageError{Index: i, Err: ErrBadImage}
 		}
 		cbuf := C.CBytes(img)
 		b := C.mtmd_helper_bitmap_init_from_buf(v.c, (*C.uchar)(cbuf), C.size_t(len(img)))
@@ -156,7 +166,7 @@ func (v *Vision) Tokenize(text string, images [][]byte, addSpecial bool) (*Promp
 			if b != nil {
 				C.mtmd_bitmap_free(b)
 			}
-			return nil, fmt.Errorf("image %d: %w", i, ErrBadImage)
+			return nil, &ImageError{Index: i, Err: ErrBadImage}
 		}
 		bitmaps = append(bitmaps, b)
 	}

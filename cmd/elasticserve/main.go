@@ -109,7 +109,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		log.Info().Str("mmproj", cfg.MMProj).Msg("vision encoder loaded")
 	}
 
-	eng, err := engine.New(model, vision, engine.Options{
+	eng, err := engine.Start(model, vision, engine.Options{
 		Parallel:   cfg.Parallel,
 		CtxSize:    cfg.CtxSize,
 		BatchSize:  cfg.BatchSize,
@@ -124,10 +124,9 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
-	defer eng.Close()
-	engCtx, cancelEngine := context.WithCancel(context.Background())
-	defer cancelEngine()
-	go eng.Run(engCtx)
+	stopNow, cancelStop := context.WithCancel(context.Background())
+	cancelStop()
+	defer eng.Stop(stopNow) // on an early return: fail what runs and free the context
 
 	modelID := filepath.Base(cfg.Model)
 	created := time.Now()
@@ -136,6 +135,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	}
 	backend := &backend{eng: eng, info: api.BackendInfo{
 		ModelID: modelID, Created: created, CtxPerSeq: eng.SeqCells(), Vision: vision != nil, Slots: cfg.Parallel,
+		MediaMarker: llama.MediaMarker(),
 	}}
 	handler := api.New(api.OptionsFromConfig(cfg), backend, log)
 
@@ -160,12 +160,14 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	case <-ctx.Done():
 	}
 	log.Info().Dur("grace", cfg.ShutdownGrace).Msg("shutting down: finishing in-flight requests")
-	eng.Shutdown()
 	grace, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	defer cancel()
+	// The engine stops admitting at once (new requests get 503) and fails what is
+	// still running when the grace ends; the HTTP server waits for the handlers.
+	stopped := make(chan struct{})
+	go func() { eng.Stop(grace); close(stopped) }()
 	err = srv.Shutdown(grace)
-	cancelEngine()
-	<-eng.Done()
+	<-stopped
 	if errors.Is(err, context.DeadlineExceeded) {
 		// The engine has failed the requests still running; let their handlers send
 		// that error (an SSE error event, or a 503) before the process exits, so a

@@ -65,7 +65,6 @@ type Answerer struct {
 	Model  *llama.Model
 	Vision *llama.Vision
 	Engine *engine.Engine
-	stop   context.CancelFunc
 }
 
 // StartAnswerer loads dir's pair and starts an engine with parallel slots.
@@ -74,7 +73,7 @@ func StartAnswerer(dir string, parallel, threads int, kvType string) (*Answerer,
 	if err != nil {
 		return nil, err
 	}
-	e, err := engine.New(m, v, engine.Options{
+	e, err := engine.Start(m, v, engine.Options{
 		Parallel: parallel, CtxSize: 1024 * parallel, BatchSize: 512, Threads: threads,
 		KVType: kvType, Log: zerolog.Nop(),
 	})
@@ -83,22 +82,20 @@ func StartAnswerer(dir string, parallel, threads int, kvType string) (*Answerer,
 		m.Close()
 		return nil, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	go e.Run(ctx)
-	return &Answerer{Model: m, Vision: v, Engine: e, stop: cancel}, nil
+	return &Answerer{Model: m, Vision: v, Engine: e}, nil
 }
 
 // Close stops the engine and frees the model.
 func (a *Answerer) Close() {
-	a.stop()
-	<-a.Engine.Done()
-	a.Engine.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // every Answer call has returned: nothing to wait for
+	a.Engine.Stop(ctx)
 	a.Vision.Close()
 	a.Model.Close()
 }
 
 // Answer returns the greedy answers to qs (in order), with cache setting c.
-func (a *Answerer) Answer(qs []Question, imgs map[string][]byte, c elasticcache.Config, maxTokens int) ([]string, error) {
+func (a *Answerer) Answer(qs []Question, imgs map[string][]byte, c elasticcache.Spec, maxTokens int) ([]string, error) {
 	type res struct {
 		i    int
 		text string
@@ -114,26 +111,13 @@ func (a *Answerer) Answer(qs []Question, imgs map[string][]byte, c elasticcache.
 				defer func() { <-sem }()
 				req := &engine.Request{
 					ID:        fmt.Sprintf("q%d", i),
-					Messages:  []engine.Message{{Role: "user", Content: userContent(q.Question, q.TextFirst)}},
-					Images:    [][]byte{imgs[q.Image]},
+					Messages:  []engine.Message{userTurn(q.Question, imgs[q.Image], q.TextFirst)},
 					MaxTokens: maxTokens,
 					Sampling:  engine.Sampling{Temperature: 0, RepeatPenalty: 1},
 					Cache:     c,
 				}
-				ch, err := a.Engine.Submit(context.Background(), req)
-				if err != nil {
-					results <- res{i: i, err: err}
-					return
-				}
-				var b strings.Builder
-				for ev := range ch {
-					b.WriteString(ev.Text)
-					if ev.Done {
-						err = ev.Err
-						break
-					}
-				}
-				results <- res{i: i, text: b.String(), err: err}
+				out, err := a.Engine.Complete(context.Background(), req)
+				results <- res{i: i, text: out.Text, err: err}
 			}()
 		}
 	}()
@@ -175,6 +159,10 @@ func answerCmd(fs *flag.FlagSet, args []string) error {
 		return err
 	}
 	c.Budget = *budget
+	spec, err := c.Spec()
+	if err != nil {
+		return err
+	}
 	llama.Init(llama.LogError)
 	a, err := StartAnswerer(*dir, *parallel, *threads, *kvType)
 	if err != nil {
@@ -182,7 +170,7 @@ func answerCmd(fs *flag.FlagSet, args []string) error {
 	}
 	defer a.Close()
 	start := time.Now()
-	answers, err := a.Answer(qf.Questions, imgs, c, *maxTokens)
+	answers, err := a.Answer(qf.Questions, imgs, spec, *maxTokens)
 	if err != nil {
 		return err
 	}

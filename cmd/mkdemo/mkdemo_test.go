@@ -125,8 +125,7 @@ func TestDemoModelMatchesPyTorch(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := startDemo(t, 4)
-	c := elasticcache.DefaultConfig()
-	c.Policy, c.Budget = elasticcache.Full, 1
+	c := elasticcache.MustSpec(elasticcache.Config{Policy: elasticcache.Full, Budget: 1})
 	answers, err := a.Answer(qf.Questions, imgs, c, 256)
 	if err != nil {
 		t.Fatal(err)
@@ -180,8 +179,7 @@ func TestDemoExample(t *testing.T) {
 			Question{ID: "count", Image: "example.png", Question: "How many shapes are there?", TextFirst: tf, Reference: "two"},
 			Question{ID: "where", Image: "example.png", Question: "Where is the circle?", TextFirst: tf, Reference: "center"})
 	}
-	c := elasticcache.DefaultConfig()
-	c.Policy, c.Budget = elasticcache.Full, 1
+	c := elasticcache.MustSpec(elasticcache.Config{Policy: elasticcache.Full, Budget: 1})
 	answers, err := a.Answer(qs, map[string][]byte{"example.png": img}, c, 32)
 	if err != nil {
 		t.Fatal(err)

@@ -8,17 +8,20 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
-// userContent is the user turn as the API flattens [image, text] parts (or
-// [text, image] with textFirst), see api/decode.go.
-func userContent(question string, textFirst bool) string {
+// userTurn is the user message of a held-out question: the image, then the
+// question (or the question first with textFirst), as a client sends the parts.
+func userTurn(question string, image []byte, textFirst bool) engine.Message {
+	parts := []engine.Part{completion.Image(image), completion.Text(question)}
 	if textFirst {
-		return question + "\n" + llama.MediaMarker()
+		parts[0], parts[1] = parts[1], parts[0]
 	}
-	return llama.MediaMarker() + "\n" + question
+	return engine.Message{Role: "user", Parts: parts}
 }
 
 func loadPair(dir string, threads int) (*llama.Model, *llama.Vision, error) {
@@ -69,11 +72,11 @@ func probeCmd(fs *flag.FlagSet, args []string) error {
 	}
 	defer m.Close()
 	defer v.Close()
-	text, err := m.ApplyChatTemplate("", []llama.ChatMessage{{Role: "user", Content: userContent(*question, *textFirst)}}, true)
+	text, images, err := engine.RenderPrompt(m, []engine.Message{userTurn(*question, img, *textFirst)})
 	if err != nil {
 		return err
 	}
-	p, err := v.Tokenize(text, [][]byte{img}, true)
+	p, err := v.Tokenize(text, images, true)
 	if err != nil {
 		return err
 	}

@@ -1,24 +1,47 @@
-// Package completion holds the request and event types shared by the engine and the
-// HTTP layer. It has no cgo, so packages that only speak these types stay pure Go.
+// Package completion holds the request, event and error types shared by the engine
+// and its callers (the HTTP layer, the eval tool, the demo tools). It has no cgo, so
+// packages that only speak these types stay pure Go. These are the engine's own types:
+// they carry no wire format (the API layer owns JSON).
 package completion
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 )
 
-// Message is one chat turn after the API layer has flattened its content parts.
-// Images referenced by the turn appear in Content as the engine's media marker
-// (ImageMarker) in the order the bytes appear in Request.Images.
-type Message struct {
-	Role    string
-	Content string
+// PartKind says what a message part holds.
+type PartKind int
+
+// The kinds of message parts.
+const (
+	PartText PartKind = iota
+	PartImage
+)
+
+// Part is one piece of a message: text, or an encoded image (PNG or JPEG bytes).
+type Part struct {
+	Kind  PartKind
+	Text  string
+	Image []byte
 }
 
-// ImageMarker stands for one image inside Message.Content.
-const ImageMarker = "<__media__>"
+// Text is a text part.
+func Text(s string) Part { return Part{Kind: PartText, Text: s} }
+
+// Image is an image part holding encoded image bytes.
+func Image(data []byte) Part { return Part{Kind: PartImage, Image: data} }
+
+// Message is one chat turn. The engine renders a message's parts joined by "\n"
+// (llama-server's rule for OpenAI content arrays), an image part becoming the
+// vision encoder's media marker.
+type Message struct {
+	Role  string
+	Parts []Part
+}
 
 // Sampling holds the sampler settings of one request. Zero Temperature means greedy.
 type Sampling struct {
@@ -38,19 +61,32 @@ func DefaultSampling() Sampling {
 	return Sampling{Temperature: 0.8, TopK: 40, TopP: 0.95, MinP: 0.05, RepeatPenalty: 1.0, RepeatLastN: 64, Seed: 0xFFFFFFFF}
 }
 
-// Request is one completion request, validated by the API layer.
+// Request is one completion request.
 type Request struct {
 	ID        string
 	Messages  []Message
-	Images    [][]byte // encoded PNG/JPEG bytes, in marker order
-	MaxTokens int      // 0: until the context is full or EOS
+	MaxTokens int // 0: until the context is full or EOS
 	Stop      []string
 	Sampling  Sampling
 	// Force, when set, replaces sampling: generation feeds these tokens one by one (the
 	// reference answer of a perplexity run) and the final event reports their NLL.
 	Force []int32
-	// Cache is the Elastic Cache setting for this request (server default already applied).
-	Cache elasticcache.Config
+	// Cache is the validated cache setting for this request (server default already
+	// applied); the zero Spec is full.
+	Cache elasticcache.Spec
+}
+
+// Images returns the request's image parts' bytes in prompt order.
+func (r *Request) Images() [][]byte {
+	var out [][]byte
+	for _, m := range r.Messages {
+		for _, p := range m.Parts {
+			if p.Kind == PartImage {
+				out = append(out, p.Image)
+			}
+		}
+	}
+	return out
 }
 
 // FinishReason values follow the OpenAI API.
@@ -59,29 +95,29 @@ const (
 	FinishLength = "length"
 )
 
-// Usage counts tokens the way the OpenAI API does.
+// Usage counts tokens.
 type Usage struct {
-	PromptTokens     int `json:"prompt_tokens"`
-	CompletionTokens int `json:"completion_tokens"`
-	TotalTokens      int `json:"total_tokens"`
+	PromptTokens     int
+	CompletionTokens int
+	TotalTokens      int
 }
 
 // KVReport says what the cache policy did for one request.
 type KVReport struct {
-	Policy        string  `json:"policy"`
-	Budget        float64 `json:"budget"`
-	PromptEntries int     `json:"prompt_entries"`
-	Kept          int     `json:"kept"`
-	Merged        int     `json:"merged"`
-	Evicted       int     `json:"evicted"`
-	PeakCells     int     `json:"peak_cells"`
-	FinalCells    int     `json:"final_cells"`
-	BytesSaved    int64   `json:"bytes_saved"`
+	Policy        string
+	Budget        float64 // in effect: 1 for full
+	PromptEntries int
+	Kept          int // entries per layer right after the prompt plan
+	Merged        int
+	Evicted       int
+	PeakCells     int
+	FinalCells    int
+	BytesSaved    int64 // KV bytes not held at the end, compared with full
 	// Timings: prompt encoding, the prefill plan (capture read-out + merge + rewrite),
 	// and generation.
-	PrefillMs  float64 `json:"prefill_ms"`
-	CompressMs float64 `json:"compress_ms"`
-	DecodeMs   float64 `json:"decode_ms"`
+	PrefillMs  float64
+	CompressMs float64
+	DecodeMs   float64
 }
 
 // Event is what a running request sends to its caller. Exactly one event has
@@ -98,27 +134,139 @@ type Event struct {
 	NLLTokens int
 }
 
+// ---- errors ----
+//
+// Submit and a final Event return these; callers map them to their own terms (the API
+// layer to HTTP statuses and OpenAI error codes). Errors about the request itself
+// are ErrNoVision, ErrEmptyPrompt, *PromptTooLongError, *PolicyUnsupportedError,
+// *ImageError, *MarkerInTextError and *elasticcache.ConfigError; everything else is
+// the server's problem.
+
 // ErrQueueFull is returned by Submit when the waiting queue is at capacity.
 var ErrQueueFull = errors.New("engine: request queue is full")
 
-// ErrShuttingDown is returned by Submit once the engine is stopping.
+// ErrShuttingDown is returned by Submit once the engine is stopping, and ends the
+// requests still running when it stops.
 var ErrShuttingDown = errors.New("engine: shutting down")
 
-// InputError is a problem with the request itself (HTTP 400 class).
-type InputError struct {
-	Param string // OpenAI error param, e.g. "messages"
-	Code  string // OpenAI error code, e.g. "context_length_exceeded"
-	Msg   string
+// ErrNoVision: the request holds images but the model has no vision encoder.
+var ErrNoVision = errors.New("this model has no vision encoder (start the server with --mmproj) and cannot take images")
+
+// ErrEmptyPrompt: the rendered prompt has no tokens.
+var ErrEmptyPrompt = errors.New("the prompt is empty")
+
+// PromptTooLongError: the prompt cannot fit in one sequence's cells.
+type PromptTooLongError struct {
+	Tokens int // prompt tokens
+	Limit  int // most prompt tokens a sequence can hold
 }
 
-func (e *InputError) Error() string { return e.Msg }
+func (e *PromptTooLongError) Error() string {
+	return fmt.Sprintf("the prompt is %d tokens but a sequence holds at most %d; shorten the messages or raise --ctx-size",
+		e.Tokens, e.Limit)
+}
 
-// PromptTooLong builds the error for a prompt that cannot fit in a sequence.
-func PromptTooLong(promptTokens, maxTokens int) *InputError {
-	return &InputError{
-		Param: "messages",
-		Code:  "context_length_exceeded",
-		Msg: fmt.Sprintf("the prompt is %d tokens but a sequence holds at most %d; shorten the messages or raise --ctx-size",
-			promptTokens, maxTokens),
+// PolicyUnsupportedError: the request's cache policy cannot run with this engine's
+// setting or model; nothing was done.
+type PolicyUnsupportedError struct {
+	Policy elasticcache.Policy
+	Reason string
+}
+
+func (e *PolicyUnsupportedError) Error() string {
+	return fmt.Sprintf("policy %q cannot run here: %s", e.Policy, e.Reason)
+}
+
+// ImageError: an image could not be read (corrupt, unsupported) by the vision encoder.
+type ImageError struct {
+	Index int // position among the request's images
+	Err   error
+}
+
+func (e *ImageError) Error() string { return fmt.Sprintf("image %d: %v", e.Index, e.Err) }
+
+func (e *ImageError) Unwrap() error { return e.Err }
+
+// MarkerInTextError: a text part contains the vision encoder's media marker, which
+// would be taken for an image.
+type MarkerInTextError struct {
+	Message, Part int
+	Marker        string
+}
+
+func (e *MarkerInTextError) Error() string {
+	return fmt.Sprintf("messages[%d] part %d: text must not contain the reserved image marker %q", e.Message, e.Part, e.Marker)
+}
+
+// InternalError: the engine failed while working on this request (a panic or a
+// broken invariant). The request is lost; the engine goes on serving the others.
+type InternalError struct {
+	RequestID string
+	Err       error
+}
+
+func (e *InternalError) Error() string { return "engine: internal error: " + e.Err.Error() }
+
+func (e *InternalError) Unwrap() error { return e.Err }
+
+// ---- collecting a request ----
+
+// Result is a finished request: all of its text and its final event.
+type Result struct {
+	Text  string
+	Final Event
+}
+
+// Collect reads a request's events until the final one. It returns the final
+// event's error when the request failed, ctx's error when ctx ended first, and an
+// error when the channel closed without a final event.
+func Collect(ctx context.Context, events <-chan Event) (Result, error) {
+	var r Result
+	var b strings.Builder
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				r.Text = b.String()
+				if ctx.Err() != nil {
+					return r, ctx.Err()
+				}
+				return r, errors.New("the engine closed the request without a final event")
+			}
+			b.WriteString(ev.Text)
+			if ev.Done {
+				r.Text, r.Final = b.String(), ev
+				return r, ev.Err
+			}
+		case <-ctx.Done():
+			r.Text = b.String()
+			return r, ctx.Err()
+		}
 	}
+}
+
+// SplitImages turns text in which token stands for each image (in order) into
+// parts: the text around each token becomes text parts, without the one newline
+// that separates it from the image (parts are rendered joined by "\n"), and empty
+// text parts are dropped. So "<image>\nQuestion?" gives [image, "Question?"] and
+// renders as before. It fails when the token count and len(images) differ.
+func SplitImages(text, token string, images [][]byte) ([]Part, error) {
+	pieces := strings.Split(text, token)
+	if len(pieces)-1 != len(images) {
+		return nil, fmt.Errorf("the text holds %d %q markers for %d images", len(pieces)-1, token, len(images))
+	}
+	var parts []Part
+	for i, p := range pieces {
+		if i > 0 {
+			parts = append(parts, Image(images[i-1]))
+			p = strings.TrimPrefix(p, "\n")
+		}
+		if i < len(pieces)-1 {
+			p = strings.TrimSuffix(p, "\n")
+		}
+		if p != "" {
+			parts = append(parts, Text(p))
+		}
+	}
+	return parts, nil
 }

@@ -11,7 +11,6 @@ package eval
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -25,6 +24,8 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
+	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/report"
 	"github.com/elasticserve/elasticserve/llama"
 )
@@ -83,7 +84,7 @@ func (o *Options) defaults() error {
 	}
 	for _, b := range o.Budgets {
 		c := elasticcache.Config{Policy: elasticcache.Elastic, Budget: b, Sink: o.Sink, Distance: o.Distance}
-		if err := c.Validate(); err != nil {
+		if _, err := c.Spec(); err != nil {
 			return err
 		}
 	}
@@ -137,20 +138,19 @@ func (r *Runner) Model() *llama.Model { return r.model }
 // Vision is the loaded image encoder (nil without a projector).
 func (r *Runner) Vision() *llama.Vision { return r.vision }
 
-// Options returns the options with defaults applied.
-func (r *Runner) Options() Options { return r.opts }
-
 // Configs lists the cache settings compared: full first, then every policy at
 // every budget, in the order given.
-func (r *Runner) Configs() []elasticcache.Config {
-	full := elasticcache.Config{Policy: elasticcache.Full, Budget: 1, Sink: r.opts.Sink, Distance: r.opts.Distance}
-	out := []elasticcache.Config{full}
+// Options.defaults validated every setting, so they are Specs here.
+func (r *Runner) Configs() []elasticcache.Spec {
+	spec := elasticcache.MustSpec
+	full := spec(elasticcache.Config{Policy: elasticcache.Full, Budget: 1, Sink: r.opts.Sink, Distance: r.opts.Distance})
+	out := []elasticcache.Spec{full}
 	for _, p := range r.opts.Policies {
 		if p == elasticcache.Full {
 			continue
 		}
 		for _, b := range r.opts.Budgets {
-			out = append(out, elasticcache.Config{Policy: p, Budget: b, Sink: r.opts.Sink, Distance: r.opts.Distance})
+			out = append(out, spec(elasticcache.Config{Policy: p, Budget: b, Sink: r.opts.Sink, Distance: r.opts.Distance}))
 		}
 	}
 	return out
@@ -174,9 +174,9 @@ func ParsePolicies(s string) ([]elasticcache.Policy, error) {
 	return out, nil
 }
 
-// startEngine creates an engine and its decode loop; stop ends and frees both.
+// startEngine starts an engine; stop drains it and frees its context.
 func (r *Runner) startEngine(parallel, ctxSize int) (*engine.Engine, func(), error) {
-	e, err := engine.New(r.model, r.vision, engine.Options{
+	e, err := engine.Start(r.model, r.vision, engine.Options{
 		Parallel:  parallel,
 		CtxSize:   ctxSize,
 		Unified:   r.opts.Unified,
@@ -189,58 +189,26 @@ func (r *Runner) startEngine(parallel, ctxSize int) (*engine.Engine, func(), err
 	if err != nil {
 		return nil, nil, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	go e.Run(ctx)
 	stop := func() {
-		cancel()
-		<-e.Done()
-		e.Close()
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel() // nothing of ours is left running: stop at once
+		e.Stop(ctx)
 	}
 	return e, stop, nil
 }
 
-// outcome is what one request produced.
-type outcome struct {
-	text  string
-	final engine.Event
-}
-
-// do submits req and waits for its final event. A request the engine refuses
-// or fails is returned as an error; ctx ending is reported as ctx.Err().
-func do(ctx context.Context, e *engine.Engine, req *engine.Request) (outcome, error) {
-	ch, err := e.Submit(ctx, req)
+// messages builds the chat for one prompt, in which dataset.ImageToken stands for
+// each image, after the optional system message.
+func (r *Runner) messages(prompt string, images [][]byte) ([]engine.Message, error) {
+	parts, err := completion.SplitImages(prompt, dataset.ImageToken, images)
 	if err != nil {
-		return outcome{}, err
+		return nil, err
 	}
-	var out outcome
-	var b strings.Builder
-	for ev := range ch {
-		b.WriteString(ev.Text)
-		if ev.Done {
-			out.final = ev
-			break
-		}
-	}
-	out.text = b.String()
-	if ctx.Err() != nil {
-		return out, ctx.Err()
-	}
-	if !out.final.Done {
-		return out, errors.New("the engine closed the request without a final event")
-	}
-	if out.final.Err != nil {
-		return out, out.final.Err
-	}
-	return out, nil
-}
-
-// messages builds the chat for one prompt; ImageToken becomes the engine's marker.
-func (r *Runner) messages(prompt string) []engine.Message {
 	var msgs []engine.Message
 	if r.opts.System != "" {
-		msgs = append(msgs, engine.Message{Role: "system", Content: r.opts.System})
+		msgs = append(msgs, engine.Message{Role: "system", Parts: []engine.Part{completion.Text(r.opts.System)}})
 	}
-	return append(msgs, engine.Message{Role: "user", Content: prompt})
+	return append(msgs, engine.Message{Role: "user", Parts: parts}), nil
 }
 
 func greedy(seed int64) engine.Sampling {
@@ -349,13 +317,13 @@ func readImage(path string) ([][]byte, error) {
 }
 
 // configName is "elastic@0.5" (or "full").
-func configName(c elasticcache.Config) string {
-	if c.Policy == elasticcache.Full {
-		return string(c.Policy)
+func configName(c elasticcache.Spec) string {
+	if c.Policy() == elasticcache.Full {
+		return string(c.Policy())
 	}
-	return fmt.Sprintf("%s@%g", c.Policy, c.Budget)
+	return fmt.Sprintf("%s@%g", c.Policy(), c.Budget())
 }
 
-func row(metric string, c elasticcache.Config) report.Row {
-	return report.Row{Metric: metric, Policy: string(c.Policy), Budget: c.Budget}
+func row(metric string, c elasticcache.Spec) report.Row {
+	return report.Row{Metric: metric, Policy: string(c.Policy()), Budget: c.Budget()}
 }

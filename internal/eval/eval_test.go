@@ -101,7 +101,7 @@ func directNLL(t *testing.T, r *Runner, s dataset.Sample) float64 {
 		t.Fatal(err)
 	}
 	defer ctx.Close()
-	text, err := m.ApplyChatTemplate("", []llama.ChatMessage{{Role: "user", Content: strings.Replace(s.Prompt, dataset.ImageToken, engine.ImageMarker, 1)}}, true)
+	text, err := m.ApplyChatTemplate("", []llama.ChatMessage{{Role: "user", Content: strings.Replace(s.Prompt, dataset.ImageToken, llama.MediaMarker(), 1)}}, true)
 	if err != nil {
 		t.Fatal(err)
 	}

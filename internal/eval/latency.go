@@ -12,6 +12,7 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/progress"
 	"github.com/elasticserve/elasticserve/internal/eval/report"
 	"github.com/elasticserve/elasticserve/internal/eval/shapes"
@@ -83,9 +84,15 @@ func (r *Runner) Latency(ctx context.Context, lo LatencyOptions) (*LatencyResult
 	defer stop()
 
 	// Warm-up (threads, caches, allocator), not timed.
-	warm := &engine.Request{ID: "latency-warmup", Messages: r.messages(contents[0]), Images: images[0],
+	msgs := make([][]engine.Message, len(contents))
+	for i, c := range contents {
+		if msgs[i], err = r.messages(c, images[i]); err != nil {
+			return nil, err
+		}
+	}
+	warm := &engine.Request{ID: "latency-warmup", Messages: msgs[0],
 		MaxTokens: 4, Sampling: greedy(r.opts.Seed), Cache: r.Configs()[0]}
-	if _, err := do(ctx, e, warm); err != nil {
+	if _, err := e.Complete(ctx, warm); err != nil {
 		return nil, fmt.Errorf("latency warm-up: %w", err)
 	}
 	r.watch.finished(warm.ID)
@@ -96,7 +103,7 @@ func (r *Runner) Latency(ctx context.Context, lo LatencyOptions) (*LatencyResult
 	for _, c := range cfgs {
 		var runs []report.Row
 		for rep := range lo.Repeat {
-			rw, notes, err := r.latencyRun(ctx, e, c, rep, contents, images, lo.GenTokens)
+			rw, notes, err := r.latencyRun(ctx, e, c, rep, msgs, lo.GenTokens)
 			if err != nil {
 				return nil, fmt.Errorf("latency %s: %w", configName(c), err)
 			}
@@ -122,9 +129,9 @@ func (r *Runner) Latency(ctx context.Context, lo LatencyOptions) (*LatencyResult
 	return res, nil
 }
 
-func (r *Runner) latencyRun(ctx context.Context, e *engine.Engine, c elasticcache.Config, rep int, contents []string, images [][][]byte, gen int) (report.Row, []string, error) {
-	b := len(contents)
-	outs := make([]outcome, b)
+func (r *Runner) latencyRun(ctx context.Context, e *engine.Engine, c elasticcache.Spec, rep int, msgs [][]engine.Message, gen int) (report.Row, []string, error) {
+	b := len(msgs)
+	outs := make([]engine.Result, b)
 	errs := make([]error, b)
 	r.watch.startWindow()
 	start := time.Now()
@@ -135,13 +142,12 @@ func (r *Runner) latencyRun(ctx context.Context, e *engine.Engine, c elasticcach
 			defer wg.Done()
 			req := &engine.Request{
 				ID:        fmt.Sprintf("latency-%s-%d-%d", configName(c), rep, i),
-				Messages:  r.messages(contents[i]),
-				Images:    images[i],
+				Messages:  msgs[i],
 				MaxTokens: gen,
 				Sampling:  greedy(r.opts.Seed),
 				Cache:     c,
 			}
-			outs[i], errs[i] = do(ctx, e, req)
+			outs[i], errs[i] = e.Complete(ctx, req)
 			r.watch.finished(req.ID)
 		}()
 	}
@@ -161,7 +167,7 @@ func (r *Runner) latencyRun(ctx context.Context, e *engine.Engine, c elasticcach
 	var notes []string
 	nb := float64(b)
 	for i, o := range outs {
-		f := o.final
+		f := o.Final
 		rw.PromptTokens += f.Usage.PromptTokens
 		rw.GenTokens += float64(f.Usage.CompletionTokens) / nb
 		if f.Usage.CompletionTokens < gen {
@@ -215,7 +221,7 @@ func (r *Runner) latencyPrompts(p, b int) ([]string, [][][]byte, int, error) {
 	content := func(w int) string {
 		c := strings.Join(words[:w], " ") + "\n" + instruction
 		if r.vision != nil {
-			c = engine.ImageMarker + "\n" + c
+			c = dataset.ImageToken + "\n" + c
 		}
 		return c
 	}

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"strings"
 	"sync"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
@@ -18,7 +17,6 @@ import (
 	"github.com/elasticserve/elasticserve/internal/eval/report"
 	"github.com/elasticserve/elasticserve/internal/eval/rouge"
 	"github.com/elasticserve/elasticserve/internal/eval/shapes"
-	"github.com/elasticserve/elasticserve/llama"
 )
 
 // SampleResult is one sample's outcome under every configuration; slices are
@@ -35,7 +33,7 @@ type SampleResult struct {
 // Quality is the outcome of a ppl or rouge run.
 type Quality struct {
 	Metric  string
-	Configs []elasticcache.Config
+	Configs []elasticcache.Spec
 	Samples []SampleResult // samples scored under every configuration, in input order
 	Skipped []string       // one message per sample left out
 	Rows    []report.Row   // one per configuration
@@ -68,7 +66,7 @@ func ShortAnswer(s dataset.Sample) bool {
 	return answer.Short(s.Answer)
 }
 
-type sampleFunc func(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Config, bar *progress.Bar) (SampleResult, error)
+type sampleFunc func(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Spec, bar *progress.Bar) (SampleResult, error)
 
 // skip builds a sample-level error. Every error of a sample's requests leaves the
 // sample out and the run goes on, except the context ending or the engine
@@ -151,11 +149,7 @@ feed:
 	return q, nil
 }
 
-func (r *Runner) prompt(s dataset.Sample) string {
-	return strings.Replace(s.Prompt, dataset.ImageToken, engine.ImageMarker, 1)
-}
-
-func (r *Runner) pplSample(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Config, bar *progress.Bar) (SampleResult, error) {
+func (r *Runner) pplSample(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Spec, bar *progress.Bar) (SampleResult, error) {
 	res := SampleResult{Sample: s}
 	imgs, err := readImage(s.Image)
 	if err != nil {
@@ -173,54 +167,60 @@ func (r *Runner) pplSample(ctx context.Context, e *engine.Engine, s dataset.Samp
 		force[i] = int32(t)
 	}
 	res.Tokens = len(force)
+	msgs, err := r.messages(s.Prompt, imgs)
+	if err != nil {
+		return res, skip("%v", err)
+	}
 	for ci, c := range cfgs {
 		req := &engine.Request{
 			ID:       fmt.Sprintf("ppl-%d-%d", s.Index, ci),
-			Messages: r.messages(r.prompt(s)),
-			Images:   imgs,
+			Messages: msgs,
 			Sampling: greedy(r.opts.Seed),
 			Force:    force,
 			Cache:    c,
 		}
-		out, err := do(ctx, e, req)
+		out, err := e.Complete(ctx, req)
 		peak := r.watch.finished(req.ID)
 		if err != nil {
 			return res, fmt.Errorf("%s: %w", configName(c), err)
 		}
-		if out.final.NLLTokens != len(force) {
+		if out.Final.NLLTokens != len(force) {
 			return res, skip("%s: only %d of the %d answer tokens fit in a sequence of %d cells (raise --ctx-size)",
-				configName(c), out.final.NLLTokens, len(force), e.SeqCells())
+				configName(c), out.Final.NLLTokens, len(force), e.SeqCells())
 		}
-		res.NLL = append(res.NLL, out.final.NLL)
-		res.KV = append(res.KV, out.final.KV)
+		res.NLL = append(res.NLL, out.Final.NLL)
+		res.KV = append(res.KV, out.Final.KV)
 		res.Peak = append(res.Peak, peak)
 		bar.Add(1)
 	}
 	return res, nil
 }
 
-func (r *Runner) rougeSample(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Config, bar *progress.Bar) (SampleResult, error) {
+func (r *Runner) rougeSample(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Spec, bar *progress.Bar) (SampleResult, error) {
 	res := SampleResult{Sample: s}
 	imgs, err := readImage(s.Image)
+	if err != nil {
+		return res, skip("%v", err)
+	}
+	msgs, err := r.messages(s.Prompt, imgs)
 	if err != nil {
 		return res, skip("%v", err)
 	}
 	for ci, c := range cfgs {
 		req := &engine.Request{
 			ID:        fmt.Sprintf("rouge-%d-%d", s.Index, ci),
-			Messages:  r.messages(r.prompt(s)),
-			Images:    imgs,
+			Messages:  msgs,
 			MaxTokens: r.opts.MaxTokens,
 			Sampling:  greedy(r.opts.Seed),
 			Cache:     c,
 		}
-		out, err := do(ctx, e, req)
+		out, err := e.Complete(ctx, req)
 		peak := r.watch.finished(req.ID)
 		if err != nil {
 			return res, fmt.Errorf("%s: %w", configName(c), err)
 		}
-		res.Text = append(res.Text, out.text)
-		res.KV = append(res.KV, out.final.KV)
+		res.Text = append(res.Text, out.Text)
+		res.KV = append(res.KV, out.Final.KV)
 		res.Peak = append(res.Peak, peak)
 		bar.Add(1)
 	}
@@ -228,7 +228,7 @@ func (r *Runner) rougeSample(ctx context.Context, e *engine.Engine, s dataset.Sa
 }
 
 // aggregate turns per-sample results into one row per configuration.
-func aggregate(metric string, cfgs []elasticcache.Config, samples []SampleResult) []report.Row {
+func aggregate(metric string, cfgs []elasticcache.Spec, samples []SampleResult) []report.Row {
 	rows := make([]report.Row, len(cfgs))
 	n := float64(len(samples))
 	for ci, c := range cfgs {
@@ -277,26 +277,11 @@ func aggregate(metric string, cfgs []elasticcache.Config, samples []SampleResult
 	return rows
 }
 
-// tokenCount is the prompt length the engine will see for content and images
-// (the same template rendering and tokenization as engine.Submit).
+// tokenCount is the prompt length the engine will see for content and images.
 func (r *Runner) tokenCount(content string, images [][]byte) (int, error) {
-	msgs := r.messages(content)
-	lm := make([]llama.ChatMessage, len(msgs))
-	for i, m := range msgs {
-		lm[i] = llama.ChatMessage{Role: m.Role, Content: m.Content}
-	}
-	text, err := r.model.ApplyChatTemplate("", lm, true)
+	msgs, err := r.messages(content, images)
 	if err != nil {
 		return 0, err
 	}
-	if r.vision != nil && len(images) > 0 {
-		p, err := r.vision.Tokenize(text, images, true)
-		if err != nil {
-			return 0, err
-		}
-		defer p.Close()
-		return p.NTokens(), nil
-	}
-	toks, err := r.model.Tokenize(text, true, true)
-	return len(toks), err
+	return engine.CountPrompt(r.model, r.vision, msgs)
 }

@@ -74,8 +74,8 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 	*notes = append(*notes, fmt.Sprintf("model %s%s", r.opts.Model, ifNotEmpty(", projector ", r.opts.MMProj)))
 	var pols []string
 	for _, c := range r.Configs()[1:] {
-		if !slices.Contains(pols, string(c.Policy)) {
-			pols = append(pols, string(c.Policy))
+		if !slices.Contains(pols, string(c.Policy())) {
+			pols = append(pols, string(c.Policy()))
 		}
 	}
 	*notes = append(*notes, fmt.Sprintf("policies %s at budgets %s, against full; sink %d, distance %d",

@@ -35,13 +35,27 @@ func TestNonTerminalPrintsTenthsOnly(t *testing.T) {
 	}
 }
 
-func TestNilWriterAndNilBar(t *testing.T) {
+// A bar without a writer still counts (clamped to the total) and prints nothing;
+// a nil bar is a no-op, so callers need no checks.
+func TestNilWriterCountsSilentlyAndNilBarIsANoOp(t *testing.T) {
 	b := New(nil, "x", 3)
 	b.Add(5)
 	b.Printf("hidden")
 	b.Finish()
+	if b.done != 3 {
+		t.Fatalf("done = %d after adding 5 of 3, want 3", b.done)
+	}
 	var nb *Bar
-	nb.Add(1)
-	nb.Printf("x")
-	nb.Finish()
+	for name, f := range map[string]func(){
+		"Add": func() { nb.Add(1) }, "Printf": func() { nb.Printf("x") }, "Finish": func() { nb.Finish() },
+	} {
+		func() {
+			defer func() {
+				if v := recover(); v != nil {
+					t.Errorf("nil bar %s panicked: %v", name, v)
+				}
+			}()
+			f()
+		}()
+	}
 }

@@ -1,0 +1,116 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/elasticserve/elasticserve/engine/completion"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// RenderPrompt is the one prompt builder: the server, the eval tool and the demo
+// tools all reach the model through it. It renders msgs with the model's chat
+// template, each message's parts joined by "\n" (llama-server's rule for OpenAI
+// content arrays) and every image part replaced by llama.cpp's media marker, and
+// returns the text with the images in marker order. A text part that holds the
+// marker itself is refused (*completion.MarkerInTextError): it would be taken for
+// an image.
+func RenderPrompt(m *llama.Model, msgs []Message) (string, [][]byte, error) {
+	marker := llama.MediaMarker()
+	var images [][]byte
+	chat := make([]llama.ChatMessage, len(msgs))
+	for i, msg := range msgs {
+		pieces := make([]string, len(msg.Parts))
+		for j, p := range msg.Parts {
+			switch p.Kind {
+			case completion.PartText:
+				if strings.Contains(p.Text, marker) {
+					return "", nil, &completion.MarkerInTextError{Message: i, Part: j, Marker: marker}
+				}
+				pieces[j] = p.Text
+			case completion.PartImage:
+				pieces[j] = marker
+				images = append(images, p.Image)
+			default:
+				return "", nil, fmt.Errorf("engine: messages[%d] part %d has unknown kind %d", i, j, p.Kind)
+			}
+		}
+		chat[i] = llama.ChatMessage{Role: msg.Role, Content: strings.Join(pieces, "\n")}
+	}
+	text, err := m.ApplyChatTemplate("", chat, true)
+	if err != nil {
+		return "", nil, fmt.Errorf("engine: chat template: %w", err)
+	}
+	return text, images, nil
+}
+
+// promptChunk is one run of a prompt's tokens: text tokens or one image.
+type promptChunk struct {
+	kind   llama.ChunkKind
+	tokens []llama.Token
+	n      int
+	src    llama.Chunk
+	embd   []float32 // image embeddings, once encoded
+}
+
+// tokenize renders and tokenizes req's messages into s's chunks (images are
+// preprocessed, not yet encoded).
+func (e *Engine) tokenize(s *seq) error {
+	p, err := buildPrompt(e.model, e.vision, s.req.Messages)
+	if err != nil {
+		return err
+	}
+	s.prompt, s.chunks, s.nPrompt = p.c, p.chunks, p.n
+	return nil
+}
+
+// CountPrompt is the number of prompt tokens the engine would encode for msgs
+// (images included) on this model and vision encoder (nil: text only).
+func CountPrompt(m *llama.Model, v *llama.Vision, msgs []Message) (int, error) {
+	p, err := buildPrompt(m, v, msgs)
+	if err != nil {
+		return 0, err
+	}
+	if p.c != nil {
+		p.c.Close()
+	}
+	return p.n, nil
+}
+
+type builtPrompt struct {
+	c      *llama.Prompt // nil for a text-only prompt
+	chunks []promptChunk
+	n      int
+}
+
+func buildPrompt(m *llama.Model, v *llama.Vision, msgs []Message) (builtPrompt, error) {
+	text, images, err := RenderPrompt(m, msgs)
+	if err != nil {
+		return builtPrompt{}, err
+	}
+	if len(images) == 0 {
+		toks, err := m.Tokenize(text, true, true)
+		if err != nil {
+			return builtPrompt{}, fmt.Errorf("engine: tokenize: %w", err)
+		}
+		return builtPrompt{chunks: []promptChunk{{kind: llama.ChunkText, tokens: toks, n: len(toks)}}, n: len(toks)}, nil
+	}
+	if v == nil {
+		return builtPrompt{}, completion.ErrNoVision
+	}
+	c, err := v.Tokenize(text, images, true)
+	if err != nil {
+		var ie *llama.ImageError
+		if errors.As(err, &ie) {
+			return builtPrompt{}, &completion.ImageError{Index: ie.Index, Err: ie.Err}
+		}
+		return builtPrompt{}, fmt.Errorf("engine: %w", err)
+	}
+	p := builtPrompt{c: c}
+	for _, ch := range c.Chunks {
+		p.chunks = append(p.chunks, promptChunk{kind: ch.Kind, tokens: ch.Tokens, n: ch.NTokens, src: ch})
+		p.n += ch.NTokens
+	}
+	return p, nil
+}

@@ -1,0 +1,237 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// seqCache owns one sequence's KV cache in the llama context: which cell holds
+// which entry at which position, the attention captured for it, its policy state
+// (elasticcache.Tracker), and every rewrite of its cells through the KV hook (the
+// prompt plan's read → plan → merge → write, and decode-time eviction).
+//
+// Locking: none. The engine's decode loop is the only goroutine that calls it,
+// as it is the only one that touches the llama context.
+//
+// Cell placement. A new token takes the cell llama.cpp's find_slot gives it, which
+// the pool (cellPool) predicts; captured attention comes per cell, so the scores of
+// entry i are read at cells[i].
+//
+// Positions after the prompt plan. Each layer keeps its own K entries, but cells are
+// shared by all layers: cell i of layer l holds layer l's i-th kept entry (merged),
+// and the K cells carry the positions of layer 0's kept entries, in ascending order.
+// That is correct because a stored position is used only for the attention mask
+// (and to name an entry for removal): RoPE was applied to every K row when it was
+// encoded, so the rows keep their own positions inside, and every kept position
+// lies below the first generated position, so every later query attends all K
+// cells in every layer, whichever entry a layer put in them. The first Sink cells
+// and the last one hold the same entries (sink tokens, last prompt token) in every
+// layer, and a decode eviction removes one cell, the same index in every layer, as
+// the method prescribes.
+type seqCache struct {
+	lctx    *llama.Context
+	seq     int // llama sequence id
+	pool    *cellPool
+	spec    elasticcache.Spec
+	tracker *elasticcache.Tracker
+	nPrompt int
+
+	cells []int // cell of each held entry, in position order
+	pos   []int // position of each held entry
+	peak  int
+
+	// prompt: attention received by each prompt position, per layer (nil when the
+	// policy reads none); step: this decode step's attention per held entry.
+	scores [][]float32
+	step   [][]float32
+
+	compressDur time.Duration
+}
+
+// newSeqCache empties sequence seq of lctx and prepares its cache for a prompt of
+// nPrompt tokens under spec.
+func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache.Spec, nLayers, nPrompt int) (*seqCache, error) {
+	tr, err := elasticcache.NewTracker(spec, nLayers)
+	if err != nil {
+		return nil, err
+	}
+	lctx.SeqClear(seq)
+	c := &seqCache{lctx: lctx, seq: seq, pool: pool, spec: spec, tracker: tr, nPrompt: nPrompt}
+	if spec.PrefillScores() {
+		c.scores = make([][]float32, nLayers)
+		for l := range c.scores {
+			c.scores[l] = make([]float32, nPrompt)
+		}
+	}
+	return c, nil
+}
+
+// held is the number of entries (cells) the sequence holds.
+func (c *seqCache) held() int { return len(c.cells) }
+
+// decode runs b, which holds only this sequence's tokens, at positions pos0..,
+// records their cells, and captures their attention when the policy reads it in
+// this phase (prompt or generation).
+func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
+	capture := (prompt && c.scores != nil) || (!prompt && c.spec.DecodeScores())
+	if capture {
+		c.lctx.CaptureReset()
+		c.lctx.CaptureEnable(true)
+	}
+	err := c.lctx.Decode(b)
+	if capture {
+		c.lctx.CaptureEnable(false)
+	}
+	if err != nil {
+		return err
+	}
+	cells, ok := c.pool.place(slices.Repeat([]int{c.seq}, b.Len()))
+	if !ok {
+		return errBookkeeping
+	}
+	for i, cell := range cells {
+		c.placed(cell, pos0+i)
+	}
+	if !capture {
+		return nil
+	}
+	sums, err := c.lctx.CaptureSums(slices.Max(c.cells) + 1)
+	if err != nil {
+		return err
+	}
+	if prompt {
+		for l := range sums {
+			for i, cell := range c.cells {
+				c.scores[l][c.pos[i]] += sums[l][cell]
+			}
+		}
+		return nil
+	}
+	c.step = make([][]float32, len(sums))
+	for l := range sums {
+		c.step[l] = make([]float32, len(c.cells))
+		for i, cell := range c.cells {
+			c.step[l][i] = sums[l][cell]
+		}
+	}
+	return nil
+}
+
+var errBookkeeping = errors.New("cell bookkeeping found no free cell where llama.cpp did")
+
+// placed records that the token at pos went into cell.
+func (c *seqCache) placed(cell, pos int) {
+	c.cells = append(c.cells, cell)
+	c.pos = append(c.pos, pos)
+	c.peak = max(c.peak, len(c.cells))
+}
+
+// compress applies the prompt plan once all nPrompt prompt entries are in the
+// cache: every layer keeps K entries (merged per the plan), written back as K
+// contiguous cells. Whatever the hook does not fully understand (cell count,
+// layers, layout) is refused before the sequence is written.
+func (c *seqCache) compress() error {
+	t0 := time.Now()
+	defer func() { c.compressDur = time.Since(t0) }()
+	plan, err := c.tracker.PlanPrefill(c.nPrompt, c.scores)
+	c.scores = nil
+	if err != nil {
+		return fmt.Errorf("plan: %w", err)
+	}
+	if plan == nil {
+		return nil
+	}
+	src, err := c.lctx.ReadSeqCache(c.seq)
+	if err != nil {
+		return err
+	}
+	if src.Cells() != c.nPrompt || len(src.K) != len(plan.Layers) {
+		return fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d in %d",
+			src.Cells(), len(src.K), c.nPrompt, len(plan.Layers))
+	}
+	cellOf := make([]int, c.nPrompt) // prompt position -> cell in src (state order)
+	for i, p := range src.Pos {
+		if int(p) >= c.nPrompt {
+			return fmt.Errorf("kv hook: unexpected position %d in the cache", p)
+		}
+		cellOf[p] = i
+	}
+	dst := llama.NewSeqCacheLike(src, plan.K)
+	elasticcache.Merge(plan, seqStore{src}, seqStore{dst}, cellOf)
+	keep := plan.Layers[0].Keep
+	for i, p := range keep {
+		dst.Pos[i] = int32(p)
+	}
+	if err := c.lctx.WriteSeqCache(c.seq, dst); err != nil {
+		return err
+	}
+	// llama.cpp removed the sequence, then placed the K cells as one ubatch.
+	c.pool.releaseAll(c.seq)
+	cells, ok := c.pool.placeUBatch(slices.Repeat([]int{c.seq}, plan.K))
+	if !ok {
+		return errBookkeeping
+	}
+	c.cells = append(c.cells[:0], cells...)
+	c.pos = append(c.pos[:0], keep...)
+	return nil
+}
+
+// afterToken lets the policy act once a generated token is in the cache; T counts
+// the tokens processed so far. It evicts at most one entry.
+func (c *seqCache) afterToken(T int) error {
+	idx, err := c.tracker.AfterDecode(T, len(c.cells), c.step)
+	c.step = nil
+	if err != nil {
+		return fmt.Errorf("policy: %w", err)
+	}
+	if idx < 0 {
+		return nil
+	}
+	pos := c.pos[idx]
+	c.pool.release(c.cells[idx])
+	c.cells = slices.Delete(c.cells, idx, idx+1)
+	c.pos = slices.Delete(c.pos, idx, idx+1)
+	if !c.lctx.SeqRemove(c.seq, pos, pos+1) {
+		return fmt.Errorf("could not evict position %d", pos)
+	}
+	return nil
+}
+
+// free empties the sequence and returns its cells to the pool.
+func (c *seqCache) free() {
+	c.lctx.SeqClear(c.seq)
+	c.pool.releaseAll(c.seq)
+	c.cells, c.pos = nil, nil
+}
+
+// seqStore and layerRows show a llama.SeqCache to elasticcache.Merge.
+type seqStore struct{ *llama.SeqCache }
+
+func (s seqStore) Layers() int { return len(s.K) }
+
+func (s seqStore) Keys(l int) elasticcache.Rows { return layerRows{&s.SeqCache.K[l], s.Cells()} }
+
+func (s seqStore) Values(l int) elasticcache.Rows { return layerRows{&s.SeqCache.V[l], s.Cells()} }
+
+type layerRows struct {
+	lr    *llama.LayerRows
+	cells int
+}
+
+var _ elasticcache.Store = seqStore{}
+
+func (r layerRows) Row(c int, dst []float32) { r.lr.Row(r.cells, c, dst) }
+
+func (r layerRows) SetRow(c int, src []float32) { r.lr.SetRow(r.cells, c, src) }
+
+func (r layerRows) CopyRow(c int, src elasticcache.Rows, from int) {
+	s := src.(layerRows)
+	r.lr.CopyRow(r.cells, c, s.lr, s.cells, from)
+}
+
+func (r layerRows) Width() int { return r.lr.RowElems }
