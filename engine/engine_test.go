@@ -630,73 +630,51 @@ func TestBudgetHalfServesTwiceTheConversations(t *testing.T) {
 	}
 }
 
-// A failure inside the decode loop fails only the affected request; the others finish
-// and the engine keeps serving.
-func TestDecodeFailureFailsOnlyThatRequest(t *testing.T) {
-	e := startEngine(t, Options{Parallel: 2})
-	var steps sync.Map
-	fault := func(id string) error {
-		n, _ := steps.LoadOrStore(id, new(int))
-		*n.(*int)++
-		if id == "bad" && *n.(*int) == 5 {
-			return fmt.Errorf("injected failure")
-		}
-		return nil
-	}
-	e.onFault.Store(&fault)
-	bad, err := e.Submit(context.Background(), greedyReq("bad", "one", 20, cfg(elasticcache.Elastic, 0.5)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	good, err := e.Submit(context.Background(), greedyReq("good", "two", 20, cfg(elasticcache.Elastic, 0.5)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if r := collect(t, bad); r.err == nil || !strings.Contains(r.err.Error(), "injected") {
-		t.Fatalf("bad request: %+v", r)
-	}
-	if r := collect(t, good); r.err != nil || r.usage.CompletionTokens != 20 {
-		t.Fatalf("good request: %+v", r)
-	}
-	if r := run(t, e, greedyReq("after", "three", 5, cfg(elasticcache.Full, 1))); r.usage.CompletionTokens != 5 {
-		t.Fatalf("after: %+v", r)
-	}
-	if st := e.Stats(); st.SlotsBusy != 0 || st.KVCellsUsed != 0 {
-		t.Fatalf("leaked: %+v", st)
-	}
-}
-
-// A panic while the engine works on one request fails that request with an
-// internal error; the other request finishes and the engine keeps serving.
-func TestPanicInOneRequestFailsOnlyThatRequest(t *testing.T) {
+// A failure or a panic while the engine works on one request (while its prompt is
+// encoded, or while it generates) fails only that request: the other finishes, the
+// engine keeps serving, and nothing leaks. A panic is reported as an internal error.
+func TestFaultInOneRequestFailsOnlyThatRequest(t *testing.T) {
 	for _, tc := range []struct {
+		name   string
 		policy elasticcache.Policy
-		step   int // 1: while the prompt is encoded; 4: while generating
-	}{{elasticcache.Elastic, 1}, {elasticcache.Elastic, 4}, {elasticcache.H2O, 1}, {elasticcache.H2O, 4}} {
-		policy := tc.policy
-		t.Run(fmt.Sprintf("%s/step%d", policy, tc.step), func(t *testing.T) {
+		step   int // the bad request's step that fails: 1 is its first prompt batch
+		panics bool
+	}{
+		{"error/elastic/decode", elasticcache.Elastic, 5, false},
+		{"panic/elastic/prompt", elasticcache.Elastic, 1, true},
+		{"panic/elastic/decode", elasticcache.Elastic, 4, true},
+		{"panic/h2o/prompt", elasticcache.H2O, 1, true},
+		{"panic/h2o/decode", elasticcache.H2O, 4, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			e := startEngine(t, Options{Parallel: 2})
-			var steps sync.Map
+			steps := map[string]int{} // the fault runs on the decode loop only
 			fault := func(id string) error {
-				n, _ := steps.LoadOrStore(id, new(int))
-				*n.(*int)++
-				if id == "bad" && *n.(*int) == tc.step {
+				steps[id]++
+				if id != "bad" || steps[id] != tc.step {
+					return nil
+				}
+				if tc.panics {
 					panic("injected panic")
 				}
-				return nil
+				return fmt.Errorf("injected failure")
 			}
 			e.onFault.Store(&fault)
-			bad, err := e.Submit(context.Background(), greedyReq("bad", "one", 20, cfg(policy, 0.5)))
+			bad, err := e.Submit(context.Background(), greedyReq("bad", "one", 20, cfg(tc.policy, 0.5)))
 			if err != nil {
 				t.Fatal(err)
 			}
-			good, err := e.Submit(context.Background(), greedyReq("good", "two", 20, cfg(policy, 0.5)))
+			good, err := e.Submit(context.Background(), greedyReq("good", "two", 20, cfg(tc.policy, 0.5)))
 			if err != nil {
 				t.Fatal(err)
 			}
+			r := collect(t, bad)
 			var ie *completion.InternalError
-			if r := collect(t, bad); !errors.As(r.err, &ie) || ie.RequestID != "bad" || !strings.Contains(r.err.Error(), "injected panic") {
+			if r.err == nil || !strings.Contains(r.err.Error(), "injected") || tc.panics != errors.As(r.err, &ie) {
 				t.Fatalf("bad request: %+v", r)
+			}
+			if tc.panics && ie.RequestID != "bad" {
+				t.Fatalf("internal error names request %q", ie.RequestID)
 			}
 			if r := collect(t, good); r.err != nil || r.usage.CompletionTokens != 20 {
 				t.Fatalf("good request: %+v", r)
