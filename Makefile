@@ -41,7 +41,7 @@ PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... .
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
 	./internal/eval/progress/... ./internal/eval/report/...
 
-.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src
+.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke
 
 # GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
 # `make cuda` builds it from the same module sources with CMake and nvcc.
@@ -93,6 +93,11 @@ run: build model
 	@echo "elasticserve on http://$(ADDR)  (model: $(MODEL))"
 	@echo "try:  curl -s http://$(ADDR)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"max_tokens\":16,\"temperature\":0,\"elastic_cache\":{\"policy\":\"full\"},\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"What color is the circle?\"},{\"type\":\"image_url\",\"image_url\":{\"url\":\"data:image/png;base64,'\"\$$(base64 -w0 models/demo/example.png)\"'\"}}]}]}'"
 	$(BIN)/elasticserve --model $(MODEL) --mmproj $(MMPROJ) --addr $(ADDR)
+
+# The quick start checked end to end: `make run` on a free port, the README's image request
+# (answer " red"), SIGTERM, exit 0. CI runs it on an empty module cache (.ci/run).
+smoke:
+	tools/build/smoke.sh
 
 # `eval "$$(make -s env)"` gives a shell the same cgo flags (and so the same build cache).
 # A quick quality/latency sweep of the bundled model on a synthetic shapes set.
