@@ -5,26 +5,43 @@ SHELL := /bin/bash
 GO ?= go
 ARCH ?= native
 BIN := bin
-OLLAMA_DIR := $(shell $(GO) list -m -f '{{.Dir}}' github.com/ollama/ollama 2>/dev/null)
-LLAMA_CPP := $(OLLAMA_DIR)/llama/llama.cpp
-GGML := $(OLLAMA_DIR)/ml/backend/ggml/ggml
 
-export CGO_ENABLED := 1
-export CGO_CPPFLAGS := -I$(CURDIR)/third_party -I$(LLAMA_CPP)/include -I$(LLAMA_CPP)/tools/mtmd -I$(GGML)/include
-export CGO_CFLAGS := -O3 -march=$(ARCH)
-export CGO_CXXFLAGS := -O3 -march=$(ARCH)
+# The directory of github.com/ollama/ollama (llama.cpp and ggml sources and headers).
+# Resolved on first use, once per make run, AFTER downloading the module: make reads this
+# file before any recipe runs, so a `:=` with `go list -m` would see an empty module cache
+# on a fresh machine and leave every -I below empty ("llama.h: No such file or directory").
+OLLAMA_DIR = $(eval OLLAMA_DIR := $(shell $(GO) mod download github.com/ollama/ollama && \
+	$(GO) list -m -f '{{.Dir}}' github.com/ollama/ollama))$(or $(OLLAMA_DIR),$(error \
+	cannot locate module github.com/ollama/ollama: see `$(GO) mod download github.com/ollama/ollama`))
+LLAMA_CPP = $(OLLAMA_DIR)/llama/llama.cpp
+GGML = $(OLLAMA_DIR)/ml/backend/ggml/ggml
 
 MODEL_DIR ?= models/demo
 MODEL ?= $(MODEL_DIR)/model.gguf
 MMPROJ ?= $(MODEL_DIR)/mmproj.gguf
 ADDR ?= 127.0.0.1:8080
 TEST_TIMEOUT ?= 40m
+
+# The cgo flags, exported to the recipes of the targets that run go (and their
+# prerequisites) only, so `make deps` or `make clean` alone never resolve OLLAMA_DIR; with
+# them, it is resolved when the first recipe starts. Every go command sees exactly the same
+# CGO_* values (here and in `make env`), so all targets share the Go build cache.
+CGO_TARGETS := build vet test fuzz bench env cuda-src $(MODEL)
+$(CGO_TARGETS): export CGO_ENABLED := 1
+$(CGO_TARGETS): export CGO_CPPFLAGS = -I$(CURDIR)/third_party -I$(LLAMA_CPP)/include -I$(LLAMA_CPP)/tools/mtmd -I$(GGML)/include
+$(CGO_TARGETS): export CGO_CFLAGS := -O3 -march=$(ARCH)
+$(CGO_TARGETS): export CGO_CXXFLAGS := -O3 -march=$(ARCH)
+# go build/vet/test run through tools/build/quiet: it hides the C/C++ compiler warnings of
+# the github.com/ollama/ollama packages (never errors, never ours); `make build QUIET=`
+# shows everything.
+QUIET ?= tools/build/quiet
+
 # Packages without cgo of their own: these run under the race detector.
 PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... ./internal/testmodel/... \
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
 	./internal/eval/progress/... ./internal/eval/report/...
 
-.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src
+.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke
 
 # GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
 # `make cuda` builds it from the same module sources with CMake and nvcc.
@@ -46,36 +63,41 @@ mod:
 	$(GO) mod download
 
 build: deps mod
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(QUIET) $(GO) build -o $(BIN)/ ./cmd/...
 
 model: $(MODEL)
 $(MODEL):
 	$(GO) run ./cmd/mkmodel --out $(MODEL_DIR)
 
 vet: deps mod
-	$(GO) vet ./...
+	$(QUIET) $(GO) vet ./...
 
 test: deps mod
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
-	$(GO) vet ./...
-	$(GO) test -race $(PURE_PKGS)
-	$(GO) test -timeout $(TEST_TIMEOUT) ./...
-	$(MAKE) --no-print-directory fuzz FUZZTIME=3s
+	$(QUIET) $(GO) vet ./...
+	$(QUIET) $(GO) test -race $(PURE_PKGS)
+	$(QUIET) $(GO) test -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) --no-print-directory fuzz FUZZTIME=3s OLLAMA_DIR=$(OLLAMA_DIR)
 
 # Fuzz targets (request decoding, data URLs, image checks); `make fuzz FUZZTIME=5m` for long runs.
 FUZZTIME ?= 60s
 fuzz:
 	@for t in FuzzDecodeChatRequest FuzzParseDataURL FuzzCheckImage; do \
-	  $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./api/ || exit 1; \
+	  $(QUIET) $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./api/ || exit 1; \
 	done
 
 bench: deps mod
-	$(GO) test -run '^$$' -bench . -benchtime 1x ./...
+	$(QUIET) $(GO) test -run '^$$' -bench . -benchtime 1x ./...
 
 run: build model
 	@echo "elasticserve on http://$(ADDR)  (model: $(MODEL))"
 	@echo "try:  curl -s http://$(ADDR)/v1/chat/completions -H 'Content-Type: application/json' -d '{\"max_tokens\":16,\"temperature\":0,\"elastic_cache\":{\"policy\":\"full\"},\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"What color is the circle?\"},{\"type\":\"image_url\",\"image_url\":{\"url\":\"data:image/png;base64,'\"\$$(base64 -w0 models/demo/example.png)\"'\"}}]}]}'"
 	$(BIN)/elasticserve --model $(MODEL) --mmproj $(MMPROJ) --addr $(ADDR)
+
+# The quick start checked end to end: `make run` on a free port, the README's image request
+# (answer " red"), SIGTERM, exit 0. CI runs it on an empty module cache (.ci/run).
+smoke:
+	tools/build/smoke.sh
 
 # `eval "$$(make -s env)"` gives a shell the same cgo flags (and so the same build cache).
 # A quick quality/latency sweep of the bundled model on a synthetic shapes set.
@@ -85,7 +107,7 @@ eval: build model
 	  --max-samples 8 --max-tokens 32 --prompt-tokens 300 --gen-tokens 64 --batch 4 --out out/eval
 
 env:
-	@echo "export CGO_ENABLED=1"; echo "export CGO_CPPFLAGS='$$CGO_CPPFLAGS'"; echo "export CGO_CFLAGS='$$CGO_CFLAGS'"; echo "export CGO_CXXFLAGS='$$CGO_CXXFLAGS'"
+	@echo "export CGO_ENABLED=1"; echo "export CGO_CPPFLAGS='$(CGO_CPPFLAGS)'"; echo "export CGO_CFLAGS='$(CGO_CFLAGS)'"; echo "export CGO_CXXFLAGS='$(CGO_CXXFLAGS)'"
 
 # The module's CMake entry point and ggml sources, copied where CMake may write.
 cuda-src: mod
