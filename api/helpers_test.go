@@ -44,7 +44,7 @@ var _ Backend = (*fakeBackend)(nil)
 func newFake() *fakeBackend {
 	return &fakeBackend{
 		info:      BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4, MediaMarker: testMarker},
-		stats:     BackendStats{QueueDepth: 2, SlotsBusy: 1, KVCellsUsed: 300, KVCellsTotal: 4096},
+		stats:     BackendStats{QueueDepth: 2, SlotsBusy: 1, KVCellsUsed: 300, KVCellsTotal: 4096, KVInvariantFailures: 1},
 		ready:     true,
 		events:    okEvents("Hello", " world"),
 		cancelled: make(chan struct{}),

@@ -155,6 +155,8 @@ func (m *metrics) write(b *bytes.Buffer, st BackendStats, info BackendInfo) {
 	counter("elasticserve_kv_entries_merged_total", "KV entries merged by the cache policy.", &m.kvMerged)
 	counter("elasticserve_kv_entries_evicted_total", "KV entries evicted by the cache policy.", &m.kvEvicted)
 	counter("elasticserve_kv_bytes_saved_total", "KV cache bytes saved by the cache policy.", &m.kvBytesSaved)
+	single("elasticserve_kv_invariant_failures_total", "counter",
+		"Requests failed because a runtime invariant of the KV hook broke (captured attention, cells read back).", float64(st.KVInvariantFailures))
 }
 
 func formatValue(v float64) string {

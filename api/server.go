@@ -56,6 +56,8 @@ type BackendStats struct {
 	SlotsTotal   int // slots in total; 0: BackendInfo.Slots is reported
 	KVCellsUsed  int // KV cells holding entries, all sequences
 	KVCellsTotal int // KV cells in total
+	// KVInvariantFailures counts requests failed by a broken KV-hook invariant.
+	KVInvariantFailures int
 }
 
 // Options is what the HTTP layer needs from the configuration.

@@ -274,6 +274,7 @@ func TestMetrics(t *testing.T) {
 		"elasticserve_kv_entries_merged_total":                                      2,
 		"elasticserve_kv_entries_evicted_total":                                     2,
 		"elasticserve_kv_bytes_saved_total":                                         8192,
+		"elasticserve_kv_invariant_failures_total":                                  1,
 	}
 	for k, v := range want {
 		if got, ok := m[k]; !ok || got != v {

@@ -62,6 +62,9 @@ type Stats struct {
 	SlotsTotal   int
 	KVCellsUsed  int
 	KVCellsTotal int
+	// KVInvariantFailures counts requests failed because a runtime invariant of the
+	// KV hook broke (see InvariantError), since Start.
+	KVInvariantFailures int
 }
 
 // Engine runs completions on one model.
@@ -95,11 +98,16 @@ type Engine struct {
 	queued    atomic.Int64
 	busy      atomic.Int64
 	cellsUsed atomic.Int64
+	broken    atomic.Int64 // KV invariant failures
 	running   atomic.Bool
 
 	cancel   context.CancelFunc
 	done     chan struct{}
 	freeOnce sync.Once
+
+	// beforeCompress, when set (tests only), sees a sequence's cache right before its
+	// prompt plan, on the decode loop.
+	beforeCompress func(*seqCache)
 }
 
 // Start creates the engine's llama context on model and starts its decode loop.
@@ -218,6 +226,8 @@ func (e *Engine) Stats() Stats {
 		SlotsTotal:   e.opts.Parallel,
 		KVCellsUsed:  int(e.cellsUsed.Load()),
 		KVCellsTotal: e.nCtx,
+
+		KVInvariantFailures: int(e.broken.Load()),
 	}
 }
 

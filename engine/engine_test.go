@@ -691,3 +691,50 @@ func TestFaultInOneRequestFailsOnlyThatRequest(t *testing.T) {
 		})
 	}
 }
+
+// Each runtime invariant of the KV hook, broken on purpose right before the prompt
+// plan, fails that request with an internal error naming it, is counted, and leaves
+// the engine serving.
+func TestBrokenKVInvariantFailsTheRequest(t *testing.T) {
+	for _, tc := range []struct {
+		name, what string
+		corrupt    func(c *seqCache)
+	}{
+		// A silent all-zero capture would otherwise rank every entry the same.
+		{"all-zero capture", "column sums", func(c *seqCache) {
+			for _, row := range c.scores {
+				clear(row)
+			}
+		}},
+		{"one layer off", "column sums", func(c *seqCache) { c.scores[1][3] += 2 }},
+		{"a row missing", "captured rows", func(c *seqCache) { c.capturedRows-- }},
+		{"two cells swapped", "cells read back", func(c *seqCache) { c.pos[1], c.pos[2] = c.pos[2], c.pos[1] }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := startEngine(t, Options{Parallel: 1})
+			var broke atomic.Bool
+			e.beforeCompress = func(c *seqCache) {
+				if !broke.Swap(true) {
+					tc.corrupt(c)
+				}
+			}
+			ch, err := e.Submit(context.Background(), greedyReq("broken", longPrompt, 8, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := collect(t, ch)
+			var ie *completion.InternalError
+			var inv *InvariantError
+			if !errors.As(r.err, &ie) || !errors.As(r.err, &inv) || inv.What != tc.what {
+				t.Fatalf("got %v, want an internal error for the %q invariant", r.err, tc.what)
+			}
+			if n := e.Stats().KVInvariantFailures; n != 1 {
+				t.Fatalf("%d invariant failures counted, want 1", n)
+			}
+			// The same request, untouched, passes every check.
+			if r := run(t, e, greedyReq("next", longPrompt, 8, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1))); r.kv.Kept >= r.kv.PromptEntries {
+				t.Fatalf("next request was not compressed: %+v", r.kv)
+			}
+		})
+	}
+}

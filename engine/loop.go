@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"runtime/debug"
@@ -283,7 +284,15 @@ func (e *Engine) prefill(s *seq) {
 	s.prefilled = true
 	tok := e.next(s, b.Len()-1)
 	s.prefillDur = time.Since(s.prefillStart)
+	if e.beforeCompress != nil {
+		e.beforeCompress(s.cache)
+	}
 	if err := s.cache.compress(); err != nil {
+		var ie *InvariantError
+		if errors.As(err, &ie) {
+			e.broken.Add(1)
+			err = &completion.InternalError{RequestID: s.req.ID, Err: err}
+		}
 		e.fail(s, fmt.Errorf("engine: %w", err))
 		return
 	}

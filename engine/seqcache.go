@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 
@@ -49,6 +50,8 @@ type seqCache struct {
 	// policy reads none); step: this decode step's attention per held entry.
 	scores [][]float32
 	step   [][]float32
+	// query rows captured while the prompt was encoded (the capture's layer-0 count)
+	capturedRows int
 
 	compressDur time.Duration
 }
@@ -105,6 +108,7 @@ func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
 		return err
 	}
 	if prompt {
+		c.capturedRows += c.lctx.CaptureRows()
 		for l := range sums {
 			for i, cell := range c.cells {
 				c.scores[l][c.pos[i]] += sums[l][cell]
@@ -138,6 +142,9 @@ func (c *seqCache) placed(cell, pos int) {
 func (c *seqCache) compress() error {
 	t0 := time.Now()
 	defer func() { c.compressDur = time.Since(t0) }()
+	if err := c.checkCapture(); err != nil {
+		return err
+	}
 	plan, err := c.tracker.PlanPrefill(c.nPrompt, c.scores)
 	c.scores = nil
 	if err != nil {
@@ -153,6 +160,9 @@ func (c *seqCache) compress() error {
 	if src.Cells() != c.nPrompt || len(src.K) != len(plan.Layers) {
 		return fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d in %d",
 			src.Cells(), len(src.K), c.nPrompt, len(plan.Layers))
+	}
+	if err := c.checkView(src.Pos); err != nil {
+		return err
 	}
 	cellOf := make([]int, c.nPrompt) // prompt position -> cell in src (state order)
 	for i, p := range src.Pos {
@@ -170,6 +180,10 @@ func (c *seqCache) compress() error {
 	if err := c.lctx.WriteSeqCache(c.seq, dst); err != nil {
 		return err
 	}
+	if lo, hi := c.lctx.SeqPosMin(c.seq), c.lctx.SeqPosMax(c.seq); lo != keep[0] || hi != keep[len(keep)-1] {
+		return &InvariantError{What: "cells read back",
+			Detail: fmt.Sprintf("after the rewrite the sequence spans positions [%d, %d], the plan wrote [%d, %d]", lo, hi, keep[0], keep[len(keep)-1])}
+	}
 	// llama.cpp removed the sequence, then placed the K cells as one ubatch.
 	c.pool.releaseAll(c.seq)
 	cells, ok := c.pool.placeUBatch(slices.Repeat([]int{c.seq}, plan.K))
@@ -178,6 +192,69 @@ func (c *seqCache) compress() error {
 	}
 	c.cells = append(c.cells[:0], cells...)
 	c.pos = append(c.pos[:0], keep...)
+	return nil
+}
+
+// InvariantError is a broken runtime invariant of the KV hook: what the engine
+// captured or holds is not what it must be, so the plan would be built on wrong
+// data. The request fails (as an internal error) and the engine counts it.
+type InvariantError struct {
+	What   string // which invariant: "captured rows", "column sums", "cells read back"
+	Detail string
+}
+
+func (e *InvariantError) Error() string { return "kv invariant broken: " + e.What + ": " + e.Detail }
+
+// columnSumTolerance bounds |sum_j s_l[j] - N| / N: every captured query row is a
+// softmax (it sums to 1, to float32 rounding), so each layer's column sums add up
+// to the number of prompt rows; the float32 accumulation over N rows and n_head
+// heads loses far less than this.
+const columnSumTolerance = 1e-3
+
+// checkCapture verifies, before a plan is built on them, that the attention
+// captured for the prompt covers every prompt row once and that each layer's
+// columns add up to the number of rows (a silent all-zero or partial capture
+// would otherwise look like a valid, uniform ranking).
+func (c *seqCache) checkCapture() error {
+	if c.scores == nil {
+		return nil
+	}
+	if c.capturedRows != c.nPrompt {
+		return &InvariantError{What: "captured rows",
+			Detail: fmt.Sprintf("%d query rows captured for a prompt of %d tokens", c.capturedRows, c.nPrompt)}
+	}
+	n := float64(c.nPrompt)
+	for l, row := range c.scores {
+		sum := 0.0
+		for _, v := range row {
+			sum += float64(v)
+		}
+		if !(math.Abs(sum-n) <= columnSumTolerance*n) { // also NaN
+			return &InvariantError{What: "column sums",
+				Detail: fmt.Sprintf("layer %d: captured attention sums to %g over %d prompt rows", l, sum, c.nPrompt)}
+		}
+	}
+	return nil
+}
+
+// checkView verifies that the cells llama.cpp holds for the sequence (positions
+// in cell order, as read from its state) are the ones the engine recorded.
+func (c *seqCache) checkView(cellPos []int32) error {
+	order := make([]int, len(c.cells))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortFunc(order, func(a, b int) int { return c.cells[a] - c.cells[b] })
+	if len(cellPos) != len(order) {
+		return &InvariantError{What: "cells read back",
+			Detail: fmt.Sprintf("llama.cpp holds %d cells, the engine recorded %d", len(cellPos), len(order))}
+	}
+	for k, i := range order {
+		if int(cellPos[k]) != c.pos[i] {
+			return &InvariantError{What: "cells read back",
+				Detail: fmt.Sprintf("cell-order entry %d holds position %d, the engine recorded %d", k, cellPos[k], c.pos[i])}
+		}
+	}
 	return nil
 }
 

@@ -200,5 +200,6 @@ func (b *backend) Ready() bool { return b.eng.Ready() }
 
 func (b *backend) Stats() api.BackendStats {
 	s := b.eng.Stats()
-	return api.BackendStats{QueueDepth: s.QueueDepth, SlotsBusy: s.SlotsBusy, KVCellsUsed: s.KVCellsUsed, KVCellsTotal: s.KVCellsTotal}
+	return api.BackendStats{QueueDepth: s.QueueDepth, SlotsBusy: s.SlotsBusy, KVCellsUsed: s.KVCellsUsed, KVCellsTotal: s.KVCellsTotal,
+		KVInvariantFailures: s.KVInvariantFailures}
 }
