@@ -53,6 +53,9 @@ type Observation struct {
 	T         int  // tokens processed (prompt + generated)
 	Held      int  // cells the sequence holds
 	Attended  int  // attention span (cells, padded) of the last graph
+	// Plan is the prompt plan just applied (prefill observations only; nil when the
+	// policy left the cache as it was). Read-only.
+	Plan *elasticcache.PrefillPlan
 }
 
 // Stats is a snapshot for /metrics.

@@ -240,6 +240,9 @@ func TestPolicyKeepsBudgetDuringPrefillAndDecode(t *testing.T) {
 			if len(obs) == 0 || !obs[0].Prefill || obs[0].Held != k {
 				t.Fatalf("%s: first observation %+v, want %d cells after prefill", id, obs[0], k)
 			}
+			if p := obs[0].Plan; p == nil || p.N != n || p.K != k || len(p.Layers) != tmModel.Info().Layers || p.Merged() != r.kv.Merged {
+				t.Fatalf("%s: observed plan %+v, want N=%d K=%d over every layer, %d merged", id, p, n, k, r.kv.Merged)
+			}
 			for _, o := range obs[1:] {
 				if bound := c.KeepCount(o.T) + 1; o.Held > bound {
 					t.Fatalf("%s: T=%d holds %d cells > ceil(b*T)+1 = %d", id, o.T, o.Held, bound)

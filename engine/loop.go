@@ -441,8 +441,12 @@ func NegLogProb(logits []float32, tok llama.Token) float64 {
 
 func (e *Engine) observe(s *seq, prefill bool) {
 	if e.opts.Observe != nil {
-		e.opts.Observe(Observation{Slot: s.id, RequestID: s.req.ID, Prefill: prefill, T: s.nPast,
-			Held: s.cache.held(), Attended: e.ctx.LastAttendedRange()})
+		o := Observation{Slot: s.id, RequestID: s.req.ID, Prefill: prefill, T: s.nPast,
+			Held: s.cache.held(), Attended: e.ctx.LastAttendedRange()}
+		if prefill {
+			o.Plan = s.cache.plan
+		}
+		e.opts.Observe(o)
 	}
 }
 

@@ -54,6 +54,7 @@ type seqCache struct {
 	capturedRows int
 
 	compressDur time.Duration
+	plan        *elasticcache.PrefillPlan // the prompt plan applied, nil when none
 }
 
 // newSeqCache empties sequence seq of lctx and prepares its cache for a prompt of
@@ -153,6 +154,7 @@ func (c *seqCache) compress() error {
 	if plan == nil {
 		return nil
 	}
+	c.plan = plan
 	src, err := c.lctx.ReadSeqCache(c.seq)
 	if err != nil {
 		return err
