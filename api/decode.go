@@ -444,6 +444,13 @@ func planCache(ec *ElasticCacheParams, def elasticcache.Spec) (elasticcache.Spec
 	if ec.Distance != nil {
 		c.Distance = *ec.Distance
 	}
+	if ec.Selection != nil {
+		sel, err := elasticcache.ParseSelection(*ec.Selection)
+		if err != nil {
+			return elasticcache.Spec{}, cacheError(err)
+		}
+		c.Selection = sel
+	}
 	spec, err := c.Spec()
 	if err != nil {
 		return elasticcache.Spec{}, cacheError(err)

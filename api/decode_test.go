@@ -93,6 +93,8 @@ func TestBadRequests(t *testing.T) {
 		{name: "cache budget high", fields: map[string]any{"elastic_cache": map[string]any{"budget": 1.5}}, status: 400, param: "elastic_cache.budget"},
 		{name: "cache sink negative", fields: map[string]any{"elastic_cache": map[string]any{"sink": -1}}, status: 400, param: "elastic_cache.sink"},
 		{name: "cache distance huge", fields: map[string]any{"elastic_cache": map[string]any{"distance": 1 << 30}}, status: 400, param: "elastic_cache.distance"},
+		{name: "cache selection unknown", fields: map[string]any{"elastic_cache": map[string]any{"selection": "published"}}, status: 400, param: "elastic_cache.selection"},
+		{name: "cache selection not string", fields: map[string]any{"elastic_cache": map[string]any{"selection": 1}}, status: 400, param: "elastic_cache.selection", code: "invalid_type"},
 		{name: "cache not object", fields: map[string]any{"elastic_cache": "fast"}, status: 400, param: "elastic_cache", code: "invalid_type"},
 		{name: "cache budget string", fields: map[string]any{"elastic_cache": map[string]any{"budget": "half"}}, status: 400, param: "elastic_cache.budget", code: "invalid_type"},
 		{name: "unknown model", fields: map[string]any{"model": "gpt-4o"}, status: 404, param: "model", code: "model_not_found"},
@@ -209,6 +211,42 @@ func TestEngineRequest(t *testing.T) {
 					t.Fatalf("max %d stop %q", r.MaxTokens, r.Stop)
 				}
 				if r.Cache.Config() != (elasticcache.Config{Policy: elasticcache.Local, Budget: 0.8, Sink: 0, Distance: -3}) {
+					t.Fatalf("cache %+v", r.Cache.Config())
+				}
+			},
+		},
+		{
+			name: "selection reference",
+			body: map[string]any{"elastic_cache": map[string]any{"selection": " Reference "}},
+			check: func(t *testing.T, r *completion.Request) {
+				want := elasticcache.DefaultConfig()
+				want.Selection = elasticcache.ReferenceSelection
+				if r.Cache.Config() != want || r.Cache.Selection() != elasticcache.ReferenceSelection || !r.Cache.CompactPositions() {
+					t.Fatalf("cache %+v", r.Cache.Config())
+				}
+			},
+		},
+		{
+			name: "selection paper overrides a reference server default",
+			opts: func(o *Options) {
+				o.Cache = elasticcache.MustSpec(elasticcache.Config{Policy: elasticcache.H2O, Budget: 0.5, Sink: 1, Selection: elasticcache.ReferenceSelection})
+			},
+			body: map[string]any{"elastic_cache": map[string]any{"selection": "paper", "budget": 0.3}},
+			check: func(t *testing.T, r *completion.Request) {
+				want := elasticcache.Config{Policy: elasticcache.H2O, Budget: 0.3, Sink: 1} // paper reads as ""
+				if r.Cache.Config() != want || r.Cache.Selection() != elasticcache.PaperSelection {
+					t.Fatalf("cache %+v", r.Cache.Config())
+				}
+			},
+		},
+		{
+			name: "server reference selection kept when the request names none",
+			opts: func(o *Options) {
+				o.Cache = elasticcache.MustSpec(elasticcache.Config{Policy: elasticcache.Elastic, Budget: 0.5, Sink: 1, Selection: elasticcache.ReferenceSelection})
+			},
+			body: map[string]any{"elastic_cache": map[string]any{"sink": 2}},
+			check: func(t *testing.T, r *completion.Request) {
+				if r.Cache.Selection() != elasticcache.ReferenceSelection || r.Cache.Sink() != 2 {
 					t.Fatalf("cache %+v", r.Cache.Config())
 				}
 			},

@@ -55,6 +55,9 @@ type ElasticCacheParams struct {
 	Budget   *float64 `json:"budget"`
 	Sink     *int     `json:"sink"`
 	Distance *int     `json:"distance"`
+	// Selection is "paper" (the method as published) or "reference" (parity
+	// with the authors' published code).
+	Selection *string `json:"selection"`
 }
 
 // ChatMessage is one entry of messages.

@@ -69,6 +69,9 @@ type Config struct {
 	Budget   float64 `env:"BUDGET" envDefault:"0.8"`
 	Sink     int     `env:"SINK" envDefault:"4"`
 	Distance int     `env:"DISTANCE" envDefault:"-25"`
+	// Selection is the default rule set of elastic and h2o: paper (the method
+	// as published) or reference (parity with the authors' published code).
+	Selection string `env:"SELECTION" envDefault:"paper"`
 
 	// Image limits.
 	MaxImageBytes         ByteSize      `env:"MAX_IMAGE_BYTES" envDefault:"10MiB"`
@@ -215,6 +218,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	fs.Float64Var(&cfg.Budget, "budget", cfg.Budget, "default Elastic Cache budget: fraction of the prompt's KV entries to keep, in (0, 1] (env "+EnvName("budget")+")")
 	num(&cfg.Sink, "sink", "default Elastic Cache sink: leading KV entries always kept")
 	num(&cfg.Distance, "distance", "default Elastic Cache distance: elastic decode truncation offset")
+	str(&cfg.Selection, "selection", "default Elastic Cache selection rules for elastic and h2o: paper, or reference (parity with the authors' published code)")
 	size(&cfg.MaxImageBytes, "max-image-bytes", "largest accepted image, in decoded bytes; a `size` like 10485760 or 10MiB")
 	num(&cfg.MaxImages, "max-images", "most images in one request (0: images disabled)")
 	fs.Int64Var(&cfg.MaxImagePixels, "max-image-pixels", cfg.MaxImagePixels, "largest accepted image, width*height pixels (guards against decompression bombs) (env "+EnvName("max-image-pixels")+")")
@@ -235,6 +239,7 @@ func (c *Config) applyDerivedDefaults() {
 	c.Model = strings.TrimSpace(c.Model)
 	c.MMProj = strings.TrimSpace(c.MMProj)
 	c.Policy = strings.ToLower(strings.TrimSpace(c.Policy))
+	c.Selection = strings.ToLower(strings.TrimSpace(c.Selection))
 	c.LogLevel = strings.ToLower(strings.TrimSpace(c.LogLevel))
 	c.LogFormat = strings.ToLower(strings.TrimSpace(c.LogFormat))
 	c.KVType = strings.ToLower(strings.TrimSpace(c.KVType))
@@ -351,14 +356,19 @@ func (c *Config) Validate() error {
 }
 
 // Cache is the server-wide default Elastic Cache setting. It is where the
-// --policy, --budget, --sink and --distance values are validated (Validate
-// reports its *elasticcache.ConfigError under the flag's name).
+// --policy, --budget, --sink, --distance and --selection values are validated
+// (Validate reports its *elasticcache.ConfigError under the flag's name). An
+// empty Selection is the paper's.
 func (c *Config) Cache() (elasticcache.Spec, error) {
 	p, err := elasticcache.ParsePolicy(c.Policy)
 	if err != nil {
 		return elasticcache.Spec{}, err
 	}
-	return elasticcache.Config{Policy: p, Budget: c.Budget, Sink: c.Sink, Distance: c.Distance}.Spec()
+	sel, err := elasticcache.ParseSelection(c.Selection)
+	if err != nil {
+		return elasticcache.Spec{}, err
+	}
+	return elasticcache.Config{Policy: p, Budget: c.Budget, Sink: c.Sink, Distance: c.Distance, Selection: sel}.Spec()
 }
 
 // SeqCtx is the number of KV cells each of the Parallel sequences gets.
@@ -382,9 +392,9 @@ func (c *Config) String() string {
 		key = "(set)"
 	}
 	return fmt.Sprintf("model=%s mmproj=%s alias=%s addr=%s ctx-size=%d parallel=%d threads=%d batch=%d ubatch=%d flash-attn=%t "+
-		"policy=%s budget=%s sink=%d distance=%d api-key=%s queue=%d",
+		"policy=%s budget=%s sink=%d distance=%d selection=%s api-key=%s queue=%d",
 		c.Model, c.MMProj, c.ModelAlias, c.Addr, c.CtxSize, c.Parallel, c.Threads, c.BatchSize, c.UBatchSize, c.FlashAttn,
-		c.Policy, strconv.FormatFloat(c.Budget, 'g', -1, 64), c.Sink, c.Distance, key, c.QueueSize)
+		c.Policy, strconv.FormatFloat(c.Budget, 'g', -1, 64), c.Sink, c.Distance, c.Selection, key, c.QueueSize)
 }
 
 // flagFor maps an elasticcache.ConfigError field to its flag.
@@ -398,6 +408,8 @@ func flagFor(field string) string {
 		return "sink"
 	case "distance":
 		return "distance"
+	case "selection":
+		return "selection"
 	}
 	return ""
 }

@@ -38,7 +38,7 @@ func TestDefaults(t *testing.T) {
 	want := Config{
 		Model: model, Addr: "127.0.0.1:8080", CtxSize: 4096, Parallel: 4, Threads: runtime.NumCPU(),
 		BatchSize: 512, UBatchSize: 512, KVUnified: true, KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
-		Policy: "elastic", Budget: 0.8, Sink: 4, Distance: -25,
+		Policy: "elastic", Budget: 0.8, Sink: 4, Distance: -25, Selection: "paper",
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,
 		MaxBodyBytes: 64 << 20, QueueSize: 64, ShutdownGrace: 30 * time.Second,
 		LogLevel: "info", LogFormat: "console", MaxTokensDefault: -1,
@@ -52,6 +52,11 @@ func TestDefaults(t *testing.T) {
 	cc, err := cfg.Cache()
 	if err != nil || cc.Policy() != elasticcache.Elastic || cc.Budget() != 0.8 || cc.Sink() != 4 || cc.Distance() != -25 {
 		t.Fatalf("Cache() = %+v, %v", cc, err)
+	}
+	// The default selection is the paper's, and the server default is the
+	// same Spec as the package default.
+	if cc.Selection() != elasticcache.PaperSelection || cc != elasticcache.DefaultSpec() {
+		t.Fatalf("Cache() = %+v, want DefaultSpec()", cc.Config())
 	}
 }
 
@@ -84,6 +89,18 @@ func TestPrecedence(t *testing.T) {
 			func(c *Config) bool { return c.RequestTimeout == 2*time.Minute && c.ImageURLTimeout == 3*time.Second }},
 		{"cache flags", []string{"--model", model, "--policy", "H2O", "--budget", "0.5", "--sink", "0", "--distance", "10"}, nil,
 			func(c *Config) bool { return c.Policy == "h2o" && c.Budget == 0.5 && c.Sink == 0 && c.Distance == 10 }},
+		{"selection flag", []string{"--model", model, "--selection", " Reference "}, nil,
+			func(c *Config) bool {
+				s, err := c.Cache()
+				return c.Selection == "reference" && err == nil && s.Selection() == elasticcache.ReferenceSelection
+			}},
+		{"selection from env", []string{"--model", model}, map[string]string{"ELASTICSERVE_SELECTION": "reference"},
+			func(c *Config) bool { return c.Selection == "reference" }},
+		{"selection flag beats env", []string{"--model", model, "--selection", "paper"}, map[string]string{"ELASTICSERVE_SELECTION": "reference"},
+			func(c *Config) bool {
+				s, err := c.Cache()
+				return c.Selection == "paper" && err == nil && s.Selection() == elasticcache.PaperSelection
+			}},
 		{"alias flag", []string{"--model", model, "--model-alias", "my-vlm"}, nil,
 			func(c *Config) bool { return c.ModelAlias == "my-vlm" }},
 		{"ubatch capped at batch", []string{"--model", model, "--batch-size", "128"}, nil,
@@ -138,6 +155,8 @@ func TestInvalid(t *testing.T) {
 		{"sink negative", []string{"--model", model, "--sink", "-1"}, nil, "--sink"},
 		{"sink too large", []string{"--model", model, "--sink", "5000"}, nil, "--sink (ELASTICSERVE_SINK): 5000 is not in"},
 		{"distance too large", []string{"--model", model, "--distance", "-200000"}, nil, "--distance"},
+		{"unknown selection", []string{"--model", model, "--selection", "published"}, nil, "--selection (ELASTICSERVE_SELECTION): unknown selection"},
+		{"unknown selection from env", []string{"--model", model}, map[string]string{"ELASTICSERVE_SELECTION": "ref"}, "--selection"},
 		{"max images negative", []string{"--model", model, "--max-images", "-1"}, nil, "--max-images"},
 		{"max image bytes zero", []string{"--model", model, "--max-image-bytes", "0"}, nil, "--max-image-bytes"},
 		{"bad size", []string{"--model", model, "--max-image-bytes", "ten"}, nil, "invalid size"},
@@ -191,10 +210,11 @@ func TestCache(t *testing.T) {
 		t.Fatalf("Cache() = %+v, want %+v", spec.Config(), want)
 	}
 	for field, bad := range map[string]*Config{
-		"policy":   {Policy: "lru", Budget: 0.5},
-		"budget":   {Policy: "elastic", Budget: 0},
-		"sink":     {Policy: "elastic", Budget: 0.5, Sink: -1},
-		"distance": {Policy: "elastic", Budget: 0.5, Distance: 1 << 30},
+		"policy":    {Policy: "lru", Budget: 0.5},
+		"budget":    {Policy: "elastic", Budget: 0},
+		"sink":      {Policy: "elastic", Budget: 0.5, Sink: -1},
+		"distance":  {Policy: "elastic", Budget: 0.5, Distance: 1 << 30},
+		"selection": {Policy: "elastic", Budget: 0.5, Selection: "published"},
 	} {
 		spec, err := bad.Cache()
 		var ce *elasticcache.ConfigError

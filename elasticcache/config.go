@@ -48,12 +48,44 @@ func (p Policy) valid() bool {
 	return false
 }
 
+// Selection names the rule set that elastic and h2o use to choose entries.
+type Selection string
+
+// The supported selections. The empty Selection means PaperSelection.
+const (
+	// PaperSelection is the method as the paper states it (the default).
+	PaperSelection Selection = "paper"
+	// ReferenceSelection reproduces the authors' published kv_cache.py,
+	// including its departures from the paper, for parity experiments; see
+	// the package documentation for its rules.
+	ReferenceSelection Selection = "reference"
+)
+
+// ParseSelection turns a user supplied name (case and surrounding blanks are
+// ignored) into a Selection; an empty or blank name is PaperSelection.
+// Unknown names give a *ConfigError for "selection".
+func ParseSelection(s string) (Selection, error) {
+	switch v := Selection(strings.ToLower(strings.TrimSpace(s))); v {
+	case "", PaperSelection:
+		return PaperSelection, nil
+	case ReferenceSelection:
+		return v, nil
+	}
+	return "", &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper or reference)", s)}
+}
+
+func (s Selection) valid() bool {
+	return s == "" || s == PaperSelection || s == ReferenceSelection
+}
+
 // Config is the cache setting of one request.
 type Config struct {
 	Policy   Policy  `json:"policy"`
 	Budget   float64 `json:"budget"`   // fraction of entries kept, in (0,1]
 	Sink     int     `json:"sink"`     // leading entries never evicted or merged
 	Distance int     `json:"distance"` // elastic decode truncation offset
+	// Selection is "paper" (or empty, the default) or "reference".
+	Selection Selection `json:"selection,omitempty"`
 }
 
 // DefaultConfig is elastic with budget 0.8, sink 4 and distance -25.
@@ -63,7 +95,7 @@ func DefaultConfig() Config {
 
 // ConfigError reports one invalid Config field.
 type ConfigError struct {
-	Field string // "policy", "budget", "sink" or "distance"
+	Field string // "policy", "budget", "sink", "distance" or "selection"
 	Msg   string
 }
 
@@ -72,7 +104,7 @@ func (e *ConfigError) Error() string {
 }
 
 // Validate checks every field and returns a *ConfigError for the first bad one
-// (in the order policy, budget, sink, distance), or nil.
+// (in the order policy, budget, sink, distance, selection), or nil.
 func (c Config) Validate() error {
 	if !c.Policy.valid() {
 		return &ConfigError{Field: "policy", Msg: fmt.Sprintf("unknown policy %q (want full, elastic, h2o or local)", string(c.Policy))}
@@ -85,6 +117,9 @@ func (c Config) Validate() error {
 	}
 	if c.Distance < -MaxDistance || c.Distance > MaxDistance {
 		return &ConfigError{Field: "distance", Msg: fmt.Sprintf("%d is not in [%d, %d]", c.Distance, -MaxDistance, MaxDistance)}
+	}
+	if !c.Selection.valid() {
+		return &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper or reference)", string(c.Selection))}
 	}
 	return nil
 }

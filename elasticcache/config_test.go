@@ -88,6 +88,23 @@ func TestParsePolicy(t *testing.T) {
 	}
 }
 
+func TestParseSelection(t *testing.T) {
+	ok := map[string]Selection{"": PaperSelection, " ": PaperSelection, "paper": PaperSelection, "Paper": PaperSelection, " REFERENCE ": ReferenceSelection}
+	for in, want := range ok {
+		got, err := ParseSelection(in)
+		if err != nil || got != want {
+			t.Errorf("ParseSelection(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"ref", "published", "elastic", "paper reference"} {
+		got, err := ParseSelection(in)
+		var ce *ConfigError
+		if !errors.As(err, &ce) || ce.Field != "selection" || got != "" {
+			t.Errorf("ParseSelection(%q) = %q, %v; want a ConfigError for selection", in, got, err)
+		}
+	}
+}
+
 func TestDefaultConfigIsElastic08Sink4DistanceMinus25(t *testing.T) {
 	c := DefaultConfig()
 	want := Config{Policy: Elastic, Budget: 0.8, Sink: 4, Distance: -25}
@@ -127,6 +144,10 @@ func TestValidateErrorsNameTheField(t *testing.T) {
 		{"sink too large", func(c *Config) { c.Sink = 1025 }, "sink"},
 		{"distance too small", func(c *Config) { c.Distance = -100001 }, "distance"},
 		{"distance too large", func(c *Config) { c.Distance = 100001 }, "distance"},
+		{"selection reference", func(c *Config) { c.Selection = ReferenceSelection }, ""},
+		{"unknown selection", func(c *Config) { c.Selection = "published" }, "selection"},
+		{"upper-case selection", func(c *Config) { c.Selection = "REFERENCE" }, "selection"},
+		{"distance before selection", func(c *Config) { c.Distance = 100001; c.Selection = "x" }, "distance"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -35,6 +35,46 @@
 // held-1) is never evicted. So after every step the sequence holds at most
 // ceil(b*T) entries.
 //
+// Reference selection. Config.Selection "reference" (ReferenceSelection)
+// reproduces the authors' published kv_cache.py (ElasticCache, H2OCache) for
+// parity experiments; "paper" (or empty) is the default and the method as
+// published in the paper. With f = N - ceil(b*N) entries to forget (the
+// reference's forget_num, int(N - b*N)):
+//
+//   - Phase 1 runs only when f >= 2. With f == 1 the reference's one-entry
+//     eviction runs instead: elastic drops prompt entry 0 (its truncation
+//     index still has its initial value 0, which later evictions keep using),
+//     h2o drops the lowest-scored entry in [Sink, N-1).
+//   - Rank as position (elastic, per layer): the candidates Sink..N-2 are
+//     ranked by ascending score (ties: earlier; torch.argsort leaves them
+//     unspecified), and rank r keeps position Sink+r when the candidate of
+//     rank r has index > f. So K-1 entries are kept (K = ceil(b*N)), and
+//     which positions survive depends on the scores only through the ranks.
+//   - Throw set without the sink offset: rank r whose candidate index is <= f
+//     throws position r itself (not Sink+r): f+1 positions in [0, N-Sink-1),
+//     which may be sink entries or anchors. Candidates neither kept nor
+//     thrown are dropped unmerged.
+//   - Anchors merging into themselves: a thrown position joins the group of
+//     the nearest anchor (ties: earlier). A thrown anchor is its own nearest,
+//     so its row is counted twice in its mean; a thrown sink entry is
+//     averaged into an anchor and also stays as it is (see LayerPlan).
+//   - Decode (elastic): index p = ceil(b*N) + Distance (Distance when > 0,
+//     not >= 0), computed from K rather than the K-1 entries held, with no
+//     sink protection; a negative p counts from the end (Python slicing).
+//   - h2o: entries 0..N-2 ranked by ascending layer-mean score, rank r keeps
+//     position r when the candidate of rank r has index > f, plus the last
+//     entry (K-1 kept, no sink protection). The accumulated scores are not
+//     re-indexed to the kept entries, so decode-time accumulation is
+//     misaligned, as in the reference; each eviction removes its slot.
+//   - Positions: Spec.CompactPositions tells the engine to relabel the kept
+//     cells 0..K-1 and place each new token at the compacted length.
+//
+// Where the reference would exceed its budget, fail or misbehave (a sink
+// larger than ceil(b*N)-2, no anchor left, an index past the cache), the
+// planner stays within the budget and the cache: the elastic sink is capped
+// at max(0, ceil(b*N)-2), thrown entries without an anchor are dropped,
+// decode indices are clamped. local is the same under both selections.
+//
 // Rounding. ceil(b*n) is computed with a small relative slack, so products
 // that are integers up to floating point error (0.07*100 = 7.000000000000001)
 // round to that integer. A budget of 1 therefore never changes anything.

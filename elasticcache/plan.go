@@ -11,8 +11,17 @@ import (
 //
 // Keep lists the kept prompt indices in ascending order. Groups, when not nil,
 // has one slice per Keep entry: the prompt indices (ascending) averaged into
-// that entry, not counting the entry itself. A nil or empty group means the
-// entry stays as it is.
+// that entry. Kept entry i becomes the plain mean of Keep[i]'s row and the
+// rows of Groups[i], each counted once per occurrence. A nil or empty group
+// means the entry stays as it is.
+//
+// Under PaperSelection a group never names a kept index (the entry itself is
+// not listed; it is counted once). Under ReferenceSelection a group may name
+// the entry's own index, which is then counted twice (the reference's
+// scatter-mean includes the anchor's row and also receives it as a thrown
+// row), and may name sink indices, whose rows are averaged into the anchor
+// while the sink entries themselves stay as they are. Merge and ApplyLayer
+// both read every row from the unmerged source, so either case is exact.
 type LayerPlan struct {
 	Keep   []int
 	Groups [][]int
@@ -26,21 +35,30 @@ type PrefillPlan struct {
 	Layers []LayerPlan
 }
 
-// Merged is the number of prompt entries averaged into a kept entry in each
-// layer (the same in every layer): N-K for elastic, 0 otherwise.
+// Merged is the number of prompt entries that leave the cache averaged into
+// a kept entry, in layer 0: N-K for elastic under PaperSelection (the same in
+// every layer), 0 for h2o and local. Under ReferenceSelection group members
+// that are kept themselves are not counted, and the count may differ from
+// layer to layer (its thrown set is per layer and partly overlaps the kept
+// entries).
 func (p *PrefillPlan) Merged() int {
 	if p == nil || len(p.Layers) == 0 {
 		return 0
 	}
+	lp := p.Layers[0]
 	m := 0
-	for _, g := range p.Layers[0].Groups {
-		m += len(g)
+	for _, g := range lp.Groups {
+		for _, j := range g {
+			if _, kept := slices.BinarySearch(lp.Keep, j); !kept {
+				m++ // a prompt entry appears in at most one group
+			}
+		}
 	}
 	return m
 }
 
 // Evicted is the number of prompt entries dropped without being merged in
-// each layer: N-K for h2o and local, 0 for elastic.
+// layer 0: N-K for h2o and local, 0 for elastic under PaperSelection.
 func (p *PrefillPlan) Evicted() int {
 	if p == nil {
 		return 0

@@ -9,10 +9,15 @@ package elasticcache
 // re-derives rules such as "a budget of 1 never compresses".
 type Spec struct{ c Config }
 
-// Spec validates c (see Validate) and returns it as a Spec.
+// Spec validates c (see Validate) and returns it as a Spec. The paper
+// selection is stored as the empty Selection, so a Spec that names it equals
+// one that does not (and equals the Specs made before selections existed).
 func (c Config) Spec() (Spec, error) {
 	if err := c.Validate(); err != nil {
 		return Spec{}, err
+	}
+	if c.Selection == PaperSelection {
+		c.Selection = ""
 	}
 	return Spec{c: c}, nil
 }
@@ -32,7 +37,8 @@ func DefaultSpec() Spec { return Spec{c: DefaultConfig()} }
 // IsZero reports whether s is the zero Spec (no setting chosen).
 func (s Spec) IsZero() bool { return s.c == Config{} }
 
-// Config returns the setting as given (for overriding fields and validating again).
+// Config returns the setting as given (for overriding fields and validating
+// again), except that the paper selection reads as the empty Selection.
 func (s Spec) Config() Config {
 	if s.IsZero() {
 		return Config{Policy: Full, Budget: 1}
@@ -56,6 +62,40 @@ func (s Spec) Sink() int { return s.c.Sink }
 
 // Distance is the elastic decode truncation offset.
 func (s Spec) Distance() int { return s.c.Distance }
+
+// Selection is the rule set elastic and h2o choose entries by: PaperSelection
+// unless the setting asks for ReferenceSelection (also for the zero Spec).
+func (s Spec) Selection() Selection {
+	if s.c.Selection == ReferenceSelection {
+		return ReferenceSelection
+	}
+	return PaperSelection
+}
+
+// reference reports whether the reference rules apply.
+func (s Spec) reference() bool { return s.c.Selection == ReferenceSelection }
+
+// CompactPositions reports whether the engine must give the sequence the
+// positions the published code's evaluation gives it (ReferenceSelection
+// with a budget below 1, any policy). There, LLaVA's forward pass gets no
+// position ids, so a token's position is the number of entries the cache
+// held before it, not T:
+//
+//   - when phase 1 rewrites the prompt (a non-nil PrefillPlan), cell i of
+//     the result (Keep[i] of every layer) is written back with position i,
+//     not Keep[i], and the stored rows are left as they are (their RoPE
+//     rotation is not redone);
+//   - every later token is placed at position = entries held just before
+//     it. After a decode eviction that position is one already used by a
+//     held cell (positions repeat). llama.cpp requires a new position to
+//     follow the sequence's last one, and shifting the held cells' positions
+//     (llama_memory_seq_add) re-rotates their keys on RoPE models, so the
+//     engine reproduces only the relabelling at phase 1: later tokens follow
+//     at K, K+1, ... and positions do not repeat after decode evictions, a
+//     difference from the published code that the README states.
+//
+// It is false for PaperSelection: positions stay the original token indices.
+func (s Spec) CompactPositions() bool { return s.reference() && s.Compresses() }
 
 // KeepCount is ceil(Budget*n), at least 1 and at most n (0 when n <= 0).
 func (s Spec) KeepCount(n int) int { return keepCount(s.Budget(), n) }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 )
 
 // Stats summarises what a Tracker did to one sequence.
@@ -30,6 +31,9 @@ type Tracker struct {
 	point    int // elastic decode truncation index before clamping
 
 	acc []float64 // h2o: accumulated score of each held entry, position order
+
+	// ReferenceSelection only.
+	refHeld int // h2o: entries held after the last step (acc is not aligned to them)
 }
 
 // NewTracker returns a tracker for a model of nLayers layers.
@@ -68,7 +72,10 @@ func (t *Tracker) checkScores(scores [][]float32, width int) error {
 // scores[l][j] is the head-averaged attention column sum that prompt entry j
 // received in layer l; it may be nil when the policy needs none (full,
 // local), when nothing would change (K >= n for elastic), or when the budget
-// is 1. It returns nil when the cache stays as it is.
+// is 1. It returns nil when the cache stays as it is. Under
+// ReferenceSelection elastic and h2o follow the reference rules (see the
+// package documentation); its plan usually holds Spec.KeepCount(n)-1
+// entries, and drops one entry when exactly one must go.
 func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 	if t.planned {
 		return nil, errors.New("elasticcache: PlanPrefill called twice")
@@ -95,8 +102,28 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 	var plan *PrefillPlan
 	sink := t.spec.Sink()
 	s := min(sink, n)
+	ref := t.spec.reference()
+	refPoint := 0 // reference elastic truncation index: initially 0
 	switch {
 	case !t.spec.Compresses():
+	case ref && policy == Elastic:
+		switch f := n - k; {
+		case f >= 2:
+			plan = planRefElastic(n, f, sink, scores)
+			if d := t.spec.Distance(); d > 0 {
+				refPoint = d
+			} else {
+				refPoint = k + d // ceil(b*n), one more than the entries kept
+			}
+		case f == 1:
+			plan = planRefElasticSingle(n, t.nLayers)
+		}
+	case ref && policy == H2O:
+		means := h2oMeans(n, scores)
+		t.acc = means
+		if f := n - k; f >= 1 {
+			plan, t.acc = planRefH2O(n, f, sink, t.nLayers, means)
+		}
 	case policy == Elastic && compress:
 		plan = planElastic(n, k, sink, scores)
 		s = effectiveSink(sink, k)
@@ -116,16 +143,20 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 	t.promptN = n
 	t.kept = n
 	if plan != nil {
-		t.kept = k
+		t.kept = plan.K
 		t.merged = plan.Merged()
 		t.evicted = plan.Evicted()
 	}
 	t.sinkHeld = s
-	if d := t.spec.Distance(); d < 0 {
+	switch d := t.spec.Distance(); {
+	case ref && policy == Elastic:
+		t.point = refPoint
+	case d < 0:
 		t.point = t.kept + d
-	} else {
+	default:
 		t.point = d
 	}
+	t.refHeld = t.kept
 	return plan, nil
 }
 
@@ -143,6 +174,12 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 // For elastic and local "sink" is the number of original sink entries still
 // held after phase 1; for h2o it is Spec.Sink as an index, as in the
 // reference H2O cache (its phase 1 does not protect sink entries).
+//
+// Under ReferenceSelection (see the package documentation) the bound is the
+// same, but elastic takes the reference's index with no sink protection (a
+// negative index counts from the end, the result clamped to [0, held-2]),
+// and h2o adds each step's scores to accumulated slots that phase 1 did not
+// re-index.
 func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
 	if held < 1 || held > T {
 		return -1, fmt.Errorf("elasticcache: held=%d with T=%d (want 1 <= held <= T)", held, T)
@@ -161,7 +198,19 @@ func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
 	idx := -1
 	switch t.spec.Policy() {
 	case Elastic:
-		if over {
+		switch {
+		case !over:
+		case t.spec.reference():
+			// The reference slices the cache around its index like a
+			// Python list: a negative index counts from the end. No sink
+			// protection; an index the slicing would misuse (-1, or past
+			// either end) is clamped so that exactly one entry goes.
+			idx = t.point
+			if idx < 0 {
+				idx += held
+			}
+			idx = min(max(idx, 0), held-2)
+		default:
 			lo, hi := min(t.sinkHeld, held-2), held-2
 			idx = min(max(t.point, lo), hi)
 		}
@@ -175,6 +224,13 @@ func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
 		}
 		if err := t.checkScores(scores, held); err != nil {
 			return -1, err
+		}
+		if t.spec.reference() {
+			if held != t.refHeld+1 {
+				return -1, fmt.Errorf("elasticcache: held=%d but the tracker holds %d entries before this step", held, t.refHeld)
+			}
+			idx = t.referenceH2OStep(held, over, scores)
+			break
 		}
 		if len(t.acc) != held-1 {
 			return -1, fmt.Errorf("elasticcache: held=%d but the tracker holds %d entries before this step", held, len(t.acc))
@@ -200,6 +256,38 @@ func (t *Tracker) AfterDecode(T, held int, scores [][]float32) (int, error) {
 		t.evicted++
 	}
 	return idx, nil
+}
+
+// referenceH2OStep is one decode step of the reference H2OCache: this step's
+// layer-mean scores are added to the first held slots of the accumulated
+// scores (slots beyond what was accumulated count as 0; after a phase 1 that
+// compacted the cache the slots are still indexed by prompt position, as in
+// the reference), and when over budget the lowest of slots [sink, held-1)
+// (earliest on ties) is evicted and its slot removed. It returns the index,
+// or -1 for none.
+func (t *Tracker) referenceH2OStep(held int, over bool, scores [][]float32) int {
+	for len(t.acc) < held {
+		t.acc = append(t.acc, 0)
+	}
+	inv := 1 / float64(t.nLayers)
+	for _, row := range scores {
+		for j, v := range row {
+			t.acc[j] += float64(v) * inv
+		}
+	}
+	t.refHeld = held
+	if !over {
+		return -1
+	}
+	idx := min(t.spec.Sink(), held-2)
+	for j := idx + 1; j < held-1; j++ {
+		if t.acc[j] < t.acc[idx] {
+			idx = j
+		}
+	}
+	t.acc = slices.Delete(t.acc, idx, idx+1)
+	t.refHeld--
+	return idx
 }
 
 // Stats returns the tracker's counters.

@@ -173,6 +173,13 @@ func cfg(p elasticcache.Policy, b float64) elasticcache.Spec {
 	return elasticcache.MustSpec(c)
 }
 
+// refCfg is cfg with the published code's selection rules.
+func refCfg(p elasticcache.Policy, b float64) elasticcache.Spec {
+	c := cfg(p, b).Config()
+	c.Selection = elasticcache.ReferenceSelection
+	return elasticcache.MustSpec(c)
+}
+
 func testPNG(t testing.TB, seed int) []byte {
 	t.Helper()
 	img := image.NewRGBA(image.Rect(0, 0, 48, 48))
@@ -204,12 +211,14 @@ func TestBudgetOneMatchesFullForEveryPolicy(t *testing.T) {
 			t.Fatalf("full: %d tokens, finish %q", full.usage.CompletionTokens, full.finish)
 		}
 		for _, p := range allPolicies {
-			got := run(t, e, greedyReq(string(p), longPrompt, 40, cfg(p, 1), imgs...))
-			if got.text != full.text {
-				t.Errorf("image=%v %s@1.0 differs from full:\n%q\n%q", withImage, p, got.text, full.text)
-			}
-			if got.kv.Kept != got.kv.PromptEntries || got.kv.Evicted != 0 || got.kv.Merged != 0 {
-				t.Errorf("%s@1.0 changed the cache: %+v", p, got.kv)
+			for _, spec := range []elasticcache.Spec{cfg(p, 1), refCfg(p, 1)} {
+				got := run(t, e, greedyReq(string(p), longPrompt, 40, spec, imgs...))
+				if got.text != full.text {
+					t.Errorf("image=%v %s@1.0 (%s) differs from full:\n%q\n%q", withImage, p, spec.Selection(), got.text, full.text)
+				}
+				if got.kv.Kept != got.kv.PromptEntries || got.kv.Evicted != 0 || got.kv.Merged != 0 {
+					t.Errorf("%s@1.0 (%s) changed the cache: %+v", p, spec.Selection(), got.kv)
+				}
 			}
 		}
 	}
@@ -265,7 +274,7 @@ func TestPolicyKeepsBudgetDuringPrefillAndDecode(t *testing.T) {
 func TestCellBookkeepingMatchesLlama(t *testing.T) {
 	for _, unified := range []bool{false, true} {
 		t.Run(fmt.Sprintf("unified=%v", unified), func(t *testing.T) {
-			e := startEngine(t, Options{Parallel: 3, CtxSize: 3 * 1024, Unified: unified, UBatchSize: 64})
+			e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 1024, Unified: unified, UBatchSize: 64})
 			checked := 0
 			check := func(o Observation) {
 				if o.T%37 != 0 && !o.Prefill {
@@ -299,6 +308,7 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 			e.onObserve.Store(&check)
 			reqs := []*Request{
 				greedyReq("h2o", strings.Repeat("abc ", 30), 120, cfg(elasticcache.H2O, 0.5)),
+				greedyReq("elastic-reference", longPrompt, 100, refCfg(elasticcache.Elastic, 0.5), testPNG(t, 2)),
 				greedyReq("elastic", longPrompt, 120, cfg(elasticcache.Elastic, 0.4), testPNG(t, 1)),
 				greedyReq("local", strings.Repeat("xyz ", 20), 90, cfg(elasticcache.Local, 0.6)),
 			}
@@ -739,5 +749,36 @@ func TestBrokenKVInvariantFailsTheRequest(t *testing.T) {
 				t.Fatalf("next request was not compressed: %+v", r.kv)
 			}
 		})
+	}
+}
+
+// Under the published code's rules the kept prompt cells are relabelled 0..K-1 and
+// generation continues right after them; the cache stays within its bound.
+func TestReferenceSelectionCompactsPositions(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 1})
+	var afterPlan, last [2]int // held, largest position
+	check := func(o Observation) {
+		if o.RequestID != "ref" {
+			return
+		}
+		got := [2]int{o.Held, e.ctx.SeqPosMax(o.Slot)}
+		if o.Prefill {
+			afterPlan = got
+		}
+		last = got
+	}
+	e.onObserve.Store(&check)
+	r := run(t, e, greedyReq("ref", longPrompt, 24, refCfg(elasticcache.Elastic, 0.5), testPNG(t, 1)))
+	k := r.kv.Kept
+	if n := r.kv.PromptEntries; k >= n || afterPlan != [2]int{k, k - 1} {
+		t.Fatalf("after the plan: held %d, largest position %d; want %d cells at 0..%d (N=%d)", afterPlan[0], afterPlan[1], k, k-1, n)
+	}
+	if want := k - 1 + r.usage.CompletionTokens - 1; last[1] != want {
+		t.Fatalf("largest position after generating %d tokens is %d, want %d", r.usage.CompletionTokens, last[1], want)
+	}
+	// The published code keeps one entry fewer than the paper's ceil(b*N).
+	paper := run(t, e, greedyReq("paper", longPrompt, 24, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)))
+	if paper.kv.Kept != k+1 {
+		t.Fatalf("paper rule kept %d entries, reference %d; want one more", paper.kv.Kept, k)
 	}
 }

@@ -361,8 +361,9 @@ func (e *Engine) decodeStep() {
 		e.guard(s, func() {
 			b := e.tokBatch
 			b.Clear()
-			b.Add(s.pending, s.nPast, s.id, true)
-			if err := s.cache.decode(b, s.nPast, false); err != nil {
+			pos := s.cache.position(s.nPast)
+			b.Add(s.pending, pos, s.id, true)
+			if err := s.cache.decode(b, pos, false); err != nil {
 				e.fail(s, fmt.Errorf("engine: decode: %w", err))
 				return
 			}
@@ -376,7 +377,7 @@ func (e *Engine) decodeShared(ss []*seq) {
 	b.Clear()
 	ids := make([]int, len(ss))
 	for i, s := range ss {
-		b.Add(s.pending, s.nPast, s.id, true)
+		b.Add(s.pending, s.cache.position(s.nPast), s.id, true)
 		ids[i] = s.id
 	}
 	err := e.ctx.Decode(b)
@@ -392,7 +393,7 @@ func (e *Engine) decodeShared(ss []*seq) {
 	}
 	for i, s := range ss {
 		e.guard(s, func() {
-			s.cache.placed(cells[i], s.nPast)
+			s.cache.placed(cells[i], s.cache.position(s.nPast))
 			e.afterDecode(s, i)
 		})
 	}

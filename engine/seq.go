@@ -26,7 +26,7 @@ type seq struct {
 	sampler *llama.Sampler
 	cache   *seqCache // set when admitted
 
-	nPast   int         // next position
+	nPast   int         // tokens processed (prompt + generated): T
 	pending llama.Token // sampled, not yet decoded
 	nGen    int
 	maxGen  int // tokens this request may generate (its reservation assumes it)

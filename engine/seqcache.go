@@ -45,6 +45,9 @@ type seqCache struct {
 	cells []int // cell of each held entry, in position order
 	pos   []int // position of each held entry
 	peak  int
+	// shift is T minus the position of the next token: 0 unless the prompt plan
+	// relabelled the kept cells 0..K-1 (Spec.CompactPositions), then N-K.
+	shift int
 
 	// prompt: attention received by each prompt position, per layer (nil when the
 	// policy reads none); step: this decode step's attention per held entry.
@@ -77,6 +80,9 @@ func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache
 
 // held is the number of entries (cells) the sequence holds.
 func (c *seqCache) held() int { return len(c.cells) }
+
+// position is where the token that follows T processed tokens goes.
+func (c *seqCache) position(T int) int { return T - c.shift }
 
 // decode runs b, which holds only this sequence's tokens, at positions pos0..,
 // records their cells, and captures their attention when the policy reads it in
@@ -175,7 +181,15 @@ func (c *seqCache) compress() error {
 	}
 	dst := llama.NewSeqCacheLike(src, plan.K)
 	elasticcache.Merge(plan, seqStore{src}, seqStore{dst}, cellOf)
-	keep := plan.Layers[0].Keep
+	// Positions written back: layer 0's kept positions (see the type's comment), or
+	// 0..K-1 when the setting reproduces the published code's compacted positions.
+	keep := slices.Clone(plan.Layers[0].Keep)
+	if c.spec.CompactPositions() {
+		for i := range keep {
+			keep[i] = i
+		}
+		c.shift = c.nPrompt - plan.K
+	}
 	for i, p := range keep {
 		dst.Pos[i] = int32(p)
 	}

@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -106,6 +107,42 @@ func parse(fs *flag.FlagSet, args []string) error {
 }
 
 func measure(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer) error {
+	o, ro, err := measureFlags(cmd, args, stderr)
+	if err != nil {
+		return err
+	}
+	if o.Log == nil {
+		// The ggml backend loader logs its CPU feature line through slog.
+		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	r, err := eval.Open(o)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	res, err := r.Run(ctx, ro)
+	if err != nil {
+		return err
+	}
+	fmt.Fprint(stdout, res.Results.Markdown())
+	for _, f := range res.Files {
+		fmt.Fprintf(stderr, "wrote %s\n", f)
+	}
+	return nil
+}
+
+// The prompt protocols of --protocol.
+const (
+	protocolDefault = "default"
+	protocolPaper   = "paper"
+)
+
+// paperSink is the start_size every published evaluation script passes.
+const paperSink = 1
+
+// measureFlags reads the flags of a measuring command into the runner's and
+// the run's options (progress and log writers included).
+func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, eval.RunOptions, error) {
 	fs := flag.NewFlagSet("elastic-eval "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	o := eval.Options{}
@@ -124,6 +161,8 @@ func measure(ctx context.Context, cmd string, args []string, stdout, stderr io.W
 	fs.BoolVar(&o.Unified, "unified", false, "one KV cell pool shared by all sequences instead of one stream each")
 	fs.IntVar(&o.GPULayers, "gpu-layers", -1, "layers offloaded to a GPU when one is present (-1 all, 0 none)")
 	fs.StringVar(&o.System, "system", "", "system message put before every prompt")
+	fs.StringVar(&o.Layout, "layout", eval.LayoutAsIs, "prompt layout: as-is (the dataset's order), question-first (text before the image) or image-first")
+	protocol := fs.String("protocol", protocolDefault, "prompt protocol preset: default (the flags as given) or paper (the published scripts': --layout question-first, --system LLaVA-1.5's, --sink 1; flags given explicitly win)")
 	quiet := fs.Bool("quiet", false, "no progress bar (skip messages are still printed)")
 	verbose := fs.Bool("verbose", false, "print the engine's log on stderr")
 	out := fs.String("out", "", "folder for results.csv, results.md and the plots (sweep default: elastic-eval-out)")
@@ -148,25 +187,33 @@ func measure(ctx context.Context, cmd string, args []string, stdout, stderr io.W
 		metrics = cmd
 	}
 	if err := parse(fs, args); err != nil {
-		return err
+		return o, ro, err
 	}
 	if o.Model == "" {
-		return usagef("--model is required")
+		return o, ro, usagef("--model is required")
 	}
 	var err error
 	if o.Policies, err = eval.ParsePolicies(*policies); err != nil {
-		return usageError{err}
+		return o, ro, usageError{err}
 	}
 	if o.Budgets, err = parseBudgets(*budgets); err != nil {
-		return usageError{err}
+		return o, ro, usageError{err}
 	}
 	if ro.Metrics, err = eval.ParseMetrics(metrics); err != nil {
-		return usageError{err}
+		return o, ro, usageError{err}
 	}
 	for _, m := range ro.Metrics {
 		if (m == report.PPL || m == report.ROUGE) && ro.Data == "" {
-			return usagef("--data is required for %s", m)
+			return o, ro, usagef("--data is required for %s", m)
 		}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if err := applyProtocol(*protocol, set, &o); err != nil {
+		return o, ro, err
+	}
+	if !slices.Contains(eval.Layouts, o.Layout) {
+		return o, ro, usagef("unknown --layout %q (want %s)", o.Layout, strings.Join(eval.Layouts, ", "))
 	}
 	ro.Out = *out
 	if cmd == "sweep" && ro.Out == "" {
@@ -179,22 +226,36 @@ func measure(ctx context.Context, cmd string, args []string, stdout, stderr io.W
 	}
 	if *verbose {
 		o.Log = stderr
-	} else {
-		// The ggml backend loader logs its CPU feature line through slog.
-		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	}
-	r, err := eval.Open(o)
-	if err != nil {
-		return err
+	return o, ro, nil
+}
+
+// applyProtocol sets the options of a --protocol preset that the user did not
+// set with their own flag (set holds the names of the flags given) and names
+// the protocol for the results' notes, with the preset's flags overridden.
+func applyProtocol(name string, set map[string]bool, o *eval.Options) error {
+	switch name {
+	case protocolDefault:
+		o.Protocol = protocolDefault
+		return nil
+	case protocolPaper:
+	default:
+		return usagef("unknown --protocol %q (want %s or %s)", name, protocolDefault, protocolPaper)
 	}
-	defer r.Close()
-	res, err := r.Run(ctx, ro)
-	if err != nil {
-		return err
+	var given []string
+	preset := func(flag string, apply func()) {
+		if set[flag] {
+			given = append(given, "--"+flag)
+		} else {
+			apply()
+		}
 	}
-	fmt.Fprint(stdout, res.Results.Markdown())
-	for _, f := range res.Files {
-		fmt.Fprintf(stderr, "wrote %s\n", f)
+	preset("layout", func() { o.Layout = eval.LayoutQuestionFirst })
+	preset("system", func() { o.System = eval.LLaVASystem })
+	preset("sink", func() { o.Sink = paperSink })
+	o.Protocol = protocolPaper
+	if len(given) > 0 {
+		o.Protocol += " (" + strings.Join(given, ", ") + " given explicitly)"
 	}
 	return nil
 }

@@ -10,6 +10,7 @@
 package eval
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -53,12 +54,38 @@ type Options struct {
 	MaxTokens int    // rouge: tokens generated per sample (default 64)
 	System    string // optional system message put before every prompt
 	Seed      int64  // sample subset, synthetic latency prompts, sampler seed
+	// Layout orders a prompt's text and image parts: LayoutAsIs (default, ""
+	// too), LayoutQuestionFirst or LayoutImageFirst. The text is kept as it is.
+	Layout string
+	// Protocol names the settings for the results' notes ("" : "default").
+	Protocol string
 
 	// Progress receives progress bars and skip messages (nil: silent).
 	Progress io.Writer
 	// Log receives the engine's log (zerolog JSON); nil discards it.
 	Log io.Writer
 }
+
+// The prompt layouts of Options.Layout.
+const (
+	// LayoutAsIs keeps the dataset's order (the synthetic set puts the image first).
+	LayoutAsIs = "as-is"
+	// LayoutQuestionFirst puts the text parts before the image, as the LLaVA-1.5
+	// conversation template of the published evaluation scripts does
+	// ("USER: <question>\n<image> ASSISTANT:").
+	LayoutQuestionFirst = "question-first"
+	// LayoutImageFirst puts the image before the text parts.
+	LayoutImageFirst = "image-first"
+)
+
+// Layouts lists the accepted Options.Layout values.
+var Layouts = []string{LayoutAsIs, LayoutQuestionFirst, LayoutImageFirst}
+
+// LLaVASystem is LLaVA-1.5's system prompt (its conversation template
+// "vicuna_v1"), which the published Elastic Cache evaluation scripts put
+// before every question.
+const LLaVASystem = "A chat between a curious human and an artificial intelligence assistant. " +
+	"The assistant gives helpful, detailed, and polite answers to the human's questions."
 
 // SeqCells is the default number of KV cells per sequence for ppl and rouge.
 const SeqCells = 2048
@@ -81,6 +108,15 @@ func (o *Options) defaults() error {
 	}
 	if len(o.Budgets) == 0 {
 		o.Budgets = []float64{0.2, 0.5, 0.8}
+	}
+	if o.Layout == "" {
+		o.Layout = LayoutAsIs
+	}
+	if !slices.Contains(Layouts, o.Layout) {
+		return fmt.Errorf("unknown prompt layout %q (want %s)", o.Layout, strings.Join(Layouts, ", "))
+	}
+	if o.Protocol == "" {
+		o.Protocol = "default"
 	}
 	for _, b := range o.Budgets {
 		c := elasticcache.Config{Policy: elasticcache.Elastic, Budget: b, Sink: o.Sink, Distance: o.Distance}
@@ -198,17 +234,59 @@ func (r *Runner) startEngine(parallel, ctxSize int) (*engine.Engine, func(), err
 }
 
 // messages builds the chat for one prompt, in which dataset.ImageToken stands for
-// each image, after the optional system message.
+// each image, after the optional system message, its parts ordered by
+// Options.Layout.
 func (r *Runner) messages(prompt string, images [][]byte) ([]engine.Message, error) {
 	parts, err := completion.SplitImages(prompt, dataset.ImageToken, images)
 	if err != nil {
 		return nil, err
 	}
+	parts = arrange(parts, r.opts.Layout)
 	var msgs []engine.Message
 	if r.opts.System != "" {
 		msgs = append(msgs, engine.Message{Role: "system", Parts: []engine.Part{completion.Text(r.opts.System)}})
 	}
 	return append(msgs, engine.Message{Role: "user", Parts: parts}), nil
+}
+
+// arrange orders a prompt's parts for a layout: question-first moves the text
+// parts before the images, image-first the images before the text; each group
+// keeps its own order and every part its content. Any other layout (as-is)
+// returns the parts unchanged.
+func arrange(parts []engine.Part, layout string) []engine.Part {
+	var first, second []engine.Part
+	for _, p := range parts {
+		isImage := p.Kind == completion.PartImage
+		switch layout {
+		case LayoutQuestionFirst:
+			if isImage {
+				second = append(second, p)
+			} else {
+				first = append(first, p)
+			}
+		case LayoutImageFirst:
+			if isImage {
+				first = append(first, p)
+			} else {
+				second = append(second, p)
+			}
+		default:
+			return parts
+		}
+	}
+	return append(first, second...)
+}
+
+// ProtocolNote describes the prompt protocol for the results' notes.
+func (o Options) ProtocolNote() string {
+	sys := "no system prompt"
+	switch {
+	case o.System == LLaVASystem:
+		sys = "LLaVA-1.5's system prompt"
+	case o.System != "":
+		sys = fmt.Sprintf("system prompt %q", o.System)
+	}
+	return fmt.Sprintf("protocol %s: layout %s, %s, sink %d", cmp.Or(o.Protocol, "default"), cmp.Or(o.Layout, LayoutAsIs), sys, o.Sink)
 }
 
 func greedy(seed int64) engine.Sampling {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/report"
 	"github.com/elasticserve/elasticserve/internal/eval/shapes"
@@ -206,13 +207,34 @@ func TestSweepWritesParsableFiles(t *testing.T) {
 		}
 	}
 	nCfg := 1 + len(allPolicies)
-	if len(res.Results.Rows) != 3*nCfg {
+	// ppl, rouge and latency over all samples, then ppl and rouge over the
+	// long answers and the short ones: 1 description and 3 short answers.
+	if len(res.Results.Rows) != 3*nCfg+2*2*nCfg {
 		t.Fatalf("%d rows", len(res.Results.Rows))
+	}
+	for i, rw := range res.Results.Rows[3*nCfg:] {
+		metric, kind, n, accN := report.PPL, report.KindLong, 1, 0
+		if i/(2*nCfg) == 1 {
+			metric = report.ROUGE
+		}
+		if i%(2*nCfg) >= nCfg {
+			kind, n, accN = report.KindShort, 3, 3
+		}
+		if rw.Metric != metric || rw.Kind != kind || rw.Samples != n {
+			t.Errorf("row %d: %s %s %d samples; want %s %s %d", 3*nCfg+i, rw.Metric, rw.Kind, rw.Samples, metric, kind, n)
+		}
+		if rw.Metric == report.ROUGE && rw.AccN != accN {
+			t.Errorf("row %d (%s): accuracy on %d samples", 3*nCfg+i, kind, rw.AccN)
+		}
+	}
+	if !slices.Contains(res.Results.Notes, "ppl: also reported apart: 1 long-answer samples (descriptions: PPL, ROUGE) and 3 short-answer samples (accuracy)") ||
+		!slices.Contains(res.Results.Notes, "protocol default: layout as-is, no system prompt, sink 4") {
+		t.Errorf("notes %q", res.Results.Notes)
 	}
 	if res.Latency.PromptTokens > 220 || res.Latency.PromptTokens < 200 {
 		t.Errorf("latency prompt is %d tokens, want about 220", res.Latency.PromptTokens)
 	}
-	for _, rw := range res.Results.Rows {
+	for _, rw := range res.Results.Rows[:3*nCfg] {
 		switch rw.Metric {
 		case report.PPL:
 			if rw.Samples != 4 || !(rw.PPL > 1) || math.IsInf(rw.PPL, 0) {
@@ -244,8 +266,12 @@ func TestSweepWritesParsableFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(recs) != 1+3*nCfg || !slices.Equal(recs[0], report.CSVHeader()) {
+	if len(recs) != 1+3*nCfg+4*nCfg || !slices.Equal(recs[0], report.CSVHeader()) {
 		t.Fatalf("csv: %d records, header %v", len(recs), recs[0])
+	}
+	kind := slices.Index(recs[0], "kind")
+	if kind != len(recs[0])-1 || recs[1][kind] != "all" || recs[2*nCfg+1][kind] != "" || recs[3*nCfg+1][kind] != "long" || recs[4*nCfg+1][kind] != "short" {
+		t.Errorf("csv kind column %d: %q %q %q %q", kind, recs[1][kind], recs[2*nCfg+1][kind], recs[3*nCfg+1][kind], recs[4*nCfg+1][kind])
 	}
 	ppl := slices.Index(recs[0], "ppl")
 	if v, err := strconv.ParseFloat(recs[1][ppl], 64); err != nil || v != res.PPL.Rows[0].PPL {
@@ -255,7 +281,8 @@ func TestSweepWritesParsableFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"| policy | budget | n | PPL |", "| elastic | 0.5 | 4 |", "ROUGE-L", "speedup", "2 skipped while loading"} {
+	for _, want := range []string{"| policy | budget | n | PPL |", "| elastic | 0.5 | 4 |", "ROUGE-L", "speedup", "2 skipped while loading",
+		"### Long answers (descriptions)", "| elastic | 0.5 | 1 |", "### Short exact answers", "| elastic | 0.5 | 3 |"} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("results.md lacks %q", want)
 		}
@@ -309,6 +336,136 @@ func TestOversizedSampleIsSkippedEverywhere(t *testing.T) {
 	for _, rw := range q.Rows {
 		if rw.Samples != 1 {
 			t.Errorf("%s@%g scored %d samples", rw.Policy, rw.Budget, rw.Samples)
+		}
+	}
+}
+
+// The layout reorders a prompt's parts (the text kept as it is) and the system
+// prompt comes first; the engine renders the question before the image with
+// question-first.
+func TestLayoutOrdersParts(t *testing.T) {
+	img := []byte("png")
+	kinds := func(msgs []engine.Message) string {
+		var s []string
+		for _, m := range msgs {
+			for _, p := range m.Parts {
+				if p.Kind == completion.PartImage {
+					s = append(s, m.Role+":image")
+				} else {
+					s = append(s, m.Role+":"+p.Text)
+				}
+			}
+		}
+		return strings.Join(s, " | ")
+	}
+	for _, c := range []struct {
+		layout, system, prompt, want string
+	}{
+		{"", "", "<image>\nWhat color is the circle?", "user:image | user:What color is the circle?"},
+		{LayoutAsIs, "", "Q?\n<image>", "user:Q? | user:image"},
+		{LayoutQuestionFirst, "", "<image>\nWhat color is the circle?", "user:What color is the circle? | user:image"},
+		{LayoutQuestionFirst, "", "Look.\n<image>\nWhat color?", "user:Look. | user:What color? | user:image"},
+		{LayoutImageFirst, "", "Q?\n<image>", "user:image | user:Q?"},
+		{LayoutImageFirst, "", "<image>\nQ?", "user:image | user:Q?"},
+		{LayoutQuestionFirst, "Be nice.", "<image>\nQ?", "system:Be nice. | user:Q? | user:image"},
+	} {
+		r := &Runner{opts: Options{Layout: c.layout, System: c.system}}
+		msgs, err := r.messages(c.prompt, [][]byte{img})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := kinds(msgs); got != c.want {
+			t.Errorf("layout %q, prompt %q: parts %q, want %q", c.layout, c.prompt, got, c.want)
+		}
+	}
+	if err := (&Options{Layout: "sideways"}).defaults(); err == nil || !strings.Contains(err.Error(), `"sideways"`) {
+		t.Errorf("unknown layout: %v", err)
+	}
+
+	// Through the engine's prompt builder on the test model's chat template.
+	r := openRunner(t, []float64{0.5})
+	r.opts.Layout, r.opts.System = LayoutQuestionFirst, LLaVASystem
+	set, err := dataset.Load(synthData(t, 1, shapes.ColorOf), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := set.Samples[0]
+	if !strings.HasPrefix(s.Prompt, dataset.ImageToken+"\n") {
+		t.Fatalf("the synthetic prompt %q does not start with the image", s.Prompt)
+	}
+	imgs, err := readImage(s.Image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := r.messages(s.Prompt, imgs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text, _, err := engine.RenderPrompt(r.Model(), msgs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	question := strings.TrimPrefix(s.Prompt, dataset.ImageToken+"\n")
+	sys, q, m := strings.Index(text, LLaVASystem), strings.Index(text, question+"\n"+llama.MediaMarker()), strings.Index(text, llama.MediaMarker())
+	if sys < 0 || q < 0 || !(sys < q && q < m) {
+		t.Errorf("rendered prompt (system at %d, question at %d, image at %d):\n%s", sys, q, m, text)
+	}
+}
+
+// Long and short answers are aggregated apart, each over its own samples,
+// after the rows of all samples; the groups add up to all.
+func TestSplitRowsLongAndShort(t *testing.T) {
+	cfgs := []elasticcache.Spec{
+		elasticcache.MustSpec(elasticcache.Config{Policy: elasticcache.Full, Budget: 1, Sink: 4, Distance: -25}),
+		elasticcache.MustSpec(elasticcache.Config{Policy: elasticcache.Elastic, Budget: 0.5, Sink: 4, Distance: -25}),
+	}
+	mk := func(kind, answer string, nll float64, toks int, text string) SampleResult {
+		return SampleResult{Sample: dataset.Sample{Kind: kind, Answer: answer}, Tokens: toks,
+			NLL: []float64{nll, 2 * nll}, Text: []string{text, text + " more"}, KV: make([]*engine.KVReport, 2), Peak: []int{10, 5}}
+	}
+	samples := []SampleResult{
+		mk("describe", "There is a red circle at the top left.", 3, 10, "a red circle"),
+		mk("color", "red", 1, 2, "red"),
+		mk("count", "two", 1, 2, "three"),
+		mk("", "A long answer without a kind here.", 2, 8, "long"), // no kind, more than 3 words: long
+		mk("", "blue", 1, 1, "blue"),                               // no kind, 1 word: short
+	}
+	for _, metric := range []string{report.PPL, report.ROUGE} {
+		all := aggregate(metric, cfgs, samples)
+		split := splitRows(metric, cfgs, samples)
+		if len(split) != 2*len(cfgs) {
+			t.Fatalf("%s: %d split rows", metric, len(split))
+		}
+		for i, rw := range split {
+			kind, n, acc := report.KindLong, 2, 0
+			if i >= len(cfgs) {
+				kind, n, acc = report.KindShort, 3, 3
+			}
+			if rw.Kind != kind || rw.Samples != n || rw.Policy != string(cfgs[i%len(cfgs)].Policy()) {
+				t.Errorf("%s row %d: kind %q, %d samples, policy %s; want %q, %d", metric, i, rw.Kind, rw.Samples, rw.Policy, kind, n)
+			}
+			if metric == report.ROUGE && rw.AccN != acc {
+				t.Errorf("rouge %s row: accuracy on %d samples, want %d", kind, rw.AccN, acc)
+			}
+		}
+		for ci := range cfgs {
+			l, s, a := split[ci], split[len(cfgs)+ci], all[ci]
+			if a.Kind != "" || a.Samples != 5 {
+				t.Errorf("%s all row %+v", metric, a)
+			}
+			if metric == report.PPL && (l.Tokens+s.Tokens != a.Tokens || math.Abs(l.NLL+s.NLL-a.NLL) > 1e-12) {
+				t.Errorf("ppl: long %d tokens %g NLL + short %d %g != all %d %g", l.Tokens, l.NLL, s.Tokens, s.NLL, a.Tokens, a.NLL)
+			}
+			if metric == report.ROUGE && math.Abs(l.ROUGEL*2+s.ROUGEL*3-a.ROUGEL*5) > 1e-9 {
+				t.Errorf("rouge-L means: long %g, short %g, all %g", l.ROUGEL, s.ROUGEL, a.ROUGEL)
+			}
+		}
+		if metric == report.ROUGE && (split[len(cfgs)].Accuracy != 2.0/3 || all[0].Accuracy != 2.0/3) {
+			t.Errorf("full accuracy: short %g, all %g; want 2/3", split[len(cfgs)].Accuracy, all[0].Accuracy)
+		}
+		// One kind only: no split.
+		if rows := splitRows(metric, cfgs, samples[1:3]); rows != nil {
+			t.Errorf("%s: split rows for short answers only: %+v", metric, rows)
 		}
 	}
 }

@@ -36,7 +36,12 @@ type Quality struct {
 	Configs []elasticcache.Spec
 	Samples []SampleResult // samples scored under every configuration, in input order
 	Skipped []string       // one message per sample left out
-	Rows    []report.Row   // one per configuration
+	Rows    []report.Row   // one per configuration, over all samples (Kind "all")
+	// KindRows split the samples by answer length when both kinds are present:
+	// one row per configuration over the long-answer samples (Kind "long"),
+	// then one per configuration over the short-answer ones (Kind "short").
+	// See LongAnswer. Empty when every sample is of one kind.
+	KindRows []report.Row
 }
 
 // PPL scores each sample's reference answer under teacher forcing: the prompt
@@ -65,6 +70,12 @@ func ShortAnswer(s dataset.Sample) bool {
 	}
 	return answer.Short(s.Answer)
 }
+
+// LongAnswer reports whether a sample belongs to the long-answer rows
+// (report.KindLong): every sample that is not scored for accuracy
+// (!ShortAnswer), i.e. the synthetic set's descriptions, or, without a kind,
+// answers of more than 3 words. The others make the short-answer rows.
+func LongAnswer(s dataset.Sample) bool { return !ShortAnswer(s) }
 
 type sampleFunc func(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Spec, bar *progress.Bar) (SampleResult, error)
 
@@ -146,6 +157,7 @@ feed:
 		}
 	}
 	q.Rows = aggregate(metric, cfgs, q.Samples)
+	q.KindRows = splitRows(metric, cfgs, q.Samples)
 	return q, nil
 }
 
@@ -273,6 +285,34 @@ func aggregate(metric string, cfgs []elasticcache.Spec, samples []SampleResult) 
 			rw.Accuracy = float64(accOK) / float64(rw.AccN)
 		}
 		rows[ci] = rw
+	}
+	return rows
+}
+
+// splitRows aggregates the long-answer samples and the short-answer samples
+// separately (rows of Kind "long", then "short"), or returns nil when all
+// samples are of one kind (the "all" rows are then that kind's).
+func splitRows(metric string, cfgs []elasticcache.Spec, samples []SampleResult) []report.Row {
+	var long, short []SampleResult
+	for _, s := range samples {
+		if LongAnswer(s.Sample) {
+			long = append(long, s)
+		} else {
+			short = append(short, s)
+		}
+	}
+	if len(long) == 0 || len(short) == 0 {
+		return nil
+	}
+	var rows []report.Row
+	for _, g := range []struct {
+		kind    string
+		samples []SampleResult
+	}{{report.KindLong, long}, {report.KindShort, short}} {
+		for _, rw := range aggregate(metric, cfgs, g.samples) {
+			rw.Kind = g.kind
+			rows = append(rows, rw)
+		}
 	}
 	return rows
 }

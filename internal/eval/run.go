@@ -80,6 +80,7 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 	}
 	*notes = append(*notes, fmt.Sprintf("policies %s at budgets %s, against full; sink %d, distance %d",
 		strings.Join(append([]string{}, pols...), ", "), joinFloats(r.opts.Budgets), r.opts.Sink, r.opts.Distance))
+	*notes = append(*notes, r.opts.ProtocolNote())
 
 	needData := slices.Contains(metrics, report.PPL) || slices.Contains(metrics, report.ROUGE)
 	if needData {
@@ -101,6 +102,9 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 			return nil, fmt.Errorf("dataset %s has no usable sample", ro.Data)
 		}
 	}
+	// Rows over a group of samples (long, short answers) come after all the
+	// others, so the rows over all samples keep their places in results.csv.
+	var kindRows []report.Row
 	for _, m := range metrics {
 		switch m {
 		case report.PPL:
@@ -110,7 +114,9 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 			}
 			out.PPL = q
 			out.Results.Rows = append(out.Results.Rows, q.Rows...)
+			kindRows = append(kindRows, q.KindRows...)
 			*notes = append(*notes, fmt.Sprintf("ppl: %d samples scored, %d skipped; %d answer tokens", len(q.Samples), len(q.Skipped), q.Rows[0].Tokens))
+			*notes = appendSplitNote(*notes, q)
 		case report.ROUGE:
 			q, err := r.ROUGE(ctx, out.Samples)
 			if err != nil {
@@ -118,8 +124,10 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 			}
 			out.ROUGE = q
 			out.Results.Rows = append(out.Results.Rows, q.Rows...)
+			kindRows = append(kindRows, q.KindRows...)
 			*notes = append(*notes, fmt.Sprintf("rouge: %d samples scored, %d skipped; %d greedy tokens per sample; accuracy on %d short-answer samples",
 				len(q.Samples), len(q.Skipped), r.opts.MaxTokens, q.Rows[0].AccN))
+			*notes = appendSplitNote(*notes, q)
 		case report.Latency:
 			l, err := r.Latency(ctx, ro.Latency)
 			if err != nil {
@@ -132,6 +140,7 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 			*notes = append(*notes, l.Notes...)
 		}
 	}
+	out.Results.Rows = append(out.Results.Rows, kindRows...)
 	*notes = append(*notes, fmt.Sprintf("threads %d, parallel %d (ppl, rouge), batch size %d", r.opts.Threads, r.opts.Parallel, r.opts.BatchSize))
 	if ro.Out != "" {
 		files, err := out.Results.WriteAll(ro.Out)
@@ -141,6 +150,28 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 		}
 	}
 	return out, nil
+}
+
+// appendSplitNote says how a ppl or rouge run's samples split into long and
+// short answers, when they do.
+func appendSplitNote(notes []string, q *Quality) []string {
+	long, short := 0, 0
+	for _, rw := range q.KindRows {
+		if rw.Policy != report.FullPolicy {
+			continue
+		}
+		switch rw.Kind {
+		case report.KindLong:
+			long = rw.Samples
+		case report.KindShort:
+			short = rw.Samples
+		}
+	}
+	if long+short == 0 {
+		return notes
+	}
+	return append(notes, fmt.Sprintf("%s: also reported apart: %d long-answer samples (descriptions: PPL, ROUGE) and %d short-answer samples (accuracy)",
+		q.Metric, long, short))
 }
 
 func (r *Runner) printf(format string, args ...any) {

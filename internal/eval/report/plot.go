@@ -7,6 +7,7 @@ import (
 	"math"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -14,7 +15,8 @@ import (
 	"gonum.org/v1/plot/vg"
 )
 
-// PlotName is the PNG file name of a column's plot for a metric.
+// PlotName is the PNG file name of a column's plot for a metric and the rows
+// of all samples.
 func PlotName(metric, key string) string {
 	if key == "peak_cells" {
 		return metric + "_peak_cells.png"
@@ -22,32 +24,48 @@ func PlotName(metric, key string) string {
 	return key + ".png"
 }
 
+// KindPlotName is the PNG file name of a column's plot for the rows of one
+// sample group: "rougeL_long.png"; PlotName's for KindAll and latency.
+func KindPlotName(metric, key, kind string) string {
+	if kind == "" || kind == KindAll {
+		return PlotName(metric, key)
+	}
+	return key + "_" + kind + ".png"
+}
+
 // Plots writes one PNG per plotted column that has data (metric against budget)
-// into dir and returns their paths. Peak KV cells are plotted for latency only.
+// into dir and returns their paths: for the rows of all samples, then for each
+// sample group that has rows (KindPlotName). Peak KV cells are plotted for
+// latency only.
 func (res *Results) Plots(dir string) ([]string, error) {
 	var files []string
 	for _, m := range res.Metrics() {
-		rows := res.rowsOf(m)
-		for _, c := range columns {
-			if !c.plot || !slices.Contains(c.metrics, m) || c.key == "peak_cells" && m != Latency {
-				continue
+		for _, k := range res.groups(m) {
+			rows := res.rowsOf(m, k)
+			for _, c := range columns {
+				if !c.plot || !slices.Contains(c.metrics, m) || c.key == "peak_cells" && m != Latency {
+					continue
+				}
+				if !slices.ContainsFunc(rows, c.applies) {
+					continue
+				}
+				path := filepath.Join(dir, KindPlotName(m, c.key, k))
+				if err := plotColumn(path, res.Title, k, rows, c); err != nil {
+					return files, fmt.Errorf("report: plot %s: %w", path, err)
+				}
+				files = append(files, path)
 			}
-			if !slices.ContainsFunc(rows, c.applies) {
-				continue
-			}
-			path := filepath.Join(dir, PlotName(m, c.key))
-			if err := plotColumn(path, res.Title, rows, c); err != nil {
-				return files, fmt.Errorf("report: plot %s: %w", path, err)
-			}
-			files = append(files, path)
 		}
 	}
 	return files, nil
 }
 
-func plotColumn(path, title string, rows []Row, c column) error {
+func plotColumn(path, title, kind string, rows []Row, c column) error {
 	p := plot.New()
 	p.Title.Text = fmt.Sprintf("%s vs KV budget (%s is better)", c.title, c.better)
+	if kind != "" && kind != KindAll {
+		p.Title.Text += ": " + strings.ToLower(kindTitle(kind))
+	}
 	if title != "" {
 		p.Title.Text += "\n" + title
 	}

@@ -26,6 +26,16 @@ const (
 // FullPolicy is the policy name of the uncompressed baseline.
 const FullPolicy = "full"
 
+// The sample groups of Row.Kind (ppl and rouge).
+const (
+	KindAll   = "all"   // every sample scored (Row.Kind "" means the same)
+	KindLong  = "long"  // long answers: descriptions
+	KindShort = "short" // short exact answers (color, count, position, yes/no)
+)
+
+// Kinds lists the sample groups in the order they are reported.
+var Kinds = []string{KindAll, KindLong, KindShort}
+
 // Row is one policy and budget of one metric. Fields that do not belong to the
 // row's metric are left zero and are not written.
 type Row struct {
@@ -33,6 +43,9 @@ type Row struct {
 	Policy  string
 	Budget  float64
 	Samples int // samples scored (ppl, rouge) or sequences run (latency)
+	// Kind is the group of samples a ppl or rouge row is computed on: KindAll
+	// ("" means the same), KindLong or KindShort. Latency rows have none.
+	Kind string
 
 	// ppl: exp(NLL / Tokens) over the whole set.
 	PPL    float64
@@ -107,6 +120,18 @@ var columns = []column{
 	{key: "evicted", title: "evicted", metrics: []string{PPL, ROUGE, Latency}, prec: 1, get: func(r Row) float64 { return r.Evicted }},
 }
 
+// Group is the row's sample group: Kind, with "" read as KindAll for ppl and
+// rouge rows; "" for latency rows.
+func (r Row) Group() string {
+	if r.Metric == Latency {
+		return ""
+	}
+	if r.Kind == "" {
+		return KindAll
+	}
+	return r.Kind
+}
+
 func (c column) applies(r Row) bool {
 	if !slices.Contains(c.metrics, r.Metric) {
 		return false
@@ -125,16 +150,18 @@ func (res *Results) Metrics() []string {
 	return out
 }
 
-// CSVHeader is the first line of WriteCSV.
+// CSVHeader is the first line of WriteCSV. The last column, kind, is the
+// row's sample group (Row.Group): all, long or short; empty for latency.
 func CSVHeader() []string {
 	h := []string{"metric", "policy", "budget", "samples"}
 	for _, c := range columns {
 		h = append(h, c.key)
 	}
-	return h
+	return append(h, "kind")
 }
 
-// WriteCSV writes one line per row; values that do not apply are empty.
+// WriteCSV writes one line per row, in the order of Rows; values that do not
+// apply are empty.
 func (res *Results) WriteCSV(w io.Writer) error {
 	cw := csv.NewWriter(w)
 	if err := cw.Write(CSVHeader()); err != nil {
@@ -149,6 +176,7 @@ func (res *Results) WriteCSV(w io.Writer) error {
 			}
 			rec = append(rec, v)
 		}
+		rec = append(rec, r.Group())
 		if err := cw.Write(rec); err != nil {
 			return err
 		}
@@ -163,7 +191,15 @@ var sectionTitles = map[string]string{
 	Latency: "Latency",
 }
 
-// Markdown renders a section per metric with a table of its columns.
+// KindTitles name the sample groups in the markdown sub-sections and plot titles.
+var KindTitles = map[string]string{
+	KindLong:  "Long answers (descriptions)",
+	KindShort: "Short exact answers",
+}
+
+// Markdown renders a section per metric with a table of its columns over all
+// samples, then, when there are rows for them, one sub-section per sample
+// group (long answers, short answers) with the same columns.
 func (res *Results) Markdown() string {
 	var b strings.Builder
 	if res.Title != "" {
@@ -176,52 +212,88 @@ func (res *Results) Markdown() string {
 		b.WriteString("\n")
 	}
 	for _, m := range res.Metrics() {
-		rows := res.rowsOf(m)
-		var cols []column
-		for _, c := range columns {
-			if slices.ContainsFunc(rows, c.applies) {
-				cols = append(cols, c)
-			}
-		}
 		fmt.Fprintf(&b, "## %s\n\n", sectionTitles[m])
-		hdr := []string{"policy", "budget", "n"}
-		for _, c := range cols {
-			hdr = append(hdr, c.title)
-			if c.key == "ppl" {
-				hdr = append(hdr, "vs full")
+		for _, k := range res.groups(m) {
+			rows := res.rowsOf(m, k)
+			if k != KindAll && k != "" {
+				fmt.Fprintf(&b, "### %s\n\n", kindTitle(k))
 			}
+			res.table(&b, m, k, rows)
 		}
-		b.WriteString("| " + strings.Join(hdr, " | ") + " |\n|")
-		for i := range hdr {
-			if i < 2 {
-				b.WriteString(" --- |")
-			} else {
-				b.WriteString(" ---: |")
-			}
-		}
-		b.WriteString("\n")
-		full, hasFull := res.full(m)
-		for _, r := range rows {
-			cells := []string{r.Policy, strconv.FormatFloat(r.Budget, 'f', -1, 64), strconv.Itoa(r.Samples)}
-			for _, c := range cols {
-				if !c.applies(r) {
-					cells = append(cells, "")
-					continue
-				}
-				cells = append(cells, format(c.get(r), c.prec))
-				if c.key == "ppl" {
-					d := ""
-					if hasFull && full.PPL > 0 {
-						d = fmt.Sprintf("%+.2f%%", 100*(r.PPL/full.PPL-1))
-					}
-					cells = append(cells, d)
-				}
-			}
-			b.WriteString("| " + strings.Join(cells, " | ") + " |\n")
-		}
-		b.WriteString("\n")
 	}
 	return b.String()
+}
+
+func kindTitle(k string) string {
+	if t, ok := KindTitles[k]; ok {
+		return t
+	}
+	return "Samples of kind " + k
+}
+
+// groups lists the sample groups that have rows of the metric: "" for latency,
+// else KindAll, KindLong, KindShort (then any other), in that order.
+func (res *Results) groups(metric string) []string {
+	var out []string
+	for _, r := range res.Rows {
+		if r.Metric == metric && !slices.Contains(out, r.Group()) {
+			out = append(out, r.Group())
+		}
+	}
+	order := func(k string) int {
+		if i := slices.Index(Kinds, k); i >= 0 {
+			return i
+		}
+		return len(Kinds)
+	}
+	slices.SortStableFunc(out, func(a, b string) int { return order(a) - order(b) })
+	return out
+}
+
+// table writes the markdown table of one metric's rows of one sample group.
+func (res *Results) table(b *strings.Builder, m, kind string, rows []Row) {
+	var cols []column
+	for _, c := range columns {
+		if slices.ContainsFunc(rows, c.applies) {
+			cols = append(cols, c)
+		}
+	}
+	hdr := []string{"policy", "budget", "n"}
+	for _, c := range cols {
+		hdr = append(hdr, c.title)
+		if c.key == "ppl" {
+			hdr = append(hdr, "vs full")
+		}
+	}
+	b.WriteString("| " + strings.Join(hdr, " | ") + " |\n|")
+	for i := range hdr {
+		if i < 2 {
+			b.WriteString(" --- |")
+		} else {
+			b.WriteString(" ---: |")
+		}
+	}
+	b.WriteString("\n")
+	full, hasFull := res.full(m, kind)
+	for _, r := range rows {
+		cells := []string{r.Policy, strconv.FormatFloat(r.Budget, 'f', -1, 64), strconv.Itoa(r.Samples)}
+		for _, c := range cols {
+			if !c.applies(r) {
+				cells = append(cells, "")
+				continue
+			}
+			cells = append(cells, format(c.get(r), c.prec))
+			if c.key == "ppl" {
+				d := ""
+				if hasFull && full.PPL > 0 {
+					d = fmt.Sprintf("%+.2f%%", 100*(r.PPL/full.PPL-1))
+				}
+				cells = append(cells, d)
+			}
+		}
+		b.WriteString("| " + strings.Join(cells, " | ") + " |\n")
+	}
+	b.WriteString("\n")
 }
 
 func format(v float64, prec int) string {
@@ -234,19 +306,20 @@ func format(v float64, prec int) string {
 	return strconv.FormatFloat(v, 'f', prec, 64)
 }
 
-func (res *Results) rowsOf(metric string) []Row {
+// rowsOf returns the rows of a metric and sample group (Row.Group).
+func (res *Results) rowsOf(metric, kind string) []Row {
 	var out []Row
 	for _, r := range res.Rows {
-		if r.Metric == metric {
+		if r.Metric == metric && r.Group() == kind {
 			out = append(out, r)
 		}
 	}
 	return out
 }
 
-func (res *Results) full(metric string) (Row, bool) {
+func (res *Results) full(metric, kind string) (Row, bool) {
 	for _, r := range res.Rows {
-		if r.Metric == metric && r.Policy == FullPolicy {
+		if r.Metric == metric && r.Group() == kind && r.Policy == FullPolicy {
 			return r, true
 		}
 	}

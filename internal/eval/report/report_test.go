@@ -92,3 +92,71 @@ func TestFlatValuesAndNoFullStillPlot(t *testing.T) {
 		t.Fatalf("a change against full was printed without a full row:\n%s", res.Markdown())
 	}
 }
+
+// Rows of the long and short answers get the kind column in the CSV, their own
+// markdown sub-sections (PPL compared with full of the same group) and their
+// own plots; the rows of all samples are written as before.
+func TestKindRows(t *testing.T) {
+	res := sample()
+	base := len(res.Rows)
+	for _, k := range []struct {
+		kind string
+		n    int
+		ppl  float64
+		accN int
+	}{{KindLong, 3, 20, 0}, {KindShort, 1, 2, 1}} {
+		res.Rows = append(res.Rows,
+			Row{Metric: PPL, Policy: "full", Budget: 1, Samples: k.n, Kind: k.kind, PPL: k.ppl, Tokens: 5},
+			Row{Metric: PPL, Policy: "elastic", Budget: 0.5, Samples: k.n, Kind: k.kind, PPL: 1.5 * k.ppl, Tokens: 5},
+			Row{Metric: ROUGE, Policy: "full", Budget: 1, Samples: k.n, Kind: k.kind, ROUGEL: 1, Accuracy: 1, AccN: k.accN},
+			Row{Metric: ROUGE, Policy: "elastic", Budget: 0.5, Samples: k.n, Kind: k.kind, ROUGEL: 0.5, Accuracy: 0, AccN: k.accN})
+	}
+	dir := t.TempDir()
+	files, err := res.WriteAll(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(dir, "results.csv"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	recs, err := csv.NewReader(f).ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kind := slices.Index(recs[0], "kind")
+	if len(recs) != 1+base+8 || kind != len(recs[0])-1 {
+		t.Fatalf("%d records, kind column %d of %d", len(recs), kind, len(recs[0]))
+	}
+	want := map[int]string{1: "all", 2: "all", 3: "", base + 1: "long", base + 5: "short"}
+	for i, k := range want {
+		if recs[i][kind] != k {
+			t.Errorf("record %d (%s): kind %q, want %q", i, recs[i][0], recs[i][kind], k)
+		}
+	}
+	md := res.Markdown()
+	for _, w := range []string{"### Long answers (descriptions)\n\n| policy | budget | n | PPL | vs full |",
+		"| elastic | 0.5 | 3 | 30.0000 | +50.00% |", "| elastic | 0.5 | 1 | 3.0000 | +50.00% |", "### Short exact answers"} {
+		if !strings.Contains(md, w) {
+			t.Errorf("markdown lacks %q:\n%s", w, md)
+		}
+	}
+	// The long answers' ROUGE table has no accuracy column (acc n is 0 there).
+	i := strings.LastIndex(md, "### Long answers")
+	if j := strings.Index(md[i:], "accuracy"); j >= 0 && j < strings.Index(md[i:], "### Short") {
+		t.Errorf("long answers' ROUGE table shows accuracy:\n%s", md[i:])
+	}
+	var pngs []string
+	for _, p := range files {
+		pngs = append(pngs, filepath.Base(p))
+	}
+	for _, w := range []string{"ppl.png", "rougeL.png", "ppl_long.png", "rougeL_long.png", "accuracy_short.png", "ppl_short.png"} {
+		if !slices.Contains(pngs, w) {
+			t.Errorf("no %s in %v", w, pngs)
+		}
+	}
+	if slices.Contains(pngs, "accuracy_long.png") {
+		t.Errorf("accuracy plotted for long answers: %v", pngs)
+	}
+}
