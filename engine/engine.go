@@ -56,6 +56,10 @@ type Observation struct {
 	// Plan is the prompt plan just applied (prefill observations only; nil when the
 	// policy left the cache as it was). Read-only.
 	Plan *elasticcache.PrefillPlan
+	// Evicted is the position of the entry this decode step evicted, -1 for none.
+	// Under Spec.CompactPositions, positions of kept prompt entries are their
+	// indices 0..K-1, not their prompt positions.
+	Evicted int
 }
 
 // Stats is a snapshot for /metrics.

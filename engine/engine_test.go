@@ -252,10 +252,17 @@ func TestPolicyKeepsBudgetDuringPrefillAndDecode(t *testing.T) {
 			if p := obs[0].Plan; p == nil || p.N != n || p.K != k || len(p.Layers) != tmModel.Info().Layers || p.Merged() != r.kv.Merged {
 				t.Fatalf("%s: observed plan %+v, want N=%d K=%d over every layer, %d merged", id, p, n, k, r.kv.Merged)
 			}
+			decodeEvictions := 0
 			for _, o := range obs[1:] {
 				if bound := c.KeepCount(o.T) + 1; o.Held > bound {
 					t.Fatalf("%s: T=%d holds %d cells > ceil(b*T)+1 = %d", id, o.T, o.Held, bound)
 				}
+				if o.Evicted >= 0 {
+					decodeEvictions++
+				}
+			}
+			if want := r.kv.Evicted - obs[0].Plan.Evicted(); decodeEvictions != want {
+				t.Errorf("%s: %d decode steps report an eviction, the report counts %d", id, decodeEvictions, want)
 			}
 			last := obs[len(obs)-1]
 			if b <= 0.5 && last.Attended >= fullSpan {

@@ -443,9 +443,11 @@ func NegLogProb(logits []float32, tok llama.Token) float64 {
 func (e *Engine) observe(s *seq, prefill bool) {
 	if e.opts.Observe != nil {
 		o := Observation{Slot: s.id, RequestID: s.req.ID, Prefill: prefill, T: s.nPast,
-			Held: s.cache.held(), Attended: e.ctx.LastAttendedRange()}
+			Held: s.cache.held(), Attended: e.ctx.LastAttendedRange(), Evicted: -1}
 		if prefill {
 			o.Plan = s.cache.plan
+		} else {
+			o.Evicted = s.cache.evicted
 		}
 		e.opts.Observe(o)
 	}

@@ -68,14 +68,37 @@ func (e *Engine) tokenize(s *seq) error {
 // CountPrompt is the number of prompt tokens the engine would encode for msgs
 // (images included) on this model and vision encoder (nil: text only).
 func CountPrompt(m *llama.Model, v *llama.Vision, msgs []Message) (int, error) {
+	chunks, err := PromptChunks(m, v, msgs)
+	n := 0
+	for _, c := range chunks {
+		n += c.N
+	}
+	return n, err
+}
+
+// PromptChunk is one run of a rendered prompt as the engine encodes it: text
+// tokens, or one image's NTokens embeddings.
+type PromptChunk struct {
+	Image  bool
+	Tokens []llama.Token // text chunks only
+	N      int
+}
+
+// PromptChunks returns the chunks the engine would encode for msgs, in order
+// (for tools that relate prompt positions to what they hold).
+func PromptChunks(m *llama.Model, v *llama.Vision, msgs []Message) ([]PromptChunk, error) {
 	p, err := buildPrompt(m, v, msgs)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	if p.c != nil {
-		p.c.Close()
+		defer p.c.Close()
 	}
-	return p.n, nil
+	out := make([]PromptChunk, len(p.chunks))
+	for i, c := range p.chunks {
+		out[i] = PromptChunk{Image: c.kind == llama.ChunkImage, Tokens: c.tokens, N: c.n}
+	}
+	return out, nil
 }
 
 type builtPrompt struct {

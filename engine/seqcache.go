@@ -58,6 +58,7 @@ type seqCache struct {
 
 	compressDur time.Duration
 	plan        *elasticcache.PrefillPlan // the prompt plan applied, nil when none
+	evicted     int                       // position evicted by the last afterToken, -1 none
 }
 
 // newSeqCache empties sequence seq of lctx and prepares its cache for a prompt of
@@ -279,6 +280,7 @@ func (c *seqCache) checkView(cellPos []int32) error {
 func (c *seqCache) afterToken(T int) error {
 	idx, err := c.tracker.AfterDecode(T, len(c.cells), c.step)
 	c.step = nil
+	c.evicted = -1
 	if err != nil {
 		return fmt.Errorf("policy: %w", err)
 	}
@@ -286,6 +288,7 @@ func (c *seqCache) afterToken(T int) error {
 		return nil
 	}
 	pos := c.pos[idx]
+	c.evicted = pos
 	c.pool.release(c.cells[idx])
 	c.cells = slices.Delete(c.cells, idx, idx+1)
 	c.pos = slices.Delete(c.pos, idx, idx+1)
