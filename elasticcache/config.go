@@ -59,6 +59,12 @@ const (
 	// including its departures from the paper, for parity experiments; see
 	// the package documentation for its rules.
 	ReferenceSelection Selection = "reference"
+	// NormalizedSelection is the paper's elastic rule with each prompt entry's
+	// score divided by the number of prompt queries that can attend it (N-j for
+	// entry j under a causal mask), so that an entry near the end of the prompt
+	// is not ranked low only because few queries follow it. A variant beyond the
+	// paper; h2o and local are as under PaperSelection.
+	NormalizedSelection Selection = "normalized"
 )
 
 // ParseSelection turns a user supplied name (case and surrounding blanks are
@@ -68,14 +74,14 @@ func ParseSelection(s string) (Selection, error) {
 	switch v := Selection(strings.ToLower(strings.TrimSpace(s))); v {
 	case "", PaperSelection:
 		return PaperSelection, nil
-	case ReferenceSelection:
+	case ReferenceSelection, NormalizedSelection:
 		return v, nil
 	}
-	return "", &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper or reference)", s)}
+	return "", &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper, reference or normalized)", s)}
 }
 
 func (s Selection) valid() bool {
-	return s == "" || s == PaperSelection || s == ReferenceSelection
+	return s == "" || s == PaperSelection || s == ReferenceSelection || s == NormalizedSelection
 }
 
 // Config is the cache setting of one request.
@@ -119,7 +125,7 @@ func (c Config) Validate() error {
 		return &ConfigError{Field: "distance", Msg: fmt.Sprintf("%d is not in [%d, %d]", c.Distance, -MaxDistance, MaxDistance)}
 	}
 	if !c.Selection.valid() {
-		return &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper or reference)", string(c.Selection))}
+		return &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper, reference or normalized)", string(c.Selection))}
 	}
 	return nil
 }

@@ -480,3 +480,31 @@ func TestSelectSmallestFindsTheKSmallest(t *testing.T) {
 		}
 	}
 }
+
+// The normalized selection ranks an entry by its mean attention per query that can
+// see it: an entry late in the prompt, attended by few queries but strongly, becomes
+// an anchor where the paper's accumulated score passes it over.
+func TestNormalizedSelectionRanksLateEntriesByMeanAttention(t *testing.T) {
+	const n = 10
+	// Accumulated scores: entry 2 gathers 3.0 from 8 queries (mean 0.375), entry 7
+	// gathers 2.0 from 3 queries (mean 0.67); everything else is lower on both counts.
+	row := []float32{5, 1, 3.0, 0.8, 0.7, 0.6, 0.5, 2.0, 0.1, 1}
+	plan := func(sel Selection) []int {
+		tr, err := NewTracker(MustSpec(Config{Policy: Elastic, Budget: 0.3, Sink: 1, Distance: -25, Selection: sel}), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := tr.PlanPrefill(n, [][]float32{row})
+		if err != nil || p == nil {
+			t.Fatalf("%s: plan %v, err %v", sel, p, err)
+		}
+		return p.Layers[0].Keep
+	}
+	// K = 3: the sink, one anchor, the last entry.
+	if got := plan(PaperSelection); !slices.Equal(got, []int{0, 2, 9}) {
+		t.Errorf("paper keeps %v, want [0 2 9]", got)
+	}
+	if got := plan(NormalizedSelection); !slices.Equal(got, []int{0, 7, 9}) {
+		t.Errorf("normalized keeps %v, want [0 7 9]", got)
+	}
+}

@@ -63,13 +63,13 @@ func (s Spec) Sink() int { return s.c.Sink }
 // Distance is the elastic decode truncation offset.
 func (s Spec) Distance() int { return s.c.Distance }
 
-// Selection is the rule set elastic and h2o choose entries by: PaperSelection
-// unless the setting asks for ReferenceSelection (also for the zero Spec).
+// Selection is the rule set elastic and h2o choose entries by: the one the
+// setting names, PaperSelection when it names none (also for the zero Spec).
 func (s Spec) Selection() Selection {
-	if s.c.Selection == ReferenceSelection {
-		return ReferenceSelection
+	if s.c.Selection == "" {
+		return PaperSelection
 	}
-	return PaperSelection
+	return s.c.Selection
 }
 
 // reference reports whether the reference rules apply.

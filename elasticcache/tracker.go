@@ -125,6 +125,9 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 			plan, t.acc = planRefH2O(n, f, sink, t.nLayers, means)
 		}
 	case policy == Elastic && compress:
+		if t.spec.Selection() == NormalizedSelection {
+			scores = normalizeByQueries(scores, n)
+		}
 		plan = planElastic(n, k, sink, scores)
 		s = effectiveSink(sink, k)
 	case policy == Local && compress:
@@ -293,4 +296,17 @@ func (t *Tracker) referenceH2OStep(held int, over bool, scores [][]float32) int 
 // Stats returns the tracker's counters.
 func (t *Tracker) Stats() Stats {
 	return Stats{PromptEntries: t.promptN, Kept: t.kept, Merged: t.merged, Evicted: t.evicted}
+}
+
+// normalizeByQueries divides the score of prompt entry j by the n-j prompt
+// queries that can attend it under a causal mask (NormalizedSelection).
+func normalizeByQueries(scores [][]float32, n int) [][]float32 {
+	out := make([][]float32, len(scores))
+	for l, row := range scores {
+		out[l] = make([]float32, n)
+		for j := range n {
+			out[l][j] = row[j] / float32(n-j)
+		}
+	}
+	return out
 }
