@@ -65,6 +65,14 @@ const (
 	// is not ranked low only because few queries follow it. A variant beyond the
 	// paper; h2o and local are as under PaperSelection.
 	NormalizedSelection Selection = "normalized"
+	// TextTailSelection is the paper's elastic rule with the text after the
+	// prompt's last image (the question when it follows the image, and the chat
+	// template's assistant prefix) kept whole, like the last entry: an entry
+	// there has few queries after it, so its accumulated score is low although
+	// the answer reads it first. The tail counts against the budget; a tail
+	// that leaves no room falls back to the paper's rule. h2o and local are as
+	// under PaperSelection.
+	TextTailSelection Selection = "text-tail"
 )
 
 // ParseSelection turns a user supplied name (case and surrounding blanks are
@@ -74,14 +82,18 @@ func ParseSelection(s string) (Selection, error) {
 	switch v := Selection(strings.ToLower(strings.TrimSpace(s))); v {
 	case "", PaperSelection:
 		return PaperSelection, nil
-	case ReferenceSelection, NormalizedSelection:
+	case ReferenceSelection, NormalizedSelection, TextTailSelection:
 		return v, nil
 	}
-	return "", &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper, reference or normalized)", s)}
+	return "", &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper, reference, normalized or text-tail)", s)}
 }
 
 func (s Selection) valid() bool {
-	return s == "" || s == PaperSelection || s == ReferenceSelection || s == NormalizedSelection
+	switch s {
+	case "", PaperSelection, ReferenceSelection, NormalizedSelection, TextTailSelection:
+		return true
+	}
+	return false
 }
 
 // Config is the cache setting of one request.
@@ -125,7 +137,7 @@ func (c Config) Validate() error {
 		return &ConfigError{Field: "distance", Msg: fmt.Sprintf("%d is not in [%d, %d]", c.Distance, -MaxDistance, MaxDistance)}
 	}
 	if !c.Selection.valid() {
-		return &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper, reference or normalized)", string(c.Selection))}
+		return &ConfigError{Field: "selection", Msg: fmt.Sprintf("unknown selection %q (want paper, reference, normalized or text-tail)", string(c.Selection))}
 	}
 	return nil
 }

@@ -123,16 +123,30 @@ func orderedBits(f float32) uint32 {
 // elasticPlanner holds scratch space reused across layers.
 type elasticPlanner struct {
 	n, k, sink, anchors int
+	t                   int      // first protected tail position: n-1 under the paper's rule
 	keys                []uint64 // (descending score, ascending index) sort keys
 	isAnchor            []bool
 	target              []int32 // keep slot each prompt entry ends up in
 	count               []int   // group size per keep slot
 }
 
-func newElasticPlanner(n, k, sink int) *elasticPlanner {
-	s := effectiveSink(sink, k)
+// elasticShape is how many leading (sink) and trailing (tail) entries an elastic
+// plan keeping k entries protects: a tail that leaves no room for one more entry
+// falls back to the last entry alone (the paper's rule), and the sink gives way
+// to the tail.
+func elasticShape(k, sink, tail int) (s, t int) {
+	if tail < 1 || tail > k-1 {
+		tail = 1
+	}
+	return max(0, min(sink, k-tail)), tail
+}
+
+// newElasticPlanner plans for n entries of which k stay, the first sink and the
+// last tail protected (see elasticShape).
+func newElasticPlanner(n, k, sink, tail int) *elasticPlanner {
+	s, tail := elasticShape(k, sink, tail)
 	return &elasticPlanner{
-		n: n, k: k, sink: s, anchors: k - s - 1,
+		n: n, k: k, sink: s, anchors: k - s - tail, t: n - tail,
 		keys:     make([]uint64, 0, n),
 		isAnchor: make([]bool, n),
 		target:   make([]int32, n),
@@ -142,13 +156,13 @@ func newElasticPlanner(n, k, sink int) *elasticPlanner {
 
 // layer plans one layer from its importance row (len n, finite values).
 func (e *elasticPlanner) layer(row []float32) LayerPlan {
-	n, k, s, na := e.n, e.k, e.sink, e.anchors
+	n, k, s, na, t := e.n, e.k, e.sink, e.anchors, e.t
 	clear(e.isAnchor)
 	if na > 0 {
 		// In (score desc, position asc) key order the na smallest keys are
 		// the anchors; a selection finds them without a full sort.
 		e.keys = e.keys[:0]
-		for j := s; j < n-1; j++ {
+		for j := s; j < t; j++ {
 			f := row[j]
 			if f == 0 {
 				f = 0 // fold -0 onto +0 so equal scores tie on position
@@ -165,19 +179,21 @@ func (e *elasticPlanner) layer(row []float32) LayerPlan {
 	for j := 0; j < s; j++ {
 		keep = append(keep, j)
 	}
-	for j := s; j < n-1; j++ {
+	for j := s; j < t; j++ {
 		if e.isAnchor[j] {
 			keep = append(keep, j)
 		}
 	}
-	keep = append(keep, n-1)
+	for j := t; j < n; j++ {
+		keep = append(keep, j)
+	}
 
 	// Sweep the candidates in position order, tracking the anchors (keep
 	// slots s..s+na-1) on either side; with no anchors the two protected
-	// neighbours (last sink entry, last prompt entry) take their place.
+	// neighbours (last sink entry, first tail entry) take their place.
 	clear(e.count)
 	next := s // keep slot of the first anchor at or after j
-	for j := s; j < n-1; j++ {
+	for j := s; j < t; j++ {
 		if e.isAnchor[j] {
 			next++
 			continue
@@ -185,9 +201,10 @@ func (e *elasticPlanner) layer(row []float32) LayerPlan {
 		var slot int
 		switch {
 		case na == 0:
-			// Protected neighbours: slot s-1 (if any sink) and slot k-1.
-			slot = k - 1
-			if s > 0 && j-keep[s-1] <= keep[k-1]-j {
+			// Protected neighbours: slot s-1 (if any sink) and slot s, the
+			// first tail entry.
+			slot = s
+			if s > 0 && j-keep[s-1] <= keep[s]-j {
 				slot = s - 1
 			}
 		case next == s: // no anchor before j
@@ -217,7 +234,7 @@ func (e *elasticPlanner) layer(row []float32) LayerPlan {
 			off += c
 		}
 	}
-	for j := s; j < n-1; j++ {
+	for j := s; j < t; j++ {
 		if !e.isAnchor[j] {
 			slot := e.target[j]
 			groups[slot] = append(groups[slot], j)
@@ -226,9 +243,10 @@ func (e *elasticPlanner) layer(row []float32) LayerPlan {
 	return LayerPlan{Keep: keep, Groups: groups}
 }
 
-// planElastic builds the layer-wise merge plan (k < n).
-func planElastic(n, k, sink int, scores [][]float32) *PrefillPlan {
-	e := newElasticPlanner(n, k, sink)
+// planElastic builds the layer-wise merge plan (k < n) protecting the last
+// tail entries (1: the paper's rule).
+func planElastic(n, k, sink, tail int, scores [][]float32) *PrefillPlan {
+	e := newElasticPlanner(n, k, sink, tail)
 	p := &PrefillPlan{N: n, K: k, Layers: make([]LayerPlan, len(scores))}
 	for l, row := range scores {
 		p.Layers[l] = e.layer(row[:n])

@@ -508,3 +508,45 @@ func TestNormalizedSelectionRanksLateEntriesByMeanAttention(t *testing.T) {
 		t.Errorf("normalized keeps %v, want [0 7 9]", got)
 	}
 }
+
+// The text-tail selection keeps the text after the last image whole, like the
+// last entry, and spends the rest of the budget as the paper does; without an
+// image, or when the tail leaves no room, it is the paper's rule.
+func TestTextTailSelectionKeepsTheTextAfterTheImage(t *testing.T) {
+	const n = 12
+	row := []float32{5, 1, 3, 0.8, 0.7, 0.6, 0.5, 2, 0.1, 0.2, 0.05, 1}
+	plan := func(sel Selection, budget float64, textFrom int) LayerPlan {
+		tr, err := NewTracker(MustSpec(Config{Policy: Elastic, Budget: budget, Sink: 1, Distance: -25, Selection: sel}), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr.SetTextTail(textFrom)
+		p, err := tr.PlanPrefill(n, [][]float32{row})
+		if err != nil || p == nil {
+			t.Fatalf("plan %v, err %v", p, err)
+		}
+		return p.Layers[0]
+	}
+	// K = 6: sink 0, tail 8..11 (4 entries), one anchor: entry 2 (score 3).
+	got := plan(TextTailSelection, 0.5, 8)
+	if !slices.Equal(got.Keep, []int{0, 2, 8, 9, 10, 11}) {
+		t.Fatalf("text-tail keeps %v, want [0 2 8 9 10 11]", got.Keep)
+	}
+	// Every other candidate (1, 3..7) merges into the only anchor.
+	if !slices.Equal(got.Groups[1], []int{1, 3, 4, 5, 6, 7}) || len(got.Groups[2]) != 0 {
+		t.Fatalf("groups %v", got.Groups)
+	}
+	paper := plan(PaperSelection, 0.5, 8)
+	for _, tc := range []struct {
+		name     string
+		budget   float64
+		textFrom int
+	}{{"no image", 0.5, 0}, {"tail leaves no room", 0.3, 2}} {
+		if a, b := plan(TextTailSelection, tc.budget, tc.textFrom), plan(PaperSelection, tc.budget, tc.textFrom); !slices.Equal(a.Keep, b.Keep) {
+			t.Errorf("%s: text-tail keeps %v, paper %v", tc.name, a.Keep, b.Keep)
+		}
+	}
+	if slices.Equal(paper.Keep, got.Keep) {
+		t.Fatal("the paper's rule kept the same entries; the test shows nothing")
+	}
+}

@@ -19,8 +19,9 @@ type Stats struct {
 // prompt is encoded. It is not safe for concurrent use: one goroutine (the
 // engine's decode loop) owns it.
 type Tracker struct {
-	spec    Spec
-	nLayers int
+	spec     Spec
+	nLayers  int
+	textFrom int // first position after the prompt's last image (TextTailSelection)
 
 	planned  bool
 	promptN  int
@@ -46,6 +47,11 @@ func NewTracker(spec Spec, nLayers int) (*Tracker, error) {
 
 // Spec returns the tracker's setting.
 func (t *Tracker) Spec() Spec { return t.spec }
+
+// SetTextTail tells the tracker where the text after the prompt's last image
+// starts (its prompt position; 0 or less: the prompt has no image). Only
+// TextTailSelection reads it. Call it before PlanPrefill.
+func (t *Tracker) SetTextTail(from int) { t.textFrom = from }
 
 var errNotPlanned = errors.New("elasticcache: AfterDecode called before PlanPrefill")
 
@@ -125,11 +131,17 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 			plan, t.acc = planRefH2O(n, f, sink, t.nLayers, means)
 		}
 	case policy == Elastic && compress:
-		if t.spec.Selection() == NormalizedSelection {
+		tail := 1
+		switch t.spec.Selection() {
+		case NormalizedSelection:
 			scores = normalizeByQueries(scores, n)
+		case TextTailSelection:
+			if t.textFrom > 0 && t.textFrom < n {
+				tail = n - t.textFrom
+			}
 		}
-		plan = planElastic(n, k, sink, scores)
-		s = effectiveSink(sink, k)
+		plan = planElastic(n, k, sink, tail, scores)
+		s, _ = elasticShape(k, sink, tail)
 	case policy == Local && compress:
 		plan = planLocal(n, k, sink, t.nLayers)
 		s = effectiveSink(sink, k)

@@ -94,7 +94,7 @@ func (e *Engine) admit() {
 		}
 		e.waiting = e.waiting[1:]
 		e.queued.Add(-1)
-		cache, err := newSeqCache(e.ctx, slot, e.pools[pi], s.req.Cache, e.model.Info().Layers, s.nPrompt)
+		cache, err := newSeqCache(e.ctx, slot, e.pools[pi], s.req.Cache, e.model.Info().Layers, s.nPrompt, s.textFrom)
 		if err != nil {
 			s.box.push(Event{Done: true, Err: err})
 			s.release()

@@ -62,6 +62,13 @@ func (e *Engine) tokenize(s *seq) error {
 		return err
 	}
 	s.prompt, s.chunks, s.nPrompt = p.c, p.chunks, p.n
+	pos := 0
+	for _, c := range s.chunks {
+		pos += c.n
+		if c.kind == llama.ChunkImage {
+			s.textFrom = pos
+		}
+	}
 	return nil
 }
 

@@ -17,6 +17,8 @@ type seq struct {
 	prompt  *llama.Prompt // C chunks (images); nil for text-only prompts
 	chunks  []promptChunk
 	nPrompt int
+	// textFrom is the first prompt position after the last image (0: no image).
+	textFrom int
 
 	// prefill progress
 	chunkIdx  int

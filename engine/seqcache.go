@@ -62,12 +62,14 @@ type seqCache struct {
 }
 
 // newSeqCache empties sequence seq of lctx and prepares its cache for a prompt of
-// nPrompt tokens under spec.
-func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache.Spec, nLayers, nPrompt int) (*seqCache, error) {
+// nPrompt tokens under spec; textFrom is the first prompt position after the
+// prompt's last image (0: none).
+func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache.Spec, nLayers, nPrompt, textFrom int) (*seqCache, error) {
 	tr, err := elasticcache.NewTracker(spec, nLayers)
 	if err != nil {
 		return nil, err
 	}
+	tr.SetTextTail(textFrom)
 	lctx.SeqClear(seq)
 	c := &seqCache{lctx: lctx, seq: seq, pool: pool, spec: spec, tracker: tr, nPrompt: nPrompt}
 	if spec.PrefillScores() {
