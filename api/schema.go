@@ -220,6 +220,7 @@ func usageOf(u completion.Usage) Usage {
 type KVCacheReport struct {
 	Policy        string  `json:"policy"`
 	Budget        float64 `json:"budget"`
+	Selection     string  `json:"selection,omitempty"`
 	PromptEntries int     `json:"prompt_entries"`
 	Kept          int     `json:"kept"`
 	Merged        int     `json:"merged"`
@@ -238,7 +239,7 @@ func kvCacheOf(kv *completion.KVReport) *KVCacheReport {
 		return nil
 	}
 	return &KVCacheReport{
-		Policy: kv.Policy, Budget: kv.Budget, PromptEntries: kv.PromptEntries,
+		Policy: kv.Policy, Budget: kv.Budget, Selection: kv.Selection, PromptEntries: kv.PromptEntries,
 		Kept: kv.Kept, Merged: kv.Merged, Evicted: kv.Evicted,
 		PeakCells: kv.PeakCells, FinalCells: kv.FinalCells, BytesSaved: kv.BytesSaved,
 		PrefillMs: kv.PrefillMs, CompressMs: kv.CompressMs, DecodeMs: kv.DecodeMs,

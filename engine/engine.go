@@ -354,6 +354,9 @@ func (e *Engine) report(s *seq) *KVReport {
 		PromptEntries: s.nPrompt,
 		PrefillMs:     ms(s.prefillDur),
 	}
+	if spec.Compresses() {
+		r.Selection = string(spec.Selection())
+	}
 	if c := s.cache; c != nil {
 		st := c.tracker.Stats()
 		r.Kept, r.Merged, r.Evicted = st.Kept, st.Merged, st.Evicted

@@ -191,9 +191,11 @@ func (e *Engine) finish(s *seq, ev Event) {
 	ev.NLL, ev.NLLTokens = s.nll, s.nllN
 	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen}
 	ev.KV = e.report(s)
-	s.box.push(ev)
 	s.cache.free()
 	s.release()
+	// The caller may read Stats as soon as it has the final event: count first.
+	e.updateCells()
+	s.box.push(ev)
 }
 
 func (e *Engine) updateCells() {

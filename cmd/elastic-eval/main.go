@@ -40,6 +40,9 @@ Commands:
   latency   B sequences of a P-token prompt generating G tokens: prefill time, decode
             tokens/s, total time, peak KV cells and speedup over full, per policy and budget
   sweep     the metrics chosen with --metrics (default all) in one run
+  explain   per layer and prompt region (system, image, question, template, answer):
+            entries kept, merged and evicted by the prompt plan and evicted while
+            generating, for --policy at --budget (greedy, like rouge)
   gen-data  write the synthetic dataset: drawn shapes, questions, exact answers
   help      this text; "elastic-eval <command> -h" lists the command's flags
 
@@ -70,6 +73,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = genData(rest, stdout, stderr)
 	case report.PPL, report.ROUGE, report.Latency, "sweep":
 		err = measure(ctx, cmd, rest, stdout, stderr)
+	case cmdExplain:
+		err = explain(ctx, rest, stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "elastic-eval: unknown command %q\n\n%s", cmd, usage)
 		return 2
@@ -131,6 +136,34 @@ func measure(ctx context.Context, cmd string, args []string, stdout, stderr io.W
 	return nil
 }
 
+// cmdExplain is the explain command's name.
+const cmdExplain = "explain"
+
+// explain runs the explain command: the flags of rouge, with --policy and
+// --budget for --policies and --budgets.
+func explain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	o, ro, err := measureFlags(cmdExplain, args, stderr)
+	if err != nil {
+		return err
+	}
+	if o.Log == nil {
+		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	r, err := eval.Open(o)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	res, err := r.RunExplain(ctx, ro)
+	if res != nil {
+		fmt.Fprint(stdout, res.Markdown)
+		for _, f := range res.Files {
+			fmt.Fprintf(stderr, "wrote %s\n", f)
+		}
+	}
+	return err
+}
+
 // The prompt protocols of --protocol.
 const (
 	protocolDefault = "default"
@@ -149,10 +182,21 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 	ro := eval.RunOptions{}
 	fs.StringVar(&o.Model, "model", "", "GGUF model file (required)")
 	fs.StringVar(&o.MMProj, "mmproj", "", "GGUF multimodal projector (needed for datasets with images)")
-	policies := fs.String("policies", "elastic,h2o,local", "comma-separated policies compared with full (elastic, h2o, local)")
-	budgets := fs.String("budgets", "0.2,0.5,0.8", "comma-separated KV budgets: fractions of the prompt's entries kept, each in (0, 1]")
+	var policies, budgets *string
+	if cmd == cmdExplain {
+		policies = fs.String("policy", "elastic", "policy explained (elastic, h2o, local; a comma-separated list explains each)")
+		budgets = fs.String("budget", "0.5", "KV budget: fraction of the prompt's entries kept, in (0, 1] (a comma-separated list explains each)")
+	} else {
+		policies = fs.String("policies", "elastic,h2o,local", "comma-separated policies compared with full (elastic, h2o, local)")
+		budgets = fs.String("budgets", "0.2,0.5,0.8", "comma-separated KV budgets: fractions of the prompt's entries kept, each in (0, 1]")
+	}
 	fs.IntVar(&o.Sink, "sink", elasticcache.DefaultSink, "leading KV entries never evicted or merged")
 	fs.IntVar(&o.Distance, "distance", elasticcache.DefaultDistance, "elastic decode truncation offset")
+	fs.Func("selection", "selection rule of the compressed settings: paper (default), reference, normalized or text-tail", func(v string) error {
+		sel, err := elasticcache.ParseSelection(v)
+		o.Selection = sel
+		return err
+	})
 	fs.Int64Var(&o.Seed, "seed", 1, "seed: which samples --max-samples keeps, the latency prompts, the sampler")
 	fs.IntVar(&o.Parallel, "parallel", 1, "ppl/rouge: samples decoded together (1 keeps results bit-reproducible)")
 	fs.IntVar(&o.CtxSize, "ctx-size", 0, fmt.Sprintf("ppl/rouge: KV cells in total, shared by --parallel sequences (default parallel*max(%d, 1024+max-tokens))", eval.SeqCells))
@@ -165,13 +209,17 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 	protocol := fs.String("protocol", protocolDefault, "prompt protocol preset: default (the flags as given) or paper (the published scripts': --layout question-first, --system LLaVA-1.5's, --sink 1; flags given explicitly win)")
 	quiet := fs.Bool("quiet", false, "no progress bar (skip messages are still printed)")
 	verbose := fs.Bool("verbose", false, "print the engine's log on stderr")
-	out := fs.String("out", "", "folder for results.csv, results.md and the plots (sweep default: elastic-eval-out)")
-	if cmd == report.PPL || cmd == report.ROUGE || cmd == "sweep" {
+	outHelp := "folder for results.csv, results.md and the plots (sweep default: elastic-eval-out)"
+	if cmd == cmdExplain {
+		outHelp = "folder for explain.md and explain.csv (default: none, stdout only)"
+	}
+	out := fs.String("out", "", outHelp)
+	if cmd == report.PPL || cmd == report.ROUGE || cmd == "sweep" || cmd == cmdExplain {
 		fs.StringVar(&ro.Data, "data", "", "dataset JSON: LLaVA conversations or [{question, answer, image}] (required)")
 		fs.StringVar(&ro.Images, "images", "", "image folder (default: the dataset file's folder)")
 		fs.IntVar(&ro.MaxSamples, "max-samples", 0, "evaluate at most this many samples, drawn with --seed (0: all)")
 	}
-	if cmd == report.ROUGE || cmd == "sweep" {
+	if cmd == report.ROUGE || cmd == "sweep" || cmd == cmdExplain {
 		fs.IntVar(&o.MaxTokens, "max-tokens", 64, "rouge: tokens generated per sample (greedy)")
 	}
 	if cmd == report.Latency || cmd == "sweep" {
@@ -181,9 +229,12 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 		fs.IntVar(&ro.Latency.Repeat, "repeat", 1, "latency: runs per setting; the median total time is kept")
 	}
 	metrics := report.Latency
-	if cmd == "sweep" {
+	switch cmd {
+	case "sweep":
 		fs.StringVar(&metrics, "metrics", "all", "comma-separated metrics: ppl, rouge, latency, or all")
-	} else {
+	case cmdExplain:
+		metrics = report.ROUGE // explain generates greedily, as rouge does
+	default:
 		metrics = cmd
 	}
 	if err := parse(fs, args); err != nil {
@@ -204,6 +255,9 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 	}
 	for _, m := range ro.Metrics {
 		if (m == report.PPL || m == report.ROUGE) && ro.Data == "" {
+			if cmd == cmdExplain {
+				m = cmd
+			}
 			return o, ro, usagef("--data is required for %s", m)
 		}
 	}

@@ -106,6 +106,7 @@ type Usage struct {
 type KVReport struct {
 	Policy        string
 	Budget        float64 // in effect: 1 for full
+	Selection     string  // the selection rule of a compressing setting; "" when nothing is compressed
 	PromptEntries int
 	Kept          int // entries per layer right after the prompt plan
 	Merged        int

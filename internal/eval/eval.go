@@ -50,6 +50,8 @@ type Options struct {
 	Budgets  []float64 // each in (0, 1]
 	Sink     int
 	Distance int
+	// Selection is the selection rule of every compressed setting ("": paper).
+	Selection elasticcache.Selection
 
 	MaxTokens int    // rouge: tokens generated per sample (default 64)
 	System    string // optional system message put before every prompt
@@ -119,7 +121,7 @@ func (o *Options) defaults() error {
 		o.Protocol = "default"
 	}
 	for _, b := range o.Budgets {
-		c := elasticcache.Config{Policy: elasticcache.Elastic, Budget: b, Sink: o.Sink, Distance: o.Distance}
+		c := elasticcache.Config{Policy: elasticcache.Elastic, Budget: b, Sink: o.Sink, Distance: o.Distance, Selection: o.Selection}
 		if _, err := c.Spec(); err != nil {
 			return err
 		}
@@ -134,6 +136,8 @@ type Runner struct {
 	vision *llama.Vision
 	log    zerolog.Logger
 	watch  *watcher
+	// explain, while Explain runs, records the plans and decode evictions.
+	explain *explainObserver
 }
 
 // Open loads the model (and the projector when given).
@@ -186,7 +190,7 @@ func (r *Runner) Configs() []elasticcache.Spec {
 			continue
 		}
 		for _, b := range r.opts.Budgets {
-			out = append(out, spec(elasticcache.Config{Policy: p, Budget: b, Sink: r.opts.Sink, Distance: r.opts.Distance}))
+			out = append(out, spec(elasticcache.Config{Policy: p, Budget: b, Sink: r.opts.Sink, Distance: r.opts.Distance, Selection: r.opts.Selection}))
 		}
 	}
 	return out
@@ -220,7 +224,7 @@ func (r *Runner) startEngine(parallel, ctxSize int) (*engine.Engine, func(), err
 		Threads:   r.opts.Threads,
 		QueueSize: max(64, 2*parallel),
 		Log:       r.log,
-		Observe:   r.watch.observe,
+		Observe:   r.observe,
 	})
 	if err != nil {
 		return nil, nil, err

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/report"
 )
@@ -80,6 +81,9 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 	}
 	*notes = append(*notes, fmt.Sprintf("policies %s at budgets %s, against full; sink %d, distance %d",
 		strings.Join(append([]string{}, pols...), ", "), joinFloats(r.opts.Budgets), r.opts.Sink, r.opts.Distance))
+	if sel := r.opts.Selection; sel != "" && sel != elasticcache.PaperSelection {
+		*notes = append(*notes, fmt.Sprintf("selection %s for every compressed setting", sel))
+	}
 	*notes = append(*notes, r.opts.ProtocolNote())
 
 	needData := slices.Contains(metrics, report.PPL) || slices.Contains(metrics, report.ROUGE)
