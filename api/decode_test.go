@@ -210,7 +210,7 @@ func TestEngineRequest(t *testing.T) {
 				if r.MaxTokens != 9 || len(r.Stop) != 1 || r.Stop[0] != "END" {
 					t.Fatalf("max %d stop %q", r.MaxTokens, r.Stop)
 				}
-				if r.Cache.Config() != (elasticcache.Config{Policy: elasticcache.Local, Budget: 0.8, Sink: 0, Distance: -3}) {
+				if r.Cache.Config() != (elasticcache.Config{Policy: elasticcache.Local, Budget: elasticcache.DefaultBudget, Sink: 0, Distance: -3, Selection: elasticcache.DefaultConfig().Selection}) {
 					t.Fatalf("cache %+v", r.Cache.Config())
 				}
 			},

@@ -105,9 +105,9 @@ func TestParseSelection(t *testing.T) {
 	}
 }
 
-func TestDefaultConfigIsElastic08Sink4DistanceMinus25(t *testing.T) {
+func TestDefaultConfigIsElasticTextTail07Sink4DistanceMinus25(t *testing.T) {
 	c := DefaultConfig()
-	want := Config{Policy: Elastic, Budget: 0.8, Sink: 4, Distance: -25}
+	want := Config{Policy: Elastic, Budget: 0.7, Sink: 4, Distance: -25, Selection: TextTailSelection}
 	if c != want {
 		t.Fatalf("DefaultConfig() = %+v, want %+v", c, want)
 	}

@@ -450,8 +450,9 @@ func TestSelectionDefaultsToPaper(t *testing.T) {
 	if got := (Spec{}).Selection(); got != PaperSelection {
 		t.Errorf("zero Spec: Selection() = %q", got)
 	}
-	if got := DefaultSpec().Selection(); got != PaperSelection {
-		t.Errorf("DefaultSpec: Selection() = %q", got)
+	// The server default uses a variant chosen by measurement (docs/quality).
+	if got := DefaultSpec().Selection(); got != TextTailSelection {
+		t.Errorf("DefaultSpec: Selection() = %q, want %q", got, TextTailSelection)
 	}
 }
 
