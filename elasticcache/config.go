@@ -102,8 +102,12 @@ type Config struct {
 	Budget   float64 `json:"budget"`   // fraction of entries kept, in (0,1]
 	Sink     int     `json:"sink"`     // leading entries never evicted or merged
 	Distance int     `json:"distance"` // elastic decode truncation offset
-	// Selection is "paper" (or empty, the default) or "reference".
+	// Selection is "paper" (or empty), "reference", "normalized" or "text-tail".
 	Selection Selection `json:"selection,omitempty"`
+	// EvictMerged is an evaluation-only ablation (not offered by the server):
+	// elastic keeps the same anchors but evicts the entries it would merge, to
+	// measure what merging buys over eviction at the same selection.
+	EvictMerged bool `json:"-"`
 }
 
 // DefaultConfig is the server's default: elastic with the text-tail selection,

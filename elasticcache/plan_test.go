@@ -550,3 +550,36 @@ func TestTextTailSelectionKeepsTheTextAfterTheImage(t *testing.T) {
 		t.Fatal("the paper's rule kept the same entries; the test shows nothing")
 	}
 }
+
+// The evict-merged ablation keeps exactly the anchors the merge would keep and
+// drops the rest instead of averaging them in.
+func TestEvictMergedKeepsTheSameAnchorsWithoutGroups(t *testing.T) {
+	const n, layers = 40, 3
+	scores := make([][]float32, layers)
+	for l := range scores {
+		scores[l] = make([]float32, n)
+		for j := range scores[l] {
+			scores[l][j] = float32((j*7+l*13)%17) + 0.5
+		}
+	}
+	plan := func(evict bool) *PrefillPlan {
+		tr, err := NewTracker(MustSpec(Config{Policy: Elastic, Budget: 0.5, Sink: 2, Distance: -25, EvictMerged: evict}), layers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := tr.PlanPrefill(n, scores)
+		if err != nil || p == nil {
+			t.Fatalf("plan %v, err %v", p, err)
+		}
+		return p
+	}
+	merged, evicted := plan(false), plan(true)
+	for l := range layers {
+		if !slices.Equal(merged.Layers[l].Keep, evicted.Layers[l].Keep) {
+			t.Fatalf("layer %d: anchors differ: %v vs %v", l, merged.Layers[l].Keep, evicted.Layers[l].Keep)
+		}
+	}
+	if merged.Merged() != n-merged.K || evicted.Merged() != 0 || evicted.Evicted() != n-evicted.K {
+		t.Fatalf("merged %d/%d, evicted %d/%d", merged.Merged(), merged.Evicted(), evicted.Merged(), evicted.Evicted())
+	}
+}

@@ -142,6 +142,11 @@ func (t *Tracker) PlanPrefill(n int, scores [][]float32) (*PrefillPlan, error) {
 		}
 		plan = planElastic(n, k, sink, tail, scores)
 		s, _ = elasticShape(k, sink, tail)
+		if t.spec.c.EvictMerged {
+			for l := range plan.Layers {
+				plan.Layers[l].Groups = nil
+			}
+		}
 	case policy == Local && compress:
 		plan = planLocal(n, k, sink, t.nLayers)
 		s = effectiveSink(sink, k)

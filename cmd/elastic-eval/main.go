@@ -192,6 +192,7 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 	}
 	fs.IntVar(&o.Sink, "sink", elasticcache.DefaultSink, "leading KV entries never evicted or merged")
 	fs.IntVar(&o.Distance, "distance", elasticcache.DefaultDistance, "elastic decode truncation offset")
+	fs.BoolVar(&o.EvictMerged, "evict-merged", false, "ablation: elastic evicts the entries it would merge, at the same anchors")
 	fs.Func("selection", "selection rule of the compressed settings: paper (default), reference, normalized or text-tail", func(v string) error {
 		sel, err := elasticcache.ParseSelection(v)
 		o.Selection = sel

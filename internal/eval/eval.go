@@ -52,6 +52,9 @@ type Options struct {
 	Distance int
 	// Selection is the selection rule of every compressed setting ("": paper).
 	Selection elasticcache.Selection
+	// EvictMerged is the evaluation-only ablation of elasticcache.Config: elastic
+	// evicts what it would merge, at the same anchors.
+	EvictMerged bool
 
 	MaxTokens int    // rouge: tokens generated per sample (default 64)
 	System    string // optional system message put before every prompt
@@ -190,7 +193,8 @@ func (r *Runner) Configs() []elasticcache.Spec {
 			continue
 		}
 		for _, b := range r.opts.Budgets {
-			out = append(out, spec(elasticcache.Config{Policy: p, Budget: b, Sink: r.opts.Sink, Distance: r.opts.Distance, Selection: r.opts.Selection}))
+			out = append(out, spec(elasticcache.Config{Policy: p, Budget: b, Sink: r.opts.Sink, Distance: r.opts.Distance,
+				Selection: r.opts.Selection, EvictMerged: r.opts.EvictMerged}))
 		}
 	}
 	return out

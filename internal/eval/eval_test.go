@@ -469,3 +469,24 @@ func TestSplitRowsLongAndShort(t *testing.T) {
 		}
 	}
 }
+
+// The evict-merged ablation keeps elastic's anchors and evicts instead of merging:
+// its rows report no merged entries and as many evicted as the merge would average.
+func TestEvictMergedAblation(t *testing.T) {
+	r := openRunner(t, []float64{0.5})
+	r.opts.Policies = []elasticcache.Policy{elasticcache.Elastic}
+	data := synthData(t, 2, shapes.ColorOf)
+	run := func(evict bool) report.Row {
+		r.opts.EvictMerged = evict
+		res, err := r.Run(context.Background(), RunOptions{Metrics: []string{report.ROUGE}, Data: data})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.Results.Rows[1] // full, then elastic@0.5
+	}
+	merged, evicted := run(false), run(true)
+	if merged.Kept != evicted.Kept || merged.Merged == 0 || evicted.Merged != 0 || evicted.Evicted < merged.Merged {
+		t.Fatalf("merge: kept %g merged %g; ablation: kept %g merged %g evicted %g",
+			merged.Kept, merged.Merged, evicted.Kept, evicted.Merged, evicted.Evicted)
+	}
+}

@@ -84,6 +84,9 @@ func (r *Runner) Run(ctx context.Context, ro RunOptions) (*RunResult, error) {
 	if sel := r.opts.Selection; sel != "" && sel != elasticcache.PaperSelection {
 		*notes = append(*notes, fmt.Sprintf("selection %s for every compressed setting", sel))
 	}
+	if r.opts.EvictMerged {
+		*notes = append(*notes, "ablation: elastic evicts the entries it would merge (same anchors)")
+	}
 	*notes = append(*notes, r.opts.ProtocolNote())
 
 	needData := slices.Contains(metrics, report.PPL) || slices.Contains(metrics, report.ROUGE)
