@@ -16,6 +16,13 @@
 //	mkdemo answer --dir models/demo --questions Q.json --out A.json
 //	    answers every question of Q.json with the engine (greedy, policy full
 //	    unless --policy/--budget say otherwise) and writes the answers.
+//	mkdemo plans --dir models/demo --questions Q.json --policy elastic --budget B --out F.json [--scores]
+//	    answers the questions with the engine and records, per question, the
+//	    phase 1 plan the engine applied (N, K, per-layer kept and merged sets),
+//	    the entries held and evicted after each decode step and the greedy
+//	    answer (selection paper unless --selection says otherwise; --scores adds
+//	    llama.cpp's importance scores and image embeddings), for
+//	    tools/demo-vlm/elastic_check.py.
 package main
 
 import (
@@ -25,7 +32,7 @@ import (
 )
 
 func usage() {
-	fmt.Fprintln(os.Stderr, `usage: mkdemo data|convert|probe|answer [flags]   (mkdemo CMD -h for the flags)`)
+	fmt.Fprintln(os.Stderr, `usage: mkdemo data|convert|probe|answer|plans [flags]   (mkdemo CMD -h for the flags)`)
 	os.Exit(2)
 }
 
@@ -42,6 +49,8 @@ func main() {
 		err = probeCmd(fs, os.Args[2:])
 	case "answer":
 		err = answerCmd(fs, os.Args[2:])
+	case "plans":
+		err = plansCmd(fs, os.Args[2:])
 	case "data":
 		err = dataCmd(fs, os.Args[2:])
 	default:
