@@ -112,15 +112,7 @@ func parse(fs *flag.FlagSet, args []string) error {
 }
 
 func measure(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer) error {
-	o, ro, err := measureFlags(cmd, args, stderr)
-	if err != nil {
-		return err
-	}
-	if o.Log == nil {
-		// The ggml backend loader logs its CPU feature line through slog.
-		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
-	}
-	r, err := eval.Open(o)
+	r, ro, err := openRunner(cmd, args, stderr)
 	if err != nil {
 		return err
 	}
@@ -136,20 +128,28 @@ func measure(ctx context.Context, cmd string, args []string, stdout, stderr io.W
 	return nil
 }
 
+// openRunner reads a measuring command's flags and loads the model; the caller
+// closes the runner.
+func openRunner(cmd string, args []string, stderr io.Writer) (*eval.Runner, eval.RunOptions, error) {
+	o, ro, err := measureFlags(cmd, args, stderr)
+	if err != nil {
+		return nil, ro, err
+	}
+	if o.Log == nil {
+		// The ggml backend loader logs its CPU feature line through slog.
+		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	r, err := eval.Open(o)
+	return r, ro, err
+}
+
 // cmdExplain is the explain command's name.
 const cmdExplain = "explain"
 
 // explain runs the explain command: the flags of rouge, with --policy and
 // --budget for --policies and --budgets.
 func explain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	o, ro, err := measureFlags(cmdExplain, args, stderr)
-	if err != nil {
-		return err
-	}
-	if o.Log == nil {
-		slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
-	}
-	r, err := eval.Open(o)
+	r, ro, err := openRunner(cmdExplain, args, stderr)
 	if err != nil {
 		return err
 	}
