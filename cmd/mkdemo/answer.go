@@ -69,13 +69,18 @@ type Answerer struct {
 
 // StartAnswerer loads dir's pair and starts an engine with parallel slots.
 func StartAnswerer(dir string, parallel, threads int, kvType string) (*Answerer, error) {
+	return startObserved(dir, parallel, threads, kvType, nil)
+}
+
+// startObserved is StartAnswerer with an Observe callback for the engine (nil: none).
+func startObserved(dir string, parallel, threads int, kvType string, observe func(engine.Observation)) (*Answerer, error) {
 	m, v, err := loadPair(dir, threads)
 	if err != nil {
 		return nil, err
 	}
 	e, err := engine.Start(m, v, engine.Options{
 		Parallel: parallel, CtxSize: 1024 * parallel, BatchSize: 512, Threads: threads,
-		KVType: kvType, Log: zerolog.Nop(),
+		KVType: kvType, Log: zerolog.Nop(), Observe: observe,
 	})
 	if err != nil {
 		v.Close()
@@ -140,8 +145,7 @@ func answerCmd(fs *flag.FlagSet, args []string) error {
 	dir := fs.String("dir", "models/demo", "folder with model.gguf and mmproj.gguf")
 	qpath := fs.String("questions", "models/demo/heldout.json", "held-out questions")
 	out := fs.String("out", "", "JSON output (required)")
-	policy := fs.String("policy", "full", "cache policy")
-	budget := fs.Float64("budget", 1, "cache budget")
+	cache := addCacheFlags(fs, "full", 1)
 	parallel := fs.Int("parallel", 4, "engine slots")
 	threads := fs.Int("threads", 2, "threads")
 	kvType := fs.String("kv-type", "", "KV cache type (default f16)")
@@ -154,12 +158,7 @@ func answerCmd(fs *flag.FlagSet, args []string) error {
 	if err != nil {
 		return err
 	}
-	c := elasticcache.DefaultConfig()
-	if c.Policy, err = elasticcache.ParsePolicy(*policy); err != nil {
-		return err
-	}
-	c.Budget = *budget
-	spec, err := c.Spec()
+	spec, err := cache.spec()
 	if err != nil {
 		return err
 	}
@@ -189,4 +188,36 @@ func answerCmd(fs *flag.FlagSet, args []string) error {
 	fmt.Printf("%d answers in %s; %d/%d equal to the PyTorch answers\n", len(rows), time.Since(start).Round(time.Millisecond), same, len(rows))
 	b, _ := json.MarshalIndent(rows, "", " ")
 	return os.WriteFile(*out, b, 0o644)
+}
+
+// cacheFlags are the cache setting flags of answer and plans.
+type cacheFlags struct {
+	policy, selection *string
+	budget            *float64
+	sink, distance    *int
+}
+
+// addCacheFlags registers --policy, --budget, --sink, --distance and --selection
+// (the paper's rule unless asked: these tools compare with the paper).
+func addCacheFlags(fs *flag.FlagSet, policy string, budget float64) *cacheFlags {
+	return &cacheFlags{
+		policy:    fs.String("policy", policy, "cache policy"),
+		budget:    fs.Float64("budget", budget, "cache budget"),
+		sink:      fs.Int("sink", elasticcache.DefaultSink, "sink entries"),
+		distance:  fs.Int("distance", elasticcache.DefaultDistance, "elastic decode truncation offset"),
+		selection: fs.String("selection", "paper", "elastic selection rule: paper, reference, normalized or text-tail"),
+	}
+}
+
+// spec validates the flags into a cache setting.
+func (f *cacheFlags) spec() (elasticcache.Spec, error) {
+	p, err := elasticcache.ParsePolicy(*f.policy)
+	if err != nil {
+		return elasticcache.Spec{}, err
+	}
+	sel, err := elasticcache.ParseSelection(*f.selection)
+	if err != nil {
+		return elasticcache.Spec{}, err
+	}
+	return elasticcache.Config{Policy: p, Budget: *f.budget, Sink: *f.sink, Distance: *f.distance, Selection: sel}.Spec()
 }

@@ -11,9 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/rs/zerolog"
-
-	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
 	"github.com/elasticserve/elasticserve/llama"
 )
@@ -103,39 +100,16 @@ func (r *planRecorder) observe(o engine.Observation) {
 	}
 }
 
-// startObserved is StartAnswerer with an Observe callback (StartAnswerer itself is
-// unchanged: `answer` keeps its options).
-func startObserved(dir string, parallel, threads int, kvType string, observe func(engine.Observation)) (*Answerer, error) {
-	m, v, err := loadPair(dir, threads)
-	if err != nil {
-		return nil, err
-	}
-	e, err := engine.Start(m, v, engine.Options{
-		Parallel: parallel, CtxSize: 1024 * parallel, BatchSize: 512, Threads: threads,
-		KVType: kvType, Log: zerolog.Nop(), Observe: observe,
-	})
-	if err != nil {
-		v.Close()
-		m.Close()
-		return nil, err
-	}
-	return &Answerer{Model: m, Vision: v, Engine: e}, nil
-}
-
 func plansCmd(fs *flag.FlagSet, args []string) error {
 	dir := fs.String("dir", "models/demo", "folder with model.gguf and mmproj.gguf")
 	qpath := fs.String("questions", "models/demo/heldout.json", "held-out questions")
 	out := fs.String("out", "", "JSON output (required)")
-	policy := fs.String("policy", "elastic", "cache policy")
-	budget := fs.Float64("budget", 0.5, "cache budget")
-	sink := fs.Int("sink", elasticcache.DefaultSink, "sink entries")
-	distance := fs.Int("distance", elasticcache.DefaultDistance, "elastic decode truncation offset")
+	cache := addCacheFlags(fs, "elastic", 0.5) // elastic_check.py implements the paper selection
 	parallel := fs.Int("parallel", 1, "engine slots (1: every step decodes one sequence alone)")
 	threads := fs.Int("threads", 2, "threads")
 	kvType := fs.String("kv-type", "", "KV cache type (default f16)")
 	maxTokens := fs.Int("max-tokens", 64, "answer length limit")
 	limit := fs.Int("limit", 0, "first N questions only (0: all)")
-	selection := fs.String("selection", "paper", "elastic selection rule (elastic_check.py implements paper)")
 	withScores := fs.Bool("scores", false, "also record llama.cpp's importance scores of every prompt")
 	fs.Parse(args)
 	if *out == "" {
@@ -149,15 +123,7 @@ func plansCmd(fs *flag.FlagSet, args []string) error {
 	if *limit > 0 && *limit < len(qs) {
 		qs = qs[:*limit]
 	}
-	c := elasticcache.DefaultConfig()
-	if c.Policy, err = elasticcache.ParsePolicy(*policy); err != nil {
-		return err
-	}
-	c.Budget, c.Sink, c.Distance = *budget, *sink, *distance
-	if c.Selection, err = elasticcache.ParseSelection(*selection); err != nil {
-		return err
-	}
-	spec, err := c.Spec()
+	spec, err := cache.spec()
 	if err != nil {
 		return err
 	}
@@ -229,7 +195,8 @@ func plansCmd(fs *flag.FlagSet, args []string) error {
 			embds[q.Image] = emb
 		}
 	}
-	pf := planFile{Policy: string(c.Policy), Budget: c.Budget, Sink: c.Sink, Distance: c.Distance, Selection: string(c.Selection),
+	c := spec.Config()
+	pf := planFile{Policy: string(c.Policy), Budget: c.Budget, Sink: c.Sink, Distance: c.Distance, Selection: string(spec.Selection()),
 		KVType: *kvType, Parallel: *parallel, MaxTokens: *maxTokens, Questions: *qpath, ImageEmbd: embds}
 	if pf.KVType == "" {
 		pf.KVType = "f16"

@@ -393,13 +393,9 @@ func cmpErr(a, b error) error {
 }
 
 func (r *Runner) explainSample(ctx context.Context, e *engine.Engine, x *explainObserver, s dataset.Sample, cfgs []elasticcache.Spec) ([]SampleExplain, error) {
-	imgs, err := readImage(s.Image)
+	msgs, err := r.sampleMessages(s)
 	if err != nil {
-		return nil, skip("%v", err)
-	}
-	msgs, err := r.messages(s.Prompt, imgs)
-	if err != nil {
-		return nil, skip("%v", err)
+		return nil, err
 	}
 	pr, err := Regions(r.model, r.vision, msgs)
 	if err != nil {

@@ -163,9 +163,9 @@ feed:
 
 func (r *Runner) pplSample(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Spec, bar *progress.Bar) (SampleResult, error) {
 	res := SampleResult{Sample: s}
-	imgs, err := readImage(s.Image)
+	msgs, err := r.sampleMessages(s)
 	if err != nil {
-		return res, skip("%v", err)
+		return res, err
 	}
 	toks, err := r.model.Tokenize(s.Answer, false, false)
 	if err != nil {
@@ -179,10 +179,6 @@ func (r *Runner) pplSample(ctx context.Context, e *engine.Engine, s dataset.Samp
 		force[i] = int32(t)
 	}
 	res.Tokens = len(force)
-	msgs, err := r.messages(s.Prompt, imgs)
-	if err != nil {
-		return res, skip("%v", err)
-	}
 	for ci, c := range cfgs {
 		req := &engine.Request{
 			ID:       fmt.Sprintf("ppl-%d-%d", s.Index, ci),
@@ -210,13 +206,9 @@ func (r *Runner) pplSample(ctx context.Context, e *engine.Engine, s dataset.Samp
 
 func (r *Runner) rougeSample(ctx context.Context, e *engine.Engine, s dataset.Sample, cfgs []elasticcache.Spec, bar *progress.Bar) (SampleResult, error) {
 	res := SampleResult{Sample: s}
-	imgs, err := readImage(s.Image)
+	msgs, err := r.sampleMessages(s)
 	if err != nil {
-		return res, skip("%v", err)
-	}
-	msgs, err := r.messages(s.Prompt, imgs)
-	if err != nil {
-		return res, skip("%v", err)
+		return res, err
 	}
 	for ci, c := range cfgs {
 		req := &engine.Request{
@@ -324,4 +316,18 @@ func (r *Runner) tokenCount(content string, images [][]byte) (int, error) {
 		return 0, err
 	}
 	return engine.CountPrompt(r.model, r.vision, msgs)
+}
+
+// sampleMessages reads a sample's image and builds its chat; a failure is a skip
+// (the sample is left out of every configuration).
+func (r *Runner) sampleMessages(s dataset.Sample) ([]engine.Message, error) {
+	imgs, err := readImage(s.Image)
+	if err != nil {
+		return nil, skip("%v", err)
+	}
+	msgs, err := r.messages(s.Prompt, imgs)
+	if err != nil {
+		return nil, skip("%v", err)
+	}
+	return msgs, nil
 }
