@@ -91,28 +91,37 @@ type chatState struct {
 // next waits for the next event. ok is false when ctx ended or the channel
 // closed without a Done event; err then says why.
 func next(ctx context.Context, events <-chan completion.Event) (ev completion.Event, ok bool, err error) {
+	ev, _, ok, err = nextEvent(ctx, events, nil)
+	return ev, ok, err
+}
+
+// nextEvent is next that also returns (with idled set) when idle fires first.
+func nextEvent(ctx context.Context, events <-chan completion.Event, idle <-chan time.Time) (ev completion.Event, idled, ok bool, err error) {
 	select {
+	case <-idle:
+		return ev, true, false, nil
 	case ev, open := <-events:
 		if !open {
 			if ctx.Err() != nil {
-				return ev, false, context.Cause(ctx)
+				return ev, false, false, context.Cause(ctx)
 			}
-			return ev, false, errors.New("the engine ended the request without a result")
+			return ev, false, false, errors.New("the engine ended the request without a result")
 		}
-		return ev, true, nil
+		return ev, false, true, nil
 	case <-ctx.Done():
 		// The engine stops on cancellation; drain so it never blocks on us.
 		go func() {
 			for range events { //nolint:revive // draining
 			}
 		}()
-		return ev, false, ctx.Err()
+		return ev, false, false, ctx.Err()
 	}
 }
 
 // collectChat gathers the whole completion and answers with one JSON body.
 func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http.Request, c *chatState, events <-chan completion.Event) {
 	var text strings.Builder
+	var lps []completion.TokenLogprob
 	for {
 		ev, ok, err := next(ctx, events)
 		if !ok { // the error status is counted by the metrics middleware
@@ -123,6 +132,7 @@ func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http
 			c.firstTok = time.Now()
 		}
 		text.WriteString(ev.Text)
+		lps = append(lps, ev.Logprobs...)
 		if !ev.Done {
 			continue
 		}
@@ -130,7 +140,18 @@ func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http
 			writeError(w, s.requestError(r.Context(), ev.Err, c.plan))
 			return
 		}
-		rate := s.metrics.completed(ev, c.firstTok)
+		rate := s.metrics.completed(ev, c.start, c.firstTok)
+		fr := finishReason(ev)
+		msg := AssistantMessage{Role: "assistant"}
+		calls, content := c.plan.tools.finalCalls(text.String())
+		if calls != nil {
+			msg.ToolCalls = calls
+			if fr == completion.FinishStop {
+				fr = finishToolCalls
+			}
+		} else {
+			msg.Content = &content
+		}
 		writeJSON(w, http.StatusOK, ChatCompletion{
 			ID:      c.id,
 			Object:  "chat.completion",
@@ -138,8 +159,9 @@ func (s *server) collectChat(ctx context.Context, w http.ResponseWriter, r *http
 			Model:   c.model,
 			Choices: []ChatChoice{{
 				Index:        0,
-				Message:      AssistantMessage{Role: "assistant", Content: text.String()},
-				FinishReason: finishReason(ev),
+				Message:      msg,
+				FinishReason: fr,
+				Logprobs:     c.logprobs(lps),
 			}},
 			Usage:   usageOf(ev.Usage),
 			KVCache: kvCacheOf(ev.KV),
@@ -163,6 +185,20 @@ func (s *server) requestError(clientCtx context.Context, err error, p *chatPlan)
 			Message: "the server cancelled the request (it may be shutting down)"}
 	}
 	return planError(err, p)
+}
+
+// finishToolCalls is the finish reason of an answer that is tool calls.
+const finishToolCalls = "tool_calls"
+
+// logprobs is a choice's logprobs: null unless the request asked for them.
+func (c *chatState) logprobs(lps []completion.TokenLogprob) *ChoiceLogprobs {
+	if !c.plan.req.Logprobs {
+		return nil
+	}
+	if out := logprobsOf(lps); out != nil {
+		return out
+	}
+	return &ChoiceLogprobs{Content: []LogprobEntry{}}
 }
 
 func finishReason(ev completion.Event) string {
@@ -200,7 +236,8 @@ func (s *server) loadImages(ctx context.Context, refs []imageRef) ([][]byte, *ap
 		if aerr != nil {
 			return nil, aerr
 		}
-		if aerr := checkImageParam(data, declared, lim, ref.param); aerr != nil {
+		data, aerr = checkImageParam(data, declared, lim, ref.param)
+		if aerr != nil {
 			return nil, aerr
 		}
 		out = append(out, data)
@@ -217,7 +254,7 @@ func (s *server) readImage(ctx context.Context, ref imageRef) ([]byte, string, *
 		case err != nil:
 			return nil, "", badRequest(ref.param+".url", "invalid_image_url", "%v", err)
 		case !acceptedMediaType(du.MediaType):
-			return nil, "", badRequest(ref.param+".url", "unsupported_image", "unsupported image type %q; send PNG or JPEG", du.MediaType)
+			return nil, "", badRequest(ref.param+".url", "unsupported_image", "unsupported image type %q; %s", du.MediaType, supportedImages)
 		}
 		return du.Data, du.MediaType, nil
 	}
@@ -236,20 +273,22 @@ func (s *server) readImage(ctx context.Context, ref imageRef) ([]byte, string, *
 	return data, ct, nil
 }
 
-// checkImageParam is checkImage as an error about the request field param.
-func checkImageParam(data []byte, declared string, lim imageLimits, param string) *apiError {
-	if _, err := checkImage(data, declared, lim); err != nil {
+// checkImageParam is prepareImage as an error about the request field
+// param; it returns the bytes for the engine (WebP and GIF become PNG).
+func checkImageParam(data []byte, declared string, lim imageLimits, param string) ([]byte, *apiError) {
+	data, err := prepareImage(data, declared, lim)
+	if err != nil {
 		var ip *imageProblem
 		if errors.As(err, &ip) && ip.tooLarge {
-			return tooLarge(param, "image_too_large", "%s", ip.msg)
+			return nil, tooLarge(param, "image_too_large", "%s", ip.msg)
 		}
 		code := "invalid_image"
 		if ip != nil && ip.code != "" {
 			code = ip.code
 		}
-		return badRequest(param, code, "%v", err)
+		return nil, badRequest(param, code, "%v", err)
 	}
-	return nil
+	return data, nil
 }
 
 func randomHex(n int) string {

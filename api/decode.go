@@ -106,6 +106,10 @@ type chatPlan struct {
 	partParams   [][]string // partParams[i][j]: the field req.Messages[i].Parts[j] came from
 	stream       bool
 	includeUsage bool
+	// tools is the tool-call setting (nil: the answer is text); constraintParam
+	// is the request field an output constraint came from, for its errors.
+	tools           *toolPlan
+	constraintParam string
 }
 
 // imageRef is one image to load (data: or http(s) URL) and the part it fills.
@@ -162,7 +166,13 @@ func planChat(cr *ChatRequest, lim planLimits) (*chatPlan, *apiError) {
 	if aerr := planMessages(cr.Messages, lim, p); aerr != nil {
 		return nil, aerr
 	}
-	if aerr := planUnsupported(cr); aerr != nil {
+	if aerr := planResponseFormat(cr.ResponseFormat, p); aerr != nil {
+		return nil, aerr
+	}
+	if aerr := planTools(cr, p); aerr != nil {
+		return nil, aerr
+	}
+	if aerr := planLogprobs(cr, p); aerr != nil {
 		return nil, aerr
 	}
 
@@ -213,18 +223,20 @@ func planChat(cr *ChatRequest, lim planLimits) (*chatPlan, *apiError) {
 	return p, nil
 }
 
-// planUnsupported rejects OpenAI features this server cannot honour, rather
-// than silently ignoring them.
-func planUnsupported(cr *ChatRequest) *apiError {
-	if cr.Logprobs != nil && *cr.Logprobs {
-		return badRequest("logprobs", "unsupported_parameter", "logprobs are not supported by this server")
+// planLogprobs applies logprobs and top_logprobs.
+func planLogprobs(cr *ChatRequest, p *chatPlan) *apiError {
+	on := cr.Logprobs != nil && *cr.Logprobs
+	if cr.TopLogprobs != nil {
+		n := *cr.TopLogprobs
+		if n < 0 || n > completion.MaxTopLogprobs {
+			return badRequest("top_logprobs", "invalid_value", "top_logprobs must be between 0 and %d, got %d", completion.MaxTopLogprobs, n)
+		}
+		if !on && n > 0 {
+			return badRequest("top_logprobs", "invalid_value", "top_logprobs needs logprobs: true")
+		}
+		p.req.TopLogprobs = n
 	}
-	if t := bytes.TrimSpace(cr.Tools); len(t) > 0 && !bytes.Equal(t, []byte("null")) && !bytes.Equal(t, []byte("[]")) {
-		return badRequest("tools", "unsupported_parameter", "tools (function calling) are not supported by this server")
-	}
-	if rf := cr.ResponseFormat; rf != nil && rf.Type != "" && rf.Type != "text" {
-		return badRequest("response_format.type", "unsupported_parameter", "response_format %q is not supported; only \"text\"", rf.Type)
-	}
+	p.req.Logprobs = on
 	return nil
 }
 
@@ -236,23 +248,55 @@ func planMessages(msgs []ChatMessage, lim planLimits, p *chatPlan) *apiError {
 	}
 	out := make([]completion.Message, 0, len(msgs))
 	p.partParams = make([][]string, 0, len(msgs))
+	callNames := map[string]string{} // tool call id -> function name, from earlier assistant messages
 	for i, m := range msgs {
 		param := fmt.Sprintf("messages[%d]", i)
 		role := m.Role
 		switch role {
-		case "system", "user", "assistant":
+		case "system", "user", "assistant", "tool":
 		case "developer":
 			role = "system"
 		case "":
 			return badRequest(param+".role", "invalid_value", "%s.role is required", param)
-		case "tool", "function":
-			return badRequest(param+".role", "invalid_value", "role %q is not supported (this server has no tool calling)", m.Role)
+		case "function":
+			return badRequest(param+".role", "invalid_value", "role \"function\" is deprecated and not supported; use tools and the \"tool\" role")
 		default:
-			return badRequest(param+".role", "invalid_value", "unknown role %q (want system, developer, user or assistant)", m.Role)
+			return badRequest(param+".role", "invalid_value", "unknown role %q (want system, developer, user, assistant or tool)", m.Role)
 		}
-		parts, params, aerr := planContent(m.Content, role, param, i, lim, p)
+		if role == "tool" && m.ToolCallID == "" {
+			return badRequest(param+".tool_call_id", "invalid_value", "%s.tool_call_id is required for a tool message", param)
+		}
+		if len(m.ToolCalls) > 0 && role != "assistant" {
+			return badRequest(param+".tool_calls", "invalid_value", "only assistant messages hold tool_calls")
+		}
+		content := m.Content
+		if role == "assistant" && len(m.ToolCalls) > 0 && content.IsNull() {
+			content = MessageContent{Parts: []ContentPart{}}
+		}
+		parts, params, aerr := planContent(content, role, param, i, lim, p)
 		if aerr != nil {
 			return aerr
+		}
+		switch {
+		case len(m.ToolCalls) > 0:
+			calls, ids, aerr := renderCalls(m.ToolCalls, param)
+			if aerr != nil {
+				return aerr
+			}
+			for id, name := range ids {
+				callNames[id] = name
+			}
+			parts = append(parts, completion.Text(calls))
+			params = append(params, param+".tool_calls")
+		case role == "tool":
+			// Templates know user and assistant turns; a result is shown as a user turn.
+			head := "Result of tool call " + m.ToolCallID
+			if name := callNames[m.ToolCallID]; name != "" {
+				head += " (" + name + ")"
+			}
+			parts = append([]completion.Part{completion.Text(head + ":")}, parts...)
+			params = append([]string{param + ".tool_call_id"}, params...)
+			role = "user"
 		}
 		out = append(out, completion.Message{Role: role, Parts: parts})
 		p.partParams = append(p.partParams, params)
@@ -341,9 +385,9 @@ func planImage(iu *ImageURL, role, pp string, lim planLimits, before int) (image
 		return imageRef{}, badRequest(param+".url", "invalid_value", "%s.url is required", param)
 	}
 	switch iu.Detail {
-	case "", "auto", "low", "high":
+	case "", "auto", "low", "high", "original":
 	default:
-		return imageRef{}, badRequest(param+".detail", "invalid_value", "detail must be auto, low or high, got %q", iu.Detail)
+		return imageRef{}, badRequest(param+".detail", "invalid_value", "detail must be auto, low, high or original, got %q", iu.Detail)
 	}
 	u := iu.URL
 	switch {

@@ -33,7 +33,7 @@ func TestBadRequests(t *testing.T) {
 		{name: "empty messages", fields: map[string]any{"messages": []any{}}, status: 400, param: "messages"},
 		{name: "messages not array", fields: map[string]any{"messages": "hi"}, status: 400, param: "messages", code: "invalid_type"},
 		{name: "role missing", fields: map[string]any{"messages": []any{map[string]any{"content": "x"}}}, status: 400, param: "messages[0].role"},
-		{name: "role tool", fields: map[string]any{"messages": []any{map[string]any{"role": "tool", "content": "x"}}}, status: 400, param: "messages[0].role"},
+		{name: "role function", fields: map[string]any{"messages": []any{map[string]any{"role": "function", "content": "x"}}}, status: 400, param: "messages[0].role"},
 		{name: "role unknown", fields: map[string]any{"messages": []any{map[string]any{"role": "robot", "content": "x"}}}, status: 400, param: "messages[0].role"},
 		{name: "role not string", fields: map[string]any{"messages": []any{map[string]any{"role": 1, "content": "x"}}}, status: 400, param: "messages.role"},
 		{name: "content number", fields: map[string]any{"messages": user(42)}, status: 400, param: "messages.content", code: "invalid_type"},
@@ -55,7 +55,7 @@ func TestBadRequests(t *testing.T) {
 		{name: "data url not base64", fields: map[string]any{"messages": user([]any{imagePart("data:image/png,abc")})}, status: 400, param: "messages[0].content[0].image_url.url", code: "invalid_image_url"},
 		{name: "data url bad base64", fields: map[string]any{"messages": user([]any{imagePart("data:image/png;base64,!!!!")})}, status: 400, param: "messages[0].content[0].image_url.url", code: "invalid_image_url"},
 		{name: "data url no comma", fields: map[string]any{"messages": user([]any{imagePart("data:image/png;base64")})}, status: 400, param: "messages[0].content[0].image_url.url", code: "invalid_image_url"},
-		{name: "data url gif type", fields: map[string]any{"messages": user([]any{imagePart(dataURLOf("image/gif", png1))})}, status: 400, param: "messages[0].content[0].image_url.url", code: "unsupported_image"},
+		{name: "data url bmp type", fields: map[string]any{"messages": user([]any{imagePart(dataURLOf("image/bmp", png1))})}, status: 400, param: "messages[0].content[0].image_url.url", code: "unsupported_image"},
 		{name: "not an image", fields: map[string]any{"messages": user([]any{imagePart(dataURLOf("image/png", []byte("hello, I am text")))})}, status: 400, param: "messages[0].content[0].image_url", code: "invalid_image"},
 		{name: "webp", fields: map[string]any{"messages": user([]any{imagePart(dataURLOf("image/webp", []byte("RIFF\x1a\x00\x00\x00WEBPVP8 ")))})}, status: 400, param: "messages[0].content[0].image_url", code: "invalid_image"},
 		{name: "too many images", fields: map[string]any{"messages": user([]any{img, img, img, img, img})}, status: 400, param: "messages", code: "too_many_images"},
@@ -85,9 +85,43 @@ func TestBadRequests(t *testing.T) {
 		{name: "repeat_penalty zero", fields: map[string]any{"repeat_penalty": 0}, status: 400, param: "repeat_penalty"},
 		{name: "stream not bool", fields: map[string]any{"stream": "yes"}, status: 400, param: "stream", code: "invalid_type"},
 		{name: "seed string", fields: map[string]any{"seed": "abc"}, status: 400, param: "seed", code: "invalid_type"},
-		{name: "logprobs", fields: map[string]any{"logprobs": true}, status: 400, param: "logprobs"},
-		{name: "tools", fields: map[string]any{"tools": []any{map[string]any{"type": "function"}}}, status: 400, param: "tools"},
-		{name: "json mode", fields: map[string]any{"response_format": map[string]any{"type": "json_object"}}, status: 400, param: "response_format.type"},
+		{name: "top_logprobs above 20", fields: map[string]any{"logprobs": true, "top_logprobs": 21}, status: 400, param: "top_logprobs"},
+		{name: "top_logprobs negative", fields: map[string]any{"logprobs": true, "top_logprobs": -1}, status: 400, param: "top_logprobs"},
+		{name: "top_logprobs without logprobs", fields: map[string]any{"top_logprobs": 3}, status: 400, param: "top_logprobs"},
+		{name: "tool without function", fields: map[string]any{"tools": []any{map[string]any{"type": "function"}}}, status: 400, param: "tools[0].function"},
+		{name: "tool type", fields: map[string]any{"tools": []any{map[string]any{"type": "retrieval"}}}, status: 400, param: "tools[0].type"},
+		{name: "tool name invalid", fields: map[string]any{"tools": []any{tool("get weather", nil)}}, status: 400, param: "tools[0].function.name"},
+		{name: "tool names repeat", fields: map[string]any{"tools": []any{tool("f", nil), tool("f", nil)}}, status: 400, param: "tools[1].function.name"},
+		{name: "tool parameters not object", fields: map[string]any{"tools": []any{tool("f", map[string]any{"type": "string"})}}, status: 400, param: "tools[0].function.parameters"},
+		{name: "tool parameters unsupported", fields: map[string]any{"tools": []any{tool("f", map[string]any{"type": "object", "not": map[string]any{}})}},
+			status: 400, param: "tools[0].function.parameters", code: "unsupported_schema"},
+		{name: "tool_choice unknown function", fields: map[string]any{"tools": []any{tool("f", nil)},
+			"tool_choice": map[string]any{"type": "function", "function": map[string]any{"name": "g"}}}, status: 400, param: "tool_choice.function.name"},
+		{name: "tool_choice unknown mode", fields: map[string]any{"tools": []any{tool("f", nil)}, "tool_choice": "always"}, status: 400, param: "tool_choice"},
+		{name: "tool_choice without tools", fields: map[string]any{"tool_choice": "required"}, status: 400, param: "tool_choice"},
+		{name: "tool_choice not string", fields: map[string]any{"tools": []any{tool("f", nil)}, "tool_choice": 3}, status: 400, param: "tool_choice", code: "invalid_type"},
+		{name: "tools with response_format", fields: map[string]any{"tools": []any{tool("f", nil)}, "response_format": map[string]any{"type": "json_object"}},
+			status: 400, param: "response_format"},
+		{name: "role tool without id", fields: map[string]any{"messages": []any{map[string]any{"role": "tool", "content": "x"}}}, status: 400, param: "messages[0].tool_call_id"},
+		{name: "tool_calls on user", fields: map[string]any{"messages": []any{map[string]any{"role": "user", "content": "x",
+			"tool_calls": []any{map[string]any{"id": "c", "type": "function", "function": map[string]any{"name": "f", "arguments": "{}"}}}}}}, status: 400, param: "messages[0].tool_calls"},
+		{name: "tool_calls arguments not JSON", fields: map[string]any{"messages": []any{map[string]any{"role": "assistant",
+			"tool_calls": []any{map[string]any{"id": "c", "type": "function", "function": map[string]any{"name": "f", "arguments": "{city"}}}}}},
+			status: 400, param: "messages[0].tool_calls[0].function.arguments"},
+		{name: "response_format unknown", fields: map[string]any{"response_format": map[string]any{"type": "yaml"}}, status: 400, param: "response_format.type"},
+		{name: "json_schema missing", fields: map[string]any{"response_format": map[string]any{"type": "json_schema"}}, status: 400, param: "response_format.json_schema"},
+		{name: "json_schema name", fields: map[string]any{"response_format": jsonSchema("a b", map[string]any{"type": "object"})}, status: 400, param: "response_format.json_schema.name"},
+		{name: "json_schema unsupported keyword", fields: map[string]any{"response_format": jsonSchema("s", map[string]any{"type": "object",
+			"properties": map[string]any{"n": map[string]any{"type": "number", "multipleOf": 2}}})}, status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema"},
+		{name: "json_schema remote ref", fields: map[string]any{"response_format": jsonSchema("s", map[string]any{"$ref": "https://example.com/s.json"})},
+			status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema"},
+		{name: "json_schema not object", fields: map[string]any{"response_format": jsonSchema("s", []any{1})}, status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema"},
+		{name: "json_schema pattern unanchored", fields: map[string]any{"response_format": jsonSchema("s", map[string]any{"type": "string", "pattern": "[a-z]+"})},
+			status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema"},
+		{name: "json_schema number bound", fields: map[string]any{"response_format": jsonSchema("s", map[string]any{"type": "number", "minimum": 0})},
+			status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema"},
+		{name: "json_schema format email", fields: map[string]any{"response_format": jsonSchema("s", map[string]any{"type": "string", "format": "email"})},
+			status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema"},
 		{name: "cache policy", fields: map[string]any{"elastic_cache": map[string]any{"policy": "lru"}}, status: 400, param: "elastic_cache.policy"},
 		{name: "cache budget zero", fields: map[string]any{"elastic_cache": map[string]any{"budget": 0}}, status: 400, param: "elastic_cache.budget"},
 		{name: "cache budget high", fields: map[string]any{"elastic_cache": map[string]any{"budget": 1.5}}, status: 400, param: "elastic_cache.budget"},
@@ -381,4 +415,16 @@ func TestBodyLimitAndContentType(t *testing.T) {
 	if w.Code != 200 {
 		t.Fatalf("charset utf-8: %d %s", w.Code, w.Body)
 	}
+}
+
+func tool(name string, params any) map[string]any {
+	f := map[string]any{"name": name}
+	if params != nil {
+		f["parameters"] = params
+	}
+	return map[string]any{"type": "function", "function": f}
+}
+
+func jsonSchema(name string, schema any) map[string]any {
+	return map[string]any{"type": "json_schema", "json_schema": map[string]any{"name": name, "schema": schema, "strict": true}}
 }

@@ -85,12 +85,38 @@ func internalError(format string, a ...any) *apiError {
 	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: fmt.Sprintf(format, a...)}
 }
 
-// writeError sends e as the OpenAI error JSON.
+// writeError sends e as the OpenAI error JSON, with the headers that tell
+// a client whether to retry: Retry-After when e has one, and
+// x-should-retry: false on a deterministic failure.
 func writeError(w http.ResponseWriter, e *apiError) {
 	if e.RetryAfter > 0 {
 		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
 	}
+	if !retryable(e.Status) {
+		w.Header().Set(shouldRetryHeader, "false")
+	}
 	writeJSON(w, e.Status, e.body())
+}
+
+// shouldRetryHeader is the response header the OpenAI SDKs (Python, Node,
+// Go) read before their own status rules: "false" stops their automatic
+// retries, "true" forces one.
+const shouldRetryHeader = "X-Should-Retry"
+
+// retryable reports whether the same request may succeed when sent again.
+// A 4xx is the request's own fault (bad input, auth, unknown route, size,
+// media type) and fails the same way every time, except 408 (timed out),
+// 409 (conflict) and 429 (busy, with Retry-After): for those, and for every
+// 5xx (503 shutting down, 504 past --request-timeout, 500), the header is
+// left out and the SDKs' own rule, which retries them, applies.
+func retryable(status int) bool {
+	switch {
+	case status == http.StatusRequestTimeout, status == http.StatusConflict, status == http.StatusTooManyRequests:
+		return true
+	case status >= 400 && status < 500:
+		return false
+	}
+	return true
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -120,6 +146,7 @@ func planError(err error, p *chatPlan) *apiError {
 		policy   *completion.PolicyUnsupportedError
 		img      *completion.ImageError
 		marker   *completion.MarkerInTextError
+		cons     *completion.ConstraintError
 		ce       *elasticcache.ConfigError
 	)
 	switch {
@@ -138,6 +165,12 @@ func planError(err error, p *chatPlan) *apiError {
 		return badRequest(param, "invalid_image", "%s cannot be decoded by the vision encoder; it is truncated or corrupt (%v)", name, img.Err)
 	case errors.As(err, &marker):
 		return markerInText(p.textParam(marker.Message, marker.Part), marker.Marker)
+	case errors.As(err, &cons):
+		param := "response_format"
+		if p != nil && p.constraintParam != "" {
+			param = p.constraintParam
+		}
+		return badRequest(param, "unsupported_schema", "%s: %s", param, cons.Reason)
 	case errors.Is(err, completion.ErrNoVision):
 		return badRequest("messages", "images_not_supported", "%s", completion.ErrNoVision.Error())
 	case errors.Is(err, completion.ErrEmptyPrompt):

@@ -212,3 +212,93 @@ func TestInternalErrorIsLogged(t *testing.T) {
 		t.Fatalf("log: %s", logs.String())
 	}
 }
+
+// TestShouldRetryHeader: the OpenAI SDKs retry 408, 409, 429 and 5xx by
+// default and read x-should-retry first. A deterministic failure says
+// "false" so it is not sent again in vain; a retryable one leaves the
+// header out (the SDK's rule retries it), and 429/503 keep Retry-After.
+func TestShouldRetryHeader(t *testing.T) {
+	tests := []struct {
+		status     int
+		retryAfter int
+		want       string // x-should-retry; "" : absent
+	}{
+		{http.StatusBadRequest, 0, "false"},
+		{http.StatusUnauthorized, 0, "false"},
+		{http.StatusForbidden, 0, "false"},
+		{http.StatusNotFound, 0, "false"},
+		{http.StatusMethodNotAllowed, 0, "false"},
+		{http.StatusRequestEntityTooLarge, 0, "false"},
+		{http.StatusUnsupportedMediaType, 0, "false"},
+		{http.StatusUnprocessableEntity, 0, "false"},
+		{http.StatusRequestTimeout, 0, ""},
+		{http.StatusConflict, 0, ""},
+		{http.StatusTooManyRequests, 1, ""},
+		{http.StatusInternalServerError, 0, ""},
+		{http.StatusBadGateway, 0, ""},
+		{http.StatusServiceUnavailable, 5, ""},
+		{http.StatusGatewayTimeout, 0, ""},
+	}
+	for _, tt := range tests {
+		t.Run(http.StatusText(tt.status), func(t *testing.T) {
+			w := newRecorder()
+			writeError(w, &apiError{Status: tt.status, Message: "x", RetryAfter: tt.retryAfter})
+			if w.Code != tt.status {
+				t.Fatalf("status %d", w.Code)
+			}
+			got, present := w.Header()["X-Should-Retry"]
+			switch {
+			case tt.want == "" && present:
+				t.Fatalf("x-should-retry %q on a retryable %d", got, tt.status)
+			case tt.want != "" && (len(got) != 1 || got[0] != tt.want):
+				t.Fatalf("x-should-retry %q, want %q", got, tt.want)
+			}
+			if ra := w.Header().Get("Retry-After"); (tt.retryAfter > 0) != (ra != "") {
+				t.Fatalf("Retry-After %q with RetryAfter %d", ra, tt.retryAfter)
+			}
+		})
+	}
+}
+
+// Through the handler: a validation error and a 404 say false, a full
+// queue (429) and a shutdown (503) carry Retry-After and no false.
+func TestShouldRetryThroughHandler(t *testing.T) {
+	tests := []struct {
+		name       string
+		submitErr  error
+		body       string
+		path       string
+		status     int
+		want       string
+		retryAfter bool
+	}{
+		{name: "bad request", body: `{"messages":[]}`, status: 400, want: "false"},
+		{name: "unknown endpoint", path: "/v1/nope", body: `{}`, status: 404, want: "false"},
+		{name: "queue full", submitErr: completion.ErrQueueFull, status: 429, retryAfter: true},
+		{name: "shutting down", submitErr: completion.ErrShuttingDown, status: 503, retryAfter: true},
+		{name: "internal", submitErr: errors.New("boom"), status: 500},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			fb := newFake()
+			fb.submitErr = tt.submitErr
+			path, body := tt.path, tt.body
+			if path == "" {
+				path = "/v1/chat/completions"
+			}
+			if body == "" {
+				body = chatBody(t, map[string]any{})
+			}
+			w := do(newHandler(t, testOptions(), fb), http.MethodPost, path, body)
+			if w.Code != tt.status {
+				t.Fatalf("status %d, want %d: %s", w.Code, tt.status, w.Body)
+			}
+			if got := w.Header().Get("X-Should-Retry"); got != tt.want {
+				t.Fatalf("x-should-retry %q, want %q", got, tt.want)
+			}
+			if (w.Header().Get("Retry-After") != "") != tt.retryAfter {
+				t.Fatalf("Retry-After %q", w.Header().Get("Retry-After"))
+			}
+		})
+	}
+}

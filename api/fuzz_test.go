@@ -7,6 +7,7 @@ import (
 	"errors"
 	"image"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 
@@ -135,14 +136,20 @@ func FuzzParseDataURL(f *testing.F) {
 }
 
 // FuzzCheckImage: image validation never panics, and what it accepts has a
-// PNG or JPEG header within the pixel limit (the body is the engine's to
-// decode).
+// PNG, JPEG, WebP or GIF header within the pixel limit; what prepareImage
+// hands the engine is then a PNG or JPEG (the body of which is the
+// engine's to decode).
 func FuzzCheckImage(f *testing.F) {
 	good := pngBytes(f, 3, 2)
 	f.Add(good)
 	f.Add(good[:len(good)/2])
 	f.Add([]byte("\xff\xd8\xff\xe0 not really a jpeg"))
 	f.Add([]byte("GIF89a"))
+	f.Add([]byte("GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"))
+	f.Add(webpHeader(3, 2))
+	if b, err := os.ReadFile("testdata/test12x8-lossless.webp"); err == nil {
+		f.Add(b)
+	}
 	lim := imageLimits{MaxBytes: 1 << 16, MaxPixels: 1 << 12}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		format, err := checkImage(data, "", lim)
@@ -154,8 +161,15 @@ func FuzzCheckImage(f *testing.F) {
 			return
 		}
 		cfg, _, derr := image.DecodeConfig(bytes.NewReader(data))
-		if derr != nil || int64(cfg.Width)*int64(cfg.Height) > lim.MaxPixels || (format != "png" && format != "jpeg") {
+		if derr != nil || int64(cfg.Width)*int64(cfg.Height) > lim.MaxPixels || !acceptedFormat(format) {
 			t.Fatalf("accepted %s %dx%d (%v)", format, cfg.Width, cfg.Height, derr)
+		}
+		out, err := prepareImage(data, "", lim)
+		if err != nil {
+			return // a corrupt WebP or GIF body
+		}
+		if _, f2, err := image.DecodeConfig(bytes.NewReader(out)); err != nil || (f2 != "png" && f2 != "jpeg") {
+			t.Fatalf("the engine would get %q (%v)", f2, err)
 		}
 	})
 }

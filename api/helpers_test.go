@@ -43,7 +43,7 @@ var _ Backend = (*fakeBackend)(nil)
 
 func newFake() *fakeBackend {
 	return &fakeBackend{
-		info:      BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4, MediaMarker: testMarker},
+		info:      BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4, MediaMarker: testMarker, VocabSize: fakeBOS + 1},
 		stats:     BackendStats{QueueDepth: 2, SlotsBusy: 1, KVCellsUsed: 300, KVCellsTotal: 4096, KVInvariantFailures: 1},
 		ready:     true,
 		events:    okEvents("Hello", " world"),
@@ -106,6 +106,63 @@ func decodeImages(req *completion.Request) error {
 		}
 	}
 	return nil
+}
+
+// The fake vocabulary: token i < 256 is the byte i, fakeBOS is "<s>".
+const (
+	fakeBOS        = 256
+	fakeImageToken = 10 // tokens one image counts as
+)
+
+// Tokenize is one token per byte (plus fakeBOS with addSpecial).
+func (f *fakeBackend) Tokenize(_ context.Context, text string, addSpecial, _ bool) ([]int32, []string, error) {
+	var ids []int32
+	var pieces []string
+	if addSpecial {
+		ids, pieces = append(ids, fakeBOS), append(pieces, "<s>")
+	}
+	for i := 0; i < len(text); i++ {
+		ids, pieces = append(ids, int32(text[i])), append(pieces, text[i:i+1])
+	}
+	return ids, pieces, nil
+}
+
+func (f *fakeBackend) Detokenize(_ context.Context, tokens []int32) (string, error) {
+	var b strings.Builder
+	for _, t := range tokens {
+		if t == fakeBOS {
+			b.WriteString("<s>")
+			continue
+		}
+		b.WriteByte(byte(t))
+	}
+	return b.String(), nil
+}
+
+// CountPrompt counts text bytes plus fakeImageToken per image, after
+// decoding the images as Submit does; it records the request.
+func (f *fakeBackend) CountPrompt(_ context.Context, req *completion.Request) (int, error) {
+	f.mu.Lock()
+	f.requests = append(f.requests, req)
+	err := f.submitErr
+	f.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	if err := decodeImages(req); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, m := range req.Messages {
+		for _, p := range m.Parts {
+			if p.Kind == completion.PartImage {
+				n += fakeImageToken
+			} else {
+				n += len(p.Text)
+			}
+		}
+	}
+	return n, nil
 }
 
 func (f *fakeBackend) Info() BackendInfo   { f.mu.Lock(); defer f.mu.Unlock(); return f.info }

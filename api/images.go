@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"image"
+	"image/draw"
+	"image/gif"    // GIF is decoded here (its first frame) and handed on as PNG
 	_ "image/jpeg" // registers the JPEG decoder
-	_ "image/png"  // registers the PNG decoder
+	"image/png"
 	"io"
 	"net"
 	"net/http"
@@ -17,6 +19,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/image/webp" // the engine's image loader (stb_image) has no WebP decoder
 )
 
 // ---- data URLs ----
@@ -24,7 +28,7 @@ import (
 // errNotBase64 etc. are the data URL problems parseDataURL reports.
 var (
 	errNotDataURL    = errors.New("not a data URL")
-	errDataURLSyntax = errors.New("malformed data URL: want data:image/png;base64,<data> or data:image/jpeg;base64,<data>")
+	errDataURLSyntax = errors.New("malformed data URL: want data:<image type>;base64,<data>, e.g. data:image/png;base64,...")
 	errNotBase64     = errors.New("data URL is not base64-encoded (want ;base64,)")
 	errBadBase64     = errors.New("data URL payload is not valid base64")
 	errTooLarge      = errors.New("image is too large")
@@ -118,28 +122,99 @@ type imageProblem struct {
 
 func (p *imageProblem) Error() string { return p.msg }
 
-// checkImage makes sure data starts as a PNG or JPEG within the limits. It
-// reads the header only: a decompression bomb is refused before any pixel
-// memory is allocated, and the pixels are decoded once, by the engine's
-// vision encoder, which refuses a truncated or corrupt body
-// (*completion.ImageError).
+// checkImage makes sure data starts as a PNG, JPEG, WebP or GIF within the
+// limits, sniffed by its magic bytes (the declared type only words the
+// error). It reads the header only: a decompression bomb is refused before
+// any pixel memory is allocated. PNG and JPEG pixels are decoded once, by
+// the engine's vision encoder, which refuses a truncated or corrupt body
+// (*completion.ImageError); WebP and GIF are decoded by engineImage.
 func checkImage(data []byte, declared string, lim imageLimits) (format string, err error) {
 	if lim.MaxBytes > 0 && int64(len(data)) > lim.MaxBytes {
 		return "", &imageProblem{tooLarge: true, msg: fmt.Sprintf("image is %d bytes; the limit is %d", len(data), lim.MaxBytes)}
 	}
 	cfg, format, err := image.DecodeConfig(bytes.NewReader(data))
-	// Another package of the binary may register more formats (GIF, WebP)
-	// with package image; the vision encoder takes these two.
-	if err != nil || (format != "png" && format != "jpeg") {
+	// Another package of the binary may register more formats with package
+	// image; these four are the ones engineImage hands on.
+	if err != nil || !acceptedFormat(format) {
 		return "", &imageProblem{msg: unsupportedImageMsg(data, declared)}
 	}
 	if cfg.Width <= 0 || cfg.Height <= 0 {
 		return "", &imageProblem{msg: fmt.Sprintf("%s image has no pixels (%dx%d)", format, cfg.Width, cfg.Height)}
 	}
 	if px := int64(cfg.Width) * int64(cfg.Height); lim.MaxPixels > 0 && px > lim.MaxPixels {
-		return "", &imageProblem{code: "image_too_large", msg: fmt.Sprintf("image is %dx%d = %d pixels; the limit is %d", cfg.Width, cfg.Height, px, lim.MaxPixels)}
+		return "", &imageProblem{code: "image_too_large", msg: fmt.Sprintf("%s image is %dx%d = %d pixels; the limit is %d", format, cfg.Width, cfg.Height, px, lim.MaxPixels)}
 	}
 	return format, nil
+}
+
+func acceptedFormat(format string) bool {
+	switch format {
+	case "png", "jpeg", "webp", "gif":
+		return true
+	}
+	return false
+}
+
+// prepareImage checks data (checkImage) and returns the bytes the engine
+// takes for it (engineImage).
+func prepareImage(data []byte, declared string, lim imageLimits) ([]byte, error) {
+	format, err := checkImage(data, declared, lim)
+	if err != nil {
+		return nil, err
+	}
+	return engineImage(data, format)
+}
+
+// engineImage returns what the engine's vision encoder is handed for data,
+// which passed checkImage as format. PNG and JPEG go as they are. llama.cpp's
+// image loader (stb_image) has no WebP decoder, so a WebP, and a GIF (its
+// first frame, as a browser shows it before animating), is decoded here and
+// re-encoded as a lossless PNG: the encoder sees the same pixels as it would
+// for the same picture sent as PNG. checkImage has bounded the pixels, so
+// the decode's memory is bounded too.
+func engineImage(data []byte, format string) ([]byte, error) {
+	var (
+		img image.Image
+		err error
+	)
+	switch format {
+	case "webp":
+		img, err = webp.Decode(bytes.NewReader(data))
+	case "gif":
+		img, err = gifFirstFrame(data)
+	default:
+		return data, nil
+	}
+	if err != nil {
+		return nil, &imageProblem{msg: fmt.Sprintf("%s image is truncated or corrupt (%v)", format, err)}
+	}
+	var buf bytes.Buffer
+	enc := png.Encoder{CompressionLevel: png.BestSpeed} // it is decoded again at once; size matters little
+	if err := enc.Encode(&buf, img); err != nil {
+		return nil, &imageProblem{msg: fmt.Sprintf("%s image cannot be converted to PNG (%v)", format, err)}
+	}
+	return buf.Bytes(), nil
+}
+
+// gifFirstFrame decodes a GIF's first frame onto its logical screen: a
+// frame may cover only part of the screen (the rest is transparent, as a
+// browser shows it). gif.Decode stops after the first frame.
+func gifFirstFrame(data []byte) (image.Image, error) {
+	cfg, err := gif.DecodeConfig(bytes.NewReader(data))
+	if err != nil {
+		return nil, err
+	}
+	frame, err := gif.Decode(bytes.NewReader(data))
+	if err != nil {
+		return nil, err
+	}
+	screen := image.Rect(0, 0, cfg.Width, cfg.Height)
+	if frame.Bounds() == screen {
+		return frame, nil
+	}
+	canvas := image.NewNRGBA(screen)
+	draw.Draw(canvas, frame.Bounds(), frame, frame.Bounds().Min, draw.Src)
+	return canvas, nil
 }
 
 // unsupportedImageMsg explains why bytes are not an image we take.
@@ -148,24 +223,22 @@ func unsupportedImageMsg(data []byte, declared string) string {
 	switch {
 	case len(data) == 0:
 		return "image is empty"
-	case sniffed == "image/webp" || declared == "image/webp":
-		return "WebP images are not supported; send PNG or JPEG"
-	case sniffed == "image/gif" || declared == "image/gif":
-		return "GIF images are not supported; send PNG or JPEG"
-	case strings.HasPrefix(sniffed, "image/png") || strings.HasPrefix(sniffed, "image/jpeg"):
+	case sniffed == "image/png" || sniffed == "image/jpeg" || sniffed == "image/webp" || sniffed == "image/gif":
 		return strings.TrimPrefix(sniffed, "image/") + " image header is corrupt"
 	case strings.HasPrefix(sniffed, "image/"):
-		return fmt.Sprintf("%s images are not supported; send PNG or JPEG", sniffed)
+		return fmt.Sprintf("%s images are not supported; %s", sniffed, supportedImages)
 	}
-	return "data is not a PNG or JPEG image"
+	return "data is not a PNG, JPEG, WebP or GIF image"
 }
 
-// acceptedMediaType reports whether a data URL's declared type is one we try.
-// image/webp is tried too (and then refused with a clear message when it
-// does not decode as PNG/JPEG).
+// supportedImages ends the messages about an image type we do not take.
+const supportedImages = "send PNG, JPEG, WebP or GIF"
+
+// acceptedMediaType reports whether a data URL's or a fetched image's
+// declared type is one we try ("": undeclared; the bytes decide).
 func acceptedMediaType(mt string) bool {
 	switch mt {
-	case "image/png", "image/jpeg", "image/jpg", "image/pjpeg", "image/webp", "":
+	case "image/png", "image/jpeg", "image/jpg", "image/pjpeg", "image/webp", "image/gif", "":
 		return true
 	}
 	return false
@@ -271,7 +344,7 @@ func (f *imageFetcher) fetch(ctx context.Context, rawURL string) ([]byte, string
 	if err != nil {
 		return nil, "", errors.New("invalid image URL")
 	}
-	req.Header.Set("Accept", "image/png, image/jpeg")
+	req.Header.Set("Accept", "image/png, image/jpeg, image/webp, image/gif")
 	req.Header.Set("User-Agent", "elasticserve")
 	resp, err := f.client.Do(req)
 	if err != nil {

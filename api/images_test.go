@@ -77,9 +77,14 @@ func TestCheckImage(t *testing.T) {
 		{"png", p, lim, "png", false, ""},
 		{"jpeg", j, lim, "jpeg", false, ""},
 		{"empty", nil, lim, "", false, "empty"},
-		{"text", []byte("plain text, not an image"), lim, "", false, "not a PNG or JPEG"},
-		{"gif", []byte("GIF89a\x01\x00\x01\x00\x00\x00\x00;"), lim, "", false, "GIF"},
-		{"webp", []byte("RIFF\x1a\x00\x00\x00WEBPVP8 \x00\x00"), lim, "", false, "WebP"},
+		{"text", []byte("plain text, not an image"), lim, "", false, "not a PNG, JPEG, WebP or GIF"},
+		{"bmp", []byte("BM\x3a\x00\x00\x00\x00\x00\x00\x00\x36\x00\x00\x00"), lim, "", false, "image/bmp images are not supported; send PNG, JPEG, WebP or GIF"},
+		// WebP and GIF are taken now; their headers are checked here, their
+		// bodies by engineImage (TestPrepareImage).
+		{"gif header", []byte("GIF89a\x01\x00\x01\x00\x00\x00\x00;"), lim, "gif", false, ""},
+		{"webp cut inside the header", []byte("RIFF\x1a\x00\x00\x00WEBPVP8 \x00\x00"), lim, "", false, "webp image header is corrupt"},
+		{"webp too many pixels", webpHeader(100, 100), lim, "", false, "webp image is 100x100 = 10000 pixels"},
+		{"gif too many pixels", gifHeader(100, 100), lim, "", false, "gif image is 100x100 = 10000 pixels"},
 		// Only the header is read here; the engine refuses a bad body.
 		{"truncated png", p[:len(p)/2], lim, "png", false, ""},
 		{"truncated jpeg", j[:len(j)-20], lim, "jpeg", false, ""},

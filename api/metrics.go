@@ -1,44 +1,167 @@
 package api
 
 import (
-	"bytes"
-	"fmt"
-	"math"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine/completion"
 )
 
-// metrics is the server's counters, owned by one handler (no globals).
+// Latency buckets, in seconds. They follow what LLM servers (vLLM among them)
+// export, so that dashboards and autoscaling rules written for those read these
+// histograms the same way, widened at the low end where a small model on one
+// GPU answers in milliseconds.
+var (
+	// Time to first token: a cached short prompt answers in ms; a long
+	// multimodal prompt behind a queue can take minutes.
+	ttftBuckets = []float64{0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+		1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640}
+	// Mean gap between generated tokens: about 1-100 ms in practice; the tail
+	// catches a server that is swapping or badly overloaded.
+	itlBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
+		0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 20}
+	// Whole request: bounded by generation length, so up to tens of minutes.
+	e2eBuckets = []float64{0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60,
+		120, 240, 480, 960, 1920}
+	// Waiting for a slot: 0 on an idle server, so the low buckets matter most.
+	queueBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+		10, 20, 30, 60, 120, 300, 600}
+	// Prompt prefill (text, image encoding, cache compression).
+	encodeBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1,
+		2.5, 5, 10, 20, 40, 80, 160}
+)
+
+// knownPolicies get their histogram series and per-policy gauge from the first
+// scrape, so that rate() over them works before each policy has served a request.
+var knownPolicies = []string{
+	string(elasticcache.Full), string(elasticcache.Elastic), string(elasticcache.H2O), string(elasticcache.Local),
+}
+
+// metrics is the server's Prometheus registry and the collectors the HTTP
+// layer updates; one per New, so handlers built in the same process (tests)
+// never share series.
 type metrics struct {
-	mu       sync.Mutex
-	requests map[requestKey]*atomic.Uint64
+	reg     *prometheus.Registry
+	handler http.Handler
 
-	requestErrors    atomic.Uint64
-	promptTokens     atomic.Uint64
-	completionTokens atomic.Uint64
-	kvKept           atomic.Uint64
-	kvMerged         atomic.Uint64
-	kvEvicted        atomic.Uint64
-	kvBytesSaved     atomic.Uint64
-	tokensPerSecond  atomic.Uint64 // float64 bits: decode rate of the last completed request
+	requests         *prometheus.CounterVec
+	requestErrors    prometheus.Counter
+	promptTokens     prometheus.Counter
+	completionTokens prometheus.Counter
+	kvKept           prometheus.Counter
+	kvMerged         prometheus.Counter
+	kvEvicted        prometheus.Counter
+	kvBytesSaved     prometheus.Counter
+	tokensPerSecond  prometheus.Gauge
+
+	ttft   *prometheus.HistogramVec
+	itl    *prometheus.HistogramVec
+	e2e    *prometheus.HistogramVec
+	queue  *prometheus.HistogramVec
+	encode *prometheus.HistogramVec
 }
 
-type requestKey struct {
-	endpoint string
-	status   int
+func newMetrics(backend Backend) *metrics {
+	reg := prometheus.NewRegistry()
+	f := factory{reg}
+	m := &metrics{
+		reg: reg,
+		requests: f.counterVec("elasticserve_requests_total",
+			"HTTP requests by route and status.", "endpoint", "status"),
+		requestErrors: f.counter("elasticserve_request_errors_total",
+			"Requests that failed: 4xx/5xx responses and errors during a stream."),
+		promptTokens: f.counter("elasticserve_prompt_tokens_total",
+			"Prompt tokens of completed requests."),
+		completionTokens: f.counter("elasticserve_completion_tokens_total",
+			"Generated tokens of completed requests."),
+		kvKept: f.counter("elasticserve_kv_entries_kept_total",
+			"KV entries kept by the cache policy."),
+		kvMerged: f.counter("elasticserve_kv_entries_merged_total",
+			"KV entries merged by the cache policy."),
+		kvEvicted: f.counter("elasticserve_kv_entries_evicted_total",
+			"KV entries evicted by the cache policy."),
+		kvBytesSaved: f.counter("elasticserve_kv_bytes_saved_total",
+			"KV cache bytes saved by the cache policy."),
+		tokensPerSecond: f.gauge("elasticserve_tokens_per_second",
+			"Decode rate of the most recently completed request (tokens/s after its first token)."),
+
+		ttft: f.histogram("elasticserve_time_to_first_token_seconds",
+			"Time from the engine accepting a completed request (after body decoding, image loading and tokenization) "+
+				"to its first content, or to its end when it produced none, by cache policy.", ttftBuckets),
+		itl: f.histogram("elasticserve_inter_token_latency_seconds",
+			"Mean gap between generated tokens after the first, one observation per completed request with at least 2 tokens, "+
+				"by cache policy.", itlBuckets),
+		e2e: f.histogram("elasticserve_e2e_request_latency_seconds",
+			"Time from the engine accepting a completed request to its last event, by cache policy.", e2eBuckets),
+		queue: f.histogram("elasticserve_queue_time_seconds",
+			"Time a completed request waited for a slot (from being queued to admission), by cache policy.", queueBuckets),
+		encode: f.histogram("elasticserve_prompt_encode_seconds",
+			"Prompt prefill of a completed request: text and image encoding plus the cache policy's compression, "+
+				"by cache policy.", encodeBuckets),
+	}
+	for _, p := range knownPolicies {
+		for _, h := range []*prometheus.HistogramVec{m.ttft, m.itl, m.e2e, m.queue, m.encode} {
+			h.WithLabelValues(p)
+		}
+	}
+	reg.MustRegister(
+		newEngineCollector(backend),
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	m.handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	return m
 }
 
-func newMetrics() *metrics {
-	return &metrics{requests: make(map[requestKey]*atomic.Uint64)}
+// factory registers each collector as it is built, so a metric cannot be
+// created and then forgotten.
+type factory struct{ reg *prometheus.Registry }
+
+func (f factory) counter(name, help string) prometheus.Counter {
+	c := prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+	f.reg.MustRegister(c)
+	return c
+}
+
+func (f factory) counterVec(name, help string, labels ...string) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
+	f.reg.MustRegister(c)
+	return c
+}
+
+func (f factory) gauge(name, help string) prometheus.Gauge {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+	f.reg.MustRegister(g)
+	return g
+}
+
+// histogram is labelled by policy; its help text lists its buckets, which a
+// reader of the exposition otherwise sees only as le labels.
+func (f factory) histogram(name, help string, buckets []float64) *prometheus.HistogramVec {
+	h := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    name,
+		Help:    help + " Buckets (s): " + formatBuckets(buckets) + ".",
+		Buckets: buckets,
+	}, []string{"policy"})
+	f.reg.MustRegister(h)
+	return h
+}
+
+func formatBuckets(b []float64) string {
+	s := make([]string, len(b))
+	for i, v := range b {
+		s[i] = strconv.FormatFloat(v, 'g', -1, 64)
+	}
+	return strings.Join(s, ", ")
 }
 
 // middleware counts every response by route pattern and status.
@@ -51,126 +174,140 @@ func (m *metrics) middleware(next http.Handler) http.Handler {
 			endpoint = rc.RoutePattern()
 		}
 		status := statusOf(rw)
-		m.request(endpoint, status)
+		m.requests.WithLabelValues(endpoint, strconv.Itoa(status)).Inc()
 		if status >= 400 && status != statusClientClosed {
-			m.requestErrors.Add(1)
+			m.requestErrors.Inc()
 		}
 	})
-}
-
-func (m *metrics) request(endpoint string, status int) {
-	k := requestKey{endpoint, status}
-	m.mu.Lock()
-	c, ok := m.requests[k]
-	if !ok {
-		c = new(atomic.Uint64)
-		m.requests[k] = c
-	}
-	m.mu.Unlock()
-	c.Add(1)
 }
 
 // requestFailed counts an error that happened after a 200 was sent (a
 // failure in the middle of a stream) or that the middleware cannot see.
-func (m *metrics) requestFailed() { m.requestErrors.Add(1) }
+func (m *metrics) requestFailed() { m.requestErrors.Inc() }
 
-// completed accounts a finished request and returns its decode rate
-// (tokens/s after the first token; 0 when it cannot be measured).
-func (m *metrics) completed(ev completion.Event, firstTok time.Time) float64 {
-	m.promptTokens.Add(uint64(max(ev.Usage.PromptTokens, 0)))
-	m.completionTokens.Add(uint64(max(ev.Usage.CompletionTokens, 0)))
+// completed accounts a finished request whose engine work began at start and
+// whose first content arrived at firstTok (zero: none did). It returns the
+// request's decode rate (tokens/s after the first token; 0 when it cannot be
+// measured).
+func (m *metrics) completed(ev completion.Event, start, firstTok time.Time) float64 {
+	now := time.Now()
+	m.promptTokens.Add(float64(max(ev.Usage.PromptTokens, 0)))
+	m.completionTokens.Add(float64(max(ev.Usage.CompletionTokens, 0)))
+	policy := string(elasticcache.Full)
 	if kv := ev.KV; kv != nil {
-		m.kvKept.Add(uint64(max(kv.Kept, 0)))
-		m.kvMerged.Add(uint64(max(kv.Merged, 0)))
-		m.kvEvicted.Add(uint64(max(kv.Evicted, 0)))
-		m.kvBytesSaved.Add(uint64(max(kv.BytesSaved, 0)))
+		m.kvKept.Add(float64(max(kv.Kept, 0)))
+		m.kvMerged.Add(float64(max(kv.Merged, 0)))
+		m.kvEvicted.Add(float64(max(kv.Evicted, 0)))
+		m.kvBytesSaved.Add(float64(max(kv.BytesSaved, 0)))
+		if kv.Policy != "" {
+			policy = kv.Policy
+		}
+		m.encode.WithLabelValues(policy).Observe(max(kv.PrefillMs+kv.CompressMs, 0) / 1000)
 	}
-	if firstTok.IsZero() || ev.Usage.CompletionTokens < 2 {
+	m.queue.WithLabelValues(policy).Observe(max(ev.QueueMs, 0) / 1000)
+	if !start.IsZero() {
+		// A request that produced no content reaches its client first with its
+		// final event; counting it there keeps TTFT's count equal to e2e's.
+		first := firstTok
+		if first.IsZero() {
+			first = now
+		}
+		m.ttft.WithLabelValues(policy).Observe(max(first.Sub(start).Seconds(), 0))
+		m.e2e.WithLabelValues(policy).Observe(max(now.Sub(start).Seconds(), 0))
+	}
+	n := ev.Usage.CompletionTokens
+	if firstTok.IsZero() || n < 2 {
 		return 0
 	}
-	d := time.Since(firstTok).Seconds()
+	d := now.Sub(firstTok).Seconds()
 	if d <= 0 {
 		return 0
 	}
-	rate := float64(ev.Usage.CompletionTokens-1) / d
-	m.tokensPerSecond.Store(math.Float64bits(rate))
+	m.itl.WithLabelValues(policy).Observe(d / float64(n-1))
+	rate := float64(n-1) / d
+	m.tokensPerSecond.Set(rate)
 	return rate
 }
 
-// handleMetrics writes the Prometheus text exposition format (0.0.4).
-func (s *server) handleMetrics(w http.ResponseWriter, _ *http.Request) {
-	var b bytes.Buffer
-	s.metrics.write(&b, s.backend.Stats(), s.backend.Info())
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	w.Header().Set("Content-Length", strconv.Itoa(b.Len()))
-	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(b.Bytes())
+// handleMetrics serves the registry in whichever exposition format the
+// scraper negotiates (Prometheus text 0.0.4 by default).
+func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	s.metrics.handler.ServeHTTP(w, r)
 }
 
-func (m *metrics) write(b *bytes.Buffer, st BackendStats, info BackendInfo) {
-	header := func(name, typ, help string) {
-		fmt.Fprintf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
-	}
-	single := func(name, typ, help string, v float64) {
-		header(name, typ, help)
-		fmt.Fprintf(b, "%s %s\n", name, formatValue(v))
-	}
+// engineCollector reads the engine's state at scrape time, so a scrape never
+// sees a value older than itself and idle servers cost nothing between scrapes.
+type engineCollector struct {
+	backend Backend
 
-	header("elasticserve_requests_total", "counter", "HTTP requests by route and status.")
-	m.mu.Lock()
-	keys := make([]requestKey, 0, len(m.requests))
-	for k := range m.requests {
-		keys = append(keys, k)
-	}
-	m.mu.Unlock()
-	slices.SortFunc(keys, func(a, b requestKey) int {
-		if c := strings.Compare(a.endpoint, b.endpoint); c != 0 {
-			return c
-		}
-		return a.status - b.status
-	})
-	for _, k := range keys {
-		m.mu.Lock()
-		v := m.requests[k].Load()
-		m.mu.Unlock()
-		fmt.Fprintf(b, "elasticserve_requests_total{endpoint=\"%s\",status=\"%d\"} %d\n", escapeLabel(k.endpoint), k.status, v)
-	}
+	queueDepth, slotsBusy, requestsRunning, slotsTotal *prometheus.Desc
+	cellsUsed, cellsTotal, cacheUsage, cellsByPolicy   *prometheus.Desc
+	invariantFailures                                  *prometheus.Desc
+}
 
-	counter := func(name, help string, v *atomic.Uint64) { single(name, "counter", help, float64(v.Load())) }
-	counter("elasticserve_request_errors_total", "Requests that failed: 4xx/5xx responses and errors during a stream.", &m.requestErrors)
-	counter("elasticserve_prompt_tokens_total", "Prompt tokens of completed requests.", &m.promptTokens)
-	counter("elasticserve_completion_tokens_total", "Generated tokens of completed requests.", &m.completionTokens)
-	single("elasticserve_tokens_per_second", "gauge", "Decode rate of the most recently completed request (tokens/s after its first token).",
-		math.Float64frombits(m.tokensPerSecond.Load()))
-	single("elasticserve_queue_depth", "gauge", "Requests waiting for a slot.", float64(st.QueueDepth))
-	single("elasticserve_slots_busy", "gauge", "Slots running a request.", float64(st.SlotsBusy))
+func newEngineCollector(b Backend) *engineCollector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(name, help, labels, nil)
+	}
+	return &engineCollector{
+		backend:         b,
+		queueDepth:      d("elasticserve_queue_depth", "Requests waiting for a slot."),
+		slotsBusy:       d("elasticserve_slots_busy", "Slots running a request."),
+		requestsRunning: d("elasticserve_requests_running", "Requests holding a slot (the same value as elasticserve_slots_busy, under the name routers look for)."),
+		slotsTotal:      d("elasticserve_slots_total", "Slots (parallel sequences)."),
+		cellsUsed:       d("elasticserve_kv_cells_used", "KV cache cells holding entries."),
+		cellsTotal:      d("elasticserve_kv_cells_total", "KV cache cells in total."),
+		cacheUsage: d("elasticserve_kv_cache_usage_ratio",
+			"KV cache cells used / total, 0 to 1 (0 when the total is unknown): the KV pressure signal for routers."),
+		cellsByPolicy: d("elasticserve_kv_cells_used_by_policy",
+			"KV cache cells held by the running sequences of each cache policy.", "policy"),
+		invariantFailures: d("elasticserve_kv_invariant_failures_total",
+			"Requests failed because a runtime invariant of the KV hook broke (captured attention, cells read back)."),
+	}
+}
+
+func (c *engineCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.queueDepth, c.slotsBusy, c.requestsRunning, c.slotsTotal,
+		c.cellsUsed, c.cellsTotal, c.cacheUsage, c.cellsByPolicy, c.invariantFailures} {
+		ch <- d
+	}
+}
+
+func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.backend.Stats()
+	gauge := func(d *prometheus.Desc, v int) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v))
+	}
+	gauge(c.queueDepth, st.QueueDepth)
+	gauge(c.slotsBusy, st.SlotsBusy)
+	gauge(c.requestsRunning, st.SlotsBusy)
 	slots := st.SlotsTotal
 	if slots == 0 {
-		slots = info.Slots
+		slots = c.backend.Info().Slots
 	}
-	single("elasticserve_slots_total", "gauge", "Slots (parallel sequences).", float64(slots))
-	single("elasticserve_kv_cells_used", "gauge", "KV cache cells holding entries.", float64(st.KVCellsUsed))
-	single("elasticserve_kv_cells_total", "gauge", "KV cache cells in total.", float64(st.KVCellsTotal))
-	counter("elasticserve_kv_entries_kept_total", "KV entries kept by the cache policy.", &m.kvKept)
-	counter("elasticserve_kv_entries_merged_total", "KV entries merged by the cache policy.", &m.kvMerged)
-	counter("elasticserve_kv_entries_evicted_total", "KV entries evicted by the cache policy.", &m.kvEvicted)
-	counter("elasticserve_kv_bytes_saved_total", "KV cache bytes saved by the cache policy.", &m.kvBytesSaved)
-	single("elasticserve_kv_invariant_failures_total", "counter",
-		"Requests failed because a runtime invariant of the KV hook broke (captured attention, cells read back).", float64(st.KVInvariantFailures))
+	gauge(c.slotsTotal, slots)
+	gauge(c.cellsUsed, st.KVCellsUsed)
+	gauge(c.cellsTotal, st.KVCellsTotal)
+	ch <- prometheus.MustNewConstMetric(c.cacheUsage, prometheus.GaugeValue, usageRatio(st.KVCellsUsed, st.KVCellsTotal))
+	if st.KVCellsByPolicy != nil { // nil: the backend does not split its use
+		policies := slices.Clone(knownPolicies)
+		for p := range st.KVCellsByPolicy {
+			if !slices.Contains(policies, p) {
+				policies = append(policies, p)
+			}
+		}
+		for _, p := range policies {
+			ch <- prometheus.MustNewConstMetric(c.cellsByPolicy, prometheus.GaugeValue, float64(st.KVCellsByPolicy[p]), p)
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(c.invariantFailures, prometheus.CounterValue, float64(st.KVInvariantFailures))
 }
 
-func formatValue(v float64) string {
-	switch {
-	case math.IsNaN(v):
-		return "NaN"
-	case math.IsInf(v, 1):
-		return "+Inf"
-	case math.IsInf(v, -1):
-		return "-Inf"
+// usageRatio is used/total, clamped so that a router never reads a value
+// outside the documented 0..1 even from a backend whose counts disagree.
+func usageRatio(used, total int) float64 {
+	if total <= 0 {
+		return 0
 	}
-	return strconv.FormatFloat(v, 'g', -1, 64)
+	return min(max(float64(used)/float64(total), 0), 1)
 }
-
-var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
-
-func escapeLabel(s string) string { return labelEscaper.Replace(s) }

@@ -27,7 +27,7 @@ func TestMiddlewareKeepsTheWriter(t *testing.T) {
 		writer                http.ResponseWriter
 	}
 	got := make(chan seen, 1)
-	m := newMetrics()
+	m := newMetrics(newFake())
 	log := zerolog.New(io.Discard)
 	h := requestID(accessLog(log)(m.middleware(recoverer(log)(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
@@ -122,7 +122,7 @@ func TestUsageAndKVCacheJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := `{"id":"","object":"","created":0,"model":"","choices":[],` +
-		`"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},` +
+		`"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":{"cached_tokens":0}},` +
 		`"kv_cache":{"policy":"elastic","budget":0.5,"prompt_entries":4,"kept":5,"merged":6,"evicted":7,` +
 		`"peak_cells":8,"final_cells":9,"bytes_saved":10,"prefill_ms":1.5,"compress_ms":2.5,"decode_ms":3.5}}`
 	if string(b) != want {
@@ -131,7 +131,7 @@ func TestUsageAndKVCacheJSON(t *testing.T) {
 	if kvCacheOf(nil) != nil {
 		t.Fatal("no report must stay absent")
 	}
-	if u := usageOf(completion.Usage{PromptTokens: 4, CompletionTokens: 5, TotalTokens: 9}); u != (Usage{4, 5, 9}) {
+	if u := usageOf(completion.Usage{PromptTokens: 4, CompletionTokens: 5, TotalTokens: 9}); u != (Usage{PromptTokens: 4, CompletionTokens: 5, TotalTokens: 9}) {
 		t.Fatalf("usage %+v", u)
 	}
 }

@@ -27,12 +27,12 @@ type ChatRequest struct {
 	Stream              *bool          `json:"stream"`
 	StreamOptions       *StreamOptions `json:"stream_options"`
 
-	// Features this server does not offer; rejected when actually asked for.
-	Logprobs       *bool           `json:"logprobs"`
-	Tools          json.RawMessage `json:"tools"`
-	ResponseFormat *struct {
-		Type string `json:"type"`
-	} `json:"response_format"`
+	Logprobs          *bool           `json:"logprobs"`
+	TopLogprobs       *int            `json:"top_logprobs"`
+	Tools             []Tool          `json:"tools"`
+	ToolChoice        *ToolChoice     `json:"tool_choice"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls"`
+	ResponseFormat    *ResponseFormat `json:"response_format"`
 
 	// llama.cpp-style sampler extensions.
 	TopK          *int     `json:"top_k"`
@@ -62,9 +62,11 @@ type ElasticCacheParams struct {
 
 // ChatMessage is one entry of messages.
 type ChatMessage struct {
-	Role    string         `json:"role"`
-	Content MessageContent `json:"content"`
-	Name    string         `json:"name,omitempty"`
+	Role       string         `json:"role"`
+	Content    MessageContent `json:"content"`
+	Name       string         `json:"name,omitempty"`
+	ToolCalls  []ToolCall     `json:"tool_calls,omitempty"`   // assistant messages
+	ToolCallID string         `json:"tool_call_id,omitempty"` // tool messages
 }
 
 // MessageContent is a message's content: a string, an array of parts, or null.
@@ -207,13 +209,67 @@ type ChatCompletion struct {
 
 // Usage is the OpenAI usage object.
 type Usage struct {
-	PromptTokens     int `json:"prompt_tokens"`
-	CompletionTokens int `json:"completion_tokens"`
-	TotalTokens      int `json:"total_tokens"`
+	PromptTokens        int                 `json:"prompt_tokens"`
+	CompletionTokens    int                 `json:"completion_tokens"`
+	TotalTokens         int                 `json:"total_tokens"`
+	PromptTokensDetails PromptTokensDetails `json:"prompt_tokens_details"`
+}
+
+// PromptTokensDetails is usage.prompt_tokens_details. CachedTokens counts prompt
+// tokens whose KV entries were reused rather than computed: always 0 until caches
+// are reused across requests.
+type PromptTokensDetails struct {
+	CachedTokens int `json:"cached_tokens"`
 }
 
 func usageOf(u completion.Usage) Usage {
 	return Usage{PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, TotalTokens: u.TotalTokens}
+}
+
+// ChoiceLogprobs is a choice's logprobs.
+type ChoiceLogprobs struct {
+	Content []LogprobEntry `json:"content"`
+	Refusal []LogprobEntry `json:"refusal"`
+}
+
+// LogprobEntry is one token's log-probability.
+type LogprobEntry struct {
+	Token       string       `json:"token"`
+	Logprob     float64      `json:"logprob"`
+	Bytes       []int        `json:"bytes"`
+	TopLogprobs []TopLogprob `json:"top_logprobs"`
+}
+
+// TopLogprob is one alternative of top_logprobs.
+type TopLogprob struct {
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
+}
+
+// logprobsOf converts the engine's entries; nil when there are none.
+func logprobsOf(lps []completion.TokenLogprob) *ChoiceLogprobs {
+	if lps == nil {
+		return nil
+	}
+	out := &ChoiceLogprobs{Content: make([]LogprobEntry, len(lps))}
+	for i, lp := range lps {
+		e := LogprobEntry{Token: lp.Token, Logprob: lp.Logprob, Bytes: bytesOf(lp.Bytes), TopLogprobs: make([]TopLogprob, len(lp.Top))}
+		for j, t := range lp.Top {
+			e.TopLogprobs[j] = TopLogprob{Token: t.Token, Logprob: t.Logprob, Bytes: bytesOf(t.Bytes)}
+		}
+		out.Content[i] = e
+	}
+	return out
+}
+
+// bytesOf is a byte slice as OpenAI writes it: an array of integers.
+func bytesOf(b []byte) []int {
+	out := make([]int, len(b))
+	for i, c := range b {
+		out[i] = int(c)
+	}
+	return out
 }
 
 // KVCacheReport is the kv_cache extension: what the cache policy did.
@@ -257,13 +313,16 @@ type ChatChoice struct {
 	Index        int              `json:"index"`
 	Message      AssistantMessage `json:"message"`
 	FinishReason string           `json:"finish_reason"`
-	Logprobs     *struct{}        `json:"logprobs"` // always null
+	Logprobs     *ChoiceLogprobs  `json:"logprobs"` // null unless asked for
 }
 
-// AssistantMessage is the generated message.
+// AssistantMessage is the generated message. Content is null when the answer is
+// tool calls.
 type AssistantMessage struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role      string     `json:"role"`
+	Content   *string    `json:"content"`
+	Refusal   *string    `json:"refusal"` // always null: this server never refuses by policy
+	ToolCalls []ToolCall `json:"tool_calls,omitempty"`
 }
 
 // ChatCompletionChunk is one SSE event of a streaming response.
@@ -280,16 +339,17 @@ type ChatCompletionChunk struct {
 
 // ChunkChoice is one element of choices in a chunk.
 type ChunkChoice struct {
-	Index        int       `json:"index"`
-	Delta        Delta     `json:"delta"`
-	FinishReason *string   `json:"finish_reason"` // null until the last content chunk
-	Logprobs     *struct{} `json:"logprobs"`      // always null
+	Index        int             `json:"index"`
+	Delta        Delta           `json:"delta"`
+	FinishReason *string         `json:"finish_reason"` // null until the last content chunk
+	Logprobs     *ChoiceLogprobs `json:"logprobs"`      // null unless asked for
 }
 
 // Delta is the incremental message of a chunk.
 type Delta struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string     `json:"role,omitempty"`
+	Content   *string    `json:"content,omitempty"`
+	ToolCalls []ToolCall `json:"tool_calls,omitempty"`
 }
 
 // Model is one entry of GET /v1/models.

@@ -33,6 +33,17 @@ type Backend interface {
 	Stats() BackendStats
 	// Ready reports whether the model is loaded and requests are accepted.
 	Ready() bool
+	// Tokenize turns text into the model's token ids (addSpecial: BOS etc.
+	// as the model wants; parseSpecial: special-token text becomes its
+	// token) and returns each token's raw piece (bytes, maybe not UTF-8).
+	Tokenize(ctx context.Context, text string, addSpecial, parseSpecial bool) ([]int32, []string, error)
+	// Detokenize turns token ids, each in [0, BackendInfo.VocabSize), back
+	// into text.
+	Detokenize(ctx context.Context, tokens []int32) (string, error)
+	// CountPrompt is the number of prompt tokens, images included, req's
+	// messages take, as Submit would count them (Usage.PromptTokens); its
+	// errors are Submit's.
+	CountPrompt(ctx context.Context, req *completion.Request) (int, error)
 }
 
 // BackendInfo describes the loaded model.
@@ -42,6 +53,9 @@ type BackendInfo struct {
 	CtxPerSeq int       // KV cells per sequence (ctx-size / parallel)
 	Vision    bool      // a multimodal projector is loaded
 	Slots     int       // parallel sequences
+	// VocabSize is the number of token ids (valid ids are 0..VocabSize-1);
+	// 0: unknown, ids are not range-checked here.
+	VocabSize int
 	// MediaMarker is the text the engine renders an image part as; text
 	// holding it is refused before it reaches the engine. Empty: no check
 	// here (the engine still refuses it, with *completion.MarkerInTextError).
@@ -58,6 +72,9 @@ type BackendStats struct {
 	KVCellsTotal int // KV cells in total
 	// KVInvariantFailures counts requests failed by a broken KV-hook invariant.
 	KVInvariantFailures int
+	// KVCellsByPolicy splits KVCellsUsed by cache policy name; nil: not
+	// reported (elasticserve_kv_cells_used_by_policy is left out).
+	KVCellsByPolicy map[string]int
 }
 
 // Options is what the HTTP layer needs from the configuration.
@@ -67,6 +84,9 @@ type Options struct {
 	// APIKey, when non-empty, is required as a Bearer token on everything
 	// but /health and /ready.
 	APIKey string
+	// CORSOrigins are the browser origins allowed cross-origin ("*": any);
+	// empty: no CORS headers, and OPTIONS is not answered.
+	CORSOrigins []string
 
 	MaxBodyBytes          int64 // request body limit; <= 0: 64 MiB
 	MaxImageBytes         int64 // per image, decoded; <= 0: 10 MiB
@@ -78,6 +98,9 @@ type Options struct {
 
 	// RequestTimeout bounds one completion; 0: none.
 	RequestTimeout time.Duration
+	// StreamKeepAlive is how long a stream may stay silent before the server sends
+	// an SSE comment; <= 0: 10s.
+	StreamKeepAlive time.Duration
 	// DefaultMaxTokens applies when a request sets no max_tokens; <= 0: none.
 	DefaultMaxTokens int
 	// Cache is the default Elastic Cache setting; zero: elasticcache.DefaultSpec().
@@ -95,6 +118,7 @@ func OptionsFromConfig(c *config.Config) Options {
 	return Options{
 		ModelAlias:            c.ModelAlias,
 		APIKey:                c.APIKey,
+		CORSOrigins:           c.CORSOriginList(),
 		MaxBodyBytes:          int64(c.MaxBodyBytes),
 		MaxImageBytes:         int64(c.MaxImageBytes),
 		MaxImages:             c.MaxImages,
@@ -121,6 +145,9 @@ func (o Options) withDefaults() Options {
 	if o.ImageURLTimeout <= 0 {
 		o.ImageURLTimeout = 10 * time.Second
 	}
+	if o.StreamKeepAlive <= 0 {
+		o.StreamKeepAlive = 10 * time.Second
+	}
 	if o.Cache.IsZero() {
 		o.Cache = elasticcache.DefaultSpec()
 	}
@@ -143,7 +170,7 @@ func New(opts Options, backend Backend, log zerolog.Logger) http.Handler {
 		opts:    opts,
 		backend: backend,
 		log:     log,
-		metrics: newMetrics(),
+		metrics: newMetrics(backend),
 	}
 	if opts.AllowImageURLs {
 		s.fetcher = newImageFetcher(opts.ImageURLTimeout, opts.MaxImageBytes, opts.AllowPrivateImageURLs)
@@ -154,6 +181,9 @@ func New(opts Options, backend Backend, log zerolog.Logger) http.Handler {
 func (s *server) routes() http.Handler {
 	r := chi.NewRouter()
 	r.Use(requestID, accessLog(s.log), s.metrics.middleware, recoverer(s.log))
+	if len(s.opts.CORSOrigins) > 0 {
+		r.Use(corsMiddleware(s.opts.CORSOrigins)) // before auth: preflights carry no API key
+	}
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, notFound("not_found", "unknown endpoint %s %s", r.Method, r.URL.Path))
 	})
@@ -179,6 +209,8 @@ func (s *server) routes() http.Handler {
 			r.Get(prefix+"/models", s.handleListModels)
 			r.Get(prefix+"/models/*", s.handleGetModel)
 			r.With(limitBody(s.opts.MaxBodyBytes), requireJSON).Post(prefix+"/chat/completions", s.handleChat)
+			r.With(limitBody(s.opts.MaxBodyBytes), requireJSON).Post(prefix+"/tokenize", s.handleTokenize)
+			r.With(limitBody(s.opts.MaxBodyBytes), requireJSON).Post(prefix+"/detokenize", s.handleDetokenize)
 		}
 	})
 	return r

@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -207,93 +205,6 @@ func TestAccessLogHasNoSecrets(t *testing.T) {
 		if !strings.Contains(out, field) {
 			t.Fatalf("log lacks %s: %s", field, out)
 		}
-	}
-}
-
-var metricLine = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*\})? (\S+)$`)
-
-// parseMetrics checks every line of the exposition and returns name{labels} -> value.
-func parseMetrics(t *testing.T, text string) map[string]float64 {
-	t.Helper()
-	out := map[string]float64{}
-	typed := map[string]bool{}
-	for _, line := range strings.Split(strings.TrimSuffix(text, "\n"), "\n") {
-		if strings.HasPrefix(line, "# TYPE ") {
-			f := strings.Fields(line)
-			if len(f) != 4 || (f[3] != "counter" && f[3] != "gauge") {
-				t.Fatalf("bad TYPE line %q", line)
-			}
-			typed[f[2]] = true
-			continue
-		}
-		if strings.HasPrefix(line, "# HELP ") {
-			continue
-		}
-		m := metricLine.FindStringSubmatch(line)
-		if m == nil {
-			t.Fatalf("bad metric line %q", line)
-		}
-		if !typed[m[1]] {
-			t.Fatalf("metric %s has no TYPE before it", m[1])
-		}
-		v, err := strconv.ParseFloat(m[3], 64)
-		if err != nil {
-			t.Fatalf("bad value in %q", line)
-		}
-		out[m[1]+m[2]] = v
-	}
-	return out
-}
-
-func TestMetrics(t *testing.T) {
-	fb := newFake()
-	h := newHandler(t, testOptions(), fb)
-	postChat(h, chatBody(t, map[string]any{}))
-	postChat(h, chatBody(t, map[string]any{"stream": true}))
-	postChat(h, chatBody(t, map[string]any{"temperature": 9}))
-	do(h, "GET", "/nope", "")
-
-	w := do(h, "GET", "/metrics", "")
-	if w.Code != 200 || !strings.HasPrefix(w.Header().Get("Content-Type"), "text/plain; version=0.0.4") {
-		t.Fatalf("%d %q", w.Code, w.Header().Get("Content-Type"))
-	}
-	m := parseMetrics(t, w.Body.String())
-	want := map[string]float64{
-		`elasticserve_requests_total{endpoint="/v1/chat/completions",status="200"}`: 2,
-		`elasticserve_requests_total{endpoint="/v1/chat/completions",status="400"}`: 1,
-		`elasticserve_requests_total{endpoint="unmatched",status="404"}`:            1,
-		"elasticserve_request_errors_total":                                         2,
-		"elasticserve_prompt_tokens_total":                                          22,
-		"elasticserve_completion_tokens_total":                                      4,
-		"elasticserve_queue_depth":                                                  2,
-		"elasticserve_slots_busy":                                                   1,
-		"elasticserve_slots_total":                                                  4,
-		"elasticserve_kv_cells_used":                                                300,
-		"elasticserve_kv_cells_total":                                               4096,
-		"elasticserve_kv_entries_kept_total":                                        18,
-		"elasticserve_kv_entries_merged_total":                                      2,
-		"elasticserve_kv_entries_evicted_total":                                     2,
-		"elasticserve_kv_bytes_saved_total":                                         8192,
-		"elasticserve_kv_invariant_failures_total":                                  1,
-	}
-	for k, v := range want {
-		if got, ok := m[k]; !ok || got != v {
-			t.Errorf("%s = %v (present %v), want %v", k, got, ok, v)
-		}
-	}
-	if _, ok := m["elasticserve_tokens_per_second"]; !ok {
-		t.Error("no tokens_per_second")
-	}
-	// Metrics state is per handler.
-	m2 := parseMetrics(t, do(newHandler(t, testOptions(), fb), "GET", "/metrics", "").Body.String())
-	if m2["elasticserve_prompt_tokens_total"] != 0 {
-		t.Fatal("metrics shared between handlers")
-	}
-}
-
-func TestEscapeLabel(t *testing.T) {
-	if got := escapeLabel("a\"b\\c\nd"); got != `a\"b\\c\nd` {
-		t.Fatalf("%s", got)
 	}
 }
 

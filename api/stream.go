@@ -53,19 +53,58 @@ func (s *sseWriter) raw(payload []byte) {
 
 func (s *sseWriter) done() { s.raw([]byte("[DONE]")) }
 
-// streamChat answers with SSE: a role chunk, content chunks, a chunk with
-// finish_reason, optionally a usage chunk, then [DONE]. An error after the
-// stream began is sent as a data: {"error": ...} event before [DONE].
+// comment sends an SSE comment line, which clients ignore; it keeps an idle
+// connection alive through proxies.
+func (s *sseWriter) comment(text string) {
+	if s.err != nil {
+		return
+	}
+	if _, err := s.w.Write([]byte(": " + text + "\n\n")); err != nil {
+		s.err = err
+		return
+	}
+	if err := s.rc.Flush(); err != nil {
+		s.err = err
+	}
+}
+
+// streamChat answers with SSE: a role chunk, content (or tool-call) chunks, a
+// chunk with finish_reason, optionally a usage chunk, then [DONE]. An error after
+// the stream began is sent as a data: {"error": ...} event before [DONE]. While
+// nothing happens (a long queue wait or image encoding) an SSE comment goes out
+// every keep-alive interval, so proxies do not cut an idle connection.
 func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.Request, c *chatState, events <-chan completion.Event, includeUsage bool) {
 	sse := newSSE(w)
+	var pending []completion.TokenLogprob // logprobs not yet sent with a chunk
 	chunk := func(d Delta, finish *string) ChatCompletionChunk {
-		return ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
+		ch := ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
 			Choices: []ChunkChoice{{Index: 0, Delta: d, FinishReason: finish}}}
+		if len(pending) > 0 {
+			ch.Choices[0].Logprobs = logprobsOf(pending)
+			pending = nil
+		}
+		return ch
+	}
+	content := func(text string) {
+		if text != "" {
+			sse.data(chunk(Delta{Content: &text}, nil))
+		}
+	}
+	var tools *toolStreamer
+	if c.plan.tools != nil {
+		tools = &toolStreamer{t: c.plan.tools}
 	}
 	empty := ""
 	sse.data(chunk(Delta{Role: "assistant", Content: &empty}, nil))
+	idle := time.NewTimer(s.opts.StreamKeepAlive)
+	defer idle.Stop()
 	for {
-		ev, ok, err := next(ctx, events)
+		ev, idled, ok, err := nextEvent(ctx, events, idle.C)
+		if idled {
+			sse.comment("keep-alive")
+			idle.Reset(s.opts.StreamKeepAlive)
+			continue
+		}
 		if !ok {
 			if r.Context().Err() == nil { // not a client hang-up: tell the client
 				s.metrics.requestFailed()
@@ -74,12 +113,21 @@ func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.
 			}
 			return
 		}
+		idle.Reset(s.opts.StreamKeepAlive)
+		pending = append(pending, ev.Logprobs...)
 		if ev.Text != "" {
 			if c.firstTok.IsZero() {
 				c.firstTok = time.Now()
 			}
-			text := ev.Text
-			sse.data(chunk(Delta{Content: &text}, nil))
+			if tools == nil {
+				content(ev.Text)
+			} else {
+				text, calls := tools.feed(ev.Text)
+				content(text)
+				if len(calls) > 0 {
+					sse.data(chunk(Delta{ToolCalls: calls}, nil))
+				}
+			}
 		}
 		if !ev.Done {
 			continue
@@ -90,8 +138,15 @@ func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.
 			sse.done()
 			return
 		}
-		s.metrics.completed(ev, c.firstTok)
+		s.metrics.completed(ev, c.start, c.firstTok)
 		fr := finishReason(ev)
+		if tools != nil {
+			rest, called := tools.end()
+			content(rest)
+			if called && fr == completion.FinishStop {
+				fr = finishToolCalls
+			}
+		}
 		sse.data(chunk(Delta{}, &fr))
 		if includeUsage {
 			usage := usageOf(ev.Usage)

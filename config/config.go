@@ -63,6 +63,9 @@ type Config struct {
 	ModelAlias string `env:"MODEL_ALIAS"`
 	// APIKey, when set, is required as "Authorization: Bearer <key>".
 	APIKey string `env:"API_KEY"`
+	// CORSOrigins is the comma-separated list of browser origins allowed to
+	// call the API cross-origin ("*": any); empty: CORS off.
+	CORSOrigins string `env:"CORS_ORIGINS"`
 
 	// Elastic Cache defaults (per request overridable).
 	Policy   string  `env:"POLICY" envDefault:"elastic"`
@@ -214,6 +217,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	boolean(&cfg.FlashAttn, "flash-attn", "use flash attention")
 	str(&cfg.ModelAlias, "model-alias", "model id reported by the API (default: the model file name without extension)")
 	str(&cfg.APIKey, "api-key", "require 'Authorization: Bearer <key>' on the API and /metrics (/health and /ready stay open)")
+	str(&cfg.CORSOrigins, "cors-origins", "comma-separated browser origins (scheme://host[:port], one '*' wildcard allowed, or * for any) allowed to call the API cross-origin; empty: CORS off")
 	str(&cfg.Policy, "policy", "default Elastic Cache policy: full, elastic, h2o or local")
 	fs.Float64Var(&cfg.Budget, "budget", cfg.Budget, "default Elastic Cache budget: fraction of the prompt's KV entries to keep, in (0, 1] (env "+EnvName("budget")+")")
 	num(&cfg.Sink, "sink", "default Elastic Cache sink: leading KV entries always kept")
@@ -312,6 +316,9 @@ func (c *Config) Validate() error {
 	if c.APIKey != "" && (strings.TrimSpace(c.APIKey) != c.APIKey || strings.ContainsFunc(c.APIKey, isSpaceOrControl)) {
 		return bad("api-key", "must not contain spaces or control characters")
 	}
+	if _, err := parseOrigins(c.CORSOrigins); err != nil {
+		return bad("cors-origins", "%v", err)
+	}
 	if _, err := c.Cache(); err != nil {
 		var ce *elasticcache.ConfigError
 		if errors.As(err, &ce) && flagFor(ce.Field) != "" {
@@ -369,6 +376,46 @@ func (c *Config) Cache() (elasticcache.Spec, error) {
 		return elasticcache.Spec{}, err
 	}
 	return elasticcache.Config{Policy: p, Budget: c.Budget, Sink: c.Sink, Distance: c.Distance, Selection: sel}.Spec()
+}
+
+// CORSOriginList is CORSOrigins as a list (nil: CORS off). Call it on a
+// Config that passed Validate; an invalid list reads as nil.
+func (c *Config) CORSOriginList() []string {
+	list, err := parseOrigins(c.CORSOrigins)
+	if err != nil {
+		return nil
+	}
+	return list
+}
+
+// parseOrigins splits a comma-separated origin list and checks each entry:
+// "*", or scheme://host[:port] as a browser sends it in the Origin header
+// (no path, not even "/", or it would never match), where the host may hold
+// one "*" (https://*.example.com).
+func parseOrigins(s string) ([]string, error) {
+	var out []string
+	for _, o := range strings.Split(s, ",") {
+		o = strings.TrimSpace(o)
+		if o == "" {
+			continue
+		}
+		if o == "*" {
+			out = append(out, o)
+			continue
+		}
+		scheme, hostPort, ok := strings.Cut(o, "://")
+		if !ok || scheme == "" || hostPort == "" {
+			return nil, fmt.Errorf("origin %q must be scheme://host[:port] (e.g. https://app.example.com) or *", o)
+		}
+		if strings.ContainsAny(hostPort, "/?#") {
+			return nil, fmt.Errorf("origin %q must not have a path, query or fragment (browsers send %s://%s)", o, scheme, hostPort[:strings.IndexAny(hostPort, "/?#")])
+		}
+		if strings.Count(o, "*") > 1 || strings.ContainsFunc(o, isSpaceOrControl) {
+			return nil, fmt.Errorf("origin %q may hold at most one '*' and no spaces", o)
+		}
+		out = append(out, o)
+	}
+	return out, nil
 }
 
 // SeqCtx is the number of KV cells each of the Parallel sequences gets.

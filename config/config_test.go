@@ -111,6 +111,14 @@ func TestPrecedence(t *testing.T) {
 			func(c *Config) bool { return c.Threads == runtime.NumCPU() }},
 		{"n-predict", []string{"--model", model, "--n-predict", "256"}, nil,
 			func(c *Config) bool { return c.MaxTokensDefault == 256 }},
+		{"cors origins flag", []string{"--model", model, "--cors-origins", " https://a.example , http://localhost:5173,"}, nil,
+			func(c *Config) bool {
+				return reflect.DeepEqual(c.CORSOriginList(), []string{"https://a.example", "http://localhost:5173"})
+			}},
+		{"cors origins from env", []string{"--model", model}, map[string]string{"ELASTICSERVE_CORS_ORIGINS": "*"},
+			func(c *Config) bool { return reflect.DeepEqual(c.CORSOriginList(), []string{"*"}) }},
+		{"cors off by default", []string{"--model", model}, nil,
+			func(c *Config) bool { return c.CORSOrigins == "" && c.CORSOriginList() == nil }},
 		{"unrelated env ignored", []string{"--model", model}, map[string]string{"PARALLEL": "99", "ELASTICSERVE_UNKNOWN": "x"},
 			func(c *Config) bool { return c.Parallel == 4 }},
 	}
@@ -172,6 +180,11 @@ func TestInvalid(t *testing.T) {
 		{"n-predict below -1", []string{"--model", model, "--n-predict", "-5"}, nil, "--n-predict"},
 		{"alias with space", []string{"--model", model, "--model-alias", "my model"}, nil, "--model-alias"},
 		{"api key with newline", []string{"--model", model, "--api-key", "a\nb"}, nil, "--api-key"},
+		// An origin with a path never equals a browser's Origin header: refuse it
+		// rather than let CORS silently never match.
+		{"cors origin with a slash", []string{"--model", model, "--cors-origins", "https://a.example/"}, nil, "--cors-origins (ELASTICSERVE_CORS_ORIGINS): origin \"https://a.example/\" must not have a path"},
+		{"cors origin without scheme", []string{"--model", model, "--cors-origins", "a.example"}, nil, "scheme://host"},
+		{"cors origin with two wildcards", []string{"--model", model}, map[string]string{"ELASTICSERVE_CORS_ORIGINS": "https://*.*.example"}, "--cors-origins"},
 		{"unknown flag", []string{"--model", model, "--bogus"}, nil, "flag provided but not defined: -bogus"},
 		{"bad flag int", []string{"--model", model, "--parallel", "two"}, nil, "-parallel"},
 		{"positional arg", []string{"--model", model, "extra"}, nil, "unexpected argument"},

@@ -72,7 +72,14 @@ type Stats struct {
 	// KVInvariantFailures counts requests failed because a runtime invariant of the
 	// KV hook broke (see InvariantError), since Start.
 	KVInvariantFailures int
+	// KVCellsByPolicy splits KVCellsUsed by the cache policy of the sequences
+	// holding the cells; every policy has an entry (0 when it holds none).
+	KVCellsByPolicy map[string]int
 }
+
+// cachePolicies indexes Engine.policyCells: a fixed array lets the loop publish
+// per-policy use every step without allocating.
+var cachePolicies = [...]elasticcache.Policy{elasticcache.Full, elasticcache.Elastic, elasticcache.H2O, elasticcache.Local}
 
 // Engine runs completions on one model.
 type Engine struct {
@@ -105,8 +112,10 @@ type Engine struct {
 	queued    atomic.Int64
 	busy      atomic.Int64
 	cellsUsed atomic.Int64
-	broken    atomic.Int64 // KV invariant failures
-	running   atomic.Bool
+	// policyCells[i]: cells held by sequences running cachePolicies[i]
+	policyCells [len(cachePolicies)]atomic.Int64
+	broken      atomic.Int64 // KV invariant failures
+	running     atomic.Bool
 
 	cancel   context.CancelFunc
 	done     chan struct{}
@@ -235,7 +244,16 @@ func (e *Engine) Stats() Stats {
 		KVCellsTotal: e.nCtx,
 
 		KVInvariantFailures: int(e.broken.Load()),
+		KVCellsByPolicy:     e.cellsByPolicy(),
 	}
+}
+
+func (e *Engine) cellsByPolicy() map[string]int {
+	m := make(map[string]int, len(cachePolicies))
+	for i, p := range cachePolicies {
+		m[string(p)] = int(e.policyCells[i].Load())
+	}
+	return m
 }
 
 // Submit prepares req (chat template, tokenization, image preprocessing) on the
@@ -251,6 +269,7 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 		return nil, err
 	}
 	s.ctx = ctx
+	s.queuedAt = time.Now()
 	e.mu.Lock()
 	switch {
 	case e.closed:
@@ -306,6 +325,14 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 	if limit := e.pools[0].size() - 1; s.nPrompt > limit {
 		s.release()
 		return nil, &completion.PromptTooLongError{Tokens: s.nPrompt, Limit: limit}
+	}
+	if req.Constraint != nil {
+		smp, err := constrainedSampler(e.model, req)
+		if err != nil {
+			s.release()
+			return nil, err
+		}
+		s.sampler = smp
 	}
 	return s, nil
 }

@@ -102,7 +102,9 @@ func (e *Engine) admit() {
 		}
 		s.id = slot
 		s.cache = cache
-		s.sampler = llama.NewSampler(llama.SamplerParams(s.req.Sampling))
+		if s.sampler == nil { // a constrained request brings its own, made by prepare
+			s.sampler = llama.NewSampler(llama.SamplerParams(s.req.Sampling))
+		}
 		s.started = time.Now()
 		e.reserved[pi] += s.reserve
 		e.slots[slot] = s
@@ -189,6 +191,7 @@ func (e *Engine) finish(s *seq, ev Event) {
 		}
 	}
 	ev.NLL, ev.NLLTokens = s.nll, s.nllN
+	ev.QueueMs = ms(s.started.Sub(s.queuedAt))
 	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen}
 	ev.KV = e.report(s)
 	s.cache.free()
@@ -200,12 +203,20 @@ func (e *Engine) finish(s *seq, ev Event) {
 
 func (e *Engine) updateCells() {
 	n := 0
+	var byPolicy [len(cachePolicies)]int64
 	for _, s := range e.slots {
 		if s != nil {
-			n += s.cache.held()
+			held := s.cache.held()
+			n += held
+			if i := slices.Index(cachePolicies[:], s.req.Cache.Policy()); i >= 0 {
+				byPolicy[i] += int64(held)
+			}
 		}
 	}
 	e.cellsUsed.Store(int64(n))
+	for i, c := range byPolicy {
+		e.policyCells[i].Store(c)
+	}
 }
 
 // placeBatch records where llama.cpp put the tokens of the batch just decoded: ids
@@ -418,7 +429,11 @@ func (e *Engine) afterDecode(s *seq, row int) {
 // takes the next reference token and scores it.
 func (e *Engine) next(s *seq, row int) llama.Token {
 	if s.req.Force == nil {
-		return s.sampler.Sample(e.ctx, row)
+		tok := s.sampler.Sample(e.ctx, row)
+		if s.req.Logprobs {
+			s.logprob = tokenLogprob(e.model, e.ctx.Logits(row), tok, s.req.TopLogprobs)
+		}
+		return tok
 	}
 	if s.nGen >= len(s.req.Force) {
 		return e.model.Info().EOS
@@ -464,8 +479,13 @@ func (e *Engine) emit(s *seq, tok llama.Token) {
 	s.nGen++
 	text := s.utf8.Write(e.model.TokenPiece(tok, false))
 	out, hit := s.stops.add(text)
-	if out != "" {
-		s.box.push(Event{Text: out})
+	var lps []TokenLogprob
+	if s.logprob != nil {
+		lps = []TokenLogprob{*s.logprob}
+		s.logprob = nil
+	}
+	if out != "" || lps != nil {
+		s.box.push(Event{Text: out, Logprobs: lps})
 	}
 	if hit || s.req.Force != nil && s.nGen >= len(s.req.Force) {
 		s.stopHit = hit

@@ -19,6 +19,7 @@ func (o *outbox) push(ev Event) {
 	o.mu.Lock()
 	if n := len(o.items); n > 0 && !ev.Done && !o.items[n-1].Done && o.items[n-1].Err == nil {
 		o.items[n-1].Text += ev.Text
+		o.items[n-1].Logprobs = append(o.items[n-1].Logprobs, ev.Logprobs...)
 	} else {
 		o.items = append(o.items, ev)
 	}

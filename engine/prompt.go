@@ -57,7 +57,7 @@ type promptChunk struct {
 // tokenize renders and tokenizes req's messages into s's chunks (images are
 // preprocessed, not yet encoded).
 func (e *Engine) tokenize(s *seq) error {
-	p, err := buildPrompt(e.model, e.vision, s.req.Messages)
+	p, err := buildPrompt(e.model, e.vision, s.req.Messages, s.req.AnswerPrefix)
 	if err != nil {
 		return err
 	}
@@ -94,7 +94,7 @@ type PromptChunk struct {
 // PromptChunks returns the chunks the engine would encode for msgs, in order
 // (for tools that relate prompt positions to what they hold).
 func PromptChunks(m *llama.Model, v *llama.Vision, msgs []Message) ([]PromptChunk, error) {
-	p, err := buildPrompt(m, v, msgs)
+	p, err := buildPrompt(m, v, msgs, "")
 	if err != nil {
 		return nil, err
 	}
@@ -114,11 +114,17 @@ type builtPrompt struct {
 	n      int
 }
 
-func buildPrompt(m *llama.Model, v *llama.Vision, msgs []Message) (builtPrompt, error) {
+// buildPrompt renders msgs, appends answerPrefix (the start of the answer, after
+// the assistant header) and tokenizes the whole.
+func buildPrompt(m *llama.Model, v *llama.Vision, msgs []Message, answerPrefix string) (builtPrompt, error) {
 	text, images, err := RenderPrompt(m, msgs)
 	if err != nil {
 		return builtPrompt{}, err
 	}
+	if strings.Contains(answerPrefix, llama.MediaMarker()) {
+		return builtPrompt{}, fmt.Errorf("engine: the answer prefix holds the media marker")
+	}
+	text += answerPrefix
 	if len(images) == 0 {
 		toks, err := m.Tokenize(text, true, true)
 		if err != nil {

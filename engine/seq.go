@@ -26,7 +26,8 @@ type seq struct {
 	prefilled bool
 
 	sampler *llama.Sampler
-	cache   *seqCache // set when admitted
+	logprob *TokenLogprob // the token just sampled, when the request asked for logprobs
+	cache   *seqCache     // set when admitted
 
 	nPast   int         // tokens processed (prompt + generated): T
 	pending llama.Token // sampled, not yet decoded
@@ -44,7 +45,10 @@ type seq struct {
 	utf8    llama.UTF8Buffer
 	stops   stopScanner
 	stopHit bool
-	started time.Time
+	// queuedAt (set when Submit queues it) and started (set when a slot takes it)
+	// give the time the request waited, reported as Event.QueueMs.
+	queuedAt time.Time
+	started  time.Time
 }
 
 func (s *seq) release() {

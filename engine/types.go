@@ -13,6 +13,8 @@ type (
 	KVReport = completion.KVReport
 	Event    = completion.Event
 	Result   = completion.Result
+
+	TokenLogprob = completion.TokenLogprob
 )
 
 const (

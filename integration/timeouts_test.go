@@ -56,6 +56,13 @@ func (slowBackend) Info() api.BackendInfo {
 }
 func (slowBackend) Stats() api.BackendStats { return api.BackendStats{} }
 func (slowBackend) Ready() bool             { return true }
+func (slowBackend) Tokenize(context.Context, string, bool, bool) ([]int32, []string, error) {
+	return nil, nil, nil
+}
+func (slowBackend) Detokenize(context.Context, []int32) (string, error) { return "", nil }
+func (slowBackend) CountPrompt(context.Context, *completion.Request) (int, error) {
+	return 1, nil
+}
 
 // TestStreamOutlivesReadTimeout: the server binary runs the API behind an
 // http.Server with a ReadTimeout (for slow uploads). A healthy stream that

@@ -133,9 +133,9 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	if st, err := os.Stat(cfg.Model); err == nil {
 		created = st.ModTime()
 	}
-	backend := &backend{eng: eng, info: api.BackendInfo{
+	backend := &backend{eng: eng, model: model, vision: vision, info: api.BackendInfo{
 		ModelID: modelID, Created: created, CtxPerSeq: eng.SeqCells(), Vision: vision != nil, Slots: cfg.Parallel,
-		MediaMarker: llama.MediaMarker(),
+		MediaMarker: llama.MediaMarker(), VocabSize: info.VocabSize,
 	}}
 	handler := api.New(api.OptionsFromConfig(cfg), backend, log)
 
@@ -186,8 +186,42 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 
 // backend adapts the engine to the HTTP layer.
 type backend struct {
-	eng  *engine.Engine
-	info api.BackendInfo
+	eng    *engine.Engine
+	model  *llama.Model
+	vision *llama.Vision // nil: text only
+	info   api.BackendInfo
+}
+
+// Tokenize, Detokenize and CountPrompt run on the handler's goroutine while
+// the engine's loop decodes, as Submit's own tokenization does: llama.cpp's
+// tokenizer only reads the model's vocabulary, and llama.Vision serialises
+// its mtmd calls (image preprocessing) with the loop's image encoding.
+
+func (b *backend) Tokenize(_ context.Context, text string, addSpecial, parseSpecial bool) ([]int32, []string, error) {
+	toks, err := b.model.Tokenize(text, addSpecial, parseSpecial)
+	if err != nil {
+		return nil, nil, err
+	}
+	pieces := make([]string, len(toks))
+	for i, t := range toks {
+		pieces[i] = string(b.model.TokenPiece(t, true))
+	}
+	return toks, pieces, nil
+}
+
+func (b *backend) Detokenize(_ context.Context, ids []int32) (string, error) {
+	for _, id := range ids {
+		// llama.cpp throws (and the process aborts) on an id outside the
+		// vocabulary; the API checks too, this keeps the adapter safe alone.
+		if id < 0 || int(id) >= b.info.VocabSize {
+			return "", fmt.Errorf("token id %d is outside the vocabulary (0 to %d)", id, b.info.VocabSize-1)
+		}
+	}
+	return b.model.Detokenize(ids, false, true), nil
+}
+
+func (b *backend) CountPrompt(_ context.Context, req *engine.Request) (int, error) {
+	return engine.CountPrompt(b.model, b.vision, req.Messages)
 }
 
 func (b *backend) Submit(ctx context.Context, req *engine.Request) (<-chan engine.Event, error) {
@@ -201,5 +235,5 @@ func (b *backend) Ready() bool { return b.eng.Ready() }
 func (b *backend) Stats() api.BackendStats {
 	s := b.eng.Stats()
 	return api.BackendStats{QueueDepth: s.QueueDepth, SlotsBusy: s.SlotsBusy, KVCellsUsed: s.KVCellsUsed, KVCellsTotal: s.KVCellsTotal,
-		KVInvariantFailures: s.KVInvariantFailures}
+		KVInvariantFailures: s.KVInvariantFailures, KVCellsByPolicy: s.KVCellsByPolicy}
 }

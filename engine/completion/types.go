@@ -74,6 +74,32 @@ type Request struct {
 	// Cache is the validated cache setting for this request (server default already
 	// applied); the zero Spec is full.
 	Cache elasticcache.Spec
+	// Constraint, when set, restricts what may be generated (structured output, tool
+	// calls). It works with every cache policy: it acts on sampling only.
+	Constraint *Constraint
+	// AnswerPrefix is the start of the answer, written by the caller: it is rendered
+	// right after the chat template's assistant header and the model continues it. It
+	// is not part of the generated text (nor of Usage.CompletionTokens); a Constraint
+	// applies to what follows it.
+	AnswerPrefix string
+	// Logprobs asks for each generated token's log-probability, and TopLogprobs
+	// (0..MaxTopLogprobs) for that many most likely alternatives at each step.
+	Logprobs    bool
+	TopLogprobs int
+}
+
+// MaxTopLogprobs is the most alternatives a request may ask for per token.
+const MaxTopLogprobs = 20
+
+// Constraint says what the generated text must be.
+type Constraint struct {
+	// Schema is a JSON schema; the answer is compact JSON (no whitespace between
+	// tokens) that matches it, then end of generation.
+	Schema []byte
+	// OrText also allows an answer that is plain text: anything that does not begin,
+	// after optional whitespace, with "{". An answer that begins with "{" must match
+	// Schema. (For tool calls the model may choose: a call or a reply.)
+	OrText bool
 }
 
 // Images returns the request's image parts' bytes in prompt order.
@@ -133,6 +159,30 @@ type Event struct {
 	// NLL and NLLTokens: summed negative log-likelihood of the forced tokens (Request.Force).
 	NLL       float64
 	NLLTokens int
+	// QueueMs is how long the request waited for a slot, from being queued by
+	// Submit (after its prompt was tokenized) to its admission. Set on the final
+	// event of an admitted request; 0 for one that never got a slot.
+	QueueMs float64
+	// Logprobs: one entry per token generated since the previous event, when the
+	// request asked for them. Tokens are reported when generated; text held back
+	// for a possible stop string follows in a later event.
+	Logprobs []TokenLogprob
+}
+
+// TokenLogprob is one generated token and its log-probability under the model
+// (softmax of the raw logits, before any sampler or grammar).
+type TokenLogprob struct {
+	Token   string // the token's text (invalid UTF-8 replaced)
+	Bytes   []byte // the token's raw bytes (a token may hold part of a character)
+	Logprob float64
+	Top     []TopLogprob // most likely tokens at this step, best first
+}
+
+// TopLogprob is one alternative at a step.
+type TopLogprob struct {
+	Token   string
+	Bytes   []byte
+	Logprob float64
 }
 
 // ---- errors ----
@@ -198,6 +248,14 @@ type MarkerInTextError struct {
 func (e *MarkerInTextError) Error() string {
 	return fmt.Sprintf("messages[%d] part %d: text must not contain the reserved image marker %q", e.Message, e.Part, e.Marker)
 }
+
+// ConstraintError: a request's Constraint cannot be turned into a grammar; nothing
+// was done.
+type ConstraintError struct {
+	Reason string
+}
+
+func (e *ConstraintError) Error() string { return "the output constraint cannot be used: " + e.Reason }
 
 // InternalError: the engine failed while working on this request (a panic or a
 // broken invariant). The request is lost; the engine goes on serving the others.

@@ -1,0 +1,107 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+)
+
+// finalEvent reads ch until its Done event.
+func finalEvent(t *testing.T, ch <-chan Event) Event {
+	t.Helper()
+	timeout := time.After(2 * time.Minute)
+	for {
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				t.Fatal("channel closed before the final event")
+			}
+			if ev.Done {
+				return ev
+			}
+		case <-timeout:
+			t.Fatal("no final event")
+		}
+	}
+}
+
+// With one slot, a request submitted while another runs waits for it: its
+// final event reports that wait as QueueMs, and Stats splits the cells held by
+// policy while a request runs.
+func TestQueueTimeAndCellsByPolicy(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 1})
+	var stopA atomic.Bool
+	errStopped := errors.New("stopped by the test")
+	fault := func(id string) error {
+		if id == "a" && stopA.Load() {
+			return errStopped
+		}
+		return nil
+	}
+	e.onFault.Store(&fault)
+	// A runs until the test fails it; a cancelled request would end without
+	// a final event to read.
+	chA, err := e.Submit(context.Background(), greedyReq("a", "go on forever", 0, cfg(elasticcache.Elastic, 0.5)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-chA // A holds the slot and generates
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st := e.Stats()
+		by := st.KVCellsByPolicy
+		if len(by) != len(cachePolicies) {
+			t.Fatalf("KVCellsByPolicy %v lacks a policy", by)
+		}
+		if by["full"] != 0 || by["h2o"] != 0 || by["local"] != 0 {
+			t.Fatalf("cells reported for a policy nothing runs: %v", by)
+		}
+		// used and the split are published one after the other: retry until a
+		// snapshot falls between two steps.
+		if st.KVCellsUsed > 0 && by["elastic"] == st.KVCellsUsed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("elastic cells never matched the cells used: %+v", st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	chB, err := e.Submit(context.Background(), greedyReq("b", "hello", 2, cfg(elasticcache.Full, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const wait = 150 * time.Millisecond
+	time.Sleep(wait)
+	if q := e.Stats().QueueDepth; q != 1 {
+		t.Fatalf("queue depth %d while B waits, want 1", q)
+	}
+	stopA.Store(true)
+	a := finalEvent(t, chA)
+	if !errors.Is(a.Err, errStopped) {
+		t.Fatalf("A ended with %v", a.Err)
+	}
+	b := finalEvent(t, chB)
+	if b.Err != nil {
+		t.Fatal(b.Err)
+	}
+	if b.QueueMs < float64(wait.Milliseconds()) {
+		t.Errorf("B waited at least %s for the slot but QueueMs = %v", wait, b.QueueMs)
+	}
+	if b.QueueMs > 60_000 {
+		t.Errorf("B's QueueMs = %v: not a wait measured from its Submit", b.QueueMs)
+	}
+	if a.QueueMs < 0 || a.QueueMs >= b.QueueMs {
+		t.Errorf("A was admitted at once: QueueMs %v, B's %v", a.QueueMs, b.QueueMs)
+	}
+	for p, n := range e.Stats().KVCellsByPolicy {
+		if n != 0 {
+			t.Errorf("%s still holds %d cells after every request ended", p, n)
+		}
+	}
+}
