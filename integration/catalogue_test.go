@@ -77,11 +77,12 @@ func pngBomb(tb testing.TB, w, h uint32) []byte {
 	return p
 }
 
-// gif1x1 is a minimal GIF (a real image format the server does not take).
-var gif1x1 = []byte("GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+// bmp1x1 is a BMP header (a real image format the server does not take).
+var bmp1x1 = []byte("BM\x3a\x00\x00\x00\x00\x00\x00\x00\x36\x00\x00\x00")
 
 func catalogue(t *testing.T) []badCase {
 	png := redCircle(t)
+	_, webpPic, _ := examplePictures(t)
 	good := "data:image/png;base64," + b64(png)
 	tooManyImages := []any{textPart("count them")}
 	for range 5 {
@@ -134,8 +135,10 @@ func catalogue(t *testing.T) []badCase {
 			status: 400, param: "messages[0].role", code: "invalid_value", msg: "wizard"},
 		{name: "missing role", body: chatWith(t, map[string]any{"messages": []any{map[string]any{"content": "hi"}}}),
 			status: 400, param: "messages[0].role", code: "invalid_value"},
-		{name: "tool role", body: chatWith(t, map[string]any{"messages": []any{map[string]any{"role": "tool", "content": "hi"}}}),
-			status: 400, param: "messages[0].role", code: "invalid_value"},
+		{name: "tool message without tool_call_id", body: chatWith(t, map[string]any{"messages": []any{map[string]any{"role": "tool", "content": "hi"}}}),
+			status: 400, param: "messages[0].tool_call_id", code: "invalid_value"},
+		{name: "function role", body: chatWith(t, map[string]any{"messages": []any{map[string]any{"role": "function", "content": "hi"}}}),
+			status: 400, param: "messages[0].role", code: "invalid_value", msg: "deprecated"},
 		{name: "user content missing", body: chatWith(t, map[string]any{"messages": []any{map[string]any{"role": "user"}}}),
 			status: 400, param: "messages[0].content", code: "invalid_value"},
 		{name: "unknown content part type", body: chatWith(t, map[string]any{"messages": userParts(map[string]any{"type": "input_audio", "input_audio": map[string]any{}})}),
@@ -166,8 +169,18 @@ func catalogue(t *testing.T) []badCase {
 			status: 400, param: "messages[0].content[0].image_url", code: "invalid_image"},
 		{name: "truncated PNG", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/png;base64," + b64(png[:len(png)/2])))}),
 			status: 400, param: "messages[0].content[0].image_url", code: "invalid_image", msg: "truncated|corrupt"},
-		{name: "GIF image", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/gif;base64," + b64(gif1x1)))}),
-			status: 400, param: "messages[0].content[0].image_url.url", code: "unsupported_image", msg: "gif"},
+		{name: "BMP image", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/bmp;base64," + b64(bmp1x1)))}),
+			status: 400, param: "messages[0].content[0].image_url.url", code: "unsupported_image", msg: "bmp"},
+		{name: "BMP bytes declared PNG", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/png;base64," + b64(bmp1x1)))}),
+			status: 400, param: "messages[0].content[0].image_url", code: "invalid_image", msg: "image/bmp images are not supported"},
+		{name: "WebP over the pixel limit (5000x5000 header)", body: chatWith(t, map[string]any{"messages": userParts(textPart("x"), imagePart("data:image/webp;base64,"+b64(webpBomb(5000, 5000))))}),
+			status: 400, param: "messages[0].content[1].image_url", code: "image_too_large", msg: "5000x5000"},
+		{name: "GIF over the pixel limit (5000x5000 screen)", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/gif;base64," + b64(gifBomb(5000, 5000))))}),
+			status: 400, param: "messages[0].content[0].image_url", code: "image_too_large", msg: "5000x5000"},
+		{name: "corrupt WebP", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/webp;base64," + b64(webpPic[:len(webpPic)-40])))}),
+			status: 400, param: "messages[0].content[0].image_url", code: "invalid_image", msg: "webp image is truncated or corrupt"},
+		{name: "GIF without a frame", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/gif;base64," + b64(gifBomb(4, 4))))}),
+			status: 400, param: "messages[0].content[0].image_url", code: "invalid_image", msg: "gif image is truncated or corrupt"},
 		{name: "image over the byte limit", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/png;base64," + b64(overBytes)))}),
 			status: 413, param: "messages[0].content[0].image_url", code: "image_too_large"},
 		{name: "decompression bomb (50000x50000 header)", body: chatWith(t, map[string]any{"messages": userParts(textPart("x"), imagePart("data:image/png;base64,"+b64(pngBomb(t, 50000, 50000))))}),
@@ -203,9 +216,33 @@ func catalogue(t *testing.T) []badCase {
 		{name: "n 0", body: chatWith(t, map[string]any{"n": 0}), status: 400, param: "n", code: "invalid_value"},
 		{name: "five stop strings", body: chatWith(t, map[string]any{"stop": []string{"a", "b", "c", "d", "e"}}), status: 400, param: "stop", code: "invalid_value"},
 		{name: "empty stop string", body: chatWith(t, map[string]any{"stop": []string{"ok", ""}}), status: 400, param: "stop[1]", code: "invalid_value"},
-		{name: "logprobs requested", body: chatWith(t, map[string]any{"logprobs": true}), status: 400, param: "logprobs", code: "unsupported_parameter"},
-		{name: "tools requested", body: chatWith(t, map[string]any{"tools": []any{map[string]any{"type": "function", "function": map[string]any{"name": "f"}}}}),
-			status: 400, param: "tools", code: "unsupported_parameter"},
+		{name: "top_logprobs above 20", body: chatWith(t, map[string]any{"logprobs": true, "top_logprobs": 21}), status: 400, param: "top_logprobs", code: "invalid_value"},
+		{name: "top_logprobs without logprobs", body: chatWith(t, map[string]any{"top_logprobs": 2}), status: 400, param: "top_logprobs", code: "invalid_value"},
+		{name: "tool_choice names an unknown tool", body: chatWith(t, map[string]any{"tools": []any{map[string]any{"type": "function", "function": map[string]any{"name": "f"}}},
+			"tool_choice": map[string]any{"type": "function", "function": map[string]any{"name": "g"}}}),
+			status: 400, param: "tool_choice.function.name", code: "invalid_value", msg: `"g"`},
+		{name: "tool_choice required without tools", body: chatWith(t, map[string]any{"tool_choice": "required"}), status: 400, param: "tool_choice", code: "invalid_value"},
+		{name: "tool without name", body: chatWith(t, map[string]any{"tools": []any{map[string]any{"type": "function", "function": map[string]any{}}}}),
+			status: 400, param: "tools[0].function.name", code: "invalid_value"},
+		{name: "tool parameters with an unsupported keyword", body: chatWith(t, map[string]any{"tools": []any{map[string]any{"type": "function",
+			"function": map[string]any{"name": "f", "parameters": map[string]any{"type": "object", "patternProperties": map[string]any{}}}}}}),
+			status: 400, param: "tools[0].function.parameters", code: "unsupported_schema", msg: "patternProperties"},
+		{name: "tool_calls arguments not JSON", body: chatWith(t, map[string]any{"messages": []any{map[string]any{"role": "assistant",
+			"tool_calls": []any{map[string]any{"id": "c1", "type": "function", "function": map[string]any{"name": "f", "arguments": "{oops"}}}}}}),
+			status: 400, param: "messages[0].tool_calls[0].function.arguments", code: "invalid_value"},
+		{name: "response_format unknown type", body: chatWith(t, map[string]any{"response_format": map[string]any{"type": "xml"}}),
+			status: 400, param: "response_format.type", code: "invalid_value"},
+		{name: "json_schema without schema object", body: chatWith(t, map[string]any{"response_format": map[string]any{"type": "json_schema"}}),
+			status: 400, param: "response_format.json_schema", code: "invalid_value"},
+		{name: "json_schema with an unsupported keyword", body: chatWith(t, map[string]any{"response_format": map[string]any{"type": "json_schema",
+			"json_schema": map[string]any{"name": "s", "schema": map[string]any{"type": "array", "uniqueItems": true}}}}),
+			status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema", msg: "uniqueItems"},
+		// Passes the keyword check; llama.cpp's converter refuses the pattern.
+		{name: "json_schema pattern the converter refuses", body: chatWith(t, map[string]any{"response_format": map[string]any{"type": "json_schema",
+			"json_schema": map[string]any{"name": "s", "schema": map[string]any{"type": "string", "pattern": "^[a-z$"}}}}),
+			status: 400, param: "response_format.json_schema.schema", code: "unsupported_schema"},
+		{name: "response_format with tools", body: chatWith(t, map[string]any{"tools": []any{map[string]any{"type": "function", "function": map[string]any{"name": "f"}}}, "response_format": map[string]any{"type": "json_object"}}),
+			status: 400, param: "response_format", code: "invalid_value"},
 		{name: "unknown model", body: chatWith(t, map[string]any{"model": "gpt-4o"}),
 			status: 404, typ: "not_found_error", param: "model", code: "model_not_found", msg: "gpt-4o"},
 
@@ -220,6 +257,19 @@ func catalogue(t *testing.T) []badCase {
 			status: 400, param: "elastic_cache.budget", code: "invalid_value"},
 		{name: "elastic_cache wrong type", body: chatWith(t, map[string]any{"elastic_cache": "elastic"}),
 			status: 400, param: "elastic_cache", code: "invalid_type"},
+
+		// --- /tokenize and /detokenize ---
+		{name: "detokenize an id past the vocabulary", path: "/v1/detokenize", body: []byte(`{"tokens":[1,2147483647]}`),
+			status: 400, param: "tokens[1]", code: "invalid_value", msg: "not a token id of this model"},
+		{name: "detokenize a negative id", path: "/detokenize", body: []byte(`{"tokens":[-3]}`), status: 400, param: "tokens[0]", code: "invalid_value"},
+		{name: "detokenize a fractional id", path: "/detokenize", body: []byte(`{"tokens":[1.5]}`), status: 400, param: "tokens[0]", code: "invalid_type"},
+		{name: "tokenize with neither content nor messages", path: "/tokenize", body: []byte(`{"add_special":true}`), status: 400, param: "content", code: "invalid_value"},
+		{name: "tokenize with content and messages", path: "/v1/tokenize", body: []byte(`{"content":"x","messages":[{"role":"user","content":"x"}]}`),
+			status: 400, param: "messages", code: "invalid_value"},
+		{name: "tokenize a chat with a corrupt WebP", path: "/tokenize", body: chatWith(t, map[string]any{"messages": userParts(imagePart("data:image/webp;base64," + b64(webpPic[:len(webpPic)-40])))}),
+			status: 400, param: "messages[0].content[0].image_url", code: "invalid_image"},
+		{name: "tokenize without API key", server: "restricted", path: "/tokenize", body: []byte(`{"content":"x"}`),
+			status: 401, typ: "authentication_error", param: null, code: "invalid_api_key"},
 
 		// --- auth (server started with --api-key) ---
 		{name: "missing API key", server: "restricted", body: chatWith(t, nil),
@@ -298,6 +348,11 @@ func TestBadInputCatalogue(t *testing.T) {
 			}
 			if tc.status == http.StatusUnauthorized && r.Header.Get("WWW-Authenticate") == "" {
 				t.Errorf("401 without WWW-Authenticate")
+			}
+			// Every case here is the request's own fault: the OpenAI SDKs must
+			// not send it again.
+			if got := r.Header.Get("X-Should-Retry"); got != "false" {
+				t.Errorf("x-should-retry %q on a %d, want false", got, r.Status)
 			}
 			goodReq(t, name)
 		})
