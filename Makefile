@@ -41,7 +41,7 @@ PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... .
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
 	./internal/eval/progress/... ./internal/eval/report/...
 
-.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke
+.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke chartcheck image-check
 
 # GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
 # `make cuda` builds it from the same module sources with CMake and nvcc.
@@ -61,6 +61,7 @@ deps:
 
 mod:
 	$(GO) mod download
+	cd deploy/helm/chartcheck && $(GO) mod download
 
 build: deps mod
 	$(QUIET) $(GO) build -o $(BIN)/ ./cmd/...
@@ -78,6 +79,7 @@ test: deps mod
 	$(QUIET) $(GO) test -race $(PURE_PKGS)
 	$(QUIET) $(GO) test -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) --no-print-directory fuzz FUZZTIME=3s OLLAMA_DIR=$(OLLAMA_DIR)
+	$(MAKE) --no-print-directory chartcheck
 
 # Fuzz targets (request decoding, data URLs, image checks); `make fuzz FUZZTIME=5m` for long runs.
 FUZZTIME ?= 60s
@@ -98,6 +100,23 @@ run: build model
 # (answer " red"), SIGTERM, exit 0. CI runs it on an empty module cache (.ci/run).
 smoke:
 	tools/build/smoke.sh
+
+# The Helm chart (three configurations and more, rendered with the Helm 3 library, decoded
+# strictly into the Kubernetes types, run through our config parser) and docker-compose.yml
+# (compose-go), in the nested module deploy/helm/chartcheck: pure Go, its own go.mod, so the
+# server does not depend on Helm. A dependency added to the main module can require its
+# go.sum to grow: then it is tidied here (commit the result).
+chartcheck:
+	@cd deploy/helm/chartcheck && { $(GO) mod tidy -diff >/dev/null 2>&1 || { \
+	  echo "chartcheck: go mod tidy in deploy/helm/chartcheck (the main module's dependencies changed; commit its go.mod/go.sum)"; \
+	  $(GO) mod tidy; }; }
+	cd deploy/helm/chartcheck && CGO_ENABLED=0 $(GO) vet ./... && CGO_ENABLED=0 $(GO) test ./...
+
+# The CPU image built from the Dockerfile with buildah and run: one image request (needs
+# root, buildah, debootstrap; IMAGE_CHECK_SKIP=1 skips where buildah is absent). Not part
+# of `make test`.
+image-check:
+	tools/image/check.sh
 
 # `eval "$$(make -s env)"` gives a shell the same cgo flags (and so the same build cache).
 # A quick quality/latency sweep of the bundled model on a synthetic shapes set.

@@ -220,6 +220,9 @@ func planChat(cr *ChatRequest, lim planLimits) (*chatPlan, *apiError) {
 		return nil, aerr
 	}
 	p.req.Cache = cache
+	if cr.ElasticCache != nil {
+		p.req.Reuse = cr.ElasticCache.Reuse
+	}
 	return p, nil
 }
 

@@ -243,6 +243,8 @@ type engineCollector struct {
 	queueDepth, slotsBusy, requestsRunning, slotsTotal *prometheus.Desc
 	cellsUsed, cellsTotal, cacheUsage, cellsByPolicy   *prometheus.Desc
 	invariantFailures                                  *prometheus.Desc
+	// conversation memory
+	cellsHeld, reuseHits, reuseMisses, reusedTokens, reclaimed, imageHits, imageEncodes *prometheus.Desc
 }
 
 func newEngineCollector(b Backend) *engineCollector {
@@ -263,12 +265,21 @@ func newEngineCollector(b Backend) *engineCollector {
 			"KV cache cells held by the running sequences of each cache policy.", "policy"),
 		invariantFailures: d("elasticserve_kv_invariant_failures_total",
 			"Requests failed because a runtime invariant of the KV hook broke (captured attention, cells read back)."),
+		cellsHeld: d("elasticserve_kv_cells_held",
+			"KV cache cells of finished conversations kept for their next turn (reclaimable; not in elasticserve_kv_cells_used)."),
+		reuseHits:    d("elasticserve_prefix_cache_hits_total", "Requests that continued from a held conversation's cells."),
+		reuseMisses:  d("elasticserve_prefix_cache_misses_total", "Requests that could reuse cells but found no held conversation to continue."),
+		reusedTokens: d("elasticserve_prefix_cache_reused_tokens_total", "Prompt tokens served from held cells instead of being encoded."),
+		reclaimed:    d("elasticserve_kv_cells_reclaimed_total", "Held cells dropped to make room for other requests."),
+		imageHits:    d("elasticserve_image_cache_hits_total", "Images whose embeddings came from the image cache."),
+		imageEncodes: d("elasticserve_image_encodes_total", "Images encoded by the vision encoder."),
 	}
 }
 
 func (c *engineCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.queueDepth, c.slotsBusy, c.requestsRunning, c.slotsTotal,
-		c.cellsUsed, c.cellsTotal, c.cacheUsage, c.cellsByPolicy, c.invariantFailures} {
+		c.cellsUsed, c.cellsTotal, c.cacheUsage, c.cellsByPolicy, c.invariantFailures,
+		c.cellsHeld, c.reuseHits, c.reuseMisses, c.reusedTokens, c.reclaimed, c.imageHits, c.imageEncodes} {
 		ch <- d
 	}
 }
@@ -301,6 +312,14 @@ func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(c.invariantFailures, prometheus.CounterValue, float64(st.KVInvariantFailures))
+	gauge(c.cellsHeld, st.KVCellsHeld)
+	for _, m := range []struct {
+		d *prometheus.Desc
+		v int
+	}{{c.reuseHits, st.ReuseHits}, {c.reuseMisses, st.ReuseMisses}, {c.reusedTokens, st.ReusedTokens},
+		{c.reclaimed, st.ReclaimedCells}, {c.imageHits, st.ImageCacheHits}, {c.imageEncodes, st.ImageEncodes}} {
+		ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, float64(m.v))
+	}
 }
 
 // usageRatio is used/total, clamped so that a router never reads a value

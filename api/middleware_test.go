@@ -123,7 +123,7 @@ func TestUsageAndKVCacheJSON(t *testing.T) {
 	}
 	want := `{"id":"","object":"","created":0,"model":"","choices":[],` +
 		`"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"prompt_tokens_details":{"cached_tokens":0}},` +
-		`"kv_cache":{"policy":"elastic","budget":0.5,"prompt_entries":4,"kept":5,"merged":6,"evicted":7,` +
+		`"kv_cache":{"policy":"elastic","budget":0.5,"prompt_entries":4,"reused":0,"kept":5,"merged":6,"evicted":7,` +
 		`"peak_cells":8,"final_cells":9,"bytes_saved":10,"prefill_ms":1.5,"compress_ms":2.5,"decode_ms":3.5}}`
 	if string(b) != want {
 		t.Fatalf("got  %s\nwant %s", b, want)

@@ -58,6 +58,9 @@ type ElasticCacheParams struct {
 	// Selection is "paper" (the method as published) or "reference" (parity
 	// with the authors' published code).
 	Selection *string `json:"selection"`
+	// Reuse false keeps this request from continuing a held conversation's cells
+	// and from being held itself.
+	Reuse *bool `json:"reuse"`
 }
 
 // ChatMessage is one entry of messages.
@@ -216,14 +219,15 @@ type Usage struct {
 }
 
 // PromptTokensDetails is usage.prompt_tokens_details. CachedTokens counts prompt
-// tokens whose KV entries were reused rather than computed: always 0 until caches
-// are reused across requests.
+// tokens (image tokens included) whose KV entries came from a held conversation
+// instead of being encoded.
 type PromptTokensDetails struct {
 	CachedTokens int `json:"cached_tokens"`
 }
 
 func usageOf(u completion.Usage) Usage {
-	return Usage{PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, TotalTokens: u.TotalTokens}
+	return Usage{PromptTokens: u.PromptTokens, CompletionTokens: u.CompletionTokens, TotalTokens: u.TotalTokens,
+		PromptTokensDetails: PromptTokensDetails{CachedTokens: u.CachedTokens}}
 }
 
 // ChoiceLogprobs is a choice's logprobs.
@@ -278,6 +282,7 @@ type KVCacheReport struct {
 	Budget        float64 `json:"budget"`
 	Selection     string  `json:"selection,omitempty"`
 	PromptEntries int     `json:"prompt_entries"`
+	Reused        int     `json:"reused"`
 	Kept          int     `json:"kept"`
 	Merged        int     `json:"merged"`
 	Evicted       int     `json:"evicted"`
@@ -295,7 +300,7 @@ func kvCacheOf(kv *completion.KVReport) *KVCacheReport {
 		return nil
 	}
 	return &KVCacheReport{
-		Policy: kv.Policy, Budget: kv.Budget, Selection: kv.Selection, PromptEntries: kv.PromptEntries,
+		Policy: kv.Policy, Budget: kv.Budget, Selection: kv.Selection, PromptEntries: kv.PromptEntries, Reused: kv.Reused,
 		Kept: kv.Kept, Merged: kv.Merged, Evicted: kv.Evicted,
 		PeakCells: kv.PeakCells, FinalCells: kv.FinalCells, BytesSaved: kv.BytesSaved,
 		PrefillMs: kv.PrefillMs, CompressMs: kv.CompressMs, DecodeMs: kv.DecodeMs,

@@ -75,6 +75,10 @@ type BackendStats struct {
 	// KVCellsByPolicy splits KVCellsUsed by cache policy name; nil: not
 	// reported (elasticserve_kv_cells_used_by_policy is left out).
 	KVCellsByPolicy map[string]int
+	// Conversation memory (see engine.Stats): held cells, and counters since start.
+	KVCellsHeld                                          int
+	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
+	ImageCacheHits, ImageEncodes                         int
 }
 
 // Options is what the HTTP layer needs from the configuration.

@@ -85,8 +85,13 @@ type Config struct {
 	ImageURLTimeout       time.Duration `env:"IMAGE_URL_TIMEOUT" envDefault:"10s"`
 
 	// HTTP limits.
-	MaxBodyBytes   ByteSize      `env:"MAX_BODY_BYTES" envDefault:"64MiB"`
-	QueueSize      int           `env:"QUEUE_SIZE" envDefault:"64"`
+	MaxBodyBytes ByteSize `env:"MAX_BODY_BYTES" envDefault:"64MiB"`
+	QueueSize    int      `env:"QUEUE_SIZE" envDefault:"64"`
+
+	// CacheReuse keeps a finished conversation's KV cells so that its next turn
+	// continues from them; ImageCacheMB bounds the encoded images kept by content.
+	CacheReuse     bool          `env:"CACHE_REUSE" envDefault:"true"`
+	ImageCacheMB   int           `env:"IMAGE_CACHE_MB" envDefault:"256"`
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
 	ShutdownGrace  time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
 
@@ -231,6 +236,8 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	dur(&cfg.ImageURLTimeout, "image-url-timeout", "time limit for fetching one image URL")
 	size(&cfg.MaxBodyBytes, "max-body-bytes", "largest accepted request body; a `size` like 67108864 or 64MiB")
 	num(&cfg.QueueSize, "queue-size", "requests that may wait for a free slot; beyond that the server answers 429")
+	boolean(&cfg.CacheReuse, "cache-reuse", "keep a finished conversation's KV cells in its slot so that a request continuing it skips the shared prefix (full and local requests; a request may opt out with elastic_cache.reuse=false)")
+	num(&cfg.ImageCacheMB, "image-cache-mb", "MiB of encoded images kept by content, so a picture sent again is not encoded again (0: off)")
 	dur(&cfg.RequestTimeout, "request-timeout", "time limit for one completion request (0: none)")
 	dur(&cfg.ShutdownGrace, "shutdown-grace", "on SIGTERM/SIGINT, how long running requests may finish before they are cancelled")
 	str(&cfg.LogLevel, "log-level", "log level: trace, debug, info, warn, error")
@@ -340,6 +347,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxBodyBytes < 1024 {
 		return bad("max-body-bytes", "must be at least 1024, got %d", c.MaxBodyBytes)
+	}
+	if c.ImageCacheMB < 0 {
+		return bad("image-cache-mb", "must be >= 0, got %d", c.ImageCacheMB)
 	}
 	if c.QueueSize < 0 {
 		return bad("queue-size", "must be >= 0, got %d", c.QueueSize)

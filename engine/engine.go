@@ -35,7 +35,14 @@ type Options struct {
 	FlashAttn  bool // faster attention; policies that need attention scores are refused
 	QueueSize  int  // requests waiting for a slot before Submit answers ErrQueueFull
 	KVType     string
-	Log        zerolog.Logger
+	// Reuse keeps a finished request's cells in its slot (until the slot or the cells
+	// are needed) so that a later prompt that starts the same way continues from them
+	// instead of encoding that part again. Requests may opt out (Request.Reuse).
+	Reuse bool
+	// ImageCacheBytes bounds the encoded images kept by content, so that a picture
+	// sent again is not encoded again; 0 keeps none.
+	ImageCacheBytes int64
+	Log             zerolog.Logger
 	// Observe, when set, is called on the decode loop after each prefill plan and each
 	// generation step (tests and diagnostics; it must not block).
 	Observe func(Observation)
@@ -75,6 +82,15 @@ type Stats struct {
 	// KVCellsByPolicy splits KVCellsUsed by the cache policy of the sequences
 	// holding the cells; every policy has an entry (0 when it holds none).
 	KVCellsByPolicy map[string]int
+	// KVCellsHeld: cells of finished conversations kept for reuse (reclaimable; not
+	// in KVCellsUsed).
+	KVCellsHeld int
+	// Prefix reuse since Start: requests that continued from held cells (hits) or
+	// found none to continue from while some were held (misses), the prompt tokens
+	// not encoded again, and held cells dropped to make room.
+	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
+	// Image cache since Start: images served from it, and images encoded.
+	ImageCacheHits, ImageEncodes int
 }
 
 // cachePolicies indexes Engine.policyCells: a fixed array lets the loop publish
@@ -96,7 +112,10 @@ type Engine struct {
 	queue  chan *seq
 	wake   chan struct{}
 
-	slots   []*seq // index = llama sequence id; nil when free
+	slots   []*seq     // index = llama sequence id; nil when free
+	held    []*heldSeq // index = slot: a finished sequence kept for reuse, or nil
+	clock   uint64     // orders held sequences by last use
+	images  *imageCache
 	waiting []*seq // taken off the queue, not yet admitted (FIFO)
 	pools   []*cellPool
 	// reserved cells per pool: what admitted sequences may hold at most
@@ -115,6 +134,13 @@ type Engine struct {
 	// policyCells[i]: cells held by sequences running cachePolicies[i]
 	policyCells [len(cachePolicies)]atomic.Int64
 	broken      atomic.Int64 // KV invariant failures
+	cellsHeld   atomic.Int64
+	reuseHits   atomic.Int64
+	reuseMisses atomic.Int64
+	reusedToks  atomic.Int64
+	reclaimed   atomic.Int64
+	imageHits   atomic.Int64
+	imageEncs   atomic.Int64
 	running     atomic.Bool
 
 	cancel   context.CancelFunc
@@ -182,6 +208,8 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		queue:        make(chan *seq, opts.QueueSize),
 		wake:         make(chan struct{}, 1),
 		slots:        make([]*seq, opts.Parallel),
+		held:         make([]*heldSeq, opts.Parallel),
+		images:       newImageCache(opts.ImageCacheBytes),
 		tokBatch:     llama.NewBatch(opts.BatchSize, 0, 1),
 		bytesPerCell: int64(info.Layers) * 2 * int64(info.KVRowElems) * elem,
 		nCtx:         ctx.NCtx(),
@@ -245,6 +273,13 @@ func (e *Engine) Stats() Stats {
 
 		KVInvariantFailures: int(e.broken.Load()),
 		KVCellsByPolicy:     e.cellsByPolicy(),
+		KVCellsHeld:         int(e.cellsHeld.Load()),
+		ReuseHits:           int(e.reuseHits.Load()),
+		ReuseMisses:         int(e.reuseMisses.Load()),
+		ReusedTokens:        int(e.reusedToks.Load()),
+		ReclaimedCells:      int(e.reclaimed.Load()),
+		ImageCacheHits:      int(e.imageHits.Load()),
+		ImageEncodes:        int(e.imageEncs.Load()),
 	}
 }
 
@@ -313,7 +348,8 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 	if err := e.supports(req.Cache); err != nil {
 		return nil, err
 	}
-	s := &seq{id: -1, req: req, box: newOutbox(), stops: stopScanner{stops: req.Stop}}
+	s := &seq{id: -1, req: req, box: newOutbox(), stops: stopScanner{stops: req.Stop},
+		reuse: e.opts.Reuse && (req.Reuse == nil || *req.Reuse) && req.Force == nil}
 	if err := e.tokenize(s); err != nil {
 		s.release()
 		return nil, err
@@ -380,6 +416,7 @@ func (e *Engine) report(s *seq) *KVReport {
 		Budget:        spec.Budget(),
 		PromptEntries: s.nPrompt,
 		PrefillMs:     ms(s.prefillDur),
+		Reused:        s.cached,
 	}
 	if spec.Compresses() {
 		r.Selection = string(spec.Selection())

@@ -83,18 +83,24 @@ func (e *Engine) admit() {
 			e.dropWaiting(Event{Done: true, Err: s.ctx.Err()})
 			continue
 		}
-		slot := slices.Index(e.slots, nil)
+		slot, common := e.pickSlot(s)
 		if slot < 0 {
 			return
 		}
 		pi := e.poolOf(slot)
 		e.plan(s, e.pools[pi].size())
-		if e.reserved[pi]+s.reserve > e.pools[pi].size() {
+		keep := -1 // the held sequence s continues, whose cells its reservation counts
+		if common > 0 {
+			keep = slot
+		} else {
+			e.drop(slot)
+		}
+		if !e.reclaim(pi, keep, s.reserve) {
 			return // wait for cells to be released
 		}
 		e.waiting = e.waiting[1:]
 		e.queued.Add(-1)
-		cache, err := newSeqCache(e.ctx, slot, e.pools[pi], s.req.Cache, e.model.Info().Layers, s.nPrompt, s.textFrom)
+		cache, err := e.seqCacheFor(s, slot, common)
 		if err != nil {
 			s.box.push(Event{Done: true, Err: err})
 			s.release()
@@ -192,9 +198,11 @@ func (e *Engine) finish(s *seq, ev Event) {
 	}
 	ev.NLL, ev.NLLTokens = s.nll, s.nllN
 	ev.QueueMs = ms(s.started.Sub(s.queuedAt))
-	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen}
+	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen, CachedTokens: s.cached}
 	ev.KV = e.report(s)
-	s.cache.free()
+	if ev.Err != nil || !e.hold(s) {
+		s.cache.free()
+	}
 	s.release()
 	// The caller may read Stats as soon as it has the final event: count first.
 	e.updateCells()
@@ -214,6 +222,13 @@ func (e *Engine) updateCells() {
 		}
 	}
 	e.cellsUsed.Store(int64(n))
+	held := 0
+	for _, h := range e.held {
+		if h != nil {
+			held += h.cache.held()
+		}
+	}
+	e.cellsHeld.Store(int64(held))
 	for i, c := range byPolicy {
 		e.policyCells[i].Store(c)
 	}
@@ -265,7 +280,7 @@ func (e *Engine) prefill(s *seq) {
 	if e.injected(s) {
 		return
 	}
-	if s.chunkIdx == 0 && s.chunkOff == 0 {
+	if s.prefillStart.IsZero() {
 		s.prefillStart = time.Now()
 	}
 	b, n, nonCausal, err := e.promptBatch(s)
@@ -330,8 +345,8 @@ func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err
 		}
 	case llama.ChunkImage:
 		if ch.embd == nil {
-			if ch.embd, err = s.prompt.EncodeImage(ch.src); err != nil {
-				return nil, 0, false, fmt.Errorf("engine: %w", err)
+			if ch.embd, err = e.encodeImage(s, ch); err != nil {
+				return nil, 0, false, err
 			}
 		}
 		b = e.embdBatch
@@ -477,6 +492,7 @@ func (e *Engine) emit(s *seq, tok llama.Token) {
 		return
 	}
 	s.nGen++
+	s.answer = append(s.answer, tok)
 	text := s.utf8.Write(e.model.TokenPiece(tok, false))
 	out, hit := s.stops.add(text)
 	var lps []TokenLogprob
@@ -550,4 +566,43 @@ func (e *Engine) failPanic(s *seq, v any, stack []byte) {
 		}
 	}()
 	e.finish(s, Event{Done: true, Err: err})
+}
+
+// seqCacheFor gives admitted request s the cache of slot: the held sequence there,
+// continued after its first common positions, or an empty one.
+func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
+	pool, layers := e.pools[e.poolOf(slot)], e.model.Info().Layers
+	if common == 0 {
+		if s.reuse && slices.ContainsFunc(e.held, func(h *heldSeq) bool { return h != nil }) {
+			e.reuseMisses.Add(1)
+		}
+		return newSeqCache(e.ctx, slot, pool, s.req.Cache, layers, s.nPrompt, s.textFrom)
+	}
+	h := e.held[slot]
+	e.held[slot] = nil
+	c, err := continueSeqCache(h.cache, s.req.Cache, layers, s.nPrompt, s.textFrom, common)
+	if err != nil {
+		h.cache.free()
+		return nil, err
+	}
+	s.startAt(common)
+	e.reuseHits.Add(1)
+	e.reusedToks.Add(int64(common))
+	return c, nil
+}
+
+// encodeImage returns the embeddings of image chunk ch of s, from the image cache
+// when the same picture was encoded before.
+func (e *Engine) encodeImage(s *seq, ch *promptChunk) ([]float32, error) {
+	if embd, ok := e.images.get(ch.key); ok {
+		e.imageHits.Add(1)
+		return embd, nil
+	}
+	embd, err := s.prompt.EncodeImage(ch.src)
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	e.imageEncs.Add(1)
+	e.images.put(ch.key, embd)
+	return embd, nil
 }

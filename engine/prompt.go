@@ -51,6 +51,7 @@ type promptChunk struct {
 	tokens []llama.Token
 	n      int
 	src    llama.Chunk
+	key    imageKey  // an image's content
 	embd   []float32 // image embeddings, once encoded
 }
 
@@ -62,6 +63,12 @@ func (e *Engine) tokenize(s *seq) error {
 		return err
 	}
 	s.prompt, s.chunks, s.nPrompt = p.c, p.chunks, p.n
+	s.units = promptUnits(s.chunks, s.req.Images())
+	for i, u := range s.units {
+		if u.img != (imageKey{}) && u.tok == 0 {
+			s.chunks[chunkAt(s.chunks, i)].key = u.img
+		}
+	}
 	pos := 0
 	for _, c := range s.chunks {
 		pos += c.n
@@ -149,4 +156,15 @@ func buildPrompt(m *llama.Model, v *llama.Vision, msgs []Message, answerPrefix s
 		p.n += ch.NTokens
 	}
 	return p, nil
+}
+
+// chunkAt is the index of the chunk that holds prompt position pos.
+func chunkAt(chunks []promptChunk, pos int) int {
+	for i, c := range chunks {
+		if pos < c.n {
+			return i
+		}
+		pos -= c.n
+	}
+	return len(chunks)
 }

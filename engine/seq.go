@@ -17,6 +17,11 @@ type seq struct {
 	prompt  *llama.Prompt // C chunks (images); nil for text-only prompts
 	chunks  []promptChunk
 	nPrompt int
+	units   []unit // what each prompt position holds (for prefix reuse)
+	// reuse: the request may continue from a held sequence and be held itself;
+	// cached: prompt positions served by held cells instead of being encoded.
+	reuse  bool
+	cached int
 	// textFrom is the first prompt position after the last image (0: no image).
 	textFrom int
 
@@ -29,8 +34,9 @@ type seq struct {
 	logprob *TokenLogprob // the token just sampled, when the request asked for logprobs
 	cache   *seqCache     // set when admitted
 
-	nPast   int         // tokens processed (prompt + generated): T
-	pending llama.Token // sampled, not yet decoded
+	nPast   int           // tokens processed (prompt + generated): T
+	pending llama.Token   // sampled, not yet decoded
+	answer  []llama.Token // generated tokens, in order
 	nGen    int
 	maxGen  int // tokens this request may generate (its reservation assumes it)
 	reserve int // cells reserved for it in its pool
@@ -60,4 +66,15 @@ func (s *seq) release() {
 		s.sampler.Close()
 		s.sampler = nil
 	}
+}
+
+// startAt skips the first n prompt positions, whose entries the sequence's cells
+// already hold (prefix reuse): prefill goes on from position n.
+func (s *seq) startAt(n int) {
+	s.nPast, s.cached = n, n
+	for s.chunkIdx < len(s.chunks) && n >= s.chunks[s.chunkIdx].n {
+		n -= s.chunks[s.chunkIdx].n
+		s.chunkIdx++
+	}
+	s.chunkOff = n
 }

@@ -81,6 +81,38 @@ func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache
 	return c, nil
 }
 
+// continueSeqCache turns held, a finished sequence whose cells hold positions
+// 0..n-1 uncompressed, into the cache of a new request under spec whose prompt
+// (nPrompt positions) starts with the same first common entries: the cells from
+// position common on are removed, the rest stay, and the new request's prompt is
+// encoded from common.
+func continueSeqCache(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, textFrom, common int) (*seqCache, error) {
+	if spec.PrefillScores() {
+		// Its plan ranks every prompt entry by the attention of every prompt query;
+		// the held entries' queries are not encoded again.
+		return nil, fmt.Errorf("engine: a %s plan cannot continue held cells", spec.Policy())
+	}
+	tr, err := elasticcache.NewTracker(spec, nLayers)
+	if err != nil {
+		return nil, err
+	}
+	tr.SetTextTail(textFrom)
+	if !held.lctx.SeqRemove(held.seq, common, -1) {
+		return nil, fmt.Errorf("engine: could not remove positions from %d of sequence %d", common, held.seq)
+	}
+	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt, evicted: -1}
+	for i, p := range held.pos {
+		if p < common {
+			c.cells = append(c.cells, held.cells[i])
+			c.pos = append(c.pos, p)
+		} else {
+			c.pool.release(held.cells[i])
+		}
+	}
+	c.peak = len(c.cells)
+	return c, nil
+}
+
 // held is the number of entries (cells) the sequence holds.
 func (c *seqCache) held() int { return len(c.cells) }
 

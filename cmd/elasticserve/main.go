@@ -119,7 +119,10 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		Unified:    cfg.KVUnified,
 		KVType:     cfg.KVType,
 		QueueSize:  cfg.QueueSize,
-		Log:        log,
+		Reuse:      cfg.CacheReuse,
+		// MiB as bytes
+		ImageCacheBytes: int64(cfg.ImageCacheMB) << 20,
+		Log:             log,
 	})
 	if err != nil {
 		return err
@@ -133,7 +136,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	if st, err := os.Stat(cfg.Model); err == nil {
 		created = st.ModTime()
 	}
-	backend := &backend{eng: eng, model: model, vision: vision, info: api.BackendInfo{
+	backend := &backend{eng: eng, model: model, info: api.BackendInfo{
 		ModelID: modelID, Created: created, CtxPerSeq: eng.SeqCells(), Vision: vision != nil, Slots: cfg.Parallel,
 		MediaMarker: llama.MediaMarker(), VocabSize: info.VocabSize,
 	}}
@@ -186,10 +189,9 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 
 // backend adapts the engine to the HTTP layer.
 type backend struct {
-	eng    *engine.Engine
-	model  *llama.Model
-	vision *llama.Vision // nil: text only
-	info   api.BackendInfo
+	eng   *engine.Engine
+	model *llama.Model // for Tokenize and Detokenize
+	info  api.BackendInfo
 }
 
 // Tokenize, Detokenize and CountPrompt run on the handler's goroutine while
@@ -221,7 +223,7 @@ func (b *backend) Detokenize(_ context.Context, ids []int32) (string, error) {
 }
 
 func (b *backend) CountPrompt(_ context.Context, req *engine.Request) (int, error) {
-	return engine.CountPrompt(b.model, b.vision, req.Messages)
+	return b.eng.CountPrompt(req)
 }
 
 func (b *backend) Submit(ctx context.Context, req *engine.Request) (<-chan engine.Event, error) {
@@ -235,5 +237,7 @@ func (b *backend) Ready() bool { return b.eng.Ready() }
 func (b *backend) Stats() api.BackendStats {
 	s := b.eng.Stats()
 	return api.BackendStats{QueueDepth: s.QueueDepth, SlotsBusy: s.SlotsBusy, KVCellsUsed: s.KVCellsUsed, KVCellsTotal: s.KVCellsTotal,
-		KVInvariantFailures: s.KVInvariantFailures, KVCellsByPolicy: s.KVCellsByPolicy}
+		KVInvariantFailures: s.KVInvariantFailures, KVCellsByPolicy: s.KVCellsByPolicy,
+		KVCellsHeld: s.KVCellsHeld, ReuseHits: s.ReuseHits, ReuseMisses: s.ReuseMisses, ReusedTokens: s.ReusedTokens,
+		ReclaimedCells: s.ReclaimedCells, ImageCacheHits: s.ImageCacheHits, ImageEncodes: s.ImageEncodes}
 }

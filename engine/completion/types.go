@@ -74,6 +74,9 @@ type Request struct {
 	// Cache is the validated cache setting for this request (server default already
 	// applied); the zero Spec is full.
 	Cache elasticcache.Spec
+	// Reuse, when set to false, keeps this request from continuing a held
+	// conversation's cells and from being held itself; nil follows the engine.
+	Reuse *bool
 	// Constraint, when set, restricts what may be generated (structured output, tool
 	// calls). It works with every cache policy: it acts on sampling only.
 	Constraint *Constraint
@@ -126,6 +129,9 @@ type Usage struct {
 	PromptTokens     int
 	CompletionTokens int
 	TotalTokens      int
+	// CachedTokens: prompt tokens whose KV entries came from a held conversation
+	// instead of being encoded (image tokens included).
+	CachedTokens int
 }
 
 // KVReport says what the cache policy did for one request.
@@ -134,6 +140,7 @@ type KVReport struct {
 	Budget        float64 // in effect: 1 for full
 	Selection     string  // the selection rule of a compressing setting; "" when nothing is compressed
 	PromptEntries int
+	Reused        int // prompt entries served by a held conversation's cells (not encoded)
 	Kept          int // entries per layer right after the prompt plan
 	Merged        int
 	Evicted       int

@@ -14,11 +14,14 @@
 #   IMAGE_CHECK_TIMEOUT         seconds to wait for the server to be ready (default 120)
 #   IMAGE_CHECK_TAG             name of the built image (default localhost/elasticserve:check)
 #   DEBIAN_MIRROR               mirror for debootstrap (default: the machine's apt source)
+#   EXTRA_CA_DIR                CA certificates (*.crt) trusted in the builder base image
+#                               (default /usr/local/share/ca-certificates: this machine's)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 TAG=${IMAGE_CHECK_TAG:-localhost/elasticserve:check}
 TIMEOUT=${IMAGE_CHECK_TIMEOUT:-120}
+EXTRA_CA_DIR=${EXTRA_CA_DIR:-/usr/local/share/ca-certificates}
 WANT=" red"
 IMAGE=models/demo/example.png
 
@@ -89,6 +92,12 @@ golang_base() {
 		deb=$(debian_base "$suite")
 		say "making $ref (Go $have from $goroot)"
 		c=$(buildah from --pull=never "$deb")
+		# This machine's own CAs (e.g. of a TLS-intercepting egress proxy), so that the
+		# Dockerfile's `go mod download` can reach the module proxy. The runtime base gets
+		# none: its apt sources are plain http and the server fetches nothing at run time.
+		if compgen -G "$EXTRA_CA_DIR/*.crt" >/dev/null; then
+			buildah copy --quiet "$c" "$EXTRA_CA_DIR" /usr/local/share/ca-certificates >/dev/null
+		fi
 		buildah run --isolation chroot "$c" -- sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ca-certificates curl git gcc g++ libc6-dev make pkg-config >/dev/null && rm -rf /var/lib/apt/lists/*' ||
 			{ buildah rm "$c" >/dev/null; fail "installing the build tools into $ref"; }
 		buildah copy --quiet "$c" "$goroot" /usr/local/go >/dev/null

@@ -479,7 +479,7 @@ func checkServiceMonitor(t *testing.T, r *rendered, key corev1.SecretKeySelector
 		t.Fatalf("ServiceMonitor endpoints: %d", len(sm.Spec.Endpoints))
 	}
 	ep := sm.Spec.Endpoints[0]
-	if ep.Port == nil || !slices.ContainsFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == *ep.Port }) {
+	if !slices.ContainsFunc(svc.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == ep.Port }) {
 		t.Errorf("ServiceMonitor scrapes port %v, not a Service port", ep.Port)
 	}
 	if ep.Path != "/metrics" {

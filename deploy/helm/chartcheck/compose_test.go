@@ -7,6 +7,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -65,7 +66,7 @@ func TestComposeFile(t *testing.T) {
 				}
 				if name == "elasticserve-gpu" {
 					if svc.Deploy == nil || svc.Deploy.Resources.Reservations == nil || len(svc.Deploy.Resources.Reservations.Devices) != 1 ||
-						!svc.Deploy.Resources.Reservations.Devices[0].Capabilities[0:1].Equal([]string{"gpu"}) {
+						!slices.Contains(svc.Deploy.Resources.Reservations.Devices[0].Capabilities, "gpu") {
 						t.Errorf("%s: no GPU device reservation", name)
 					}
 					if cfg.GPULayers != -1 {

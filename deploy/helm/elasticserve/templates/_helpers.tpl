@@ -55,7 +55,7 @@ fails when a config option is missing here or a name here is not one.
 */}}
 {{- define "elasticserve.serverOptions" -}}
 ctx-size kv-unified kv-type parallel threads batch-size ubatch-size flash-attn
-model-alias policy budget sink distance selection
+model-alias cors-origins policy budget sink distance selection
 max-image-bytes max-images max-image-pixels allow-image-urls allow-private-image-urls image-url-timeout
 max-body-bytes queue-size request-timeout log-level log-format n-predict
 {{- end -}}
@@ -130,7 +130,7 @@ number is printed as an integer (16777216, not 1.6777216e+07).
 {{- if and (eq .Values.model.source "image") .Values.gpu.enabled -}}
 {{- fail "model.source=image: only the CPU image bundles a model; use pvc or volume with gpu.enabled" -}}
 {{- end -}}
-{{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) -}}
+{{- if and .Values.podDisruptionBudget.enabled (include "elasticserve.pdbHas" (list . "minAvailable")) (include "elasticserve.pdbHas" (list . "maxUnavailable")) -}}
 {{- fail "podDisruptionBudget: set only one of maxUnavailable and minAvailable (the other to null)" -}}
 {{- end -}}
 {{- if .Values.autoscaling.enabled -}}
@@ -141,4 +141,10 @@ number is printed as an integer (16777216, not 1.6777216e+07).
 {{- fail "autoscaling.minReplicas must not exceed maxReplicas" -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* "true" when podDisruptionBudget.<key> is set (not absent, not null). */}}
+{{- define "elasticserve.pdbHas" -}}
+{{- $pdb := (index . 0).Values.podDisruptionBudget -}}
+{{- if and (hasKey $pdb (index . 1)) (not (kindIs "invalid" (get $pdb (index . 1)))) -}}true{{- end -}}
 {{- end -}}

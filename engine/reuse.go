@@ -1,0 +1,178 @@
+package engine
+
+import (
+	"slices"
+
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// unit names what one position of a sequence holds: a text token, or the k-th
+// embedding of an image (by the image's content). Two prompts that agree on their
+// first n units put the same entries in their first n cells, which is what lets a
+// finished conversation's cells serve the next request.
+type unit struct {
+	img imageKey    // zero for a text token
+	tok llama.Token // the token, or k for an image
+}
+
+func textUnit(t llama.Token) unit { return unit{tok: t} }
+
+// inImage is k > 0 for a position inside an image after its first embedding.
+func (u unit) inImage() int {
+	if u.img == (imageKey{}) {
+		return 0
+	}
+	return int(u.tok)
+}
+
+// heldSeq is a finished request's sequence kept in its slot so that the next turn
+// of the conversation can continue from its cells (prefix reuse). Its cells stay
+// in the pool until the slot or the cells are needed, least recently used first.
+type heldSeq struct {
+	cache *seqCache
+	units []unit // what positions 0..len-1 hold: the prompt and the decoded answer
+	used  uint64 // engine.clock when it was held
+}
+
+// reusable is how many leading units of want the held sequence can serve: the
+// common prefix, never the whole of want (the last prompt token must be decoded to
+// get the first answer token's logits), and never part of an image (an image is
+// encoded, and attended without a mask by some models, as a whole).
+func (h *heldSeq) reusable(want []unit) int {
+	n := min(len(h.units), len(want)-1)
+	common := 0
+	for common < n && h.units[common] == want[common] {
+		common++
+	}
+	if common > 0 && common < len(want) {
+		common -= want[common].inImage()
+	}
+	return max(common, 0)
+}
+
+// promptUnits lists the units of a tokenized prompt; images are keyed by their bytes
+// (in prompt order, as the chunks are).
+func promptUnits(chunks []promptChunk, images [][]byte) []unit {
+	var out []unit
+	img := 0
+	for _, ch := range chunks {
+		switch ch.kind {
+		case llama.ChunkImage:
+			var k imageKey
+			if img < len(images) {
+				k = keyOf(images[img])
+			}
+			img++
+			for i := range ch.n {
+				out = append(out, unit{img: k, tok: llama.Token(i)})
+			}
+		default:
+			for _, t := range ch.tokens {
+				out = append(out, textUnit(t))
+			}
+		}
+	}
+	return out
+}
+
+// pickSlot chooses where waiting request s runs, and how many of its prompt
+// positions the chosen slot's held cells serve:
+//  1. the free slot whose held sequence serves the longest prefix, when that prefix
+//     is at least half of what it holds (the conversation continues);
+//  2. else a free slot holding nothing;
+//  3. else a free slot whose held sequence is given up: the one serving the longest
+//     prefix, or, when none serves any, the least recently used.
+//
+// A held conversation is not cut down for a short shared prefix (a common system
+// prompt) while an empty slot is free, as llama-server's slot-similarity rule does.
+// It returns slot -1 when every slot is running a request.
+func (e *Engine) pickSlot(s *seq) (slot, common int) {
+	// A plan that ranks prompt entries by every prompt query's attention cannot
+	// start from cells whose queries are not encoded again.
+	canReuse := s.reuse && !s.req.Cache.PrefillScores()
+	best, bestN := -1, 0
+	empty, lru := -1, -1
+	for i, h := range e.held {
+		switch {
+		case e.slots[i] != nil:
+		case h == nil:
+			if empty < 0 {
+				empty = i
+			}
+		default:
+			if lru < 0 || h.used < e.held[lru].used {
+				lru = i
+			}
+			if n := h.reusable(s.units); canReuse && n > bestN {
+				best, bestN = i, n
+			}
+		}
+	}
+	switch {
+	case best >= 0 && 2*bestN >= len(e.held[best].units):
+		return best, bestN
+	case empty >= 0:
+		return empty, 0
+	case best >= 0:
+		return best, bestN
+	}
+	return lru, 0
+}
+
+// heldCells is the number of cells of pool pi that held sequences other than the
+// one in slot keep occupy.
+func (e *Engine) heldCells(pi, keep int) int {
+	n := 0
+	for i, h := range e.held {
+		if h != nil && i != keep && e.poolOf(i) == pi {
+			n += h.cache.held()
+		}
+	}
+	return n
+}
+
+// reclaim drops held sequences of pool pi (never the one in slot keep), least
+// recently used first, until need more cells fit next to the reservations; it
+// reports whether they do.
+func (e *Engine) reclaim(pi, keep, need int) bool {
+	for e.reserved[pi]+e.heldCells(pi, keep)+need > e.pools[pi].size() {
+		victim := -1
+		for i, h := range e.held {
+			if h != nil && i != keep && e.poolOf(i) == pi && (victim < 0 || h.used < e.held[victim].used) {
+				victim = i
+			}
+		}
+		if victim < 0 {
+			return false
+		}
+		e.reclaimed.Add(int64(e.held[victim].cache.held()))
+		e.drop(victim)
+	}
+	return true
+}
+
+// drop frees the held sequence of slot i.
+func (e *Engine) drop(i int) {
+	if h := e.held[i]; h != nil {
+		h.cache.free()
+		e.held[i] = nil
+	}
+}
+
+// hold keeps s's cache in its slot after it finished, when its cells hold exactly
+// its prompt and decoded answer, uncompressed, so that a later prompt starting with
+// the same units can continue from them. It reports whether it did; otherwise the
+// caller frees the cache.
+func (e *Engine) hold(s *seq) bool {
+	c := s.cache
+	if !s.reuse || c == nil || c.shift != 0 || c.held() != s.nPast || s.nPast < s.nPrompt {
+		return false
+	}
+	units := slices.Clip(s.units[:s.nPrompt])
+	for _, t := range s.answer[:s.nPast-s.nPrompt] {
+		units = append(units, textUnit(t))
+	}
+	e.clock++
+	e.held[s.id] = &heldSeq{cache: c, units: units, used: e.clock}
+	return true
+}
