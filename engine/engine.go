@@ -39,6 +39,12 @@ type Options struct {
 	// are needed) so that a later prompt that starts the same way continues from them
 	// instead of encoding that part again. Requests may opt out (Request.Reuse).
 	Reuse bool
+	// ReuseCompressed also lets a request continue a held conversation that its
+	// policy compressed, when it continues that conversation exactly under the same
+	// setting: only the new turn is encoded and compressed (see
+	// elasticcache.Tracker.Continue). Requests may ask for it (Request.Reuse true)
+	// or refuse it either way.
+	ReuseCompressed bool
 	// ImageCacheBytes bounds the encoded images kept by content, so that a picture
 	// sent again is not encoded again; 0 keeps none.
 	ImageCacheBytes int64
@@ -350,6 +356,7 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 	}
 	s := &seq{id: -1, req: req, box: newOutbox(), stops: stopScanner{stops: req.Stop},
 		reuse: e.opts.Reuse && (req.Reuse == nil || *req.Reuse) && req.Force == nil}
+	s.reuseCompressed = s.reuse && (e.opts.ReuseCompressed || req.Reuse != nil)
 	if err := e.tokenize(s); err != nil {
 		s.release()
 		return nil, err

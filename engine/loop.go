@@ -580,7 +580,11 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 	}
 	h := e.held[slot]
 	e.held[slot] = nil
-	c, err := continueSeqCache(h.cache, s.req.Cache, layers, s.nPrompt, s.textFrom, common)
+	cont := continueSeqCache
+	if h.compressed {
+		cont = continueCompressed
+	}
+	c, err := cont(h.cache, s.req.Cache, layers, s.nPrompt, s.textFrom, common)
 	if err != nil {
 		h.cache.free()
 		return nil, err

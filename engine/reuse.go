@@ -32,6 +32,30 @@ type heldSeq struct {
 	cache *seqCache
 	units []unit // what positions 0..len-1 hold: the prompt and the decoded answer
 	used  uint64 // engine.clock when it was held
+	// compressed: its policy merged or evicted entries, so its cells serve only the
+	// request that continues its whole history under the same setting (no merged
+	// row can reach another conversation); the cache's tracker carries on.
+	compressed bool
+}
+
+// continues is how many leading units of s's prompt the held sequence serves: all
+// of its history when it is compressed and s continues it exactly under the same
+// setting, else 0; and for an uncompressed one, its reusable prefix when s's
+// policy can start from held cells.
+func (h *heldSeq) continues(s *seq) int {
+	if !h.compressed {
+		// A plan that ranks prompt entries by every prompt query's attention
+		// cannot start from cells whose queries are not encoded again.
+		if s.req.Cache.PrefillScores() {
+			return 0
+		}
+		return h.reusable(s.units)
+	}
+	n := len(h.units)
+	if !s.reuseCompressed || h.cache.spec != s.req.Cache || n >= len(s.units) || !slices.Equal(h.units, s.units[:n]) {
+		return 0
+	}
+	return n
 }
 
 // reusable is how many leading units of want the held sequence can serve: the
@@ -87,9 +111,6 @@ func promptUnits(chunks []promptChunk, images [][]byte) []unit {
 // prompt) while an empty slot is free, as llama-server's slot-similarity rule does.
 // It returns slot -1 when every slot is running a request.
 func (e *Engine) pickSlot(s *seq) (slot, common int) {
-	// A plan that ranks prompt entries by every prompt query's attention cannot
-	// start from cells whose queries are not encoded again.
-	canReuse := s.reuse && !s.req.Cache.PrefillScores()
 	best, bestN := -1, 0
 	empty, lru := -1, -1
 	for i, h := range e.held {
@@ -103,7 +124,7 @@ func (e *Engine) pickSlot(s *seq) (slot, common int) {
 			if lru < 0 || h.used < e.held[lru].used {
 				lru = i
 			}
-			if n := h.reusable(s.units); canReuse && n > bestN {
+			if n := h.continues(s); s.reuse && n > bestN {
 				best, bestN = i, n
 			}
 		}
@@ -159,13 +180,18 @@ func (e *Engine) drop(i int) {
 	}
 }
 
-// hold keeps s's cache in its slot after it finished, when its cells hold exactly
-// its prompt and decoded answer, uncompressed, so that a later prompt starting with
-// the same units can continue from them. It reports whether it did; otherwise the
-// caller frees the cache.
+// hold keeps s's cache in its slot after it finished, so that a later prompt
+// starting with the same units can continue from it: uncompressed cells that hold
+// exactly its prompt and decoded answer, or a compressed conversation (not under
+// the reference selection, whose positions are relabelled). It reports whether it
+// did; otherwise the caller frees the cache.
 func (e *Engine) hold(s *seq) bool {
 	c := s.cache
-	if !s.reuse || c == nil || c.shift != 0 || c.held() != s.nPast || s.nPast < s.nPrompt {
+	if !s.reuse || c == nil || c.shift != 0 || s.nPast < s.nPrompt || c.spec.CompactPositions() {
+		return false
+	}
+	compressed := c.spec.Compresses()
+	if compressed && !s.reuseCompressed || !compressed && c.held() != s.nPast {
 		return false
 	}
 	units := slices.Clip(s.units[:s.nPrompt])
@@ -173,6 +199,6 @@ func (e *Engine) hold(s *seq) bool {
 		units = append(units, textUnit(t))
 	}
 	e.clock++
-	e.held[s.id] = &heldSeq{cache: c, units: units, used: e.clock}
+	e.held[s.id] = &heldSeq{cache: c, units: units, used: e.clock, compressed: compressed}
 	return true
 }

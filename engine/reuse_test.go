@@ -154,3 +154,55 @@ func TestHeldCellsAreReclaimedWhenNeeded(t *testing.T) {
 		t.Fatalf("a request with reuse off was held (%d -> %d cells)", before, after)
 	}
 }
+
+// A conversation compressed by its policy continues from its compressed cells:
+// only the new turn is encoded, the turn keeps ceil(b*m) of its m entries, and
+// decoding stays within the policy's bound for the whole conversation.
+func TestCompressedConversationContinues(t *testing.T) {
+	for _, p := range allPolicies {
+		t.Run(string(p), func(t *testing.T) {
+			e := startEngine(t, Options{Parallel: 2, Reuse: true, ReuseCompressed: true})
+			spec := cfg(p, 0.5)
+			first := greedyReq("c1", "What is in the picture? "+longPrompt, 10, spec, testPNG(t, 2))
+			// The test model's chat template writes "ASSISTANT: " before a past
+			// answer; a trained model starts its answer with that space itself.
+			first.AnswerPrefix = " "
+			r1 := run(t, e, first)
+			second := turn2(first, r1.text, "Tell me more about its colors.")
+			second.ID = "c2"
+			r2 := run(t, e, second)
+			if r2.err != nil || r2.usage.CompletionTokens == 0 {
+				t.Fatalf("second turn: %+v", r2)
+			}
+			history := r1.usage.PromptTokens + r1.usage.CompletionTokens - 1 // the last token is sampled, not decoded
+			if r1.finish == FinishStop {
+				history = r1.usage.PromptTokens + r1.usage.CompletionTokens
+			}
+			if r2.usage.CachedTokens != history || r2.kv.Reused != history {
+				t.Fatalf("cached %d, the held history is %d tokens", r2.usage.CachedTokens, history)
+			}
+			obs := e.observations("c2")
+			plan := obs[0]
+			turnN := r2.usage.PromptTokens - history
+			if plan.Plan == nil || plan.Plan.N != turnN || plan.Plan.K != spec.KeepCount(turnN) {
+				t.Fatalf("turn plan %+v for a turn of %d", plan.Plan, turnN)
+			}
+			if plan.Held != r1.kv.FinalCells+plan.Plan.K {
+				t.Fatalf("after the turn's plan %d cells, want %d held + %d kept", plan.Held, r1.kv.FinalCells, plan.Plan.K)
+			}
+			for _, o := range obs[1:] {
+				if bound := max(spec.KeepCount(o.T), plan.Held+1); o.Held > bound {
+					t.Fatalf("T=%d: %d cells, bound %d", o.T, o.Held, bound)
+				}
+			}
+			// Asking the first turn again is not a continuation: nothing merged is
+			// reused, and it answers as the first time.
+			firstAgain := greedyReq("c1-again", "What is in the picture? "+longPrompt, 10, spec, testPNG(t, 2))
+			firstAgain.AnswerPrefix = " "
+			again := run(t, e, firstAgain)
+			if again.usage.CachedTokens != 0 || again.text != r1.text {
+				t.Fatalf("first turn again: cached %d, %q vs %q", again.usage.CachedTokens, again.text, r1.text)
+			}
+		})
+	}
+}

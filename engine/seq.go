@@ -22,6 +22,8 @@ type seq struct {
 	// cached: prompt positions served by held cells instead of being encoded.
 	reuse  bool
 	cached int
+	// reuseCompressed: the request may continue a compressed conversation
+	reuseCompressed bool
 	// textFrom is the first prompt position after the last image (0: no image).
 	textFrom int
 

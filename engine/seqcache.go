@@ -59,6 +59,12 @@ type seqCache struct {
 	compressDur time.Duration
 	plan        *elasticcache.PrefillPlan // the prompt plan applied, nil when none
 	evicted     int                       // position evicted by the last afterToken, -1 none
+
+	// A continued compressed conversation: the tracker that compressed the held
+	// entries, and the first position of the new turn (held entries lie below it).
+	prev     *elasticcache.Tracker
+	segFrom  int
+	textFrom int // first prompt position after the prompt's last image (0: none)
 }
 
 // newSeqCache empties sequence seq of lctx and prepares its cache for a prompt of
@@ -71,7 +77,7 @@ func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache
 	}
 	tr.SetTextTail(textFrom)
 	lctx.SeqClear(seq)
-	c := &seqCache{lctx: lctx, seq: seq, pool: pool, spec: spec, tracker: tr, nPrompt: nPrompt}
+	c := &seqCache{lctx: lctx, seq: seq, pool: pool, spec: spec, tracker: tr, nPrompt: nPrompt, textFrom: textFrom}
 	if spec.PrefillScores() {
 		c.scores = make([][]float32, nLayers)
 		for l := range c.scores {
@@ -110,6 +116,34 @@ func continueSeqCache(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, 
 		}
 	}
 	c.peak = len(c.cells)
+	return c, nil
+}
+
+// continueCompressed turns held, a finished conversation that its policy
+// compressed, into the cache of the request that continues it exactly under the
+// same setting: every held cell stays, and the new turn's nPrompt-from entries
+// are encoded from position from and planned on their own (compressTurn).
+func continueCompressed(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, textFrom, from int) (*seqCache, error) {
+	if spec != held.spec {
+		return nil, fmt.Errorf("engine: a conversation compressed under %s continues only under it", held.spec.Policy())
+	}
+	tr, err := elasticcache.NewTracker(spec, nLayers)
+	if err != nil {
+		return nil, err
+	}
+	if slices.Max(held.pos) >= from {
+		return nil, fmt.Errorf("engine: held entries reach position %d, the new turn starts at %d", slices.Max(held.pos), from)
+	}
+	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt,
+		evicted: -1, prev: held.tracker, segFrom: from, textFrom: textFrom,
+		cells: slices.Clone(held.cells), pos: slices.Clone(held.pos)}
+	c.peak = len(c.cells)
+	if spec.PrefillScores() {
+		c.scores = make([][]float32, nLayers)
+		for l := range c.scores {
+			c.scores[l] = make([]float32, nPrompt)
+		}
+	}
 	return c, nil
 }
 
@@ -186,6 +220,9 @@ func (c *seqCache) compress() error {
 	defer func() { c.compressDur = time.Since(t0) }()
 	if err := c.checkCapture(); err != nil {
 		return err
+	}
+	if c.prev != nil {
+		return c.compressTurn()
 	}
 	plan, err := c.tracker.PlanPrefill(c.nPrompt, c.scores)
 	c.scores = nil
@@ -270,11 +307,12 @@ func (c *seqCache) checkCapture() error {
 	if c.scores == nil {
 		return nil
 	}
-	if c.capturedRows != c.nPrompt {
+	rows := c.nPrompt - c.segFrom // a continued conversation encodes only its new turn
+	if c.capturedRows != rows {
 		return &InvariantError{What: "captured rows",
-			Detail: fmt.Sprintf("%d query rows captured for a prompt of %d tokens", c.capturedRows, c.nPrompt)}
+			Detail: fmt.Sprintf("%d query rows captured for a prompt of %d tokens", c.capturedRows, rows)}
 	}
-	n := float64(c.nPrompt)
+	n := float64(rows)
 	for l, row := range c.scores {
 		sum := 0.0
 		for _, v := range row {
@@ -282,7 +320,7 @@ func (c *seqCache) checkCapture() error {
 		}
 		if !(math.Abs(sum-n) <= columnSumTolerance*n) { // also NaN
 			return &InvariantError{What: "column sums",
-				Detail: fmt.Sprintf("layer %d: captured attention sums to %g over %d prompt rows", l, sum, c.nPrompt)}
+				Detail: fmt.Sprintf("layer %d: captured attention sums to %g over %d prompt rows", l, sum, rows)}
 		}
 	}
 	return nil
@@ -365,3 +403,125 @@ func (r layerRows) CopyRow(c int, src elasticcache.Rows, from int) {
 }
 
 func (r layerRows) Width() int { return r.lr.RowElems }
+
+// compressTurn applies the plan of a continued conversation's new turn (see
+// elasticcache.Tracker.Continue): the held entries are written back unchanged,
+// followed by the turn's kept entries, merged per the plan.
+func (c *seqCache) compressTurn() error {
+	n := c.nPrompt - c.segFrom
+	var heldPos []int
+	for _, p := range c.pos {
+		if p < c.segFrom {
+			heldPos = append(heldPos, p)
+		}
+	}
+	slices.Sort(heldPos)
+	var turn, heldScores [][]float32
+	if c.scores != nil {
+		turn = make([][]float32, len(c.scores))
+		for l, row := range c.scores {
+			turn[l] = row[c.segFrom:]
+		}
+		if c.spec.DecodeScores() {
+			heldScores = make([][]float32, len(c.scores))
+			for l, row := range c.scores {
+				heldScores[l] = make([]float32, len(heldPos))
+				for i, p := range heldPos {
+					heldScores[l][i] = row[p]
+				}
+			}
+		}
+	}
+	plan, err := c.tracker.Continue(c.prev, len(heldPos), n, turn, heldScores, max(c.textFrom-c.segFrom, 0))
+	c.scores, c.prev = nil, nil
+	if err != nil {
+		return fmt.Errorf("plan: %w", err)
+	}
+	if plan == nil {
+		return nil
+	}
+	c.plan = plan
+	src, err := c.lctx.ReadSeqCache(c.seq)
+	if err != nil {
+		return err
+	}
+	if src.Cells() != len(heldPos)+n || len(src.K) != len(plan.Layers) {
+		return fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d+%d in %d",
+			src.Cells(), len(src.K), len(heldPos), n, len(plan.Layers))
+	}
+	if err := c.checkView(src.Pos); err != nil {
+		return err
+	}
+	cellOf := make(map[int]int, src.Cells()) // position -> cell in src (state order)
+	for i, p := range src.Pos {
+		cellOf[int(p)] = i
+	}
+	turnCell := make([]int, n)
+	for j := range turnCell {
+		i, ok := cellOf[c.segFrom+j]
+		if !ok {
+			return fmt.Errorf("kv hook: position %d of the new turn is not in the cache", c.segFrom+j)
+		}
+		turnCell[j] = i
+	}
+	h := len(heldPos)
+	dst := llama.NewSeqCacheLike(src, h+plan.K)
+	from, to := seqStore{src}, seqStore{dst}
+	for i, p := range heldPos {
+		for l := range dst.K {
+			to.Keys(l).CopyRow(i, from.Keys(l), cellOf[p])
+			to.Values(l).CopyRow(i, from.Values(l), cellOf[p])
+		}
+	}
+	elasticcache.Merge(plan, from, offsetStore{to, h}, turnCell)
+	keep := slices.Clone(heldPos)
+	for _, j := range plan.Layers[0].Keep {
+		keep = append(keep, c.segFrom+j)
+	}
+	for i, p := range keep {
+		dst.Pos[i] = int32(p)
+	}
+	if err := c.lctx.WriteSeqCache(c.seq, dst); err != nil {
+		return err
+	}
+	if lo, hi := c.lctx.SeqPosMin(c.seq), c.lctx.SeqPosMax(c.seq); lo != keep[0] || hi != keep[len(keep)-1] {
+		return &InvariantError{What: "cells read back",
+			Detail: fmt.Sprintf("after the rewrite the sequence spans positions [%d, %d], the plan wrote [%d, %d]", lo, hi, keep[0], keep[len(keep)-1])}
+	}
+	c.pool.releaseAll(c.seq)
+	cells, ok := c.pool.placeUBatch(slices.Repeat([]int{c.seq}, len(keep)))
+	if !ok {
+		return errBookkeeping
+	}
+	c.cells = append(c.cells[:0], cells...)
+	c.pos = append(c.pos[:0], keep...)
+	return nil
+}
+
+// offsetStore shows a Store whose rows start at cell off, so that a plan's K rows
+// land after the held entries.
+type offsetStore struct {
+	seqStore
+	off int
+}
+
+func (s offsetStore) Keys(l int) elasticcache.Rows {
+	return offsetRows{s.seqStore.Keys(l).(layerRows), s.off}
+}
+
+func (s offsetStore) Values(l int) elasticcache.Rows {
+	return offsetRows{s.seqStore.Values(l).(layerRows), s.off}
+}
+
+type offsetRows struct {
+	layerRows
+	off int
+}
+
+func (r offsetRows) Row(c int, dst []float32) { r.layerRows.Row(c+r.off, dst) }
+
+func (r offsetRows) SetRow(c int, src []float32) { r.layerRows.SetRow(c+r.off, src) }
+
+func (r offsetRows) CopyRow(c int, src elasticcache.Rows, from int) {
+	r.layerRows.CopyRow(c+r.off, src, from)
+}
