@@ -31,7 +31,24 @@ func (s *server) modelObject(info BackendInfo) Model {
 	if !info.Created.IsZero() {
 		created = info.Created.Unix()
 	}
-	return Model{ID: s.servedModel(info), Object: "model", Created: created, OwnedBy: ownedBy}
+	m := Model{ID: s.servedModel(info), Object: "model", Created: created, OwnedBy: ownedBy}
+	if info.CachePolicies != nil {
+		m.ElasticCache = &ModelCache{Policies: info.CachePolicies}
+	}
+	return m
+}
+
+// ModelCache is a model object's elastic_cache field.
+type ModelCache struct {
+	Policies []ModelPolicy `json:"policies"`
+}
+
+// ModelPolicy says whether the loaded model can apply a cache policy below budget 1
+// (full always runs), and why not.
+type ModelPolicy struct {
+	Policy    string `json:"policy"`
+	Supported bool   `json:"supported"`
+	Reason    string `json:"reason,omitempty"`
 }
 
 func (s *server) handleListModels(w http.ResponseWriter, _ *http.Request) {

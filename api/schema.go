@@ -363,6 +363,8 @@ type Model struct {
 	Object  string `json:"object"` // "model"
 	Created int64  `json:"created"`
 	OwnedBy string `json:"owned_by"`
+	// ElasticCache: whether the loaded model can apply each elastic_cache policy.
+	ElasticCache *ModelCache `json:"elastic_cache,omitempty"`
 }
 
 // ModelList is the body of GET /v1/models.

@@ -60,6 +60,9 @@ type BackendInfo struct {
 	// holding it is refused before it reaches the engine. Empty: no check
 	// here (the engine still refuses it, with *completion.MarkerInTextError).
 	MediaMarker string
+	// CachePolicies lists the cache policies and whether this model can apply
+	// them; nil: not reported.
+	CachePolicies []ModelPolicy
 }
 
 // BackendStats is the engine state exported on /metrics. Its fields match

@@ -37,6 +37,9 @@ type Config struct {
 	Model string `env:"MODEL"`
 	// MMProj is the path of the GGUF multimodal projector; empty: text only.
 	MMProj string `env:"MMPROJ"`
+	// ChatTemplate names a llama.cpp built-in chat template used instead of the
+	// model's own (tokenizer.chat_template); empty: the model's.
+	ChatTemplate string `env:"CHAT_TEMPLATE"`
 	// Addr is the listen address, host:port.
 	Addr string `env:"ADDR" envDefault:"127.0.0.1:8080"`
 
@@ -90,10 +93,13 @@ type Config struct {
 
 	// CacheReuse keeps a finished conversation's KV cells so that its next turn
 	// continues from them; ImageCacheMB bounds the encoded images kept by content.
-	CacheReuse     bool          `env:"CACHE_REUSE" envDefault:"true"`
-	ImageCacheMB   int           `env:"IMAGE_CACHE_MB" envDefault:"256"`
-	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
-	ShutdownGrace  time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
+	CacheReuse   bool `env:"CACHE_REUSE" envDefault:"true"`
+	ImageCacheMB int  `env:"IMAGE_CACHE_MB" envDefault:"256"`
+	// CacheReuseCompressed also continues conversations that a compressing policy
+	// left compressed (docs/quality: multi-turn).
+	CacheReuseCompressed bool          `env:"CACHE_REUSE_COMPRESSED" envDefault:"false"`
+	RequestTimeout       time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
+	ShutdownGrace        time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
 
 	LogLevel  string `env:"LOG_LEVEL" envDefault:"info"`
 	LogFormat string `env:"LOG_FORMAT" envDefault:"console"`
@@ -210,6 +216,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 
 	str(&cfg.Model, "model", "path of the GGUF model file (required)")
 	str(&cfg.MMProj, "mmproj", "path of the GGUF multimodal projector; without it, requests with images are rejected")
+	str(&cfg.ChatTemplate, "chat-template", "a llama.cpp built-in chat template (chatml, gemma, llama2, vicuna, smolvlm, ...) used instead of the model's own")
 	str(&cfg.Addr, "addr", "listen address host:port")
 	num(&cfg.CtxSize, "ctx-size", "KV cache cells in total, shared by the --parallel sequences")
 	boolean(&cfg.KVUnified, "kv-unified", "one KV pool for all slots with budget-aware admission (false: each slot owns ctx-size/parallel cells)")
@@ -237,6 +244,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	size(&cfg.MaxBodyBytes, "max-body-bytes", "largest accepted request body; a `size` like 67108864 or 64MiB")
 	num(&cfg.QueueSize, "queue-size", "requests that may wait for a free slot; beyond that the server answers 429")
 	boolean(&cfg.CacheReuse, "cache-reuse", "keep a finished conversation's KV cells in its slot so that a request continuing it skips the shared prefix (full and local requests; a request may opt out with elastic_cache.reuse=false)")
+	boolean(&cfg.CacheReuseCompressed, "cache-reuse-compressed", "with --cache-reuse, also continue a conversation from the cells its compressing policy (elastic, h2o, local) left, encoding only the new turn; requests may ask for it with elastic_cache.reuse=true")
 	num(&cfg.ImageCacheMB, "image-cache-mb", "MiB of encoded images kept by content, so a picture sent again is not encoded again (0: off)")
 	dur(&cfg.RequestTimeout, "request-timeout", "time limit for one completion request (0: none)")
 	dur(&cfg.ShutdownGrace, "shutdown-grace", "on SIGTERM/SIGINT, how long running requests may finish before they are cancelled")

@@ -383,13 +383,8 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 // supports refuses a cache setting this engine cannot apply, before any sequence
 // is touched.
 func (e *Engine) supports(spec elasticcache.Spec) error {
-	switch {
-	case spec.PrefillScores() && e.opts.FlashAttn:
-		return &completion.PolicyUnsupportedError{Policy: spec.Policy(),
-			Reason: "it needs attention scores, which this server (started with --flash-attn) does not compute"}
-	case spec.Compresses() && e.model.Info().SWA > 0:
-		return &completion.PolicyUnsupportedError{Policy: spec.Policy(),
-			Reason: "this model uses sliding-window attention, whose two-part cache the KV hook cannot rewrite yet; use policy full"}
+	if r := unsupportedReason(e.model.Info(), e.opts.FlashAttn, spec); r != "" {
+		return &completion.PolicyUnsupportedError{Policy: spec.Policy(), Reason: r}
 	}
 	return nil
 }

@@ -16,6 +16,13 @@ import (
 // returns the text with the images in marker order. A text part that holds the
 // marker itself is refused (*completion.MarkerInTextError): it would be taken for
 // an image.
+//
+// A past answer (an assistant message) is rendered without its leading spaces:
+// a model answers "ASSISTANT:" with " red", and templates put their own
+// separator before a past answer ("ASSISTANT: " + content), so the space is
+// rendered once, as the model saw it when it generated the answer. That also
+// makes the rendered history hold the answer's tokens as they were generated,
+// which is what lets the next turn continue from the conversation's cells.
 func RenderPrompt(m *llama.Model, msgs []Message) (string, [][]byte, error) {
 	marker := llama.MediaMarker()
 	var images [][]byte
@@ -29,6 +36,9 @@ func RenderPrompt(m *llama.Model, msgs []Message) (string, [][]byte, error) {
 					return "", nil, &completion.MarkerInTextError{Message: i, Part: j, Marker: marker}
 				}
 				pieces[j] = p.Text
+				if msg.Role == "assistant" && j == 0 {
+					pieces[j] = strings.TrimLeft(p.Text, " ")
+				}
 			case completion.PartImage:
 				pieces[j] = marker
 				images = append(images, p.Image)

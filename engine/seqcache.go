@@ -237,6 +237,7 @@ func (c *seqCache) compress() error {
 	if err != nil {
 		return err
 	}
+	plan = cachePlan(plan, src) // a sliding-window model: its full-attention layers
 	if src.Cells() != c.nPrompt || len(src.K) != len(plan.Layers) {
 		return fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d in %d",
 			src.Cells(), len(src.K), c.nPrompt, len(plan.Layers))
@@ -445,6 +446,7 @@ func (c *seqCache) compressTurn() error {
 	if err != nil {
 		return err
 	}
+	plan = cachePlan(plan, src) // a sliding-window model: its full-attention layers
 	if src.Cells() != len(heldPos)+n || len(src.K) != len(plan.Layers) {
 		return fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d+%d in %d",
 			src.Cells(), len(src.K), len(heldPos), n, len(plan.Layers))

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"unsafe"
 )
@@ -46,11 +47,21 @@ type LayerRows struct {
 }
 
 // SeqCache is a sequence's cache read out of llama.cpp.
+//
+// A model with interleaved sliding-window attention (Gemma 3) has two caches, and
+// its state holds both, the full-attention one first (llama_kv_cache_iswa::
+// state_write). K and V are then the full-attention layers' rows, LayerIDs names
+// their model layers, and SWA is the sliding-window cache: parsed (so that nothing
+// unknown is written back) and written back unchanged after the rewritten part.
 type SeqCache struct {
 	NStream int
 	Stream  int     // index of the stream that held the cells
 	Pos     []int32 // per cell, in cell order
 	K, V    []LayerRows
+	// LayerIDs are the model layers of K and V, in order; nil: every layer.
+	LayerIDs []int
+	// SWA is the sliding-window layers' cache of an iSWA model, nil otherwise.
+	SWA *SeqCache
 }
 
 // Cells is the number of cells the sequence holds.
@@ -71,7 +82,41 @@ func (c *Context) ReadSeqCache(seq int) (*SeqCache, error) {
 	if n == 0 {
 		return nil, errors.New("kv state: llama_state_seq_get_data failed")
 	}
-	return parseSeqCache(unsafe.Slice((*byte)(buf), int(n)))
+	return parseState(unsafe.Slice((*byte)(buf), int(n)), c.model.info)
+}
+
+// parseState parses a sequence's state for a model with info's cache layout: one
+// cache, or (SWA > 0) the iSWA pair, whose full-attention part must hold exactly the
+// layers info.FullLayers names. Anything else is refused before anything is written.
+func parseState(b []byte, info ModelInfo) (*SeqCache, error) {
+	if info.SWA <= 0 {
+		return parseSeqCache(b)
+	}
+	if len(info.FullLayers) == 0 {
+		return nil, fmt.Errorf("kv state: %s uses sliding-window attention in a layer layout the hook does not know", info.Arch)
+	}
+	r := &reader{b: b}
+	base, err := parseCache(r)
+	if err != nil {
+		return nil, fmt.Errorf("kv state (full-attention cache): %w", err)
+	}
+	swa, err := parseCache(r)
+	if err != nil {
+		return nil, fmt.Errorf("kv state (sliding-window cache): %w", err)
+	}
+	if rest := len(b) - r.off; rest != 0 {
+		return nil, fmt.Errorf("kv state: %d bytes follow the two caches of a sliding-window model (unsupported cache layout)", rest)
+	}
+	if len(base.K) != len(info.FullLayers) || len(base.K)+len(swa.K) != info.Layers {
+		return nil, fmt.Errorf("kv state: %d full-attention and %d sliding-window layers, the model has %d layers of which %d full-attention",
+			len(base.K), len(swa.K), info.Layers, len(info.FullLayers))
+	}
+	if base.NStream != swa.NStream || base.Stream != swa.Stream {
+		return nil, errors.New("kv state: the two caches hold the sequence in different streams")
+	}
+	base.LayerIDs = info.FullLayers
+	base.SWA = swa
+	return base, nil
 }
 
 type reader struct {
@@ -121,7 +166,24 @@ func elemSize(t int32) (int, error) {
 
 func parseSeqCache(b []byte) (*SeqCache, error) {
 	r := &reader{b: b}
+	s, err := parseCache(r)
+	if err != nil {
+		return nil, err
+	}
+	if rest := len(b) - r.off; rest != 0 {
+		// A layout this parser does not know (a sliding-window model's second cache,
+		// recurrent state): refuse it rather than rewrite half of it.
+		return nil, fmt.Errorf("kv state: %d bytes follow the cache this hook understands (unsupported cache layout)", rest)
+	}
+	return s, nil
+}
+
+// parseCache reads one llama_kv_cache's state (see the layout above) from r.
+func parseCache(r *reader) (*SeqCache, error) {
 	s := &SeqCache{NStream: int(r.u32()), Stream: -1}
+	if r.err == nil && (s.NStream < 1 || s.NStream > 1<<16) {
+		return nil, fmt.Errorf("kv state: %d streams", s.NStream)
+	}
 	for st := 0; st < s.NStream && r.err == nil; st++ {
 		cells := int(r.u32())
 		if cells == 0 {
@@ -134,11 +196,20 @@ func parseSeqCache(b []byte) (*SeqCache, error) {
 		s.Pos = make([]int32, cells)
 		for i := range cells {
 			s.Pos[i] = int32(r.u32())
-			nseq := int(r.u32())
-			r.take(4 * nseq)
+			if nseq := r.u32(); nseq != 1 && r.err == nil {
+				return nil, fmt.Errorf("kv state: cell %d belongs to %d sequences", i, nseq)
+			}
+			r.take(4)
 		}
-		vtrans := r.u32() != 0
+		vt := r.u32()
+		if vt > 1 {
+			return nil, fmt.Errorf("kv state: v_trans %d", vt)
+		}
+		vtrans := vt != 0
 		nl := int(r.u32())
+		if r.err == nil && (nl < 1 || nl > 1<<12) {
+			return nil, fmt.Errorf("kv state: %d layers", nl)
+		}
 		s.K = make([]LayerRows, nl)
 		for l := range nl {
 			t := int32(r.u32())
@@ -146,6 +217,9 @@ func parseSeqCache(b []byte) (*SeqCache, error) {
 			es, err := elemSize(t)
 			if err != nil {
 				return nil, err
+			}
+			if rowSize <= 0 || rowSize%es != 0 {
+				return nil, fmt.Errorf("kv state: K row size %d for type %d", rowSize, t)
 			}
 			s.K[l] = LayerRows{Type: t, ElemSize: es, RowElems: rowSize / es, Data: append([]byte(nil), r.take(rowSize*cells)...)}
 		}
@@ -158,6 +232,9 @@ func parseSeqCache(b []byte) (*SeqCache, error) {
 			}
 			if !vtrans {
 				rowSize := int(r.u64())
+				if rowSize <= 0 || rowSize%es != 0 {
+					return nil, fmt.Errorf("kv state: V row size %d for type %d", rowSize, t)
+				}
 				s.V[l] = LayerRows{Type: t, ElemSize: es, RowElems: rowSize / es, Data: append([]byte(nil), r.take(rowSize*cells)...)}
 				continue
 			}
@@ -172,11 +249,6 @@ func parseSeqCache(b []byte) (*SeqCache, error) {
 	if r.err != nil {
 		return nil, r.err
 	}
-	if rest := len(b) - r.off; rest != 0 {
-		// A layout this parser does not know (a sliding-window model's second cache,
-		// recurrent state): refuse it rather than rewrite half of it.
-		return nil, fmt.Errorf("kv state: %d bytes follow the cache this hook understands (unsupported cache layout)", rest)
-	}
 	if s.Stream < 0 {
 		return nil, errors.New("kv state: the sequence holds no cells")
 	}
@@ -184,8 +256,9 @@ func parseSeqCache(b []byte) (*SeqCache, error) {
 }
 
 // NewSeqCacheLike makes an empty cache of n cells with src's layout (types, sizes).
+// The sliding-window cache of an iSWA model (SWA) is shared with src, unchanged.
 func NewSeqCacheLike(src *SeqCache, n int) *SeqCache {
-	s := &SeqCache{NStream: src.NStream, Stream: src.Stream, Pos: make([]int32, n)}
+	s := &SeqCache{NStream: src.NStream, Stream: src.Stream, Pos: make([]int32, n), LayerIDs: src.LayerIDs, SWA: src.SWA}
 	mk := func(in []LayerRows) []LayerRows {
 		out := make([]LayerRows, len(in))
 		for l, lr := range in {
@@ -275,12 +348,21 @@ func (lr *LayerRows) CopyRow(dstCells, dstCell int, src *LayerRows, srcCells, sr
 }
 
 func (s *SeqCache) encode() []byte {
+	out := s.appendCache(nil)
+	if s.SWA != nil {
+		out = s.SWA.appendCache(out)
+	}
+	return out
+}
+
+// appendCache appends one cache's state (the layout above) to out.
+func (s *SeqCache) appendCache(out []byte) []byte {
 	n := len(s.Pos)
 	size := 8 + 4*s.NStream + n*12 + 8
 	for l := range s.K {
 		size += 12 + len(s.K[l].Data) + 16 + len(s.V[l].Data)
 	}
-	out := make([]byte, 0, size)
+	out = slices.Grow(out, size)
 	u32 := func(v uint32) { out = binary.LittleEndian.AppendUint32(out, v) }
 	u64 := func(v uint64) { out = binary.LittleEndian.AppendUint64(out, v) }
 	u32(uint32(s.NStream))
@@ -327,6 +409,9 @@ func (c *Context) WriteSeqCache(seq int, s *SeqCache) error {
 		if s.Pos[i] <= s.Pos[i-1] {
 			return fmt.Errorf("kv state: positions must ascend (cell %d: %d after %d)", i, s.Pos[i], s.Pos[i-1])
 		}
+	}
+	if (c.model.info.SWA > 0) != (s.SWA != nil) {
+		return errors.New("kv state: the cache to write does not have the model's cache layout")
 	}
 	data := s.encode()
 	buf := C.CBytes(data)

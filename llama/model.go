@@ -46,8 +46,35 @@ type ModelInfo struct {
 	HeadDim    int // embedding size / heads
 	KVRowElems int // K (and V) elements per cell per layer: KVHeads * HeadDim
 	// SWA is the sliding-window size of models with sliding-window attention layers
-	// (0: none). Their cache holds two caches, which the KV hook does not rewrite.
+	// (0: none). Their cache holds two caches: one for the full-attention layers
+	// (FullLayers), one for the sliding-window layers.
 	SWA int
+	// FullLayers are the full-attention layers of a sliding-window model whose layer
+	// pattern the KV hook knows (Gemma 3: every 6th layer, llama.cpp's
+	// set_swa_pattern(6)); nil for other sliding-window models (the hook refuses
+	// their cache) and for models without sliding-window attention.
+	FullLayers []int
+	// MRoPE: positions have several components (Qwen2-VL style rope).
+	MRoPE bool
+}
+
+// swaPatterns: for each architecture whose sliding-window layout is fixed in
+// llama.cpp (src/llama-model.cpp, load_hparams), n such that layer il is a
+// full-attention layer iff il%n == n-1.
+var swaPatterns = map[string]int{"gemma3": 6}
+
+func fullLayers(arch string, layers int) []int {
+	n, ok := swaPatterns[arch]
+	if !ok {
+		return nil
+	}
+	var out []int
+	for il := range layers {
+		if il%n == n-1 {
+			out = append(out, il)
+		}
+	}
+	return out
 }
 
 // Model is a loaded GGUF model. It is safe for concurrent use by tokenizer calls;
@@ -56,6 +83,8 @@ type Model struct {
 	c     *C.struct_llama_model
 	vocab *C.struct_llama_vocab
 	info  ModelInfo
+	// tmpl replaces the GGUF chat template when set (SetChatTemplate).
+	tmpl string
 }
 
 //export esProgress
@@ -142,6 +171,13 @@ func (m *Model) readInfo() ModelInfo {
 	}
 	if t := C.llama_model_chat_template(m.c, nil); t != nil {
 		i.ChatTmpl = C.GoString(t)
+	}
+	if i.SWA > 0 {
+		i.FullLayers = fullLayers(i.Arch, i.Layers)
+	}
+	switch C.llama_model_rope_type(m.c) {
+	case C.LLAMA_ROPE_TYPE_MROPE, C.LLAMA_ROPE_TYPE_IMROPE:
+		i.MRoPE = true
 	}
 	if i.Heads > 0 {
 		i.HeadDim = i.Embd / i.Heads
@@ -234,6 +270,9 @@ type ChatMessage struct {
 // assistant prefix so generation continues as the assistant.
 func (m *Model) ApplyChatTemplate(tmpl string, msgs []ChatMessage, addAssistant bool) (string, error) {
 	if tmpl == "" {
+		tmpl = m.tmpl
+	}
+	if tmpl == "" {
 		tmpl = m.info.ChatTmpl
 	}
 	var ctmpl *C.char
@@ -274,4 +313,25 @@ func (m *Model) ApplyChatTemplate(tmpl string, msgs []ChatMessage, addAssistant 
 		capacity = int(res)
 	}
 	return "", errors.New("chat template: buffer size mismatch")
+}
+
+// SetChatTemplate makes name (one of llama.cpp's built-in templates, e.g. "chatml",
+// "gemma", "llama2", "vicuna") the template ApplyChatTemplate uses when given none;
+// "" goes back to the model's own. Call it before the model is shared. It fails
+// when llama.cpp cannot apply name.
+func (m *Model) SetChatTemplate(name string) error {
+	if name != "" {
+		if _, err := m.ApplyChatTemplate(name, []ChatMessage{{Role: "user", Content: "hi"}}, true); err != nil {
+			return fmt.Errorf("chat template %q is not one of llama.cpp's built-in templates", name)
+		}
+	}
+	m.tmpl = name
+	return nil
+}
+
+// CheckChatTemplate reports whether the template ApplyChatTemplate uses by default
+// (SetChatTemplate's, else the model's own) can be applied by llama.cpp.
+func (m *Model) CheckChatTemplate() error {
+	_, err := m.ApplyChatTemplate("", []ChatMessage{{Role: "system", Content: "s"}, {Role: "user", Content: "hi"}}, true)
+	return err
 }

@@ -43,6 +43,10 @@ Commands:
   explain   per layer and prompt region (system, image, question, template, answer):
             entries kept, merged and evicted by the prompt plan and evicted while
             generating, for --policy at --budget (greedy, like rouge)
+  multiturn three-turn picture conversations (describe, count, one color or position
+            question) per policy and budget, each turn encoded again (re-encode) or
+            continued from the conversation's held, compressed cells (memory):
+            accuracy of the scored turns, turns continued, tokens encoded, cells held
   gen-data  write the synthetic dataset: drawn shapes, questions, exact answers
   help      this text; "elastic-eval <command> -h" lists the command's flags
 
@@ -75,6 +79,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = measure(ctx, cmd, rest, stdout, stderr)
 	case cmdExplain:
 		err = explain(ctx, rest, stdout, stderr)
+	case cmdMultiTurn:
+		err = multiTurn(ctx, rest, stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "elastic-eval: unknown command %q\n\n%s", cmd, usage)
 		return 2
@@ -215,6 +221,10 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 		outHelp = "folder for explain.md and explain.csv (default: none, stdout only)"
 	}
 	out := fs.String("out", "", outHelp)
+	if cmd == cmdMultiTurn {
+		fs.StringVar(&ro.Data, "data", "models/demo/heldout.json", "the demo model's held-out question file (models/demo/heldout.json layout)")
+		fs.IntVar(&ro.MaxSamples, "max-samples", 0, "at most this many pictures (conversations), in file order (0: all)")
+	}
 	if cmd == report.PPL || cmd == report.ROUGE || cmd == "sweep" || cmd == cmdExplain {
 		fs.StringVar(&ro.Data, "data", "", "dataset JSON: LLaVA conversations or [{question, answer, image}] (required)")
 		fs.StringVar(&ro.Images, "images", "", "image folder (default: the dataset file's folder)")
@@ -233,8 +243,8 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 	switch cmd {
 	case "sweep":
 		fs.StringVar(&metrics, "metrics", "all", "comma-separated metrics: ppl, rouge, latency, or all")
-	case cmdExplain:
-		metrics = report.ROUGE // explain generates greedily, as rouge does
+	case cmdExplain, cmdMultiTurn:
+		metrics = report.ROUGE // they generate greedily, as rouge does
 	default:
 		metrics = cmd
 	}

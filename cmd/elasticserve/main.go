@@ -94,6 +94,12 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		return err
 	}
 	defer model.Close()
+	if err := model.SetChatTemplate(cfg.ChatTemplate); err != nil {
+		return fmt.Errorf("--chat-template: %w", err)
+	}
+	if err := model.CheckChatTemplate(); err != nil {
+		return fmt.Errorf("the model's chat template cannot be applied by llama.cpp (%v): choose a built-in one with --chat-template NAME (e.g. chatml, gemma, llama2, vicuna)", err)
+	}
 	info := model.Info()
 	log.Info().Str("model", cfg.Model).Str("arch", info.Arch).Str("desc", info.Desc).Int("layers", info.Layers).
 		Int("heads", info.Heads).Int("kv_heads", info.KVHeads).Int("embd", info.Embd).Int("ctx_train", info.CtxTrain).
@@ -110,16 +116,17 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	}
 
 	eng, err := engine.Start(model, vision, engine.Options{
-		Parallel:   cfg.Parallel,
-		CtxSize:    cfg.CtxSize,
-		BatchSize:  cfg.BatchSize,
-		UBatchSize: cfg.UBatchSize,
-		Threads:    cfg.Threads,
-		FlashAttn:  cfg.FlashAttn,
-		Unified:    cfg.KVUnified,
-		KVType:     cfg.KVType,
-		QueueSize:  cfg.QueueSize,
-		Reuse:      cfg.CacheReuse,
+		Parallel:        cfg.Parallel,
+		CtxSize:         cfg.CtxSize,
+		BatchSize:       cfg.BatchSize,
+		UBatchSize:      cfg.UBatchSize,
+		Threads:         cfg.Threads,
+		FlashAttn:       cfg.FlashAttn,
+		Unified:         cfg.KVUnified,
+		KVType:          cfg.KVType,
+		QueueSize:       cfg.QueueSize,
+		Reuse:           cfg.CacheReuse,
+		ReuseCompressed: cfg.CacheReuseCompressed,
 		// MiB as bytes
 		ImageCacheBytes: int64(cfg.ImageCacheMB) << 20,
 		Log:             log,
@@ -140,6 +147,14 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		ModelID: modelID, Created: created, CtxPerSeq: eng.SeqCells(), Vision: vision != nil, Slots: cfg.Parallel,
 		MediaMarker: llama.MediaMarker(), VocabSize: info.VocabSize,
 	}}
+	for _, p := range eng.Policies() {
+		backend.info.CachePolicies = append(backend.info.CachePolicies, api.ModelPolicy{Policy: string(p.Policy), Supported: p.Supported, Reason: p.Reason})
+		if p.Supported {
+			log.Info().Str("policy", string(p.Policy)).Msg("cache policy supported by this model")
+		} else {
+			log.Warn().Str("policy", string(p.Policy)).Str("reason", p.Reason).Msg("cache policy not supported by this model (requests for it get 400)")
+		}
+	}
 	handler := api.New(api.OptionsFromConfig(cfg), backend, log)
 
 	ln, err := net.Listen("tcp", cfg.Addr)

@@ -68,7 +68,7 @@ type vocab struct {
 	types  []int32
 }
 
-func buildVocab(size int) vocab {
+func buildVocab(size int, special []string) vocab {
 	if size < BaseVocabSize {
 		size = BaseVocabSize
 	}
@@ -94,6 +94,9 @@ func buildVocab(size int) vocab {
 	add(spaceMarker, -1, tokTypeNormal)
 	for c := byte('!'); c <= '~'; c++ {
 		add(string(c), -float32(len(v.tokens)-spaceToken+1), tokTypeNormal)
+	}
+	for _, tok := range special { // ids BaseVocabSize.. (a family's markers)
+		add(tok, 0, tokTypeControl)
 	}
 	for i := 0; len(v.tokens) < size; i++ {
 		add(fmt.Sprintf("<unused%d>", i), 0, tokTypeUnused)

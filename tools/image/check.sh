@@ -10,6 +10,7 @@
 #                               (for CI machines without it); otherwise a missing
 #                               buildah is a failure
 #   IMAGE_CHECK_REBUILD_BASE=1  make the base images again (kept in buildah's storage)
+#   IMAGE_CHECK_NO_BUILD=1      run the image already tagged IMAGE_CHECK_TAG (no build)
 #   IMAGE_CHECK_PORT            port to serve on (default: a free one in 20000-32767)
 #   IMAGE_CHECK_TIMEOUT         seconds to wait for the server to be ready (default 120)
 #   IMAGE_CHECK_TAG             name of the built image (default localhost/elasticserve:check)
@@ -36,7 +37,7 @@ if ! command -v buildah >/dev/null; then
 	fail "buildah is not installed: apt-get install -y podman buildah debootstrap (or IMAGE_CHECK_SKIP=1 to skip)"
 fi
 [ "$(id -u)" = 0 ] || fail "run as root (buildah's chroot isolation and debootstrap need it)"
-for tool in debootstrap curl base64 go; do command -v "$tool" >/dev/null || fail "$tool is not installed"; done
+for tool in podman debootstrap curl base64 go; do command -v "$tool" >/dev/null || fail "$tool is not installed"; done
 
 t_start=$SECONDS
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/image-check.XXXXXX")
@@ -123,19 +124,23 @@ done < <(awk 'toupper($1) == "FROM" {print $2}' Dockerfile | sort -u)
 base_s=$((SECONDS - t_base))
 
 # --- 2. Build the real Dockerfile -----------------------------------------------------
-say "buildah bud -f Dockerfile -t $TAG (a cold build compiles llama.cpp: minutes)"
 t_build=$SECONDS
-buildah bud --isolation chroot --pull=never --format docker --layers=false -f Dockerfile -t "$TAG" . \
-	>"$tmp/build.log" 2>&1 || { tail -n 40 "$tmp/build.log" >&2; fail "buildah bud"; }
+if [ "${IMAGE_CHECK_NO_BUILD:-}" = 1 ] && image_exists "$TAG"; then
+	say "IMAGE_CHECK_NO_BUILD=1: running the existing $TAG"
+else
+	say "buildah bud -f Dockerfile -t $TAG (a cold build compiles llama.cpp: minutes)"
+	buildah bud --isolation chroot --pull=never --format docker --layers=false -f Dockerfile -t "$TAG" . \
+		>"$tmp/build.log" 2>&1 || { tail -n 40 "$tmp/build.log" >&2; fail "buildah bud"; }
+fi
 build_s=$((SECONDS - t_build))
 size=$(buildah images --format '{{.Size}}' "$TAG" | head -n1)
 say "built $TAG in ${build_s}s, size $size"
 
 # The image's own configuration: numeric non-root user (for runAsNonRoot), entrypoint.
 user=$(buildah inspect --type image --format '{{.Docker.Config.User}}' "$TAG")
-entry=$(buildah inspect --type image --format '{{json .Docker.Config.Entrypoint}}' "$TAG")
+entry=$(buildah inspect --type image --format '{{.Docker.Config.Entrypoint}}' "$TAG")
 [[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || fail "USER is \"$user\", want a numeric non-root uid"
-[ "$entry" = '["/app/bin/elasticserve"]' ] || fail "ENTRYPOINT is $entry"
+[ "$entry" = '[/app/bin/elasticserve]' ] || fail "ENTRYPOINT is $entry"
 say "USER $user, ENTRYPOINT $entry"
 
 # --- 3. Run it, serving the bundled model on loopback -----------------------------------
@@ -167,6 +172,23 @@ while :; do
 	sleep 0.5
 done
 say "ready on $url after $((SECONDS - t_run))s"
+server_pid=""
+todo=$run_pid
+while [ -n "$todo" ] && [ -z "$server_pid" ]; do
+	next=""
+	for p in $todo; do
+		for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do
+			if [ "$(cat /proc/"$c"/comm 2>/dev/null)" = elasticserve ]; then server_pid=$c; break 2; fi
+			next="$next $c"
+		done
+	done
+	todo=$next
+done
+[ -n "$server_pid" ] || fail "cannot find the server process under buildah run (pid $run_pid)"
+# The server process (a descendant of buildah run) runs as the image's user.
+uid=$(awk '/^Uid:/ {print $2}' /proc/"$server_pid"/status)
+[ "$uid" = "${user%%:*}" ] || fail "the server runs as uid $uid, the image's USER is $user"
+say "server pid $server_pid runs as uid $uid"
 
 # The image's HEALTHCHECK command, run inside the container.
 buildah run --isolation chroot "$ctr" -- curl -fsS "$url/health" >/dev/null || fail "the HEALTHCHECK command (curl /health) failed in the image"
@@ -189,20 +211,7 @@ else
 fi
 say "answer \"$WANT\" as expected"
 
-# --- 4. SIGTERM to the server (a descendant of buildah run), which must exit 0 ---------
-server_pid=""
-todo=$run_pid
-while [ -n "$todo" ] && [ -z "$server_pid" ]; do
-	next=""
-	for p in $todo; do
-		for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do
-			if [ "$(cat /proc/"$c"/comm 2>/dev/null)" = elasticserve ]; then server_pid=$c; break 2; fi
-			next="$next $c"
-		done
-	done
-	todo=$next
-done
-[ -n "$server_pid" ] || fail "cannot find the server process under buildah run (pid $run_pid)"
+# --- 4. SIGTERM to the server, which must exit 0 -----------------------------------------
 t_stop=$SECONDS
 kill -TERM "$server_pid"
 for _ in $(seq 1 400); do kill -0 "$run_pid" 2>/dev/null || break; sleep 0.1; done

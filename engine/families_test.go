@@ -1,0 +1,241 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/rs/zerolog"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
+	"github.com/elasticserve/elasticserve/internal/testmodel"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// Each model family's tiny random model (internal/testmodel, --arch) served by the
+// engine: it loads, answers text, one image and two images, streams, gives under
+// full the greedy tokens of a plain decode loop through package llama, and applies
+// every policy (budget 1 equals full; budget 0.5 compresses) or refuses it with a
+// PolicyUnsupportedError naming the reason.
+var testFamilies = []string{testmodel.ArchLLaVA16, testmodel.ArchSmolVLM, testmodel.ArchMiniCPMV, testmodel.ArchGemma3}
+
+// refusedOn: the policies a family's model refuses below budget 1.
+var refusedOn = map[string][]elasticcache.Policy{
+	testmodel.ArchGemma3: {elasticcache.H2O},
+}
+
+func loadFamily(t *testing.T, arch string) (testmodel.Options, *llama.Model, *llama.Vision) {
+	t.Helper()
+	opt, err := testmodel.FamilyOptions(arch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp, vp, err := testmodel.Ensure(opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := llama.LoadVision(m, vp, llama.VisionParams{Threads: 1})
+	if err != nil {
+		m.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close(); m.Close() })
+	return opt, m, v
+}
+
+func TestFamilies(t *testing.T) {
+	for _, arch := range testFamilies {
+		t.Run(arch, func(t *testing.T) { testFamily(t, arch) })
+	}
+}
+
+func testFamily(t *testing.T, arch string) {
+	opt, m, v := loadFamily(t, arch)
+	fam, _ := testmodel.LookupFamily(arch)
+	if got := m.Info().Arch; got != fam.TextArch {
+		t.Fatalf("text architecture %q, want %q", got, fam.TextArch)
+	}
+	// The family's template is detected as the built-in one it stands for.
+	msgs := []llama.ChatMessage{{Role: "user", Content: "hello"}}
+	own, err := m.ApplyChatTemplate("", msgs, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	named, err := m.ApplyChatTemplate(fam.TemplateName, msgs, true)
+	if err != nil || own != named {
+		t.Fatalf("template renders %q, built-in %q renders %q (%v)", own, fam.TemplateName, named, err)
+	}
+
+	e, err := Start(m, v, Options{Parallel: 1, CtxSize: 2048, BatchSize: 512, Threads: 1, Log: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	te := &testEngine{Engine: e}
+	t.Cleanup(func() { e.Stop(context.Background()) })
+	img1, img2 := testPNG(t, 1), testPNG(t, 2)
+	const gen = 12
+	full := cfg(elasticcache.Full, 1)
+
+	text := run(t, te, greedyReq("text", longPrompt, gen, full))
+	one := run(t, te, greedyReq("one", longPrompt, gen, full, img1))
+	two := run(t, te, greedyReq("two", longPrompt, gen, full, img1, img2))
+	for _, r := range []result{text, one, two} {
+		if r.usage.CompletionTokens != gen || r.finish != FinishLength || r.text == "" {
+			t.Fatalf("%d tokens, finish %q, text %q", r.usage.CompletionTokens, r.finish, r.text)
+		}
+	}
+	if d := one.usage.PromptTokens - text.usage.PromptTokens; d < opt.TileTokens() {
+		t.Errorf("an image added %d prompt tokens, a tile alone is %d", d, opt.TileTokens())
+	}
+	if two.usage.PromptTokens <= one.usage.PromptTokens {
+		t.Errorf("two images: %d prompt tokens, one: %d", two.usage.PromptTokens, one.usage.PromptTokens)
+	}
+
+	// Streaming: the answer arrives as events (the outbox may coalesce pieces a slow
+	// reader has not taken yet) that add up to the collected text.
+	ch, err := e.Submit(context.Background(), greedyReq("stream", longPrompt, gen, full, img1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	events, streamed := 0, ""
+	for ev := range ch {
+		if ev.Err != nil {
+			t.Fatal(ev.Err)
+		}
+		if ev.Text != "" {
+			events++
+			streamed += ev.Text
+		}
+	}
+	if events < 1 || streamed != one.text {
+		t.Errorf("stream: %d events, %q; collected %q", events, streamed, one.text)
+	}
+
+	// Under full: the greedy tokens of a plain decode loop.
+	if want := directGreedy(t, m, v, longPrompt, gen, img1); want != one.text {
+		t.Errorf("engine under full %q, direct decode loop %q", one.text, want)
+	}
+
+	refused := refusedOn[arch]
+	for _, p := range allPolicies {
+		isRefused := false
+		for _, r := range refused {
+			isRefused = isRefused || r == p
+		}
+		if isRefused {
+			_, err := e.Submit(context.Background(), greedyReq("refused", longPrompt, gen, cfg(p, 0.5), img1))
+			var pu *completion.PolicyUnsupportedError
+			if !errors.As(err, &pu) || pu.Reason == "" {
+				t.Errorf("%s@0.5: error %v, want a PolicyUnsupportedError with a reason", p, err)
+			}
+			continue
+		}
+		at1 := run(t, te, greedyReq(string(p)+"@1", longPrompt, gen, cfg(p, 1), img1))
+		if at1.text != one.text {
+			t.Errorf("%s@1.0 %q differs from full %q", p, at1.text, one.text)
+		}
+		half := run(t, te, greedyReq(string(p)+"@0.5", longPrompt, gen, cfg(p, 0.5), img1))
+		if half.usage.CompletionTokens != gen || half.kv == nil || half.kv.Kept >= half.kv.PromptEntries || half.kv.Kept == 0 {
+			t.Errorf("%s@0.5: %d tokens, kv %+v: not compressed", p, half.usage.CompletionTokens, half.kv)
+		}
+		// two images, compressed, then decoding on
+		h2 := run(t, te, greedyReq(string(p)+"@0.5x2", longPrompt, gen, cfg(p, 0.5), img1, img2))
+		if h2.kv == nil || h2.kv.Kept >= h2.kv.PromptEntries {
+			t.Errorf("%s@0.5 with two images: kv %+v: not compressed", p, h2.kv)
+		}
+	}
+	pols := e.Policies()
+	for _, ps := range pols {
+		want := true
+		for _, r := range refused {
+			want = want && r != ps.Policy
+		}
+		if ps.Supported != want || (!ps.Supported && ps.Reason == "") {
+			t.Errorf("Policies: %+v, want supported=%v", ps, want)
+		}
+	}
+}
+
+// directGreedy renders the prompt as the engine does and decodes it with package
+// llama alone (one batch per chunk, non-causal image batches where the projector
+// asks for them), then gen greedy tokens one at a time.
+func directGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, gen int, images ...[]byte) string {
+	t.Helper()
+	var parts []Part
+	for _, img := range images {
+		parts = append(parts, completion.Image(img))
+	}
+	text, imgs, err := RenderPrompt(m, []Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := v.Tokenize(text, imgs, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, err := llama.NewContext(m, llama.ContextParams{NCtx: 2048, NBatch: 512, NSeqMax: 1, Threads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Close()
+	tb := llama.NewBatch(512, 0, 1)
+	defer tb.Close()
+	eb := llama.NewBatch(512, v.EmbdSize(), 1)
+	defer eb.Close()
+	pos := 0
+	for ci, c := range p.Chunks {
+		last := ci == len(p.Chunks)-1
+		var b *llama.Batch
+		if c.Kind == llama.ChunkText {
+			b = tb
+			b.Clear()
+			for i, tok := range c.Tokens {
+				b.Add(tok, pos+i, 0, last && i == len(c.Tokens)-1)
+			}
+		} else {
+			embd, err := p.EncodeImage(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b = eb
+			b.Clear()
+			w := v.EmbdSize()
+			for i := range c.NTokens {
+				b.AddEmbd(embd[i*w:(i+1)*w], pos+i, 0, last && i == c.NTokens-1)
+			}
+			ctx.SetCausal(!v.NonCausal())
+		}
+		err := ctx.Decode(b)
+		ctx.SetCausal(true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pos += c.NTokens
+	}
+	var out strings.Builder
+	b := tb
+	for range gen {
+		logits := ctx.Logits(b.Len() - 1)
+		best := 0
+		for i, l := range logits {
+			if l > logits[best] {
+				best = i
+			}
+		}
+		out.Write(m.TokenPiece(llama.Token(best), false))
+		b.Clear()
+		b.Add(llama.Token(best), pos, 0, true)
+		pos++
+		if err := ctx.Decode(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out.String()
+}
