@@ -43,9 +43,13 @@ func TestConversationReuse(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := metrics(t, s, nil)
-			first := pictureQuestion(t, "What color is the circle?")
+			// Other tests asked the demo server about this picture: a system line
+			// of this conversation's own keeps their held cells out of its first turn.
+			first := append([]openai.ChatCompletionMessageParamUnion{openai.SystemMessage("Conversation " + tc.name + ".")},
+				pictureQuestion(t, "What color is the circle?")...)
 			r1 := ask(first, tc.cache)
-			if cachedOf(r1) != 0 {
+			// Only the template's first tokens can be shared with another conversation.
+			if cachedOf(r1) > 4 {
 				t.Fatalf("a first turn reused %d tokens", cachedOf(r1))
 			}
 			second := append(first, r1.Choices[0].Message.ToParam(), openai.UserMessage("How many shapes are there?"))
@@ -67,11 +71,15 @@ func TestConversationReuse(t *testing.T) {
 				t.Fatalf("kv_cache.reused %d (%v), cached_tokens %d", kv.Reused, err, cachedOf(r2))
 			}
 			after := metrics(t, s, nil)
-			if d := after["elasticserve_prefix_cache_hits_total"] - before["elasticserve_prefix_cache_hits_total"]; d != 1 {
-				t.Fatalf("prefix cache hits moved by %v", d)
+			hits := 1.0
+			if cachedOf(r1) > 0 {
+				hits++
 			}
-			if d := after["elasticserve_prefix_cache_reused_tokens_total"] - before["elasticserve_prefix_cache_reused_tokens_total"]; d != float64(cachedOf(r2)) {
-				t.Fatalf("reused tokens moved by %v, cached_tokens %d", d, cachedOf(r2))
+			if d := after["elasticserve_prefix_cache_hits_total"] - before["elasticserve_prefix_cache_hits_total"]; d != hits {
+				t.Fatalf("prefix cache hits moved by %v, want %v", d, hits)
+			}
+			if d := after["elasticserve_prefix_cache_reused_tokens_total"] - before["elasticserve_prefix_cache_reused_tokens_total"]; d != float64(cachedOf(r1)+cachedOf(r2)) {
+				t.Fatalf("reused tokens moved by %v, cached_tokens %d + %d", d, cachedOf(r1), cachedOf(r2))
 			}
 			if !tc.exact {
 				// Encoding everything again gives the same answer.
