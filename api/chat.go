@@ -20,45 +20,13 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, aerr)
 		return
 	}
-	cr, aerr := decodeChatRequest(body)
+	ctx, cancel := s.requestContext(r)
+	defer cancel()
+	plan, info, aerr := s.prepareChat(ctx, r, body)
 	if aerr != nil {
 		writeError(w, aerr)
 		return
 	}
-	info := s.backend.Info()
-	if cr.Model != "" && !s.knownModel(cr.Model, info) {
-		e := modelNotFound(cr.Model, s.servedModel(info))
-		e.Param = "model"
-		writeError(w, e)
-		return
-	}
-	plan, aerr := planChat(cr, planLimits{
-		maxImages:        s.opts.MaxImages,
-		allowImageURLs:   s.opts.AllowImageURLs,
-		vision:           info.Vision,
-		marker:           info.MediaMarker,
-		defaultMaxTokens: s.opts.DefaultMaxTokens,
-		cache:            s.opts.Cache,
-	})
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
-
-	ctx := r.Context()
-	if s.opts.RequestTimeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, s.opts.RequestTimeout)
-		defer cancel()
-	}
-	images, aerr := s.loadImages(ctx, plan.images)
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
-	plan.setImages(images)
-	plan.req.ID = RequestIDFromContext(r.Context())
-
 	events, err := s.backend.Submit(ctx, plan.req)
 	if err != nil {
 		writeError(w, s.requestError(r.Context(), err, plan))
@@ -76,6 +44,48 @@ func (s *server) handleChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.collectChat(ctx, w, r, c, events)
+}
+
+// requestContext bounds a request's work by --request-timeout (none when 0).
+func (s *server) requestContext(r *http.Request) (context.Context, context.CancelFunc) {
+	if s.opts.RequestTimeout > 0 {
+		return context.WithTimeout(r.Context(), s.opts.RequestTimeout)
+	}
+	return context.WithCancel(r.Context())
+}
+
+// prepareChat turns a chat-completions body into an engine request: decoded,
+// validated against the served model and the server's limits, its images loaded
+// (within ctx) and checked. /chat/completions submits it, /tokenize counts it.
+func (s *server) prepareChat(ctx context.Context, r *http.Request, body []byte) (*chatPlan, BackendInfo, *apiError) {
+	info := s.backend.Info()
+	cr, aerr := decodeChatRequest(body)
+	if aerr != nil {
+		return nil, info, aerr
+	}
+	if cr.Model != "" && !s.knownModel(cr.Model, info) {
+		e := modelNotFound(cr.Model, s.servedModel(info))
+		e.Param = "model"
+		return nil, info, e
+	}
+	plan, aerr := planChat(cr, planLimits{
+		maxImages:        s.opts.MaxImages,
+		allowImageURLs:   s.opts.AllowImageURLs,
+		vision:           info.Vision,
+		marker:           info.MediaMarker,
+		defaultMaxTokens: s.opts.DefaultMaxTokens,
+		cache:            s.opts.Cache,
+	})
+	if aerr != nil {
+		return nil, info, aerr
+	}
+	images, aerr := s.loadImages(ctx, plan.images)
+	if aerr != nil {
+		return nil, info, aerr
+	}
+	plan.setImages(images)
+	plan.req.ID = RequestIDFromContext(r.Context())
+	return plan, info, nil
 }
 
 // chatState is the per-response state shared by both response shapes.

@@ -2,7 +2,6 @@ package api
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -145,43 +144,13 @@ func pieceJSON(p string) any {
 // countPrompt answers a chat body on /tokenize: it is validated, and its
 // images loaded, exactly as for /chat/completions, then counted.
 func (s *server) countPrompt(w http.ResponseWriter, r *http.Request, body []byte) {
-	cr, aerr := decodeChatRequest(body)
+	ctx, cancel := s.requestContext(r)
+	defer cancel()
+	plan, _, aerr := s.prepareChat(ctx, r, body)
 	if aerr != nil {
 		writeError(w, aerr)
 		return
 	}
-	info := s.backend.Info()
-	if cr.Model != "" && !s.knownModel(cr.Model, info) {
-		e := modelNotFound(cr.Model, s.servedModel(info))
-		e.Param = "model"
-		writeError(w, e)
-		return
-	}
-	plan, aerr := planChat(cr, planLimits{
-		maxImages:        s.opts.MaxImages,
-		allowImageURLs:   s.opts.AllowImageURLs,
-		vision:           info.Vision,
-		marker:           info.MediaMarker,
-		defaultMaxTokens: s.opts.DefaultMaxTokens,
-		cache:            s.opts.Cache,
-	})
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
-	ctx := r.Context()
-	if s.opts.RequestTimeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, s.opts.RequestTimeout)
-		defer cancel()
-	}
-	images, aerr := s.loadImages(ctx, plan.images)
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
-	plan.setImages(images)
-	plan.req.ID = RequestIDFromContext(r.Context())
 	n, err := s.backend.CountPrompt(ctx, plan.req)
 	if err != nil {
 		writeError(w, s.requestError(r.Context(), err, plan))

@@ -346,7 +346,7 @@ func (t *toolPlan) finalCalls(text string) ([]ToolCall, string) {
 		if !json.Valid([]byte(args)) {
 			return nil, text
 		}
-		return []ToolCall{newCall(0, t.name, args)}, ""
+		return []ToolCall{newCall(t.name, args)}, ""
 	}
 	trimmed := strings.TrimSpace(text)
 	if !strings.HasPrefix(trimmed, "{") {
@@ -363,12 +363,12 @@ func (t *toolPlan) finalCalls(text string) ([]ToolCall, string) {
 	}
 	calls := make([]ToolCall, len(out.ToolCalls))
 	for i, c := range out.ToolCalls {
-		calls[i] = newCall(i, c.Name, string(c.Arguments))
+		calls[i] = newCall(c.Name, string(c.Arguments))
 	}
 	return calls, ""
 }
 
-func newCall(_ int, name, args string) ToolCall {
+func newCall(name, args string) ToolCall {
 	return ToolCall{ID: "call_" + randomHex(12), Type: "function", Function: ToolCallFunction{Name: name, Arguments: args}}
 }
 

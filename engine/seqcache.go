@@ -263,6 +263,12 @@ func (c *seqCache) compress() error {
 		}
 		c.shift = c.nPrompt - plan.K
 	}
+	return c.writeBack(dst, keep)
+}
+
+// writeBack replaces the sequence's cells with dst, whose rows hold the entries
+// at positions keep (ascending), and records where llama.cpp put them.
+func (c *seqCache) writeBack(dst *llama.SeqCache, keep []int) error {
 	for i, p := range keep {
 		dst.Pos[i] = int32(p)
 	}
@@ -273,9 +279,9 @@ func (c *seqCache) compress() error {
 		return &InvariantError{What: "cells read back",
 			Detail: fmt.Sprintf("after the rewrite the sequence spans positions [%d, %d], the plan wrote [%d, %d]", lo, hi, keep[0], keep[len(keep)-1])}
 	}
-	// llama.cpp removed the sequence, then placed the K cells as one ubatch.
+	// llama.cpp removed the sequence, then placed the rows as one ubatch.
 	c.pool.releaseAll(c.seq)
-	cells, ok := c.pool.placeUBatch(slices.Repeat([]int{c.seq}, plan.K))
+	cells, ok := c.pool.placeUBatch(slices.Repeat([]int{c.seq}, len(keep)))
 	if !ok {
 		return errBookkeeping
 	}
@@ -480,24 +486,7 @@ func (c *seqCache) compressTurn() error {
 	for _, j := range plan.Layers[0].Keep {
 		keep = append(keep, c.segFrom+j)
 	}
-	for i, p := range keep {
-		dst.Pos[i] = int32(p)
-	}
-	if err := c.lctx.WriteSeqCache(c.seq, dst); err != nil {
-		return err
-	}
-	if lo, hi := c.lctx.SeqPosMin(c.seq), c.lctx.SeqPosMax(c.seq); lo != keep[0] || hi != keep[len(keep)-1] {
-		return &InvariantError{What: "cells read back",
-			Detail: fmt.Sprintf("after the rewrite the sequence spans positions [%d, %d], the plan wrote [%d, %d]", lo, hi, keep[0], keep[len(keep)-1])}
-	}
-	c.pool.releaseAll(c.seq)
-	cells, ok := c.pool.placeUBatch(slices.Repeat([]int{c.seq}, len(keep)))
-	if !ok {
-		return errBookkeeping
-	}
-	c.cells = append(c.cells[:0], cells...)
-	c.pos = append(c.pos[:0], keep...)
-	return nil
+	return c.writeBack(dst, keep)
 }
 
 // offsetStore shows a Store whose rows start at cell off, so that a plan's K rows
