@@ -232,6 +232,10 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	e.reserved = make([]int, len(e.pools))
 	if vision != nil {
 		e.embdBatch = llama.NewBatch(opts.BatchSize, vision.EmbdSize(), 1)
+		if vision.MRoPE() {
+			e.embdBatch.Close()
+			e.embdBatch = llama.NewBatchMRoPE(opts.BatchSize, vision.EmbdSize(), 1)
+		}
 	}
 	return e, nil
 }

@@ -35,6 +35,41 @@ func cachePlan(plan *elasticcache.PrefillPlan, src *llama.SeqCache) *elasticcach
 	return &sub
 }
 
+// M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are served under full: an image's
+// embeddings are decoded at its 2-D grid of positions (every embedding at the
+// image's first position p0, with row p0+r and column p0+c as extra components),
+// and the image advances the position by max(nx, ny), not by its nx*ny cells
+// (promptBatch, seqCache.shift). Text tokens take one position in every component.
+//
+// Prefix reuse works where positions are token indices: a finished sequence is
+// held only when its prompt has no image (hold; an image's cells share one
+// position, so held cells could not be named by unit index). Its text prefix
+// is then continued like any model's, also by a prompt that goes on with an
+// image (the image starts at the position its chunk start gives it).
+//
+// Compressing policies are refused (mropeRefusal), for three reasons found in the
+// vendored llama.cpp (module v0.17.4):
+//   - llama_state_seq_set_data restores one sequence through
+//     llama_kv_cache::state_read_meta (src/llama-kv-cache.cpp), which builds the
+//     restored cells' ubatch with llama_batch_allocr::ubatch_reserve
+//     (src/llama-batch.cpp): its pos vector holds cell_count values while n_pos is 4,
+//     so ubatch.is_pos_2d() is true and apply_ubatch reads pos[i + n_tokens] and
+//     pos[i + n_tokens*2] past the end of that vector (a heap out-of-bounds read,
+//     whatever positions the state holds). The whole-memory restore (seq_id -1)
+//     avoids it but rewrites and compacts every sequence's cells.
+//   - the cells of one image share one position (component 0), and the only public
+//     call that removes single cells, llama_memory_seq_rm, names them by position:
+//     a decode-time eviction of one image entry would remove all of that image's
+//     remaining entries.
+//   - llama_memory_seq_add / seq_div assert n_pos_per_embd() == 1, so positions
+//     cannot be relabelled in place either.
+const mropeRefusal = "this model uses M-RoPE (Qwen-VL: multi-component positions); compressing its cache is refused: " +
+	"llama.cpp's sequence restore (llama_state_seq_set_data) reads past its position buffer for M-RoPE models, " +
+	"and the cells of one image share a position, so one entry cannot be evicted (see README, Models); use policy full"
+
+// mrope reports whether the model takes M-RoPE positions for images.
+func (e *Engine) mrope() bool { return e.vision != nil && e.vision.MRoPE() }
+
 // unsupportedReason says why a compressing spec cannot run on this model and
 // setting, "" when it can. It looks only at the model and the server's options.
 func unsupportedReason(info llama.ModelInfo, flashAttn bool, spec elasticcache.Spec) string {
@@ -44,7 +79,7 @@ func unsupportedReason(info llama.ModelInfo, flashAttn bool, spec elasticcache.S
 	case spec.PrefillScores() && flashAttn:
 		return "it needs attention scores, which this server (started with --flash-attn) does not compute"
 	case info.MRoPE:
-		return "this model uses M-RoPE (multi-component positions); the KV hook cannot rewrite its cache through llama.cpp's state calls (see README, Models)"
+		return mropeRefusal
 	case info.SWA > 0 && len(info.FullLayers) == 0:
 		return "this model (" + info.Arch + ") uses sliding-window attention in a layer layout the KV hook does not know; use policy full"
 	case info.SWA > 0 && spec.Policy() == elasticcache.H2O:

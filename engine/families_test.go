@@ -1,8 +1,13 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"image"
+	"image/color"
+	"image/png"
 	"strings"
 	"testing"
 
@@ -19,12 +24,17 @@ import (
 // full the greedy tokens of a plain decode loop through package llama, and applies
 // every policy (budget 1 equals full; budget 0.5 compresses) or refuses it with a
 // PolicyUnsupportedError naming the reason.
-var testFamilies = []string{testmodel.ArchLLaVA16, testmodel.ArchSmolVLM, testmodel.ArchMiniCPMV, testmodel.ArchGemma3}
+var testFamilies = []string{testmodel.ArchLLaVA16, testmodel.ArchSmolVLM, testmodel.ArchMiniCPMV, testmodel.ArchGemma3, testmodel.ArchQwen25VL}
 
 // refusedOn: the policies a family's model refuses below budget 1.
 var refusedOn = map[string][]elasticcache.Policy{
 	testmodel.ArchGemma3: {elasticcache.H2O},
+	// M-RoPE: compression is refused (see mropeRefusal)
+	testmodel.ArchQwen25VL: {elasticcache.Elastic, elasticcache.H2O, elasticcache.Local},
 }
+
+// refusalSays: a word the refusal's reason must contain, per family.
+var refusalSays = map[string]string{testmodel.ArchGemma3: "sliding-window", testmodel.ArchQwen25VL: "M-RoPE"}
 
 func loadFamily(t *testing.T, arch string) (testmodel.Options, *llama.Model, *llama.Vision) {
 	t.Helper()
@@ -122,23 +132,28 @@ func testFamily(t *testing.T, arch string) {
 		t.Errorf("engine under full %q, direct decode loop %q", one.text, want)
 	}
 
+	if m.Info().MRoPE {
+		testMRoPE(t, te, m, v, gen)
+	}
+
 	refused := refusedOn[arch]
 	for _, p := range allPolicies {
 		isRefused := false
 		for _, r := range refused {
 			isRefused = isRefused || r == p
 		}
-		if isRefused {
-			_, err := e.Submit(context.Background(), greedyReq("refused", longPrompt, gen, cfg(p, 0.5), img1))
-			var pu *completion.PolicyUnsupportedError
-			if !errors.As(err, &pu) || pu.Reason == "" {
-				t.Errorf("%s@0.5: error %v, want a PolicyUnsupportedError with a reason", p, err)
-			}
-			continue
-		}
+		// budget 1 never compresses: it runs on every family and equals full
 		at1 := run(t, te, greedyReq(string(p)+"@1", longPrompt, gen, cfg(p, 1), img1))
 		if at1.text != one.text {
 			t.Errorf("%s@1.0 %q differs from full %q", p, at1.text, one.text)
+		}
+		if isRefused {
+			_, err := e.Submit(context.Background(), greedyReq("refused", longPrompt, gen, cfg(p, 0.5), img1))
+			var pu *completion.PolicyUnsupportedError
+			if !errors.As(err, &pu) || !strings.Contains(pu.Reason, refusalSays[arch]) {
+				t.Errorf("%s@0.5: error %v, want a PolicyUnsupportedError whose reason says %q", p, err, refusalSays[arch])
+			}
+			continue
 		}
 		half := run(t, te, greedyReq(string(p)+"@0.5", longPrompt, gen, cfg(p, 0.5), img1))
 		if half.usage.CompletionTokens != gen || half.kv == nil || half.kv.Kept >= half.kv.PromptEntries || half.kv.Kept == 0 {
@@ -188,6 +203,10 @@ func directGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, 
 	tb := llama.NewBatch(512, 0, 1)
 	defer tb.Close()
 	eb := llama.NewBatch(512, v.EmbdSize(), 1)
+	if v.MRoPE() {
+		eb.Close()
+		eb = llama.NewBatchMRoPE(512, v.EmbdSize(), 1)
+	}
 	defer eb.Close()
 	pos := 0
 	for ci, c := range p.Chunks {
@@ -208,6 +227,10 @@ func directGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, 
 			b.Clear()
 			w := v.EmbdSize()
 			for i := range c.NTokens {
+				if v.MRoPE() { // the image's grid at its first position (mtmd-helper's layout)
+					b.AddEmbdMRoPE(embd[i*w:(i+1)*w], pos, pos+i/c.NX, pos+i%c.NX, 0, last && i == c.NTokens-1)
+					continue
+				}
 				b.AddEmbd(embd[i*w:(i+1)*w], pos+i, 0, last && i == c.NTokens-1)
 			}
 			ctx.SetCausal(!v.NonCausal())
@@ -217,7 +240,7 @@ func directGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, 
 		if err != nil {
 			t.Fatal(err)
 		}
-		pos += c.NTokens
+		pos += c.NPos // NTokens, but for an M-RoPE image
 	}
 	var out strings.Builder
 	b := tb
@@ -238,4 +261,126 @@ func directGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, 
 		}
 	}
 	return out.String()
+}
+
+// testMRoPE checks what is particular to an M-RoPE model (Qwen2.5-VL) under full:
+// a picture whose grid is not square (rows and columns are told apart), and two
+// pictures (the second starts where the first's max(nx, ny) positions end), each
+// against llama.cpp's own mtmd helper (mtmd_helper_eval_chunks) followed by a
+// plain greedy loop; and prefix reuse, which holds a finished sequence only when
+// its prompt has no image.
+func testMRoPE(t *testing.T, te *testEngine, m *llama.Model, v *llama.Vision, gen int) {
+	full := cfg(elasticcache.Full, 1)
+	wide := rectPNG(t, 64, 32) // an 8 x 4 grid: 32 embeddings, 8 positions
+	for name, imgs := range map[string][][]byte{"wide": {wide}, "two": {testPNG(t, 1), wide}} {
+		got := run(t, te, greedyReq("mrope-"+name, longPrompt, gen, full, imgs...))
+		if want := helperGreedy(t, m, v, longPrompt, gen, imgs...); got.text != want {
+			t.Errorf("%s: engine under full %q, llama.cpp's mtmd helper %q", name, got.text, want)
+		}
+		if want := directGreedy(t, m, v, longPrompt, gen, imgs...); got.text != want {
+			t.Errorf("%s: engine under full %q, direct decode loop %q", name, got.text, want)
+		}
+	}
+
+	// Batches of 16: the 32 embeddings of the wide picture are decoded in two
+	// batches, the second continuing the grid at row 2 of the same position.
+	e, err := Start(m, v, Options{Parallel: 1, CtxSize: 2048, BatchSize: 16, Threads: 1, Reuse: true, Log: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	re := &testEngine{Engine: e}
+	defer e.Stop(context.Background())
+	if got, want := run(t, re, noReuse(greedyReq("split", longPrompt, gen, full, wide))).text, helperGreedy(t, m, v, longPrompt, gen, wide); got != want {
+		t.Errorf("picture split over two batches: engine %q, llama.cpp's mtmd helper %q", got, want)
+	}
+
+	// Prefix reuse: a text-only conversation is held and continued (its positions
+	// are its token indices), also by a turn that adds a picture; a conversation
+	// with a picture is not held.
+	for _, withImage := range []bool{false, true} {
+		var imgs [][]byte
+		if withImage {
+			imgs = [][]byte{wide}
+		}
+		first := greedyReq(fmt.Sprintf("reuse-%v", withImage), "Say something.", 6, full, imgs...)
+		r1 := run(t, re, first)
+		second := turn2(first, r1.text, "And more?")
+		second.Messages[len(second.Messages)-1].Parts = append([]Part{completion.Image(wide)}, second.Messages[len(second.Messages)-1].Parts...)
+		r2 := run(t, re, second)
+		again := run(t, re, noReuse(second))
+		if r2.text != again.text {
+			t.Errorf("image in the first turn %v: with reuse %q, encoding everything again %q", withImage, r2.text, again.text)
+		}
+		if withImage && r2.usage.CachedTokens != 0 {
+			t.Errorf("a conversation with a picture was continued from %d held cells", r2.usage.CachedTokens)
+		}
+		if !withImage && r2.usage.CachedTokens < r1.usage.PromptTokens-1 {
+			t.Errorf("a text conversation's second turn reused %d cells of a %d-token first prompt", r2.usage.CachedTokens, r1.usage.PromptTokens)
+		}
+	}
+}
+
+// helperGreedy is directGreedy with the prompt decoded by llama.cpp's mtmd helper.
+func helperGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, gen int, images ...[]byte) string {
+	t.Helper()
+	var parts []Part
+	for _, img := range images {
+		parts = append(parts, completion.Image(img))
+	}
+	text, imgs, err := RenderPrompt(m, []Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := v.Tokenize(text, imgs, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, err := llama.NewContext(m, llama.ContextParams{NCtx: 2048, NBatch: 512, NSeqMax: 1, Threads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Close()
+	pos, err := p.EvalWithHelper(ctx, 0, 0, 512)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := llama.NewBatch(1, 0, 1)
+	defer b.Close()
+	row := -1
+	var out strings.Builder
+	for range gen {
+		logits := ctx.Logits(row)
+		best := 0
+		for i, l := range logits {
+			if l > logits[best] {
+				best = i
+			}
+		}
+		out.Write(m.TokenPiece(llama.Token(best), false))
+		b.Clear()
+		b.Add(llama.Token(best), pos, 0, true)
+		pos++
+		row = 0
+		if err := ctx.Decode(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out.String()
+}
+
+// rectPNG is a w x h picture.
+func rectPNG(t testing.TB, w, h int) []byte {
+	t.Helper()
+	img := image.NewRGBA(image.Rect(0, 0, w, h))
+	for y := range h {
+		for x := range w {
+			img.SetRGBA(x, y, color.RGBA{uint8(7 * x), uint8(11 * y), uint8(3 * (x + y)), 255})
+		}
+	}
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, img); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }

@@ -302,6 +302,9 @@ func (e *Engine) prefill(s *seq) {
 	s.nPast += n
 	ch := &s.chunks[s.chunkIdx]
 	if s.chunkOff += n; s.chunkOff == ch.n {
+		if e.mrope() {
+			s.cache.shift += ch.n - ch.nPos // an M-RoPE image takes fewer positions than cells
+		}
 		ch.embd = nil
 		s.chunkIdx++
 		s.chunkOff = 0
@@ -340,8 +343,12 @@ func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err
 	case llama.ChunkText:
 		b = e.tokBatch
 		b.Clear()
+		pos0 := s.nPast
+		if e.mrope() {
+			pos0 = s.cache.position(s.nPast)
+		}
 		for i := range n {
-			b.Add(ch.tokens[s.chunkOff+i], s.nPast+i, s.id, last && i == n-1)
+			b.Add(ch.tokens[s.chunkOff+i], pos0+i, s.id, last && i == n-1)
 		}
 	case llama.ChunkImage:
 		if ch.embd == nil {
@@ -354,6 +361,13 @@ func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err
 		w := e.vision.EmbdSize()
 		for i := range n {
 			r := s.chunkOff + i
+			if e.mrope() {
+				// the image's grid: every embedding at the image's first position,
+				// with its row and column (llama.cpp mtmd-helper's M-RoPE layout)
+				p0, nx := s.cache.position(s.nPast-s.chunkOff), ch.src.NX
+				b.AddEmbdMRoPE(ch.embd[r*w:(r+1)*w], p0, p0+r/nx, p0+r%nx, s.id, last && i == n-1)
+				continue
+			}
 			b.AddEmbd(ch.embd[r*w:(r+1)*w], s.nPast+i, s.id, last && i == n-1)
 		}
 		nonCausal = e.vision.NonCausal()

@@ -60,6 +60,7 @@ type promptChunk struct {
 	kind   llama.ChunkKind
 	tokens []llama.Token
 	n      int
+	nPos   int // positions it advances (see llama.Chunk.NPos); n but for M-RoPE images
 	src    llama.Chunk
 	key    imageKey  // an image's content
 	embd   []float32 // image embeddings, once encoded
@@ -147,7 +148,7 @@ func buildPrompt(m *llama.Model, v *llama.Vision, msgs []Message, answerPrefix s
 		if err != nil {
 			return builtPrompt{}, fmt.Errorf("engine: tokenize: %w", err)
 		}
-		return builtPrompt{chunks: []promptChunk{{kind: llama.ChunkText, tokens: toks, n: len(toks)}}, n: len(toks)}, nil
+		return builtPrompt{chunks: []promptChunk{{kind: llama.ChunkText, tokens: toks, n: len(toks), nPos: len(toks)}}, n: len(toks)}, nil
 	}
 	if v == nil {
 		return builtPrompt{}, completion.ErrNoVision
@@ -162,7 +163,7 @@ func buildPrompt(m *llama.Model, v *llama.Vision, msgs []Message, answerPrefix s
 	}
 	p := builtPrompt{c: c}
 	for _, ch := range c.Chunks {
-		p.chunks = append(p.chunks, promptChunk{kind: ch.Kind, tokens: ch.Tokens, n: ch.NTokens, src: ch})
+		p.chunks = append(p.chunks, promptChunk{kind: ch.Kind, tokens: ch.Tokens, n: ch.NTokens, nPos: ch.NPos, src: ch})
 		p.n += ch.NTokens
 	}
 	return p, nil

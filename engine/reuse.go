@@ -190,6 +190,9 @@ func (e *Engine) hold(s *seq) bool {
 	if !s.reuse || c == nil || c.shift != 0 || s.nPast < s.nPrompt || c.spec.CompactPositions() {
 		return false
 	}
+	if e.mrope() && s.textFrom > 0 {
+		return false // an M-RoPE image's cells share one position: units are not positions (see mrope)
+	}
 	compressed := c.spec.Compresses()
 	if compressed && !s.reuseCompressed || !compressed && c.held() != s.nPast {
 		return false

@@ -46,7 +46,8 @@ type seqCache struct {
 	pos   []int // position of each held entry
 	peak  int
 	// shift is T minus the position of the next token: 0 unless the prompt plan
-	// relabelled the kept cells 0..K-1 (Spec.CompactPositions), then N-K.
+	// relabelled the kept cells 0..K-1 (Spec.CompactPositions), then N-K, or an
+	// M-RoPE model's images took fewer positions than cells (sum of n - nPos).
 	shift int
 
 	// prompt: attention received by each prompt position, per layer (nil when the
@@ -174,7 +175,7 @@ func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
 		return errBookkeeping
 	}
 	for i, cell := range cells {
-		c.placed(cell, pos0+i)
+		c.placed(cell, b.Pos(i)) // pos0+i, but for an M-RoPE image (its grid shares one position)
 	}
 	if !capture {
 		return nil

@@ -163,6 +163,7 @@ func (c *Context) Decode(b *Batch) error {
 	if b.Len() == 0 {
 		return nil
 	}
+	b.layoutMRoPE()
 	rc := C.llama_decode(c.c, b.c)
 	switch {
 	case rc == 0:
@@ -242,11 +243,39 @@ type Batch struct {
 	cap     int
 	embd    int
 	nSeqMax int
+	// mrope: an embedding batch of an M-RoPE model, whose pos array holds
+	// mropePos components per entry, component-major (llama.cpp's layout: the
+	// n entries' first components, then their second, ...); extra holds
+	// components 1..3 of each entry until Decode lays them out.
+	mrope bool
+	extra []int32
 }
+
+// mropePos is the number of position components per entry that llama.cpp reads
+// from an embedding batch of an M-RoPE model (llama_batch_allocr n_pos_per_embd).
+const mropePos = 4
 
 // NewBatch allocates a batch for up to n tokens (embd == 0) or n embeddings of size embd.
 func NewBatch(n, embd, nSeqMax int) *Batch {
 	return &Batch{c: C.llama_batch_init(C.int32_t(n), C.int32_t(embd), C.int32_t(nSeqMax)), cap: n, embd: embd, nSeqMax: nSeqMax}
+}
+
+// NewBatchMRoPE allocates an embedding batch for an M-RoPE model (Vision.MRoPE):
+// entries are added with AddEmbdMRoPE, each with its own grid position. A token
+// batch needs nothing special (llama.cpp gives a token's one position to every
+// component), so use NewBatch for those.
+func NewBatchMRoPE(n, embd, nSeqMax int) *Batch {
+	if embd <= 0 {
+		panic("llama: an M-RoPE batch holds embeddings")
+	}
+	b := NewBatch(n, embd, nSeqMax)
+	// llama_batch_free frees pos with free(): replace it with a malloc'ed array
+	// of mropePos components per entry.
+	C.free(unsafe.Pointer(b.c.pos))
+	b.c.pos = (*C.llama_pos)(C.malloc(C.size_t(mropePos*n) * C.size_t(unsafe.Sizeof(C.llama_pos(0)))))
+	b.mrope = true
+	b.extra = make([]int32, (mropePos-1)*n)
+	return b
 }
 
 // Close frees the batch.
@@ -278,8 +307,30 @@ func (b *Batch) Add(tok Token, pos, seq int, logits bool) int {
 	return i
 }
 
-// AddEmbd appends one embedding row.
+// AddEmbd appends one embedding row. In an M-RoPE batch every component of its
+// position is pos (llama.cpp's rule for a 1-D run).
 func (b *Batch) AddEmbd(row []float32, pos, seq int, logits bool) int {
+	if b.mrope {
+		return b.AddEmbdMRoPE(row, pos, pos, pos, seq, logits)
+	}
+	return b.addEmbd(row, pos, seq, logits)
+}
+
+// AddEmbdMRoPE appends one embedding row of an image at M-RoPE position (t, y, x):
+// for the embedding in row r, column c of an image that starts at position p0,
+// llama.cpp's mtmd helper uses (p0, p0+r, p0+c). t is the position the cell holds
+// (the causal mask compares it); y and x are kept in the cell too.
+func (b *Batch) AddEmbdMRoPE(row []float32, t, y, x, seq int, logits bool) int {
+	if !b.mrope {
+		panic("llama: not an M-RoPE batch")
+	}
+	i := b.addEmbd(row, t, seq, logits)
+	n := b.cap
+	b.extra[i], b.extra[n+i], b.extra[2*n+i] = int32(y), int32(x), 0 // the 4th component is unused
+	return i
+}
+
+func (b *Batch) addEmbd(row []float32, pos, seq int, logits bool) int {
 	i := int(b.c.n_tokens)
 	if i >= b.cap || b.embd == 0 || len(row) != b.embd {
 		panic("llama: embedding batch full or wrong row size")
@@ -301,4 +352,27 @@ func (b *Batch) setMeta(i, pos, seq int, logits bool) {
 	}
 	unsafe.Slice(b.c.logits, b.cap)[i] = l
 	b.c.n_tokens++
+}
+
+// Pos is the position of entry i (its first component under M-RoPE).
+func (b *Batch) Pos(i int) int {
+	if i < 0 || i >= b.Len() {
+		panic("llama: batch entry out of range")
+	}
+	return int(unsafe.Slice(b.c.pos, b.cap)[i])
+}
+
+// layoutMRoPE writes components 1..3 of an M-RoPE batch's n entries after their
+// first components, as llama.cpp reads them: pos[k*n + i] is component k of entry i.
+func (b *Batch) layoutMRoPE() {
+	if !b.mrope {
+		return
+	}
+	n, all := b.Len(), unsafe.Slice(b.c.pos, mropePos*b.cap)
+	for k := 1; k < mropePos; k++ {
+		src := b.extra[(k-1)*b.cap : (k-1)*b.cap+n]
+		for i, v := range src {
+			all[k*n+i] = C.llama_pos(v)
+		}
+	}
 }

@@ -405,6 +405,12 @@ func (s *SeqCache) appendCache(out []byte) []byte {
 // WriteSeqCache replaces seq's cells with s. Positions must ascend. On failure the
 // sequence has been removed.
 func (c *Context) WriteSeqCache(seq int, s *SeqCache) error {
+	if c.model.info.MRoPE {
+		// llama_kv_cache::state_read_meta restores the cells through a ubatch whose
+		// pos vector holds one value per cell (ubatch_reserve), and apply_ubatch then
+		// reads the M-RoPE components pos[i + n*2] and pos[i + n] past its end.
+		return ErrMRoPERestore
+	}
 	for i := 1; i < len(s.Pos); i++ {
 		if s.Pos[i] <= s.Pos[i-1] {
 			return fmt.Errorf("kv state: positions must ascend (cell %d: %d after %d)", i, s.Pos[i], s.Pos[i-1])
@@ -425,6 +431,10 @@ func (c *Context) WriteSeqCache(seq int, s *SeqCache) error {
 }
 
 // f16Table maps every half to its float32 value: a read-only table built once.
+// ErrMRoPERestore: llama.cpp (this vendored version) cannot restore one sequence
+// of an M-RoPE model safely (see WriteSeqCache), so its cache is never rewritten.
+var ErrMRoPERestore = errors.New("kv state: restoring a sequence of an M-RoPE model is refused: llama.cpp's state_read_meta reads its extra position components past the restored positions")
+
 var f16Table = sync.OnceValue(func() *[1 << 16]float32 {
 	var t [1 << 16]float32
 	for h := range t {

@@ -26,6 +26,7 @@ type Vision struct {
 	c     *C.mtmd_context
 	model *Model
 	embd  int
+	mrope bool
 }
 
 // VisionParams configures the image encoder.
@@ -62,10 +63,7 @@ func LoadVision(m *Model, mmproj string, p VisionParams) (*Vision, error) {
 		v.Close()
 		return nil, fmt.Errorf("mmproj %s has no vision encoder", mmproj)
 	}
-	if bool(C.mtmd_decode_use_mrope(c)) {
-		v.Close()
-		return nil, errors.New("M-RoPE vision models (Qwen2-VL style) are not supported yet")
-	}
+	v.mrope = bool(C.mtmd_decode_use_mrope(c))
 	return v, nil
 }
 
@@ -82,6 +80,11 @@ func (v *Vision) Close() {
 	}
 }
 
+// MRoPE reports whether the text model takes M-RoPE positions (Qwen2-VL style):
+// an image's embeddings are decoded at a 2-D grid of positions (Batch.AddEmbdMRoPE)
+// and the image advances the position by Chunk.NPos, not by its token count.
+func (v *Vision) MRoPE() bool { return v.mrope }
+
 // NonCausal reports whether image embeddings must be decoded without the causal mask.
 func (v *Vision) NonCausal() bool { return bool(C.mtmd_decode_use_non_causal(v.c)) }
 
@@ -97,8 +100,14 @@ const (
 type Chunk struct {
 	Kind    ChunkKind
 	Tokens  []Token // text chunks
-	NTokens int     // tokens (positions) the chunk occupies
-	index   int
+	NTokens int     // tokens (cells) the chunk occupies
+	// NPos is how far the chunk advances the position: NTokens, except for an image
+	// of an M-RoPE model, whose grid of NX x NY embeddings takes max(NX, NY) positions.
+	NPos int
+	// NX, NY: an image's grid of embeddings (row-major, NX per row) under M-RoPE;
+	// NX = NTokens, NY = 1 otherwise.
+	NX, NY int
+	index  int
 }
 
 // Prompt is a tokenized multimodal prompt. It owns C memory: Close it.
@@ -108,11 +117,21 @@ type Prompt struct {
 	Chunks []Chunk
 }
 
-// NTokens is the total number of positions of the prompt.
+// NTokens is the total number of tokens (cells) of the prompt.
 func (p *Prompt) NTokens() int {
 	n := 0
 	for _, c := range p.Chunks {
 		n += c.NTokens
+	}
+	return n
+}
+
+// NPos is the total number of positions of the prompt (NTokens unless an M-RoPE
+// model's images take fewer positions than embeddings).
+func (p *Prompt) NPos() int {
+	n := 0
+	for _, c := range p.Chunks {
+		n += c.NPos
 	}
 	return n
 }
@@ -189,7 +208,8 @@ func (v *Vision) Tokenize(text string, images [][]byte, addSpecial bool) (*Promp
 	n := int(C.mtmd_input_chunks_size(chunks))
 	for i := 0; i < n; i++ {
 		ch := C.mtmd_input_chunks_get(chunks, C.size_t(i))
-		c := Chunk{index: i, NTokens: int(C.mtmd_input_chunk_get_n_tokens(ch))}
+		c := Chunk{index: i, NTokens: int(C.mtmd_input_chunk_get_n_tokens(ch)), NPos: int(C.mtmd_input_chunk_get_n_pos(ch))}
+		c.NX, c.NY = c.NTokens, 1
 		switch C.mtmd_input_chunk_get_type(ch) {
 		case C.MTMD_INPUT_CHUNK_TYPE_TEXT:
 			var nt C.size_t
@@ -200,6 +220,13 @@ func (v *Vision) Tokenize(text string, images [][]byte, addSpecial bool) (*Promp
 			}
 		case C.MTMD_INPUT_CHUNK_TYPE_IMAGE:
 			c.Kind = ChunkImage
+			if it := C.mtmd_input_chunk_get_tokens_image(ch); it != nil && v.mrope {
+				c.NX, c.NY = int(C.mtmd_image_tokens_get_nx(it)), int(C.mtmd_image_tokens_get_ny(it))
+				if c.NX*c.NY != c.NTokens {
+					p.Close()
+					return nil, fmt.Errorf("mtmd: an M-RoPE image grid of %dx%d for %d embeddings", c.NX, c.NY, c.NTokens)
+				}
+			}
 		default:
 			p.Close()
 			return nil, errors.New("audio input is not supported")
@@ -231,3 +258,20 @@ func (p *Prompt) EncodeImage(c Chunk) ([]float32, error) {
 
 // EmbdSize is the size of one image embedding row.
 func (v *Vision) EmbdSize() int { return v.embd }
+
+// EvalWithHelper decodes the whole prompt into sequence seq of ctx with llama.cpp's
+// own mtmd helper (mtmd_helper_eval_chunks: images encoded, positions as llama.cpp
+// lays them out, M-RoPE grids included), from position nPast in batches of nBatch,
+// with logits for the last token (Context.Logits(-1)). It returns the position
+// after the prompt. It is the reference the engine's own prompt path is checked
+// against; the engine does not use it.
+func (p *Prompt) EvalWithHelper(ctx *Context, nPast, seq, nBatch int) (int, error) {
+	v := p.v
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	var next C.llama_pos
+	if rc := C.mtmd_helper_eval_chunks(v.c, ctx.c, p.chunks, C.llama_pos(nPast), C.llama_seq_id(seq), C.int32_t(nBatch), true, &next); rc != 0 {
+		return 0, fmt.Errorf("mtmd_helper_eval_chunks failed (%d)", int(rc))
+	}
+	return int(next), nil
+}

@@ -1,7 +1,7 @@
 // Command mkmodel writes a random-weight vision-language test model:
 // DIR/model.gguf (text model) and DIR/mmproj.gguf (vision encoder + projector)
 // of one family (--arch: llava15, the default, llava16, smolvlm, minicpmv,
-// gemma3), with the family's tensor names, metadata, projector and chat
+// gemma3, qwen25vl), with the family's tensor names, metadata, projector and chat
 // template. The output is deterministic for given flags; shape flags given on the
 // command line override the family's tiny defaults.
 //
@@ -65,6 +65,7 @@ func main() {
 	flag.IntVar(&o.PreprocSize, "preproc-size", o.PreprocSize, "smolvlm: longest image edge before splitting")
 	flag.IntVar(&o.Queries, "queries", o.Queries, "minicpmv: resampler queries per slice")
 	flag.IntVar(&o.HeadSize, "head-size", o.HeadSize, "gemma3: attention head size when not embd/heads")
+	flag.IntVar(&o.WindowPattern, "window-pattern", o.WindowPattern, "qwen25vl: every n-th vision block attends the whole image (n_wa_pattern)")
 	flag.Parse()
 	if *out == "" || flag.NArg() != 0 {
 		fmt.Fprintln(os.Stderr, "usage: mkmodel --out DIR [flags]")

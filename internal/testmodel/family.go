@@ -19,6 +19,7 @@ const (
 	ArchSmolVLM  = "smolvlm"  // llama (SmolLM2) + SigLIP "idefics3" (pixel shuffle, image splitting)
 	ArchMiniCPMV = "minicpmv" // qwen2 + SigLIP "resampler" (MiniCPM-V 2.6: minicpmv_version 3)
 	ArchGemma3   = "gemma3"   // gemma3 (interleaved sliding-window attention) + SigLIP "gemma3"
+	ArchQwen25VL = "qwen25vl" // qwen2vl (M-RoPE) + Qwen2.5-VL ViT "qwen2.5vl_merger" (window attention)
 )
 
 // Family is what a model family fixes, whatever its shape.
@@ -34,6 +35,7 @@ type Family struct {
 	// turn markers.
 	Special []string
 	siglip  bool // SigLIP tower: no class token, no pre-LN, post-LN, patch bias, GELU
+	qwenVL  bool // Qwen2.5-VL tower (qwenMMProj)
 	tiny    func(*Options)
 }
 
@@ -76,6 +78,20 @@ var families = map[string]*Family{
 			// llama.cpp's gemma3 makes every 6th layer (5, 11, ...) full attention, the rest sliding-window
 			o.Layers, o.SlidingWindow = 12, 32
 			o.ImageSize, o.PatchSize, o.MergeFactor = 32, 4, 2 // 16 tokens per image
+		}},
+	ArchQwen25VL: {Name: ArchQwen25VL, TextArch: "qwen2vl", Projector: "qwen2.5vl_merger", qwenVL: true,
+		// Qwen's ChatML with its default system turn (llama.cpp: chatml)
+		ChatTemplate: "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}" +
+			"{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}" +
+			"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}" +
+			"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+		TemplateName: "chatml",
+		Special:      []string{"<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"},
+		tiny: func(o *Options) {
+			// 4 ViT blocks with a window-attention pattern of 2: blocks 1 and 3 attend
+			// the whole image, 0 and 2 their window. A 48x48 picture is 12x12 patches,
+			// merged 2x2 into a 6x6 grid of 36 embeddings taking 6 positions.
+			o.VisionLayers, o.WindowPattern = 4, 2
 		}},
 }
 
@@ -143,6 +159,12 @@ func (o Options) validateFamily(check func(bool, string, ...any)) {
 	case ArchMiniCPMV:
 		check(o.Embd%128 == 0, "minicpmv: embd (%d) must be a multiple of 128 (the resampler's head size)", o.Embd)
 		check(o.Queries >= 1, "minicpmv: queries must be >= 1")
+	case ArchQwen25VL:
+		check(o.Embd == o.Heads*o.HeadDim(), "qwen25vl: embd must be heads x head size")
+		check(o.HeadDim()%8 == 0, "qwen25vl: the head size (%d) must be a multiple of 8 (rope sections)", o.HeadDim())
+		check(o.ImageSize%(2*max(o.PatchSize, 1)) == 0, "qwen25vl: image-size (%d) must be a multiple of 2 x patch-size", o.ImageSize)
+		check(o.VisionEmbd%(4*max(o.VisionHeads, 1)) == 0, "qwen25vl: the vision head size must be a multiple of 4 (vision M-RoPE)")
+		check(o.WindowPattern >= 1 && o.WindowPattern <= o.VisionLayers, "qwen25vl: window pattern must be in [1, vision-layers]")
 	case ArchGemma3:
 		check(o.SlidingWindow >= 1, "gemma3: sliding-window must be >= 1")
 		check(o.Layers >= 6, "gemma3: layers must be >= 6 (layer 5 is the first full-attention layer)")
@@ -159,6 +181,12 @@ func (o Options) validateFamily(check func(bool, string, ...any)) {
 // familyText adds the family's text-model metadata and per-layer tensors.
 func (o Options) familyTextKV(p string) []kv {
 	switch o.family().TextArch {
+	case "qwen2vl":
+		// M-RoPE: the rotated pairs (head size / 2) split into temporal, height and
+		// width sections (Qwen2.5-VL 3B: 128 -> 16, 24, 24, 0)
+		half := int32(o.HeadDim() / 2)
+		t := half / 4
+		return []kv{{p + ".rope.dimension_sections", []int32{t, (half - t) / 2, half - t - (half-t)/2, 0}}}
 	case "gemma3":
 		return []kv{
 			{p + ".attention.sliding_window", uint32(o.SlidingWindow)},
@@ -180,7 +208,7 @@ func (o Options) familyTextLayer(p string, mat func(string, uint64, uint64, fill
 			vec(p+"attn_k_norm.weight", hd, norm),
 			vec(p+"post_ffw_norm.weight", E, norm),
 		}
-	case "qwen2":
+	case "qwen2", "qwen2vl":
 		return []tensorInfo{
 			vec(p+"attn_q.bias", hd*uint64(o.Heads), bias),
 			vec(p+"attn_k.bias", kvDim, bias),
@@ -257,4 +285,75 @@ func (o Options) familyMMProj(mat func(string, uint64, uint64, fill) tensorInfo,
 			}
 	}
 	panic("testmodel: no projector for " + f.Name)
+}
+
+// qwenMMProj returns the metadata and tensors of a Qwen2.5-VL vision tower
+// (clip.cpp: clip_graph_qwen2vl with PROJECTOR_TYPE_QWEN25VL): two patch
+// convolutions (the temporal pair of frames of one picture) summed, no class
+// token, no position table (the ViT uses 2-D rope), RMS norms without bias, a
+// SwiGLU feed-forward (use_silu), window attention in every block but each
+// WindowPattern-th, a post norm, then the merger: 2x2 neighbouring patches are
+// concatenated (4 x vision width) and sent through mm.0, GELU, mm.2.
+func (o Options) qwenMMProj() ([]kv, []tensorInfo) {
+	VE, VF, E, P := uint64(o.VisionEmbd), uint64(o.VisionFF), uint64(o.Embd), uint64(o.PatchSize)
+	fam := o.family()
+	kvs := []kv{
+		{"general.architecture", "clip"},
+		{"general.name", "elasticserve-testmodel-mmproj"},
+		{"general.description", "random-weight Qwen2.5-VL vision tower generated by elasticserve internal/testmodel"},
+		{"general.file_type", o.fileType()},
+		{"clip.has_text_encoder", false},
+		{"clip.has_vision_encoder", true},
+		{"clip.has_llava_projector", false},
+		{"clip.projector_type", fam.Projector},
+		{"clip.use_silu", true},
+		{"clip.vision.image_size", uint32(o.ImageSize)},
+		{"clip.vision.patch_size", uint32(o.PatchSize)},
+		{"clip.vision.embedding_length", uint32(o.VisionEmbd)},
+		{"clip.vision.feed_forward_length", uint32(o.VisionFF)},
+		{"clip.vision.projection_dim", uint32(o.Embd)},
+		{"clip.vision.block_count", uint32(o.VisionLayers)},
+		{"clip.vision.attention.head_count", uint32(o.VisionHeads)},
+		{"clip.vision.attention.layer_norm_epsilon", float32(1e-6)},
+		{"clip.vision.spatial_merge_size", uint32(2)},
+		{"clip.vision.n_wa_pattern", uint32(o.WindowPattern)},
+		{"clip.vision.image_mean", clipImageMean},
+		{"clip.vision.image_std", clipImageStd},
+	}
+	mat, vec := o.tensorMakers()
+	lnW, bias := around(1, 0.25), uniform(0.05)
+	conv := uniform(invSqrt(3 * o.PatchSize * o.PatchSize))
+	ts := []tensorInfo{
+		{name: "v.patch_embd.weight", dims: []uint64{P, P, 3, VE}, typ: o.matType(), fill: conv},
+		{name: "v.patch_embd.weight.1", dims: []uint64{P, P, 3, VE}, typ: o.matType(), fill: conv},
+	}
+	for i := range o.VisionLayers {
+		p := fmt.Sprintf("v.blk.%d.", i)
+		ts = append(ts,
+			vec(p+"ln1.weight", VE, lnW),
+			mat(p+"attn_q.weight", VE, VE, uniform(2*invSqrt(o.VisionEmbd))),
+			vec(p+"attn_q.bias", VE, bias),
+			mat(p+"attn_k.weight", VE, VE, uniform(2*invSqrt(o.VisionEmbd))),
+			vec(p+"attn_k.bias", VE, bias),
+			mat(p+"attn_v.weight", VE, VE, uniform(invSqrt(o.VisionEmbd))),
+			vec(p+"attn_v.bias", VE, bias),
+			mat(p+"attn_out.weight", VE, VE, uniform(invSqrt(o.VisionEmbd))),
+			vec(p+"attn_out.bias", VE, bias),
+			vec(p+"ln2.weight", VE, lnW),
+			mat(p+"ffn_gate.weight", VE, VF, uniform(invSqrt(o.VisionEmbd))),
+			vec(p+"ffn_gate.bias", VF, bias),
+			mat(p+"ffn_up.weight", VE, VF, uniform(invSqrt(o.VisionEmbd))),
+			vec(p+"ffn_up.bias", VF, bias),
+			mat(p+"ffn_down.weight", VF, VE, uniform(invSqrt(o.VisionFF))),
+			vec(p+"ffn_down.bias", VE, bias),
+		)
+	}
+	ts = append(ts,
+		vec("v.post_ln.weight", VE, lnW),
+		mat("mm.0.weight", 4*VE, 4*VE, uniform(invSqrt(4*o.VisionEmbd))),
+		vec("mm.0.bias", 4*VE, bias),
+		mat("mm.2.weight", 4*VE, E, uniform(invSqrt(4*o.VisionEmbd))),
+		vec("mm.2.bias", E, bias),
+	)
+	return kvs, ts
 }

@@ -88,6 +88,7 @@ type Options struct {
 	PreprocSize   int // smolvlm: longest edge images are resized to before splitting
 	Queries       int // minicpmv: resampler queries (tokens per image slice)
 	HeadSize      int // attention head size when not embd/heads (gemma3 4B: 256); 0: embd/heads
+	WindowPattern int // qwen25vl: every n-th ViT block attends the whole image, the others their window (n_wa_pattern)
 }
 
 // DefaultOptions is the small model used by tests.
@@ -131,6 +132,8 @@ func (o Options) TileTokens() int {
 	switch {
 	case o.Queries > 0 && o.family().Projector == "resampler":
 		return o.Queries
+	case o.family().qwenVL:
+		return o.ImageTokens() / 4 // 2x2 patches merged
 	case o.MergeFactor > 1:
 		return o.ImageTokens() / (o.MergeFactor * o.MergeFactor)
 	}
@@ -300,6 +303,9 @@ func (o Options) mmproj() ([]kv, []tensorInfo) {
 	VE, VF := uint64(o.VisionEmbd), uint64(o.VisionFF)
 	P := uint64(o.PatchSize)
 	fam := o.family()
+	if fam.qwenVL {
+		return o.qwenMMProj()
+	}
 	nPos := uint64(o.ImageTokens()) + 1 // patches + class token
 	if fam.siglip {
 		nPos = o.siglipPositions() // no class token
