@@ -213,41 +213,43 @@ func TestMetricsCompleted(t *testing.T) {
 		count float64
 		sum   float64 // checked within 0.25 s (the test's own run time)
 	}
-	now := time.Now()
+	// Times are set back from the moment each case runs: a slow machine (the race
+	// detector, other jobs) must not age them.
 	cases := []struct {
-		name            string
-		ev              completion.Event
-		start, firstTok time.Time
-		policy          string
-		want            map[string]obs // absent: no observation for policy
-		rate            bool           // a decode rate is returned
+		name string
+		ev   completion.Event
+		// how long ago the request started and its first token came (0: none)
+		startAgo, tokAgo time.Duration
+		policy           string
+		want             map[string]obs // absent: no observation for policy
+		rate             bool           // a decode rate is returned
 	}{
 		{
 			name: "elastic, 5 tokens",
 			ev: completion.Event{Done: true, Usage: completion.Usage{PromptTokens: 7, CompletionTokens: 5}, QueueMs: 1500,
 				KV: &completion.KVReport{Policy: "elastic", PrefillMs: 300, CompressMs: 200}},
-			start: now.Add(-3 * time.Second), firstTok: now.Add(-2 * time.Second), policy: "elastic",
+			startAgo: 3 * time.Second, tokAgo: 2 * time.Second, policy: "elastic",
 			// 4 gaps over the last 2 s
 			want: map[string]obs{ttft: {1, 1}, itl: {1, 0.5}, e2e: {1, 3}, qt: {1, 1.5}, enc: {1, 0.5}},
 			rate: true,
 		},
 		{
-			name:  "no KV report counts as full; one token has no gap",
-			ev:    completion.Event{Done: true, Usage: completion.Usage{PromptTokens: 3, CompletionTokens: 1}, QueueMs: 20},
-			start: now.Add(-time.Second), firstTok: now.Add(-time.Second / 2), policy: "full",
+			name:     "no KV report counts as full; one token has no gap",
+			ev:       completion.Event{Done: true, Usage: completion.Usage{PromptTokens: 3, CompletionTokens: 1}, QueueMs: 20},
+			startAgo: time.Second, tokAgo: time.Second / 2, policy: "full",
 			want: map[string]obs{ttft: {1, 0.5}, e2e: {1, 1}, qt: {1, 0.02}},
 		},
 		{
 			name: "no content: first token time is the end",
 			ev: completion.Event{Done: true, Usage: completion.Usage{PromptTokens: 3, CompletionTokens: 2},
 				KV: &completion.KVReport{Policy: "h2o", PrefillMs: 40}},
-			start: now.Add(-2 * time.Second), policy: "h2o",
+			startAgo: 2 * time.Second, policy: "h2o",
 			want: map[string]obs{ttft: {1, 2}, e2e: {1, 2}, qt: {1, 0}, enc: {1, 0.04}},
 		},
 		{
-			name:  "empty policy name is full",
-			ev:    completion.Event{Done: true, Usage: completion.Usage{CompletionTokens: 3}, KV: &completion.KVReport{}},
-			start: now.Add(-time.Second), firstTok: now.Add(-time.Second), policy: "full",
+			name:     "empty policy name is full",
+			ev:       completion.Event{Done: true, Usage: completion.Usage{CompletionTokens: 3}, KV: &completion.KVReport{}},
+			startAgo: time.Second, tokAgo: time.Second, policy: "full",
 			want: map[string]obs{ttft: {1, 0}, itl: {1, 0.5}, e2e: {1, 1}, qt: {1, 0}, enc: {1, 0}},
 			rate: true,
 		},
@@ -255,7 +257,12 @@ func TestMetricsCompleted(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			mt := newMetrics(newFake())
-			rate := mt.completed(c.ev, c.start, c.firstTok)
+			now := time.Now()
+			var firstTok time.Time
+			if c.tokAgo > 0 {
+				firstTok = now.Add(-c.tokAgo)
+			}
+			rate := mt.completed(c.ev, now.Add(-c.startAgo), firstTok)
 			if (rate > 0) != c.rate {
 				t.Errorf("rate %v, want > 0: %v", rate, c.rate)
 			}
