@@ -39,7 +39,7 @@ QUIET ?= tools/build/quiet
 # Packages without cgo of their own: these run under the race detector.
 PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... ./internal/testmodel/... \
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
-	./internal/eval/progress/... ./internal/eval/report/...
+	./internal/eval/progress/... ./internal/eval/report/... ./internal/eval/bench/...
 
 .PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke chartcheck image-check
 

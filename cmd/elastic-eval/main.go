@@ -48,6 +48,10 @@ Commands:
             continued from the conversation's held, compressed cells (memory):
             accuracy of the scored turns, turns continued, tokens encoded, cells held
   gen-data  write the synthetic dataset: drawn shapes, questions, exact answers
+  bench     serving benchmark of any OpenAI-compatible server (--url BASE/v1): streamed
+            requests at each --concurrency level; TTFT, inter-token and end-to-end
+            latency (p50/p90/p99), requests/s, output tokens/s, and elasticserve's
+            kv_cache report when the server sends one
   help      this text; "elastic-eval <command> -h" lists the command's flags
 
 ppl, rouge and latency print a markdown table on stdout and, with --out, write
@@ -81,6 +85,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = explain(ctx, rest, stdout, stderr)
 	case cmdMultiTurn:
 		err = multiTurn(ctx, rest, stdout, stderr)
+	case cmdBench:
+		err = benchCmd(ctx, rest, stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "elastic-eval: unknown command %q\n\n%s", cmd, usage)
 		return 2
