@@ -96,8 +96,9 @@ type Config struct {
 	CacheReuse   bool `env:"CACHE_REUSE" envDefault:"true"`
 	ImageCacheMB int  `env:"IMAGE_CACHE_MB" envDefault:"256"`
 	// CacheReuseCompressed also continues conversations that a compressing policy
-	// left compressed (docs/quality: multi-turn).
-	CacheReuseCompressed bool          `env:"CACHE_REUSE_COMPRESSED" envDefault:"false"`
+	// left compressed; on by default by the rule and measurement in docs/quality
+	// ("Multi-turn").
+	CacheReuseCompressed bool          `env:"CACHE_REUSE_COMPRESSED" envDefault:"true"`
 	RequestTimeout       time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
 	ShutdownGrace        time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
 

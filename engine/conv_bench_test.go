@@ -27,7 +27,7 @@ import (
 //
 //	go test -run '^$' -bench ConversationTTFT -benchtime 1x -timeout 30m ./engine/
 //
-// Models: the test model, the demo model (models/demo) and a larger random model
+// Models: the demo model (models/demo) and a larger random model
 // (12 layers, width 768, f16, 576 image tokens, like LLaVA-1.5's count). A random
 // model's answer starts anywhere; the chat template renders a past answer after
 // "ASSISTANT: ", so its requests start the answer with that space (AnswerPrefix),
@@ -53,7 +53,6 @@ func BenchmarkConversationTTFT(b *testing.B) {
 		return m, v, func() { v.Close(); m.Close() }
 	}
 	models := []model{
-		{"test (3x64)", func() (*llama.Model, *llama.Vision, func()) { return tmModel, tmVision, func() {} }, " "},
 		{"demo", func() (*llama.Model, *llama.Vision, func()) {
 			dir := filepath.Join("..", "models", "demo")
 			return open(filepath.Join(dir, "model.gguf"), filepath.Join(dir, "mmproj.gguf"))
