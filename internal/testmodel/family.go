@@ -230,6 +230,9 @@ func (o Options) siglipPositions() uint64 {
 func (o Options) familyMMProj(mat func(string, uint64, uint64, fill) tensorInfo, vec func(string, uint64, fill) tensorInfo) ([]kv, []tensorInfo) {
 	VE, E := uint64(o.VisionEmbd), uint64(o.Embd)
 	lnW, lnB, bias := around(1, 0.25), around(0, 0.1), uniform(0.05)
+	f32mat := func(name string, in, out uint64, f fill) tensorInfo {
+		return tensorInfo{name: name, dims: []uint64{in, out}, typ: ggmlTypeF32, fill: f}
+	}
 	f := o.family()
 	switch f.Name {
 	case ArchLLaVA15:
@@ -271,8 +274,10 @@ func (o Options) familyMMProj(mat func(string, uint64, uint64, fill) tensorInfo,
 				{"clip.minicpmv_version", int32(3)},
 				{"clip.minicpmv_query_num", uint32(o.Queries)},
 			}, []tensorInfo{
-				mat("resampler.pos_embed_k", E, uint64(o.Queries), uniform(0.5)),
-				mat("resampler.query", E, uint64(o.Queries), uniform(1)),
+				// Activations, not weights: the graph normalizes the queries, and ggml's
+				// norm takes f32 only (an f16 file aborts in ggml_compute_forward_norm).
+				f32mat("resampler.pos_embed_k", E, uint64(o.Queries), uniform(0.5)),
+				f32mat("resampler.query", E, uint64(o.Queries), uniform(1)),
 				mat("resampler.kv.weight", VE, E, uniform(invSqrt(o.VisionEmbd))),
 				vec("resampler.ln_q.weight", E, lnW), vec("resampler.ln_q.bias", E, lnB),
 				vec("resampler.ln_kv.weight", E, lnW), vec("resampler.ln_kv.bias", E, lnB),
