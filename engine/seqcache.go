@@ -233,17 +233,8 @@ func (c *seqCache) compress() error {
 	if plan == nil {
 		return nil
 	}
-	c.plan = plan
-	src, err := c.lctx.ReadSeqCache(c.seq)
+	src, plan, err := c.readFor(plan, c.nPrompt)
 	if err != nil {
-		return err
-	}
-	plan = cachePlan(plan, src) // a sliding-window model: its full-attention layers
-	if src.Cells() != c.nPrompt || len(src.K) != len(plan.Layers) {
-		return fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d in %d",
-			src.Cells(), len(src.K), c.nPrompt, len(plan.Layers))
-	}
-	if err := c.checkView(src.Pos); err != nil {
 		return err
 	}
 	cellOf := make([]int, c.nPrompt) // prompt position -> cell in src (state order)
@@ -265,6 +256,27 @@ func (c *seqCache) compress() error {
 		c.shift = c.nPrompt - plan.K
 	}
 	return c.writeBack(dst, keep)
+}
+
+// readFor records plan as applied, reads the sequence's cells for it and checks,
+// before anything is written, that they are the cells the engine recorded,
+// in the plan's layers (for a sliding-window model, the plan of its full-attention
+// layers, which readFor returns).
+func (c *seqCache) readFor(plan *elasticcache.PrefillPlan, cells int) (*llama.SeqCache, *elasticcache.PrefillPlan, error) {
+	c.plan = plan
+	src, err := c.lctx.ReadSeqCache(c.seq)
+	if err != nil {
+		return nil, nil, err
+	}
+	plan = cachePlan(plan, src)
+	if src.Cells() != cells || len(src.K) != len(plan.Layers) {
+		return nil, nil, fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d in %d",
+			src.Cells(), len(src.K), cells, len(plan.Layers))
+	}
+	if err := c.checkView(src.Pos); err != nil {
+		return nil, nil, err
+	}
+	return src, plan, nil
 }
 
 // writeBack replaces the sequence's cells with dst, whose rows hold the entries
@@ -448,17 +460,8 @@ func (c *seqCache) compressTurn() error {
 	if plan == nil {
 		return nil
 	}
-	c.plan = plan
-	src, err := c.lctx.ReadSeqCache(c.seq)
+	src, plan, err := c.readFor(plan, len(heldPos)+n)
 	if err != nil {
-		return err
-	}
-	plan = cachePlan(plan, src) // a sliding-window model: its full-attention layers
-	if src.Cells() != len(heldPos)+n || len(src.K) != len(plan.Layers) {
-		return fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d+%d in %d",
-			src.Cells(), len(src.K), len(heldPos), n, len(plan.Layers))
-	}
-	if err := c.checkView(src.Pos); err != nil {
 		return err
 	}
 	cellOf := make(map[int]int, src.Cells()) // position -> cell in src (state order)
