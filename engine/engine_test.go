@@ -10,6 +10,7 @@ import (
 	"image/png"
 	"math"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -787,5 +788,56 @@ func TestReferenceSelectionCompactsPositions(t *testing.T) {
 	paper := run(t, e, greedyReq("paper", longPrompt, 24, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)))
 	if paper.kv.Kept != k+1 {
 		t.Fatalf("paper rule kept %d entries, reference %d; want one more", paper.kv.Kept, k)
+	}
+}
+
+// On a unified cache h2o sequences decode in one shared batch, their attention
+// read from it per sequence (a query row attends only its own cells): the
+// answers and the evictions are those of each sequence decoded alone.
+func TestH2OInASharedBatchMatchesAlone(t *testing.T) {
+	reqs := []*Request{
+		greedyReq("h1", longPrompt, 40, cfg(elasticcache.H2O, 0.5), testPNG(t, 1)),
+		greedyReq("h2", "Tell me about squares and circles. "+longPrompt, 40, cfg(elasticcache.H2O, 0.4)),
+		greedyReq("h3", "What is there?", 40, cfg(elasticcache.H2O, 0.6), testPNG(t, 3)),
+		greedyReq("e", longPrompt+" Again.", 40, cfg(elasticcache.Elastic, 0.5)),
+	}
+	type outcome struct {
+		text    string
+		evicted []int
+	}
+	evictions := func(te *testEngine, id string) []int {
+		var out []int
+		for _, o := range te.observations(id) {
+			if !o.Prefill {
+				out = append(out, o.Evicted)
+			}
+		}
+		return out
+	}
+	alone := make([]outcome, len(reqs))
+	{
+		e := startEngine(t, Options{Parallel: 1, CtxSize: 2048, Unified: true})
+		for i, r := range reqs {
+			alone[i] = outcome{run(t, e, r).text, evictions(e, r.ID)}
+		}
+	}
+	e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 2048, Unified: true})
+	chans := make([]<-chan Event, len(reqs))
+	for i, r := range reqs {
+		ch, err := e.Submit(context.Background(), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chans[i] = ch
+	}
+	for i, ch := range chans {
+		r := collect(t, ch)
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		got := outcome{r.text, evictions(e, reqs[i].ID)}
+		if got.text != alone[i].text || !slices.Equal(got.evicted, alone[i].evicted) {
+			t.Errorf("%s: shared batch %q evicting %v, alone %q evicting %v", reqs[i].ID, got.text, got.evicted, alone[i].text, alone[i].evicted)
+		}
 	}
 }

@@ -390,7 +390,9 @@ func (e *Engine) decodeStep() {
 		switch {
 		case s.cache.pool.free() == 0:
 			e.finish(s, Event{Done: true, FinishReason: FinishLength})
-		case s.req.Cache.BatchedDecode():
+		case s.req.Cache.BatchedDecode() || e.opts.Unified:
+			// On one unified cache a query row attends only its own sequence's
+			// cells, so attention read from a shared batch is still per sequence.
 			shared = append(shared, s)
 		default:
 			alone = append(alone, s)
@@ -418,14 +420,27 @@ func (e *Engine) decodeShared(ss []*seq) {
 	b := e.tokBatch
 	b.Clear()
 	ids := make([]int, len(ss))
+	capture := false // some sequence's policy reads this step's attention (h2o)
 	for i, s := range ss {
 		b.Add(s.pending, s.cache.position(s.nPast), s.id, true)
 		ids[i] = s.id
+		capture = capture || s.req.Cache.DecodeScores()
+	}
+	if capture {
+		e.ctx.CaptureReset()
+		e.ctx.CaptureEnable(true)
 	}
 	err := e.ctx.Decode(b)
+	if capture {
+		e.ctx.CaptureEnable(false)
+	}
 	var cells []int
 	if err == nil {
 		cells, err = e.placeBatch(ids)
+	}
+	var sums [][]float32
+	if err == nil && capture {
+		sums, err = e.ctx.CaptureSums(e.pools[0].size())
 	}
 	if err != nil {
 		for _, s := range ss {
@@ -436,6 +451,9 @@ func (e *Engine) decodeShared(ss []*seq) {
 	for i, s := range ss {
 		e.guard(s, func() {
 			s.cache.placed(cells[i], s.cache.position(s.nPast))
+			if s.req.Cache.DecodeScores() {
+				s.cache.takeStep(sums)
+			}
 			e.afterDecode(s, i)
 		})
 	}

@@ -193,6 +193,15 @@ func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
 		}
 		return nil
 	}
+	c.takeStep(sums)
+	return nil
+}
+
+// takeStep keeps this decode step's attention per held entry from the captured
+// column sums (per layer, indexed by cell). In a batch of several sequences on one
+// unified cache each query row attends only its own sequence's cells, so a cell's
+// sum comes from its own sequence's query alone.
+func (c *seqCache) takeStep(sums [][]float32) {
 	c.step = make([][]float32, len(sums))
 	for l := range sums {
 		c.step[l] = make([]float32, len(c.cells))
@@ -200,7 +209,6 @@ func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
 			c.step[l][i] = sums[l][cell]
 		}
 	}
-	return nil
 }
 
 var errBookkeeping = errors.New("cell bookkeeping found no free cell where llama.cpp did")
