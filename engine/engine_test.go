@@ -449,19 +449,7 @@ func TestParallelSequencesWithDifferentPoliciesMatchAlone(t *testing.T) {
 		}
 	}
 	e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 2048})
-	chans := make([]<-chan Event, len(reqs))
-	for i, r := range reqs {
-		ch, err := e.Submit(context.Background(), r)
-		if err != nil {
-			t.Fatal(err)
-		}
-		chans[i] = ch
-	}
-	for i, ch := range chans {
-		r := collect(t, ch)
-		if r.err != nil {
-			t.Fatal(r.err)
-		}
+	for i, r := range runTogether(t, e, reqs) {
 		if r.text != alone[i] {
 			t.Errorf("%s: parallel output differs from alone:\n%q\n%q", reqs[i].ID, r.text, alone[i])
 		}
@@ -822,6 +810,17 @@ func TestH2OInASharedBatchMatchesAlone(t *testing.T) {
 		}
 	}
 	e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 2048, Unified: true})
+	for i, r := range runTogether(t, e, reqs) {
+		got := outcome{r.text, evictions(e, reqs[i].ID)}
+		if got.text != alone[i].text || !slices.Equal(got.evicted, alone[i].evicted) {
+			t.Errorf("%s: shared batch %q evicting %v, alone %q evicting %v", reqs[i].ID, got.text, got.evicted, alone[i].text, alone[i].evicted)
+		}
+	}
+}
+
+// runTogether submits reqs at once and returns their results in order.
+func runTogether(t *testing.T, e *testEngine, reqs []*Request) []result {
+	t.Helper()
 	chans := make([]<-chan Event, len(reqs))
 	for i, r := range reqs {
 		ch, err := e.Submit(context.Background(), r)
@@ -830,14 +829,11 @@ func TestH2OInASharedBatchMatchesAlone(t *testing.T) {
 		}
 		chans[i] = ch
 	}
+	out := make([]result, len(reqs))
 	for i, ch := range chans {
-		r := collect(t, ch)
-		if r.err != nil {
-			t.Fatal(r.err)
-		}
-		got := outcome{r.text, evictions(e, reqs[i].ID)}
-		if got.text != alone[i].text || !slices.Equal(got.evicted, alone[i].evicted) {
-			t.Errorf("%s: shared batch %q evicting %v, alone %q evicting %v", reqs[i].ID, got.text, got.evicted, alone[i].text, alone[i].evicted)
+		if out[i] = collect(t, ch); out[i].err != nil {
+			t.Fatal(out[i].err)
 		}
 	}
+	return out
 }
