@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -43,7 +44,8 @@ type Config struct {
 	// Addr is the listen address, host:port.
 	Addr string `env:"ADDR" envDefault:"127.0.0.1:8080"`
 
-	// CtxSize is the number of KV cells in total, shared by Parallel sequences.
+	// CtxSize is the number of KV cells of the decode context in total: one stream
+	// of CtxSize/Parallel cells per slot (or one shared pool with KVUnified).
 	CtxSize int `env:"CTX_SIZE" envDefault:"4096"`
 	// Parallel is the number of sequences decoded at the same time (slots).
 	Parallel int `env:"PARALLEL" envDefault:"4"`
@@ -53,10 +55,20 @@ type Config struct {
 	UBatchSize int  `env:"UBATCH_SIZE" envDefault:"512"`
 	FlashAttn  bool `env:"FLASH_ATTN" envDefault:"false"`
 	// KVUnified shares one pool of CtxSize cells between all slots and admits a request
-	// when the cells its cache policy lets it hold fit; false gives each slot its own
-	// CtxSize/Parallel cells.
-	KVUnified bool `env:"KV_UNIFIED" envDefault:"true"`
-	// KVType is the KV cache storage type: f16, bf16 or f32.
+	// when the cells its cache policy lets it hold fit (one context; every sequence
+	// in a decode batch attends the whole pool's used range); false (the default)
+	// gives each slot its own stream of CtxSize/Parallel cells and encodes the
+	// prompts of compressing policies in a separate prefill context.
+	KVUnified bool `env:"KV_UNIFIED" envDefault:"false"`
+	// PrefillCtxSize is the prefill context's cells (the longest prompt a
+	// compressing policy may send): 0 picks ceil(stream/budget) (see PrefillCells),
+	// -1 turns the prefill context off (prompts are encoded in their stream).
+	PrefillCtxSize int `env:"PREFILL_CTX_SIZE" envDefault:"0"`
+	// DecodeFlashAttn is flash attention in the decode context only: auto (on
+	// where the model runs on a GPU), on or off.
+	DecodeFlashAttn string `env:"DECODE_FLASH_ATTN" envDefault:"auto"`
+	// KVType is the KV cache row type: f16, bf16, f32, q8_0 or q4_0 (K always; V
+	// only where flash attention is on, f16 otherwise).
 	KVType string `env:"KV_TYPE" envDefault:"f16"`
 	// GPULayers is how many layers go to a GPU when one is present (-1: all).
 	GPULayers int `env:"GPU_LAYERS" envDefault:"-1"`
@@ -219,9 +231,11 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	str(&cfg.MMProj, "mmproj", "path of the GGUF multimodal projector; without it, requests with images are rejected")
 	str(&cfg.ChatTemplate, "chat-template", "a llama.cpp built-in chat template (chatml, gemma, llama2, vicuna, smolvlm, ...) used instead of the model's own")
 	str(&cfg.Addr, "addr", "listen address host:port")
-	num(&cfg.CtxSize, "ctx-size", "KV cache cells in total, shared by the --parallel sequences")
-	boolean(&cfg.KVUnified, "kv-unified", "one KV pool for all slots with budget-aware admission (false: each slot owns ctx-size/parallel cells)")
-	str(&cfg.KVType, "kv-type", "KV cache storage type: f16, bf16 or f32")
+	num(&cfg.CtxSize, "ctx-size", "decode KV cache cells in total: each of the --parallel slots owns ctx-size/parallel of them")
+	boolean(&cfg.KVUnified, "kv-unified", "one KV pool shared by all slots, one context, budget-aware admission (default false: a stream per slot and a prefill context)")
+	num(&cfg.PrefillCtxSize, "prefill-ctx-size", "cells of the context that encodes prompts of compressing policies (0: ceil(stream/budget), at most the training context; -1: none)")
+	str(&cfg.DecodeFlashAttn, "decode-flash-attn", "flash attention in the decode context: auto (on with a GPU), on or off")
+	str(&cfg.KVType, "kv-type", "KV cache row type: f16, bf16, f32, q8_0 or q4_0 (V is quantized only where flash attention is on)")
 	num(&cfg.GPULayers, "gpu-layers", "model layers offloaded to the GPU when one is present (-1: all, 0: none)")
 	num(&cfg.Parallel, "parallel", "number of requests decoded at the same time (slots)")
 	num(&cfg.Threads, "threads", "CPU threads used for generation (0 or the default: the number of CPUs)")
@@ -263,6 +277,7 @@ func (c *Config) applyDerivedDefaults() {
 	c.LogLevel = strings.ToLower(strings.TrimSpace(c.LogLevel))
 	c.LogFormat = strings.ToLower(strings.TrimSpace(c.LogFormat))
 	c.KVType = strings.ToLower(strings.TrimSpace(c.KVType))
+	c.DecodeFlashAttn = strings.ToLower(strings.TrimSpace(c.DecodeFlashAttn))
 	c.ModelAlias = strings.TrimSpace(c.ModelAlias)
 	if c.ModelAlias == "" && c.Model != "" {
 		base := filepath.Base(c.Model)
@@ -290,9 +305,23 @@ func (c *Config) Validate() error {
 		return bad("model", "required: path of the GGUF model file")
 	}
 	switch c.KVType {
-	case "f16", "bf16", "f32":
+	case "f16", "bf16", "f32", "q8_0", "q4_0":
 	default:
-		return bad("kv-type", "must be f16, bf16 or f32, got %q", c.KVType)
+		return bad("kv-type", "must be f16, bf16, f32, q8_0 or q4_0, got %q", c.KVType)
+	}
+	switch c.DecodeFlashAttn {
+	case "auto", "on", "off":
+	default:
+		return bad("decode-flash-attn", "must be auto, on or off, got %q", c.DecodeFlashAttn)
+	}
+	if c.PrefillCtxSize < -1 {
+		return bad("prefill-ctx-size", "must be -1 (none), 0 (automatic) or a cell count, got %d", c.PrefillCtxSize)
+	}
+	if c.KVUnified && c.PrefillCtxSize > 0 {
+		return bad("prefill-ctx-size", "a prefill context needs a stream per slot: drop it or --kv-unified")
+	}
+	if c.DecodeFlashAttn == "on" && (c.KVUnified || c.PrefillCtxSize < 0) {
+		return bad("decode-flash-attn", "decode-only flash attention needs the prefill context (--kv-unified=false, --prefill-ctx-size >= 0); use --flash-attn")
 	}
 	if c.GPULayers < -1 {
 		return bad("gpu-layers", "must be -1 (all) or a layer count >= 0, got %d", c.GPULayers)
@@ -457,10 +486,46 @@ func (c *Config) String() string {
 	if c.APIKey != "" {
 		key = "(set)"
 	}
-	return fmt.Sprintf("model=%s mmproj=%s alias=%s addr=%s ctx-size=%d parallel=%d threads=%d batch=%d ubatch=%d flash-attn=%t "+
+	return fmt.Sprintf("model=%s mmproj=%s alias=%s addr=%s ctx-size=%d parallel=%d kv-unified=%t prefill-ctx-size=%d decode-flash-attn=%s kv-type=%s threads=%d batch=%d ubatch=%d flash-attn=%t "+
 		"policy=%s budget=%s sink=%d distance=%d selection=%s api-key=%s queue=%d",
-		c.Model, c.MMProj, c.ModelAlias, c.Addr, c.CtxSize, c.Parallel, c.Threads, c.BatchSize, c.UBatchSize, c.FlashAttn,
+		c.Model, c.MMProj, c.ModelAlias, c.Addr, c.CtxSize, c.Parallel, c.KVUnified, c.PrefillCtxSize, c.DecodeFlashAttn, c.KVType, c.Threads, c.BatchSize, c.UBatchSize, c.FlashAttn,
 		c.Policy, strconv.FormatFloat(c.Budget, 'g', -1, 64), c.Sink, c.Distance, c.Selection, key, c.QueueSize)
+}
+
+// PrefillCells is the prefill context's size (0: none): PrefillCtxSize when set,
+// else ceil(stream/budget) rounded up to 256 cells, between one stream and
+// ctxTrain (the model's training context; <= 0: unknown), so that a prompt which
+// the server's default policy compresses into one stream can be encoded.
+func (c *Config) PrefillCells(ctxTrain int) int {
+	switch {
+	case c.KVUnified || c.PrefillCtxSize < 0:
+		return 0
+	case c.PrefillCtxSize > 0:
+		return c.PrefillCtxSize
+	}
+	stream := c.CtxSize / max(c.Parallel, 1)
+	budget := c.Budget
+	if c.Policy == "full" || budget <= 0 || budget > 1 {
+		budget = 1
+	}
+	n := int(math.Ceil(float64(stream) / budget))
+	n = (n + 255) / 256 * 256
+	if ctxTrain > 0 {
+		n = min(n, ctxTrain)
+	}
+	return max(n, stream)
+}
+
+// DecodeFlash reports whether the decode context runs flash attention, given
+// whether the model runs on a GPU.
+func (c *Config) DecodeFlash(gpu bool) bool {
+	switch c.DecodeFlashAttn {
+	case "on":
+		return true
+	case "auto":
+		return gpu && c.PrefillCells(0) > 0 && !c.FlashAttn
+	}
+	return false
 }
 
 // flagFor maps an elasticcache.ConfigError field to its flag.

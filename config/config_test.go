@@ -37,7 +37,7 @@ func TestDefaults(t *testing.T) {
 	}
 	want := Config{
 		Model: model, Addr: "127.0.0.1:8080", CtxSize: 4096, Parallel: 4, Threads: runtime.NumCPU(),
-		BatchSize: 512, UBatchSize: 512, KVUnified: true, KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
+		BatchSize: 512, UBatchSize: 512, DecodeFlashAttn: "auto", KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
 		Policy: "elastic", Budget: 0.7, Sink: 4, Distance: -25, Selection: "text-tail",
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,
 		MaxBodyBytes: 64 << 20, QueueSize: 64, CacheReuse: true, ImageCacheMB: 256, CacheReuseCompressed: true, ShutdownGrace: 30 * time.Second,
@@ -185,6 +185,11 @@ func TestInvalid(t *testing.T) {
 		{"cors origin with a slash", []string{"--model", model, "--cors-origins", "https://a.example/"}, nil, "--cors-origins (ELASTICSERVE_CORS_ORIGINS): origin \"https://a.example/\" must not have a path"},
 		{"cors origin without scheme", []string{"--model", model, "--cors-origins", "a.example"}, nil, "scheme://host"},
 		{"cors origin with two wildcards", []string{"--model", model}, map[string]string{"ELASTICSERVE_CORS_ORIGINS": "https://*.*.example"}, "--cors-origins"},
+		{"kv type", []string{"--model", model, "--kv-type", "q5_1"}, nil, "--kv-type (ELASTICSERVE_KV_TYPE): must be f16, bf16, f32, q8_0 or q4_0"},
+		{"decode flash attn", []string{"--model", model, "--decode-flash-attn", "yes"}, nil, "--decode-flash-attn"},
+		{"prefill ctx below -1", []string{"--model", model, "--prefill-ctx-size", "-2"}, nil, "--prefill-ctx-size"},
+		{"prefill ctx with unified", []string{"--model", model, "--kv-unified", "--prefill-ctx-size", "2048"}, nil, "--prefill-ctx-size"},
+		{"decode flash attn without prefill ctx", []string{"--model", model, "--prefill-ctx-size", "-1", "--decode-flash-attn", "on"}, nil, "--decode-flash-attn"},
 		{"unknown flag", []string{"--model", model, "--bogus"}, nil, "flag provided but not defined: -bogus"},
 		{"bad flag int", []string{"--model", model, "--parallel", "two"}, nil, "-parallel"},
 		{"positional arg", []string{"--model", model, "extra"}, nil, "unexpected argument"},
@@ -207,6 +212,62 @@ func TestInvalid(t *testing.T) {
 				t.Fatalf("error is not one line: %q", msg)
 			}
 		})
+	}
+}
+
+func TestPrefillCells(t *testing.T) {
+	model := tempFile(t, "m.gguf")
+	tests := []struct {
+		name     string
+		args     []string
+		ctxTrain int
+		want     int
+	}{
+		// stream 1024 / budget 0.7 = 1463 -> 1536
+		{"default", nil, 0, 1536},
+		{"capped by the training context", nil, 1300, 1300},
+		{"never below a stream", nil, 512, 1024},
+		{"full: one stream", []string{"--policy", "full"}, 0, 1024},
+		{"budget 0.5", []string{"--budget", "0.5", "--ctx-size", "8192", "--parallel", "8"}, 0, 2048},
+		{"set", []string{"--prefill-ctx-size", "3000"}, 0, 3000},
+		{"off", []string{"--prefill-ctx-size", "-1"}, 0, 0},
+		{"unified: none", []string{"--kv-unified"}, 0, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Load(append([]string{"--model", model}, tt.args...), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := cfg.PrefillCells(tt.ctxTrain); got != tt.want {
+				t.Errorf("PrefillCells(%d) = %d, want %d", tt.ctxTrain, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestDecodeFlash(t *testing.T) {
+	model := tempFile(t, "m.gguf")
+	tests := []struct {
+		args []string
+		gpu  bool
+		want bool
+	}{
+		{nil, false, false},
+		{nil, true, true},
+		{[]string{"--decode-flash-attn", "off"}, true, false},
+		{[]string{"--decode-flash-attn", "on"}, false, true},
+		{[]string{"--kv-unified"}, true, false}, // no prefill context: nothing to split
+		{[]string{"--flash-attn"}, true, false}, // flash attention everywhere already
+	}
+	for _, tt := range tests {
+		cfg, err := Load(append([]string{"--model", model}, tt.args...), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := cfg.DecodeFlash(tt.gpu); got != tt.want {
+			t.Errorf("%v gpu=%t: DecodeFlash = %t, want %t", tt.args, tt.gpu, got, tt.want)
+		}
 	}
 }
 

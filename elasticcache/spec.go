@@ -125,8 +125,16 @@ func (s Spec) BatchedDecode() bool { return !s.DecodeScores() }
 // whole prompt while it is encoded and ceil(b*(n+g))+1 afterwards (the bound
 // is checked after each new token is appended).
 func (s Spec) MaxCells(n, g int) int {
+	return max(n, s.MaxCellsAfterPrompt(n, g))
+}
+
+// MaxCellsAfterPrompt is the most cells the sequence of MaxCells holds once its
+// prompt plan is applied: n+g when nothing is compressed, else ceil(b*(n+g))+1.
+// It is what a sequence whose prompt is encoded elsewhere (a prefill context)
+// holds where it decodes.
+func (s Spec) MaxCellsAfterPrompt(n, g int) int {
 	if !s.Compresses() {
 		return n + g
 	}
-	return max(n, s.KeepCount(n+g)+1)
+	return s.KeepCount(n+g) + 1
 }

@@ -34,7 +34,21 @@ type Options struct {
 	Threads    int
 	FlashAttn  bool // faster attention; policies that need attention scores are refused
 	QueueSize  int  // requests waiting for a slot before Submit answers ErrQueueFull
-	KVType     string
+	// KVType is the cache's row type: f16, bf16, f32, q8_0 or q4_0. K is stored in
+	// it always; V only where flash attention is on (llama.cpp quantizes V only
+	// then), f16 elsewhere.
+	KVType string
+	// PrefillCtx, when > 0, gives the engine a second llama context of that many
+	// cells in which prompts of compressing policies are encoded (one at a time,
+	// attention captured), then compressed and moved into their slot's stream of the
+	// decode context, so that each stream needs only what a compressed conversation
+	// holds. It needs per-slot streams (Unified false). 0: one context; prompts are
+	// encoded where they decode.
+	PrefillCtx int
+	// DecodeFlashAttn turns flash attention on in the decode context only (with
+	// PrefillCtx > 0): prompts are still encoded without it, so elastic and local
+	// run; h2o, which reads attention at every decode step, is refused.
+	DecodeFlashAttn bool
 	// Reuse keeps a finished request's cells in its slot (until the slot or the cells
 	// are needed) so that a later prompt that starts the same way continues from them
 	// instead of encoding that part again. Requests may opt out (Request.Reuse).
@@ -107,7 +121,11 @@ var cachePolicies = [...]elasticcache.Policy{elasticcache.Full, elasticcache.Ela
 type Engine struct {
 	model  *llama.Model
 	vision *llama.Vision
-	ctx    *llama.Context // owned by the decode loop
+	ctx    *llama.Context // the decode context, owned by the decode loop
+	// pctx is the prefill context (Options.PrefillCtx; nil without one): one
+	// sequence (id 0) at a time, owned by the decode loop; ppool mirrors its cells.
+	pctx  *llama.Context
+	ppool *cellPool
 	opts   Options
 	log    zerolog.Logger
 
@@ -185,30 +203,52 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	if opts.CtxSize < opts.Parallel*16 {
 		return nil, fmt.Errorf("engine: ctx-size %d is too small for %d slots", opts.CtxSize, opts.Parallel)
 	}
+	if opts.PrefillCtx > 0 && opts.Unified {
+		return nil, fmt.Errorf("engine: a prefill context needs per-slot streams (not a unified cache)")
+	}
+	if opts.DecodeFlashAttn && opts.PrefillCtx <= 0 {
+		return nil, fmt.Errorf("engine: decode-only flash attention needs a prefill context")
+	}
+	decodeFA := opts.FlashAttn || opts.DecodeFlashAttn
 	ctx, err := llama.NewContext(model, llama.ContextParams{
 		NCtx:      opts.CtxSize,
 		NBatch:    opts.BatchSize,
 		NUBatch:   opts.UBatchSize,
 		NSeqMax:   opts.Parallel,
 		Threads:   opts.Threads,
-		FlashAttn: opts.FlashAttn,
-		Capture:   !opts.FlashAttn,
+		FlashAttn: decodeFA,
+		Capture:   !decodeFA,
 		Unified:   opts.Unified,
 		TypeK:     opts.KVType,
-		TypeV:     opts.KVType,
+		TypeV:     valueType(opts.KVType, decodeFA),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("engine: %w", err)
 	}
-	info := model.Info()
-	elem := int64(2)
-	if opts.KVType == "f32" {
-		elem = 4
+	var pctx *llama.Context
+	if opts.PrefillCtx > 0 {
+		pctx, err = llama.NewContext(model, llama.ContextParams{
+			NCtx:      opts.PrefillCtx,
+			NBatch:    opts.BatchSize,
+			NUBatch:   opts.UBatchSize,
+			NSeqMax:   1,
+			Threads:   opts.Threads,
+			FlashAttn: opts.FlashAttn,
+			Capture:   !opts.FlashAttn,
+			Unified:   true,
+			TypeK:     opts.KVType,
+			TypeV:     valueType(opts.KVType, opts.FlashAttn),
+		})
+		if err != nil {
+			ctx.Close()
+			return nil, fmt.Errorf("engine: prefill context: %w", err)
+		}
 	}
 	e := &Engine{
 		model:        model,
 		vision:       vision,
 		ctx:          ctx,
+		pctx:         pctx,
 		opts:         opts,
 		log:          opts.Log,
 		queue:        make(chan *seq, opts.QueueSize),
@@ -217,7 +257,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		held:         make([]*heldSeq, opts.Parallel),
 		images:       newImageCache(opts.ImageCacheBytes),
 		tokBatch:     llama.NewBatch(opts.BatchSize, 0, 1),
-		bytesPerCell: int64(info.Layers) * 2 * int64(info.KVRowElems) * elem,
+		bytesPerCell: ctx.KVBytesPerCell(),
 		nCtx:         ctx.NCtx(),
 		seqCells:     ctx.NCtxSeq(),
 		done:         make(chan struct{}),
@@ -230,6 +270,9 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		}
 	}
 	e.reserved = make([]int, len(e.pools))
+	if pctx != nil {
+		e.ppool = newCellPool(pctx.NCtx(), pctx.Params().NUBatch)
+	}
 	if vision != nil {
 		e.embdBatch = llama.NewBatch(opts.BatchSize, vision.EmbdSize(), 1)
 		if vision.MRoPE() {
@@ -258,7 +301,38 @@ func (e *Engine) Stop(ctx context.Context) {
 		e.tokBatch.Close()
 		e.embdBatch.Close()
 		e.ctx.Close()
+		if e.pctx != nil {
+			e.pctx.Close()
+		}
 	})
+}
+
+// ContextSize describes one of the engine's llama contexts.
+type ContextSize struct {
+	Role         string // "decode" or "prefill"
+	Cells        int    // all streams together
+	Streams      int    // per-sequence streams (1: one shared pool)
+	BytesPerCell int64  // K and V rows of every layer, in the context's row types
+	Layout       string // row types and V orientation
+	FlashAttn    bool
+}
+
+// Bytes is the context's KV memory.
+func (c ContextSize) Bytes() int64 { return int64(c.Cells) * c.BytesPerCell }
+
+// Contexts describes the decode context, then the prefill context when there is one.
+func (e *Engine) Contexts() []ContextSize {
+	streams := e.opts.Parallel
+	if e.opts.Unified {
+		streams = 1
+	}
+	out := []ContextSize{{Role: "decode", Cells: e.nCtx, Streams: streams, BytesPerCell: e.bytesPerCell,
+		Layout: e.ctx.KVLayout().String(), FlashAttn: e.ctx.Params().FlashAttn}}
+	if e.pctx != nil {
+		out = append(out, ContextSize{Role: "prefill", Cells: e.pctx.NCtx(), Streams: 1, BytesPerCell: e.pctx.KVBytesPerCell(),
+			Layout: e.pctx.KVLayout().String(), FlashAttn: e.pctx.Params().FlashAttn})
+	}
+	return out
 }
 
 // SeqCells is the number of cells one slot can hold.
@@ -369,7 +443,7 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 		s.release()
 		return nil, completion.ErrEmptyPrompt
 	}
-	if limit := e.pools[0].size() - 1; s.nPrompt > limit {
+	if limit := e.promptLimit(req.Cache); s.nPrompt > limit {
 		s.release()
 		return nil, &completion.PromptTooLongError{Tokens: s.nPrompt, Limit: limit}
 	}
@@ -384,10 +458,49 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 	return s, nil
 }
 
+// valueType is the V cache type for a context: kvType where flash attention is on,
+// and where kvType is not quantized; f16 otherwise (llama.cpp refuses a quantized V
+// without flash attention).
+func valueType(kvType string, flashAttn bool) string {
+	if !flashAttn && (kvType == "q8_0" || kvType == "q4_0") {
+		return "f16"
+	}
+	return kvType
+}
+
+// prefills reports whether a fresh sequence under spec is encoded in the prefill
+// context (and moved into its slot's stream after its prompt plan): only where
+// there is one and spec compresses; full encodes where it decodes.
+func (e *Engine) prefills(spec elasticcache.Spec) bool {
+	return e.pctx != nil && spec.Compresses()
+}
+
+// promptLimit is the longest prompt a request under spec may send: one that fits a
+// slot (a stream, or the shared pool), or, for a prompt encoded in the prefill
+// context, one that fits it and whose compressed cells fit a stream with one
+// generated token.
+func (e *Engine) promptLimit(spec elasticcache.Spec) int {
+	stream := e.pools[0].size()
+	if !e.prefills(spec) {
+		return stream - 1
+	}
+	// MaxCells grows with the prompt: the longest prompt that fits, by bisection.
+	lo, hi := 0, e.ppool.size()-1
+	for lo < hi {
+		mid := (lo + hi + 1) / 2
+		if spec.MaxCellsAfterPrompt(mid, 1) <= stream {
+			lo = mid
+		} else {
+			hi = mid - 1
+		}
+	}
+	return lo
+}
+
 // supports refuses a cache setting this engine cannot apply, before any sequence
 // is touched.
 func (e *Engine) supports(spec elasticcache.Spec) error {
-	if r := unsupportedReason(e.model.Info(), e.opts.FlashAttn, spec); r != "" {
+	if r := unsupportedReason(e.model.Info(), e.opts.FlashAttn, e.opts.DecodeFlashAttn, spec); r != "" {
 		return &completion.PolicyUnsupportedError{Policy: spec.Policy(), Reason: r}
 	}
 	return nil
@@ -395,7 +508,7 @@ func (e *Engine) supports(spec elasticcache.Spec) error {
 
 // plan fixes how many tokens s may generate and how many cells that needs at most
 // under its policy (Spec.MaxCells), shrinking the generation until it fits the pool.
-func (e *Engine) plan(s *seq, poolSize int) {
+func (e *Engine) plan(s *seq, poolSize int, elsewhere bool) {
 	n := s.nPrompt
 	perSlot := e.nCtx / e.opts.Parallel
 	g := s.req.MaxTokens
@@ -405,14 +518,17 @@ func (e *Engine) plan(s *seq, poolSize int) {
 	if lim := e.model.Info().CtxTrain - n; lim > 0 { // never past the training context
 		g = min(g, lim)
 	}
-	spec := s.req.Cache
-	for g > 1 && spec.MaxCells(n, g) > poolSize {
+	maxCells := s.req.Cache.MaxCells
+	if elsewhere { // the prompt is encoded in the prefill context
+		maxCells = s.req.Cache.MaxCellsAfterPrompt
+	}
+	for g > 1 && maxCells(n, g) > poolSize {
 		// Big steps while far over, then by one.
-		over := spec.MaxCells(n, g) - poolSize
+		over := maxCells(n, g) - poolSize
 		g -= max(1, min(over, g-1))
 	}
 	s.maxGen = max(g, 1)
-	s.reserve = min(spec.MaxCells(n, s.maxGen), poolSize)
+	s.reserve = min(maxCells(n, s.maxGen), poolSize)
 }
 
 func (e *Engine) report(s *seq) *KVReport {

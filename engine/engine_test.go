@@ -60,6 +60,12 @@ type testEngine struct {
 
 func startEngine(t testing.TB, opts Options) *testEngine {
 	t.Helper()
+	return startEngineOn(t, tmModel, tmVision, opts)
+}
+
+// startEngineOn is startEngine on another model (vision may be nil).
+func startEngineOn(t testing.TB, model *llama.Model, vision *llama.Vision, opts Options) *testEngine {
+	t.Helper()
 	if opts.Parallel == 0 {
 		opts.Parallel = 2
 	}
@@ -86,7 +92,7 @@ func startEngine(t testing.TB, opts Options) *testEngine {
 		}
 		return nil
 	}
-	e, err := Start(tmModel, tmVision, opts)
+	e, err := Start(model, vision, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -72,12 +72,14 @@ func (e *Engine) mrope() bool { return e.vision != nil && e.vision.MRoPE() }
 
 // unsupportedReason says why a compressing spec cannot run on this model and
 // setting, "" when it can. It looks only at the model and the server's options.
-func unsupportedReason(info llama.ModelInfo, flashAttn bool, spec elasticcache.Spec) string {
+func unsupportedReason(info llama.ModelInfo, flashAttn, decodeFlashAttn bool, spec elasticcache.Spec) string {
 	switch {
 	case !spec.Compresses():
 		return ""
 	case spec.PrefillScores() && flashAttn:
 		return "it needs attention scores, which this server (started with --flash-attn) does not compute"
+	case spec.DecodeScores() && decodeFlashAttn:
+		return "it reads attention at every decode step, which the decode context (started with --decode-flash-attn) does not compute; use elastic or local"
 	case info.MRoPE:
 		return mropeRefusal
 	case info.SWA > 0 && len(info.FullLayers) == 0:
@@ -107,7 +109,7 @@ func (e *Engine) Policies() []PolicySupport {
 			c := elasticcache.DefaultConfig()
 			c.Policy, c.Budget = p, 0.5
 			if spec, err := c.Spec(); err == nil {
-				if r := unsupportedReason(info, e.opts.FlashAttn, spec); r != "" {
+				if r := unsupportedReason(info, e.opts.FlashAttn, e.opts.DecodeFlashAttn, spec); r != "" {
 					ps.Supported, ps.Reason = false, r
 				}
 			}

@@ -88,7 +88,11 @@ func (e *Engine) admit() {
 			return
 		}
 		pi := e.poolOf(slot)
-		e.plan(s, e.pools[pi].size())
+		elsewhere := common == 0 && e.prefills(s.req.Cache)
+		if elsewhere && e.prefillBusy() {
+			return // one prompt at a time in the prefill context
+		}
+		e.plan(s, e.pools[pi].size(), elsewhere)
 		keep := -1 // the held sequence s continues, whose cells its reservation counts
 		if common > 0 {
 			keep = slot
@@ -289,11 +293,11 @@ func (e *Engine) prefill(s *seq) {
 		return
 	}
 	if nonCausal {
-		e.ctx.SetCausal(false)
+		s.cache.lctx.SetCausal(false)
 	}
 	err = s.cache.decode(b, s.nPast, true)
 	if nonCausal {
-		e.ctx.SetCausal(true)
+		s.cache.lctx.SetCausal(true)
 	}
 	if err != nil {
 		e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
@@ -348,7 +352,7 @@ func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err
 			pos0 = s.cache.position(s.nPast)
 		}
 		for i := range n {
-			b.Add(ch.tokens[s.chunkOff+i], pos0+i, s.id, last && i == n-1)
+			b.Add(ch.tokens[s.chunkOff+i], pos0+i, s.cache.seq, last && i == n-1)
 		}
 	case llama.ChunkImage:
 		if ch.embd == nil {
@@ -365,10 +369,10 @@ func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err
 				// the image's grid: every embedding at the image's first position,
 				// with its row and column (llama.cpp mtmd-helper's M-RoPE layout)
 				p0, nx := s.cache.position(s.nPast-s.chunkOff), ch.src.NX
-				b.AddEmbdMRoPE(ch.embd[r*w:(r+1)*w], p0, p0+r/nx, p0+r%nx, s.id, last && i == n-1)
+				b.AddEmbdMRoPE(ch.embd[r*w:(r+1)*w], p0, p0+r/nx, p0+r%nx, s.cache.seq, last && i == n-1)
 				continue
 			}
-			b.AddEmbd(ch.embd[r*w:(r+1)*w], s.nPast+i, s.id, last && i == n-1)
+			b.AddEmbd(ch.embd[r*w:(r+1)*w], s.nPast+i, s.cache.seq, last && i == n-1)
 		}
 		nonCausal = e.vision.NonCausal()
 	}
@@ -406,7 +410,7 @@ func (e *Engine) decodeStep() {
 			b := e.tokBatch
 			b.Clear()
 			pos := s.cache.position(s.nPast)
-			b.Add(s.pending, pos, s.id, true)
+			b.Add(s.pending, pos, s.cache.seq, true)
 			if err := s.cache.decode(b, pos, false); err != nil {
 				e.fail(s, fmt.Errorf("engine: decode: %w", err))
 				return
@@ -476,9 +480,9 @@ func (e *Engine) afterDecode(s *seq, row int) {
 // takes the next reference token and scores it.
 func (e *Engine) next(s *seq, row int) llama.Token {
 	if s.req.Force == nil {
-		tok := s.sampler.Sample(e.ctx, row)
+		tok := s.sampler.Sample(s.cache.lctx, row)
 		if s.req.Logprobs {
-			s.logprob = tokenLogprob(e.model, e.ctx.Logits(row), tok, s.req.TopLogprobs)
+			s.logprob = tokenLogprob(e.model, s.cache.lctx.Logits(row), tok, s.req.TopLogprobs)
 		}
 		return tok
 	}
@@ -486,7 +490,7 @@ func (e *Engine) next(s *seq, row int) llama.Token {
 		return e.model.Info().EOS
 	}
 	tok := llama.Token(s.req.Force[s.nGen])
-	s.nll += NegLogProb(e.ctx.Logits(row), tok)
+	s.nll += NegLogProb(s.cache.lctx.Logits(row), tok)
 	s.nllN++
 	return tok
 }
@@ -507,7 +511,7 @@ func NegLogProb(logits []float32, tok llama.Token) float64 {
 func (e *Engine) observe(s *seq, prefill bool) {
 	if e.opts.Observe != nil {
 		o := Observation{Slot: s.id, RequestID: s.req.ID, Prefill: prefill, T: s.nPast,
-			Held: s.cache.held(), Attended: e.ctx.LastAttendedRange(), Evicted: -1}
+			Held: s.cache.held(), Attended: s.cache.lctx.LastAttendedRange(), Evicted: -1}
 		if prefill {
 			o.Plan = s.cache.plan
 		} else {
@@ -592,8 +596,8 @@ func (e *Engine) failPanic(s *seq, v any, stack []byte) {
 			e.slots[s.id] = nil
 			e.busy.Add(-1)
 			e.reserved[e.poolOf(s.id)] -= s.reserve
-			e.ctx.SeqClear(s.id)
-			s.cache.pool.releaseAll(s.id)
+			s.cache.lctx.SeqClear(s.cache.seq)
+			s.cache.pool.releaseAll(s.cache.seq)
 			s.box.push(Event{Done: true, Err: err})
 		}
 	}()
@@ -607,6 +611,14 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 	if common == 0 {
 		if s.reuse && slices.ContainsFunc(e.held, func(h *heldSeq) bool { return h != nil }) {
 			e.reuseMisses.Add(1)
+		}
+		if e.prefills(s.req.Cache) {
+			// Encoded in the prefill context, moved into the slot's stream by the plan.
+			c, err := newSeqCache(e.pctx, 0, e.ppool, s.req.Cache, layers, s.nPrompt, s.textFrom)
+			if err == nil {
+				c.home = &seqHome{lctx: e.ctx, seq: slot, nStream: e.opts.Parallel, pool: pool}
+			}
+			return c, err
 		}
 		return newSeqCache(e.ctx, slot, pool, s.req.Cache, layers, s.nPrompt, s.textFrom)
 	}
@@ -625,6 +637,16 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 	e.reuseHits.Add(1)
 	e.reusedToks.Add(int64(common))
 	return c, nil
+}
+
+// prefillBusy reports whether a request's prompt occupies the prefill context.
+func (e *Engine) prefillBusy() bool {
+	for _, s := range e.slots {
+		if s != nil && s.cache != nil && s.cache.lctx == e.pctx {
+			return true
+		}
+	}
+	return false
 }
 
 // encodeImage returns the embeddings of image chunk ch of s, from the image cache

@@ -124,7 +124,7 @@ func (e *Engine) pickSlot(s *seq) (slot, common int) {
 			if lru < 0 || h.used < e.held[lru].used {
 				lru = i
 			}
-			if n := h.continues(s); s.reuse && n > bestN {
+			if n := h.continues(s); s.reuse && n > bestN && e.continuesInStream(i, h, s, n) {
 				best, bestN = i, n
 			}
 		}
@@ -138,6 +138,25 @@ func (e *Engine) pickSlot(s *seq) (slot, common int) {
 		return best, bestN
 	}
 	return lru, 0
+}
+
+// continuesInStream reports whether s, continuing the held sequence of slot i from
+// its first n units, can encode the rest of its prompt where the held cells are
+// (with a prefill context, the slot's stream): the held cells it keeps and the
+// rest of its prompt must fit the stream together, and a plan that reads the new
+// turn's attention needs a context that captures it.
+func (e *Engine) continuesInStream(i int, h *heldSeq, s *seq, n int) bool {
+	if e.pctx == nil {
+		return true // every prompt fits a slot (prepare)
+	}
+	kept := n
+	if h.compressed {
+		kept = h.cache.held()
+	}
+	if kept+len(s.units)-n > e.pools[e.poolOf(i)].size()-1 {
+		return false
+	}
+	return !s.req.Cache.PrefillScores() || e.ctx.Params().Capture
 }
 
 // heldCells is the number of cells of pool pi that held sequences other than the

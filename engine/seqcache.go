@@ -66,6 +66,20 @@ type seqCache struct {
 	prev     *elasticcache.Tracker
 	segFrom  int
 	textFrom int // first prompt position after the prompt's last image (0: none)
+
+	// home, when set, is where the sequence decodes: its prompt is encoded here
+	// (the prefill context) and the prompt plan's cells are written there, converted
+	// to that context's row layout; from then on lctx, seq and pool are home's.
+	home *seqHome
+}
+
+// seqHome is a slot's sequence in the decode context, which holds it in stream
+// seq of nStream (a stream per sequence).
+type seqHome struct {
+	lctx    *llama.Context
+	seq     int
+	nStream int
+	pool    *cellPool
 }
 
 // newSeqCache empties sequence seq of lctx and prepares its cache for a prompt of
@@ -239,7 +253,7 @@ func (c *seqCache) compress() error {
 		return fmt.Errorf("plan: %w", err)
 	}
 	if plan == nil {
-		return nil
+		return c.moveHome()
 	}
 	src, plan, err := c.readFor(plan, c.nPrompt)
 	if err != nil {
@@ -287,11 +301,44 @@ func (c *seqCache) readFor(plan *elasticcache.PrefillPlan, cells int) (*llama.Se
 	return src, plan, nil
 }
 
+// moveHome moves the sequence's cells unchanged into its home (nothing to do
+// without one): a prompt the plan left as it was still decodes there.
+func (c *seqCache) moveHome() error {
+	if c.home == nil {
+		return nil
+	}
+	src, err := c.lctx.ReadSeqCache(c.seq)
+	if err != nil {
+		return err
+	}
+	if err := c.checkView(src.Pos); err != nil {
+		return err
+	}
+	keep := make([]int, len(src.Pos))
+	for i, p := range src.Pos {
+		keep[i] = int(p)
+	}
+	return c.writeBack(src, keep)
+}
+
 // writeBack replaces the sequence's cells with dst, whose rows hold the entries
-// at positions keep (ascending), and records where llama.cpp put them.
+// at positions keep (ascending), and records where llama.cpp put them. A sequence
+// with a home is written there (rows converted to its layout) and leaves the
+// prefill context.
 func (c *seqCache) writeBack(dst *llama.SeqCache, keep []int) error {
 	for i, p := range keep {
 		dst.Pos[i] = int32(p)
+	}
+	if h := c.home; h != nil {
+		c.home = nil
+		c.lctx.SeqClear(c.seq)
+		c.pool.releaseAll(c.seq)
+		c.lctx, c.seq, c.pool = h.lctx, h.seq, h.pool
+		dst = dst.Convert(c.lctx.KVLayout())
+		// The state names the streams of the context it is restored into.
+		for part := dst; part != nil; part = part.SWA {
+			part.NStream, part.Stream = h.nStream, h.seq
+		}
 	}
 	if err := c.lctx.WriteSeqCache(c.seq, dst); err != nil {
 		return err

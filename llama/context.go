@@ -26,7 +26,9 @@ type ContextParams struct {
 	// Capture installs the attention-capture hook. It is idle until enabled per decode,
 	// but it requires FlashAttn false to see attention probabilities.
 	Capture bool
-	// TypeK / TypeV: "f16" (default) or "f32".
+	// TypeK / TypeV: "f16" (default), "f32", "bf16", "q8_0" or "q4_0". A quantized
+	// V needs FlashAttn (llama.cpp stores V transposed without it, and never
+	// quantizes a transposed V).
 	TypeK, TypeV string
 }
 
@@ -39,16 +41,22 @@ type Context struct {
 	nCtxSeq int
 }
 
+// The cache type ids kvstate.go uses are ggml's (a constant index out of range
+// does not compile).
+var (
+	_ = [1]int{}[C.GGML_TYPE_F32-typeF32]
+	_ = [1]int{}[C.GGML_TYPE_F16-typeF16]
+	_ = [1]int{}[C.GGML_TYPE_BF16-typeBF16]
+	_ = [1]int{}[C.GGML_TYPE_Q8_0-typeQ8_0]
+	_ = [1]int{}[C.GGML_TYPE_Q4_0-typeQ4_0]
+)
+
 func ggmlType(s string) (C.enum_ggml_type, error) {
-	switch s {
-	case "", "f16":
-		return C.GGML_TYPE_F16, nil
-	case "f32":
-		return C.GGML_TYPE_F32, nil
-	case "bf16":
-		return C.GGML_TYPE_BF16, nil
+	t, ok := typeByName(s)
+	if !ok {
+		return 0, fmt.Errorf("unsupported KV cache type %q (f16, f32, bf16, q8_0, q4_0)", s)
 	}
-	return 0, fmt.Errorf("unsupported KV cache type %q (f16, f32, bf16)", s)
+	return C.enum_ggml_type(t), nil
 }
 
 // NewContext creates a context on the model.
@@ -72,6 +80,23 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	tv, err := ggmlType(p.TypeV)
 	if err != nil {
 		return nil, err
+	}
+	if quantized(int32(tv)) && !p.FlashAttn {
+		// llama.cpp refuses it too (llama_init_from_model), with a log line only.
+		return nil, fmt.Errorf("a quantized V cache (%s) needs flash attention", typeName(int32(tv)))
+	}
+	// A quantized head must be whole blocks: llama.cpp only checks this when flash
+	// attention is "auto" and otherwise aborts the process building the graph.
+	kd, vd := m.kvHeadDims()
+	for _, c := range []struct {
+		what string
+		t    C.enum_ggml_type
+		dim  int
+	}{{"K", tk, kd}, {"V", tv, vd}} {
+		if ti := kvTypes[int32(c.t)]; ti.blck > 1 && c.dim%ti.blck != 0 {
+			return nil, fmt.Errorf("a %s cache of type %s needs attention heads of a multiple of %d elements (the model's are %d)",
+				c.what, ti.name, ti.blck, c.dim)
+		}
 	}
 	cp := C.llama_context_default_params()
 	cp.n_ctx = C.uint32_t(p.NCtx)

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
 	"sync"
 	"unsafe"
 )
@@ -29,21 +30,100 @@ import (
 //     per layer K: i32 type, u64 row_size, cell_count rows
 //     per layer V: v_trans == 0: i32 type, u64 row_size, cell_count rows
 //                  v_trans == 1: i32 type, u32 elem_size, u32 n_embd_v, then per element cell_count values
+//   A row of a block-quantized type (q8_0, q4_0) is row_size/block_bytes blocks of
+//   32 elements; V is only quantized with flash attention on, so never transposed.
 
-// GGML type ids used in the state.
+// GGML type ids used in the state (ggml.h enum ggml_type; context.go checks them
+// against the C enum at compile time).
 const (
 	typeF32  = 0
 	typeF16  = 1
+	typeQ4_0 = 2
+	typeQ8_0 = 8
 	typeBF16 = 30
 )
 
+// qk is the block size (elements) of the block-quantized types q8_0 and q4_0.
+const qk = 32
+
+// kvType describes a cache type: blck elements are stored in size bytes.
+type kvType struct {
+	name       string
+	blck, size int
+}
+
+var kvTypes = map[int32]kvType{
+	typeF32:  {"f32", 1, 4},
+	typeF16:  {"f16", 1, 2},
+	typeBF16: {"bf16", 1, 2},
+	typeQ8_0: {"q8_0", qk, 2 + qk},   // f16 d, 32 x int8
+	typeQ4_0: {"q4_0", qk, 2 + qk/2}, // f16 d, 16 bytes of nibbles
+}
+
+func lookupType(t int32) (kvType, error) {
+	if ti, ok := kvTypes[t]; ok {
+		return ti, nil
+	}
+	return kvType{}, fmt.Errorf("kv state: cache type %d is not supported (f32, f16, bf16, q8_0, q4_0)", t)
+}
+
+// typeByName is the GGML type id of a cache type name ("" is f16).
+func typeByName(s string) (int32, bool) {
+	if s == "" {
+		return typeF16, true
+	}
+	for id, ti := range kvTypes {
+		if ti.name == s {
+			return id, true
+		}
+	}
+	return 0, false
+}
+
+func typeName(t int32) string {
+	if ti, ok := kvTypes[t]; ok {
+		return ti.name
+	}
+	return fmt.Sprintf("type%d", t)
+}
+
+func quantized(t int32) bool { return kvTypes[t].blck > 1 }
+
+// rowBytes is the size of elems elements of type t (elems a multiple of its block).
+func rowBytes(t int32, elems int) int {
+	ti := kvTypes[t]
+	if ti.blck == 0 {
+		return 0
+	}
+	return elems / ti.blck * ti.size
+}
+
 // LayerRows holds one layer's K or V rows for the sequence's cells.
+//
+// Rows of the block-quantized types (q8_0, q4_0) hold RowElems/32 blocks; they
+// are never transposed (llama.cpp quantizes V only with flash attention on, which
+// stores V one row per cell).
 type LayerRows struct {
 	Type     int32
 	RowElems int // elements per cell
+	// ElemSize is the bytes per element of an unquantized type (f32, f16, bf16);
+	// 0 for a block-quantized type, whose rows take RowBytes bytes.
 	ElemSize int
 	Trans    bool   // V stored element-major: Data[e*cells + c]
 	Data     []byte // raw, in the cache's type
+}
+
+// RowBytes is the number of bytes one cell's row takes in the cache's type.
+func (lr *LayerRows) RowBytes() int { return rowBytes(lr.Type, lr.RowElems) }
+
+// newRows makes the rows of n cells of type t, elems elements per cell.
+func newRows(t int32, elems int, trans bool, n int) LayerRows {
+	lr := LayerRows{Type: t, RowElems: elems, Trans: trans}
+	if !quantized(t) {
+		lr.ElemSize = kvTypes[t].size
+	}
+	lr.Data = make([]byte, lr.RowBytes()*n)
+	return lr
 }
 
 // SeqCache is a sequence's cache read out of llama.cpp.
@@ -154,14 +234,25 @@ func (r *reader) u64() uint64 {
 	return binary.LittleEndian.Uint64(p)
 }
 
-func elemSize(t int32) (int, error) {
-	switch t {
-	case typeF32:
-		return 4, nil
-	case typeF16, typeBF16:
-		return 2, nil
+// parseRows reads the rows of one layer's K (what "K") or untransposed V of
+// cells cells, after its type t.
+func parseRows(r *reader, what string, t int32, cells int) (LayerRows, error) {
+	ti, err := lookupType(t)
+	if err != nil {
+		return LayerRows{}, err
 	}
-	return 0, fmt.Errorf("kv state: cache type %d is not supported (f32, f16, bf16)", t)
+	rowSize := int(r.u64())
+	if r.err != nil {
+		return LayerRows{}, r.err
+	}
+	if rowSize <= 0 || rowSize%ti.size != 0 {
+		return LayerRows{}, fmt.Errorf("kv state: %s row size %d for type %s", what, rowSize, ti.name)
+	}
+	lr := LayerRows{Type: t, RowElems: rowSize / ti.size * ti.blck, Data: append([]byte(nil), r.take(rowSize*cells)...)}
+	if ti.blck == 1 {
+		lr.ElemSize = ti.size
+	}
+	return lr, nil
 }
 
 func parseSeqCache(b []byte) (*SeqCache, error) {
@@ -212,38 +303,39 @@ func parseCache(r *reader) (*SeqCache, error) {
 		}
 		s.K = make([]LayerRows, nl)
 		for l := range nl {
-			t := int32(r.u32())
-			rowSize := int(r.u64())
-			es, err := elemSize(t)
+			k, err := parseRows(r, "K", int32(r.u32()), cells)
 			if err != nil {
 				return nil, err
 			}
-			if rowSize <= 0 || rowSize%es != 0 {
-				return nil, fmt.Errorf("kv state: K row size %d for type %d", rowSize, t)
-			}
-			s.K[l] = LayerRows{Type: t, ElemSize: es, RowElems: rowSize / es, Data: append([]byte(nil), r.take(rowSize*cells)...)}
+			s.K[l] = k
 		}
 		s.V = make([]LayerRows, nl)
 		for l := range nl {
 			t := int32(r.u32())
-			es, err := elemSize(t)
+			if !vtrans {
+				v, err := parseRows(r, "V", t, cells)
+				if err != nil {
+					return nil, err
+				}
+				s.V[l] = v
+				continue
+			}
+			ti, err := lookupType(t)
 			if err != nil {
 				return nil, err
 			}
-			if !vtrans {
-				rowSize := int(r.u64())
-				if rowSize <= 0 || rowSize%es != 0 {
-					return nil, fmt.Errorf("kv state: V row size %d for type %d", rowSize, t)
-				}
-				s.V[l] = LayerRows{Type: t, ElemSize: es, RowElems: rowSize / es, Data: append([]byte(nil), r.take(rowSize*cells)...)}
-				continue
+			if ti.blck > 1 {
+				return nil, fmt.Errorf("kv state: a transposed V cache of type %s (llama.cpp quantizes V only with flash attention, untransposed)", ti.name)
 			}
 			esz := int(r.u32())
 			nEmbd := int(r.u32())
-			if esz != es {
-				return nil, fmt.Errorf("kv state: V element size %d for type %d", esz, t)
+			if r.err != nil {
+				return nil, r.err
 			}
-			s.V[l] = LayerRows{Type: t, ElemSize: es, RowElems: nEmbd, Trans: true, Data: append([]byte(nil), r.take(esz*nEmbd*cells)...)}
+			if esz != ti.size {
+				return nil, fmt.Errorf("kv state: V element size %d for type %s", esz, ti.name)
+			}
+			s.V[l] = LayerRows{Type: t, ElemSize: esz, RowElems: nEmbd, Trans: true, Data: append([]byte(nil), r.take(esz*nEmbd*cells)...)}
 		}
 	}
 	if r.err != nil {
@@ -263,7 +355,7 @@ func NewSeqCacheLike(src *SeqCache, n int) *SeqCache {
 		out := make([]LayerRows, len(in))
 		for l, lr := range in {
 			out[l] = LayerRows{Type: lr.Type, RowElems: lr.RowElems, ElemSize: lr.ElemSize, Trans: lr.Trans,
-				Data: make([]byte, lr.RowElems*lr.ElemSize*n)}
+				Data: make([]byte, lr.RowBytes()*n)}
 		}
 		return out
 	}
@@ -273,7 +365,8 @@ func NewSeqCacheLike(src *SeqCache, n int) *SeqCache {
 
 // Row decodes cell c of a layer into dst (len RowElems) as float32.
 func (lr *LayerRows) Row(cells, c int, dst []float32) {
-	if lr.Type == typeF16 {
+	switch lr.Type {
+	case typeF16:
 		t := f16Table()
 		d := lr.Data
 		if !lr.Trans {
@@ -289,14 +382,33 @@ func (lr *LayerRows) Row(cells, c int, dst []float32) {
 			dst[e] = t[uint16(d[i])|uint16(d[i+1])<<8]
 		}
 		return
+	case typeQ8_0:
+		n := lr.RowBytes()
+		dequantQ8_0(lr.Data[c*n:(c+1)*n], dst[:lr.RowElems])
+		return
+	case typeQ4_0:
+		n := lr.RowBytes()
+		dequantQ4_0(lr.Data[c*n:(c+1)*n], dst[:lr.RowElems])
+		return
 	}
 	for e := range lr.RowElems {
 		dst[e] = lr.at(lr.index(cells, c, e))
 	}
 }
 
-// SetRow encodes src into cell c of a layer.
+// SetRow encodes src into cell c of a layer. The quantized types are encoded as
+// ggml's reference quantizers (quantize_row_q8_0_ref, quantize_row_q4_0_ref) do.
 func (lr *LayerRows) SetRow(cells, c int, src []float32) {
+	switch lr.Type {
+	case typeQ8_0:
+		n := lr.RowBytes()
+		quantQ8_0(lr.Data[c*n:(c+1)*n], src[:lr.RowElems])
+		return
+	case typeQ4_0:
+		n := lr.RowBytes()
+		quantQ4_0(lr.Data[c*n:(c+1)*n], src[:lr.RowElems])
+		return
+	}
 	for e := range lr.RowElems {
 		lr.put(lr.index(cells, c, e), src[e])
 	}
@@ -335,16 +447,189 @@ func (lr *LayerRows) put(i int, v float32) {
 
 // CopyRow copies cell srcCell of src into cell dstCell of lr without conversion.
 func (lr *LayerRows) CopyRow(dstCells, dstCell int, src *LayerRows, srcCells, srcCell int) {
-	es := lr.ElemSize
 	if !lr.Trans {
-		n := lr.RowElems * es
+		n := lr.RowBytes()
 		copy(lr.Data[dstCell*n:(dstCell+1)*n], src.Data[srcCell*n:(srcCell+1)*n])
 		return
 	}
+	es := kvTypes[lr.Type].size // a transposed row is never quantized
 	for e := range lr.RowElems {
 		d, s := (e*dstCells+dstCell)*es, (e*srcCells+srcCell)*es
 		copy(lr.Data[d:d+es], src.Data[s:s+es])
 	}
+}
+
+// ---- q8_0 and q4_0 blocks (ggml-common.h block_q8_0, block_q4_0) ----
+
+// dequantQ8_0 decodes q8_0 blocks (f16 d, 32 int8 q: x = q*d) into dst.
+func dequantQ8_0(src []byte, dst []float32) {
+	t := f16Table()
+	for b := 0; b < len(dst)/qk; b++ {
+		blk := src[b*(2+qk) : (b+1)*(2+qk)]
+		d := t[binary.LittleEndian.Uint16(blk)]
+		out := dst[b*qk : (b+1)*qk]
+		for j, q := range blk[2:] {
+			out[j] = float32(int8(q)) * d
+		}
+	}
+}
+
+// dequantQ4_0 decodes q4_0 blocks (f16 d, 16 bytes: element j in the low nibble
+// of byte j, element j+16 in its high nibble; x = (q-8)*d) into dst.
+func dequantQ4_0(src []byte, dst []float32) {
+	t := f16Table()
+	for b := 0; b < len(dst)/qk; b++ {
+		blk := src[b*(2+qk/2) : (b+1)*(2+qk/2)]
+		d := t[binary.LittleEndian.Uint16(blk)]
+		out := dst[b*qk : (b+1)*qk]
+		for j, q := range blk[2:] {
+			out[j] = float32(int(q&0x0F)-8) * d
+			out[j+qk/2] = float32(int(q>>4)-8) * d
+		}
+	}
+}
+
+// quantQ8_0 encodes src as q8_0 blocks into dst, as quantize_row_q8_0_ref does:
+// d = amax/127, q = round(x/d) (half away from zero), computed as x*(1/d) in float32.
+// ggml's CPU backend fills a q8_0 cache with its SIMD quantizer (AVX: x*(127/amax),
+// rounded half to even), which can differ from this in the last bit of a tie; on
+// rows it quantized itself, decoded, both give its bytes back.
+func quantQ8_0(dst []byte, src []float32) {
+	for b := 0; b < len(src)/qk; b++ {
+		x := src[b*qk : (b+1)*qk]
+		var amax float32
+		for _, v := range x {
+			amax = max(amax, abs32(v))
+		}
+		d := amax / 127
+		var id float32
+		if d != 0 {
+			id = 1 / d
+		}
+		blk := dst[b*(2+qk) : (b+1)*(2+qk)]
+		binary.LittleEndian.PutUint16(blk, F32ToF16(d))
+		for j, v := range x {
+			q := math.Round(float64(v * id))
+			blk[2+j] = byte(int8(min(127, max(-128, q))))
+		}
+	}
+}
+
+// quantQ4_0 encodes src as q4_0 blocks into dst, as quantize_row_q4_0_ref does:
+// d = max/-8 where max is the element of largest magnitude (with its sign),
+// q = min(15, trunc(x/d + 8.5)), x/d computed as x*(1/d) in float32.
+func quantQ4_0(dst []byte, src []float32) {
+	for b := 0; b < len(src)/qk; b++ {
+		x := src[b*qk : (b+1)*qk]
+		var amax, mx float32
+		for _, v := range x {
+			if a := abs32(v); amax < a {
+				amax, mx = a, v
+			}
+		}
+		d := mx / -8
+		var id float32
+		if d != 0 {
+			id = 1 / d
+		}
+		blk := dst[b*(2+qk/2) : (b+1)*(2+qk/2)]
+		binary.LittleEndian.PutUint16(blk, F32ToF16(d))
+		nib := func(v float32) byte {
+			// The conversion rounds the product to float32 before the addition
+			// (no fused multiply-add), as the C reference computes it.
+			return byte(min(15, max(0, int32(float32(v*id)+8.5))))
+		}
+		for j := range qk / 2 {
+			blk[2+j] = nib(x[j]) | nib(x[j+qk/2])<<4
+		}
+	}
+}
+
+func abs32(v float32) float32 { return math.Float32frombits(math.Float32bits(v) &^ (1 << 31)) }
+
+// ---- layouts ----
+
+// KVLayout is how a context stores its cache: the GGML types of K and V and
+// whether V is transposed (llama.cpp's v_trans, which v0.17.4 sets to
+// !flash_attn in llama_model::create_memory).
+type KVLayout struct {
+	TypeK, TypeV int32
+	VTrans       bool
+}
+
+// String is e.g. "k=q8_0 v=f16 v_trans".
+func (l KVLayout) String() string {
+	s := "k=" + typeName(l.TypeK) + " v=" + typeName(l.TypeV)
+	if l.VTrans {
+		s += " v_trans"
+	}
+	return s
+}
+
+// hasLayout reports whether every layer of s (and of its sliding-window part)
+// is stored in layout l.
+func (s *SeqCache) hasLayout(l KVLayout) bool {
+	for i := range s.K {
+		if k := &s.K[i]; k.Type != l.TypeK || k.Trans {
+			return false
+		}
+	}
+	for i := range s.V {
+		if v := &s.V[i]; v.Type != l.TypeV || v.Trans != l.VTrans {
+			return false
+		}
+	}
+	return s.SWA == nil || s.SWA.hasLayout(l)
+}
+
+// Convert returns s in layout to: s itself when it already has that layout, else
+// a new cache whose K and V rows (the sliding-window part's too) are decoded to
+// float32 and re-encoded in to's types, V transposed or not as asked. Rows that
+// already have the target type and orientation are copied unchanged.
+//
+// It panics when to cannot hold the rows: an unknown type, a quantized type for
+// rows whose length is not a multiple of 32, or a transposed quantized V. A
+// context's KVLayout never asks for that (NewContext refuses such a context).
+func (s *SeqCache) Convert(to KVLayout) *SeqCache {
+	if s.hasLayout(to) {
+		return s
+	}
+	n := s.Cells()
+	out := &SeqCache{NStream: s.NStream, Stream: s.Stream, Pos: slices.Clone(s.Pos), LayerIDs: s.LayerIDs,
+		K: make([]LayerRows, len(s.K)), V: make([]LayerRows, len(s.V))}
+	for l := range s.K {
+		out.K[l] = convertRows(&s.K[l], n, to.TypeK, false)
+	}
+	for l := range s.V {
+		out.V[l] = convertRows(&s.V[l], n, to.TypeV, to.VTrans)
+	}
+	if s.SWA != nil {
+		out.SWA = s.SWA.Convert(to)
+	}
+	return out
+}
+
+// convertRows re-encodes the n cells of src in type t, transposed or not.
+func convertRows(src *LayerRows, n int, t int32, trans bool) LayerRows {
+	if src.Type == t && src.Trans == trans {
+		out := *src
+		out.Data = slices.Clone(src.Data)
+		return out
+	}
+	ti, err := lookupType(t)
+	if err != nil {
+		panic(err)
+	}
+	if ti.blck > 1 && (trans || src.RowElems%ti.blck != 0) {
+		panic(fmt.Sprintf("kv state: cannot store rows of %d elements as %s (transposed: %v)", src.RowElems, ti.name, trans))
+	}
+	out := newRows(t, src.RowElems, trans, n)
+	row := make([]float32, src.RowElems)
+	for c := range n {
+		src.Row(n, c, row)
+		out.SetRow(n, c, row)
+	}
+	return out
 }
 
 func (s *SeqCache) encode() []byte {
@@ -385,16 +670,16 @@ func (s *SeqCache) appendCache(out []byte) []byte {
 		u32(uint32(len(s.K)))
 		for _, k := range s.K {
 			u32(uint32(k.Type))
-			u64(uint64(k.RowElems * k.ElemSize))
+			u64(uint64(k.RowBytes()))
 			out = append(out, k.Data...)
 		}
 		for _, v := range s.V {
 			u32(uint32(v.Type))
 			if v.Trans {
-				u32(uint32(v.ElemSize))
+				u32(uint32(kvTypes[v.Type].size))
 				u32(uint32(v.RowElems))
 			} else {
-				u64(uint64(v.RowElems * v.ElemSize))
+				u64(uint64(v.RowBytes()))
 			}
 			out = append(out, v.Data...)
 		}
@@ -419,6 +704,9 @@ func (c *Context) WriteSeqCache(seq int, s *SeqCache) error {
 	if (c.model.info.SWA > 0) != (s.SWA != nil) {
 		return errors.New("kv state: the cache to write does not have the model's cache layout")
 	}
+	if l := c.KVLayout(); !s.hasLayout(l) {
+		return fmt.Errorf("kv state: the cache to write is not stored as the context's cache (%s): Convert it first", l)
+	}
 	data := s.encode()
 	buf := C.CBytes(data)
 	defer C.free(buf)
@@ -428,6 +716,38 @@ func (c *Context) WriteSeqCache(seq int, s *SeqCache) error {
 		return errors.New("kv state: llama.cpp refused the rewritten cache")
 	}
 	return nil
+}
+
+// KVLayout is the layout of the context's cache (both parts of an iSWA model's).
+func (c *Context) KVLayout() KVLayout {
+	tk, _ := typeByName(c.params.TypeK) // NewContext accepted both names
+	tv, _ := typeByName(c.params.TypeV)
+	return KVLayout{TypeK: tk, TypeV: tv, VTrans: !c.params.FlashAttn}
+}
+
+// KVBytesPerCell is what one cell (one position of one sequence) costs across all
+// layers, K and V, in the context's cache types: the bytes of the rows
+// ReadSeqCache returns for that cell. It assumes every layer has a cache with the
+// model's KV head count and head sizes (true of the architectures the hook knows).
+func (c *Context) KVBytesPerCell() int64 {
+	l := c.KVLayout()
+	kd, vd := c.model.kvHeadDims()
+	kv := c.model.info.KVHeads
+	return int64(c.model.info.Layers) * int64(rowBytes(l.TypeK, kv*kd)+rowBytes(l.TypeV, kv*vd))
+}
+
+// kvHeadDims is the size of one K and one V head: the model's
+// attention.key_length and value_length, n_embd/n_head when absent (llama.cpp's
+// defaults in llama_model::load_hparams).
+func (m *Model) kvHeadDims() (k, v int) {
+	k, v = m.info.HeadDim, m.info.HeadDim
+	if n, err := strconv.Atoi(m.Meta(m.info.Arch + ".attention.key_length")); err == nil && n > 0 {
+		k, v = n, n
+	}
+	if n, err := strconv.Atoi(m.Meta(m.info.Arch + ".attention.value_length")); err == nil && n > 0 {
+		v = n
+	}
+	return k, v
 }
 
 // f16Table maps every half to its float32 value: a read-only table built once.

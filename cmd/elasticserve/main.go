@@ -124,6 +124,8 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		FlashAttn:       cfg.FlashAttn,
 		Unified:         cfg.KVUnified,
 		KVType:          cfg.KVType,
+		PrefillCtx:      cfg.PrefillCells(info.CtxTrain),
+		DecodeFlashAttn: cfg.DecodeFlash(llama.HasGPU() && cfg.GPULayers != 0) && !cfg.FlashAttn,
 		QueueSize:       cfg.QueueSize,
 		Reuse:           cfg.CacheReuse,
 		ReuseCompressed: cfg.CacheReuseCompressed,
@@ -133,6 +135,10 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	})
 	if err != nil {
 		return err
+	}
+	for _, c := range eng.Contexts() {
+		log.Info().Str("context", c.Role).Int("cells", c.Cells).Int("streams", c.Streams).Int("cells_per_stream", c.Cells/c.Streams).
+			Str("kv", c.Layout).Bool("flash_attn", c.FlashAttn).Float64("kv_mib", float64(c.Bytes())/(1<<20)).Msg("llama context")
 	}
 	stopNow, cancelStop := context.WithCancel(context.Background())
 	cancelStop()

@@ -1,0 +1,251 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/internal/testmodel"
+	"github.com/elasticserve/elasticserve/llama"
+)
+
+// BenchmarkConcurrency prints aggregate generated tokens/s for 1, 2, 4 and 8
+// requests submitted together (each a different prompt of about 1,000 tokens,
+// 256 greedy tokens, end to end: queueing, prompt and generation), for full and
+// elastic 0.5, on the one-context engine with a unified cache (the default
+// before the prefill context) and on the engine with a stream per slot and a
+// prefill context (the default now). Both have 8 slots and the same decode
+// cells (8 full conversations); the model is the 125M-parameter random llama
+// of BenchmarkLongContext; threads: every CPU. Ratios come from one run.
+//
+//	go test -run '^$' -bench Concurrency -benchtime 1x -timeout 60m ./engine/
+func BenchmarkConcurrency(b *testing.B) {
+	const prompt, gen, slots = 1000, 256, 8
+	m := loadBenchModel(b)
+	defer m.Close()
+	conv := prompt + gen + 64
+	engines := []struct {
+		name string
+		opts Options
+	}{
+		{"unified, one context", Options{Unified: true}},
+		{"streams + prefill context", Options{PrefillCtx: prompt + 64}},
+	}
+	settings := []elasticcache.Spec{{}, cfg(elasticcache.Elastic, 0.5)}
+	levels := []int{1, 2, 4, 8}
+	prompts := benchPrompts(b, m, slots, prompt-16)
+	for range b.N {
+		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "engine\tpolicy\trequests\ttokens\twall s\ttok/s\tvs 1 request\tvs unified\t")
+		base := map[string]float64{} // unified engine's tok/s by policy and level
+		for _, en := range engines {
+			opts := en.opts
+			opts.Parallel, opts.CtxSize, opts.BatchSize, opts.Log = slots, slots*conv, 512, zerolog.Nop()
+			e, err := Start(m, nil, opts)
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, spec := range settings {
+				var one float64
+				for _, n := range levels {
+					reqs := make([]*Request, n)
+					for i := range reqs {
+						reqs[i] = greedyReq(fmt.Sprint("c", i), prompts[i], gen, spec)
+					}
+					t0 := time.Now()
+					tokens := submitAll(b, e, reqs)
+					wall := time.Since(t0).Seconds()
+					tps := float64(tokens) / wall
+					if n == 1 {
+						one = tps
+					}
+					key := fmt.Sprint(spec.Policy(), n)
+					vs := "-"
+					if en.opts.Unified {
+						base[key] = tps
+					} else {
+						vs = fmt.Sprintf("%.2fx", tps/base[key])
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%.1f\t%.1f\t%.2fx\t%s\t\n", en.name, policyName(spec), n, tokens, wall, tps, tps/one, vs)
+				}
+			}
+			stopNow(e)
+		}
+		tw.Flush()
+	}
+}
+
+// BenchmarkAdmission measures how many conversations of 1,000 prompt tokens and
+// 256 generated ones run at once in a fixed decode context (4 full
+// conversations' cells, streams + prefill context) under full and elastic 0.5:
+// for each slot count it submits that many requests together and counts the
+// requests that were running at the same time and generated all 256 tokens
+// (forced tokens, so no end-of-text cuts one short). A stream that is too small
+// for a conversation cuts its generation (finish "length"), so the largest slot
+// count at which every request completes is what fits. Conversations per GiB
+// count both contexts' KV bytes. The small random test model keeps it quick;
+// the ratio does not depend on the model.
+//
+//	go test -run '^$' -bench Admission -benchtime 1x ./engine/
+func BenchmarkAdmission(b *testing.B) {
+	const prompt, gen = 1000, 256
+	mp, _, err := testmodel.Ensure(testmodel.DefaultOptions())
+	if err != nil {
+		b.Fatal(err)
+	}
+	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	cells := 4 * (prompt + gen + 16)
+	prompts := benchPrompts(b, m, 16, prompt-16)
+	force := make([]int32, gen)
+	for i := range force {
+		force[i] = int32(100 + i%50)
+	}
+	for range b.N {
+		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "policy\tdecode cells\tslots\tran at once\tcompleted\tKV MiB (decode+prefill)\tconversations/GiB\t")
+		perGiB := map[string]float64{}
+		for _, spec := range []elasticcache.Spec{{}, cfg(elasticcache.Elastic, 0.5)} {
+			for slots := 2; slots <= len(prompts); slots++ {
+				e, err := Start(m, nil, Options{Parallel: slots, CtxSize: cells, BatchSize: 512, PrefillCtx: prompt + 16, Log: zerolog.Nop()})
+				if err != nil {
+					b.Fatal(err)
+				}
+				reqs := make([]*Request, slots)
+				for i := range reqs {
+					reqs[i] = greedyReq(fmt.Sprint("a", i), prompts[i], gen, spec)
+					reqs[i].Force = force
+				}
+				peak, complete := runCounting(b, e, reqs, gen)
+				var bytes int64
+				for _, c := range e.Contexts() {
+					bytes += c.Bytes()
+				}
+				stopNow(e)
+				if complete < slots {
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%.1f\t(does not fit)\t\n", policyName(spec), cells, slots, peak, complete, float64(bytes)/(1<<20))
+					break
+				}
+				g := float64(peak) / (float64(bytes) / (1 << 30))
+				perGiB[policyName(spec)] = g
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%.1f\t%.0f\t\n", policyName(spec), cells, slots, peak, complete, float64(bytes)/(1<<20), g)
+			}
+		}
+		tw.Flush()
+		fmt.Printf("conversations per GiB, elastic 0.5 / full: %.2fx\n", perGiB["elastic 0.5"]/perGiB["full"])
+	}
+}
+
+func policyName(spec elasticcache.Spec) string {
+	if spec.Policy() == elasticcache.Full {
+		return "full"
+	}
+	return fmt.Sprintf("%s %.1f", spec.Policy(), spec.Budget())
+}
+
+// loadBenchModel loads the 125M-parameter random llama of BenchmarkLongContext.
+func loadBenchModel(b *testing.B) *llama.Model {
+	opt := testmodel.DefaultOptions()
+	opt.Layers, opt.Embd, opt.Heads, opt.KVHeads, opt.FF, opt.F16 = 12, 768, 12, 4, 2048, true
+	opt.VocabSize, opt.CtxTrain = 32000, 9216
+	mp, _, err := testmodel.Ensure(opt)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return m
+}
+
+// benchPrompts makes n prompts of about tokens tokens that differ from their
+// first words on (so that no request continues another's cells).
+func benchPrompts(b *testing.B, m *llama.Model, n, tokens int) []string {
+	unit := "Notes on the picture: a red circle at the top left, a blue square below it, a green triangle to the right. "
+	out := make([]string, n)
+	for i := range out {
+		out[i] = trimTokens(b, m, fmt.Sprintf("Request %d. ", i)+strings.Repeat(unit, tokens/20+1), tokens)
+	}
+	return out
+}
+
+// submitAll submits reqs together and returns the tokens they generated.
+func submitAll(b *testing.B, e *Engine, reqs []*Request) int {
+	chans := make([]<-chan Event, len(reqs))
+	for i, r := range reqs {
+		ch, err := e.Submit(context.Background(), r)
+		if err != nil {
+			b.Fatal(err)
+		}
+		chans[i] = ch
+	}
+	n := 0
+	for _, ch := range chans {
+		r := collect(b, ch)
+		if r.err != nil {
+			b.Fatal(r.err)
+		}
+		n += r.usage.CompletionTokens
+	}
+	return n
+}
+
+// runCounting submits reqs together and returns the most that were running at
+// once and how many generated gen tokens.
+func runCounting(b *testing.B, e *Engine, reqs []*Request, gen int) (peak, complete int) {
+	var mu sync.Mutex
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(2 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				mu.Lock()
+				peak = max(peak, e.Stats().SlotsBusy)
+				mu.Unlock()
+			}
+		}
+	}()
+	chans := make([]<-chan Event, len(reqs))
+	for i, r := range reqs {
+		ch, err := e.Submit(context.Background(), r)
+		if err != nil {
+			b.Fatal(err)
+		}
+		chans[i] = ch
+	}
+	for _, ch := range chans {
+		r := collect(b, ch)
+		if r.err == nil && r.usage.CompletionTokens == gen {
+			complete++
+		}
+	}
+	close(stop)
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	return peak, complete
+}
+
+func stopNow(e *Engine) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	e.Stop(ctx)
+}
