@@ -126,8 +126,8 @@ type Engine struct {
 	// sequence (id 0) at a time, owned by the decode loop; ppool mirrors its cells.
 	pctx  *llama.Context
 	ppool *cellPool
-	opts   Options
-	log    zerolog.Logger
+	opts  Options
+	log   zerolog.Logger
 
 	// mu orders Submit's enqueue against Stop: once closed is set, nothing more
 	// enters the queue, so the loop's last drain sees every request.

@@ -86,7 +86,8 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 		return nil, fmt.Errorf("a quantized V cache (%s) needs flash attention", typeName(int32(tv)))
 	}
 	// A quantized head must be whole blocks: llama.cpp only checks this when flash
-	// attention is "auto" and otherwise aborts the process building the graph.
+	// attention is "auto"; otherwise its per-head views get truncated row sizes
+	// (ggml_row_size checks divisibility with a debug-only assert).
 	kd, vd := m.kvHeadDims()
 	for _, c := range []struct {
 		what string
