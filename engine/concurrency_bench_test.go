@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -48,7 +49,7 @@ func BenchmarkConcurrency(b *testing.B) {
 		base := map[string]float64{} // unified engine's tok/s by policy and level
 		for _, en := range engines {
 			opts := en.opts
-			opts.Parallel, opts.CtxSize, opts.BatchSize, opts.Log = slots, slots*conv, 512, zerolog.Nop()
+			opts.Parallel, opts.CtxSize, opts.BatchSize, opts.Threads, opts.Log = slots, slots*conv, 512, runtime.NumCPU(), zerolog.Nop()
 			e, err := Start(m, nil, opts)
 			if err != nil {
 				b.Fatal(err)
@@ -75,6 +76,7 @@ func BenchmarkConcurrency(b *testing.B) {
 						vs = fmt.Sprintf("%.2fx", tps/base[key])
 					}
 					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%.1f\t%.1f\t%.2fx\t%s\t\n", en.name, policyName(spec), n, tokens, wall, tps, tps/one, vs)
+					fmt.Fprintf(os.Stderr, "%s, %s, %d requests: %.1f tok/s\n", en.name, policyName(spec), n, tps)
 				}
 			}
 			stopNow(e)

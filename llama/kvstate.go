@@ -89,6 +89,19 @@ func typeName(t int32) string {
 
 func quantized(t int32) bool { return kvTypes[t].blck > 1 }
 
+// KVRowBytes is the size of one cache row of elems elements stored as kvType
+// (f16, bf16, f32, q8_0, q4_0): what one layer's K or V costs per cell.
+func KVRowBytes(kvType string, elems int) (int, error) {
+	t, ok := typeByName(kvType)
+	if !ok {
+		return 0, fmt.Errorf("unsupported KV cache type %q (f16, f32, bf16, q8_0, q4_0)", kvType)
+	}
+	if b := kvTypes[t].blck; elems%b != 0 {
+		return 0, fmt.Errorf("a %s row of %d elements is not a whole number of %d-element blocks", kvType, elems, b)
+	}
+	return rowBytes(t, elems), nil
+}
+
 // rowBytes is the size of elems elements of type t (elems a multiple of its block).
 func rowBytes(t int32, elems int) int {
 	ti := kvTypes[t]

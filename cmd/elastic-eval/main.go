@@ -52,6 +52,8 @@ Commands:
             requests at each --concurrency level; TTFT, inter-token and end-to-end
             latency (p50/p90/p99), requests/s, output tokens/s, and elasticserve's
             kv_cache report when the server sends one
+  capacity  conversations of a given length per GiB of decode KV, per policy, budget and
+            KV row layout, by the server's admission rule (its decode streams)
   help      this text; "elastic-eval <command> -h" lists the command's flags
 
 ppl, rouge and latency print a markdown table on stdout and, with --out, write
@@ -87,6 +89,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = multiTurn(ctx, rest, stdout, stderr)
 	case cmdBench:
 		err = benchCmd(ctx, rest, stdout, stderr)
+	case cmdCapacity:
+		err = capacity(ctx, rest, stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "elastic-eval: unknown command %q\n\n%s", cmd, usage)
 		return 2
