@@ -492,6 +492,18 @@ func (c *Config) String() string {
 		c.Policy, strconv.FormatFloat(c.Budget, 'g', -1, 64), c.Sink, c.Distance, c.Selection, key, c.QueueSize)
 }
 
+// DecodeCells is the decode context's size: CtxSize, or with a stream per slot
+// the most whole streams of a multiple of 256 cells that fit it (llama.cpp pads
+// a stream up to 256-cell multiples, which would exceed --ctx-size).
+func (c *Config) DecodeCells() int {
+	p := max(c.Parallel, 1)
+	per := c.CtxSize / p
+	if c.KVUnified || per < 256 {
+		return c.CtxSize
+	}
+	return per / 256 * 256 * p
+}
+
 // PrefillCells is the prefill context's size (0: none): PrefillCtxSize when set,
 // else ceil(stream/budget) rounded up to 256 cells, between one stream and
 // ctxTrain (the model's training context; <= 0: unknown), so that a prompt which
@@ -503,7 +515,7 @@ func (c *Config) PrefillCells(ctxTrain int) int {
 	case c.PrefillCtxSize > 0:
 		return c.PrefillCtxSize
 	}
-	stream := c.CtxSize / max(c.Parallel, 1)
+	stream := c.DecodeCells() / max(c.Parallel, 1)
 	budget := c.Budget
 	if c.Policy == "full" || budget <= 0 || budget > 1 {
 		budget = 1

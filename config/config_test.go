@@ -246,6 +246,29 @@ func TestPrefillCells(t *testing.T) {
 	}
 }
 
+func TestDecodeCells(t *testing.T) {
+	model := tempFile(t, "m.gguf")
+	tests := []struct {
+		args []string
+		want int
+	}{
+		{nil, 4096},
+		{[]string{"--ctx-size", "5000"}, 4096}, // 1250 a stream -> 1024
+		{[]string{"--ctx-size", "5000", "--parallel", "3"}, 4608}, // 1666 -> 1536
+		{[]string{"--ctx-size", "5000", "--kv-unified"}, 5000},
+		{[]string{"--ctx-size", "800", "--parallel", "4"}, 800}, // under 256 a stream: llama.cpp's minimum
+	}
+	for _, tt := range tests {
+		cfg, err := Load(append([]string{"--model", model}, tt.args...), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := cfg.DecodeCells(); got != tt.want {
+			t.Errorf("%v: DecodeCells = %d, want %d", tt.args, got, tt.want)
+		}
+	}
+}
+
 func TestDecodeFlash(t *testing.T) {
 	model := tempFile(t, "m.gguf")
 	tests := []struct {

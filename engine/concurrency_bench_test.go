@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -14,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
 	"github.com/elasticserve/elasticserve/llama"
 )
@@ -85,20 +87,21 @@ func BenchmarkConcurrency(b *testing.B) {
 	}
 }
 
-// BenchmarkAdmission measures how many conversations of 1,000 prompt tokens and
-// 256 generated ones run at once in a fixed decode context (4 full
-// conversations' cells, streams + prefill context) under full and elastic 0.5:
-// for each slot count it submits that many requests together and counts the
-// requests that were running at the same time and generated all 256 tokens
-// (forced tokens, so no end-of-text cuts one short). A stream that is too small
-// for a conversation cuts its generation (finish "length"), so the largest slot
-// count at which every request completes is what fits. Conversations per GiB
-// count both contexts' KV bytes. The small random test model keeps it quick;
-// the ratio does not depend on the model.
+// BenchmarkAdmission measures how many conversations run at once in a fixed
+// decode context under full and elastic 0.5 (streams + prefill context): for
+// each slot count it starts the engine as the server does (--ctx-size cut to
+// whole 256-cell streams, config.DecodeCells), submits that many requests
+// together and counts the requests that were running at the same time and
+// generated all their tokens (forced tokens, so no end-of-text cuts one short).
+// A stream too small for a conversation cuts its generation (finish "length"),
+// so the largest slot count at which every request completes is what fits.
+// Conversations per GiB count both contexts' KV bytes. Two conversation shapes:
+// LLaVA-1.5's (650 prompt tokens, 576 of them the image, 256 generated) in 4 full
+// conversations' memory, and 1,000 + 256. The small random test model keeps it
+// quick; cells and the ratio do not depend on the model.
 //
 //	go test -run '^$' -bench Admission -benchtime 1x ./engine/
 func BenchmarkAdmission(b *testing.B) {
-	const prompt, gen = 1000, 256
 	mp, _, err := testmodel.Ensure(testmodel.DefaultOptions())
 	if err != nil {
 		b.Fatal(err)
@@ -108,44 +111,53 @@ func BenchmarkAdmission(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer m.Close()
-	cells := 4 * (prompt + gen + 16)
-	prompts := benchPrompts(b, m, 16, prompt-16)
-	force := make([]int32, gen)
-	for i := range force {
-		force[i] = int32(100 + i%50)
-	}
+	shapes := []struct{ prompt, gen, ctx int }{{650, 256, 4 * 1024}, {1000, 256, 4 * 1280}}
+	const most = 16
 	for range b.N {
-		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "policy\tdecode cells\tslots\tran at once\tcompleted\tKV MiB (decode+prefill)\tconversations/GiB\t")
-		perGiB := map[string]float64{}
-		for _, spec := range []elasticcache.Spec{{}, cfg(elasticcache.Elastic, 0.5)} {
-			for slots := 2; slots <= len(prompts); slots++ {
-				e, err := Start(m, nil, Options{Parallel: slots, CtxSize: cells, BatchSize: 512, PrefillCtx: prompt + 16, Log: zerolog.Nop()})
-				if err != nil {
-					b.Fatal(err)
-				}
-				reqs := make([]*Request, slots)
-				for i := range reqs {
-					reqs[i] = greedyReq(fmt.Sprint("a", i), prompts[i], gen, spec)
-					reqs[i].Force = force
-				}
-				peak, complete := runCounting(b, e, reqs, gen)
-				var bytes int64
-				for _, c := range e.Contexts() {
-					bytes += c.Bytes()
-				}
-				stopNow(e)
-				if complete < slots {
-					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%.1f\t(does not fit)\t\n", policyName(spec), cells, slots, peak, complete, float64(bytes)/(1<<20))
-					break
-				}
-				g := float64(peak) / (float64(bytes) / (1 << 30))
-				perGiB[policyName(spec)] = g
-				fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%.1f\t%.0f\t\n", policyName(spec), cells, slots, peak, complete, float64(bytes)/(1<<20), g)
+		for _, sh := range shapes {
+			prompts := benchPrompts(b, m, most, sh.prompt-20) // the chat template adds a few
+			force := make([]int32, sh.gen)
+			for i := range force {
+				force[i] = int32(100 + i%50)
 			}
+			fmt.Printf("\nconversations of %d prompt + %d generated tokens, --ctx-size %d\n", sh.prompt, sh.gen, sh.ctx)
+			tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+			fmt.Fprintln(tw, "policy\tslots\tcells a stream\tran at once\tcompleted\tKV MiB (decode+prefill)\tconversations/GiB\t")
+			perGiB := map[string]float64{}
+			for _, spec := range []elasticcache.Spec{{}, cfg(elasticcache.Elastic, 0.5)} {
+				for slots := 2; slots <= most; slots++ {
+					stream := sh.ctx / slots / 256 * 256
+					if stream == 0 {
+						break
+					}
+					e, err := Start(m, nil, Options{Parallel: slots, CtxSize: stream * slots, BatchSize: 512, PrefillCtx: sh.prompt + 16, Log: zerolog.Nop()})
+					if err != nil {
+						b.Fatal(err)
+					}
+					reqs := make([]*Request, slots)
+					for i := range reqs {
+						reqs[i] = greedyReq(fmt.Sprint("a", i), prompts[i], sh.gen, spec)
+						reqs[i].Force = force
+					}
+					peak, complete := runCounting(b, e, reqs, sh.gen)
+					var bytes int64
+					for _, c := range e.Contexts() {
+						bytes += c.Bytes()
+					}
+					stopNow(e)
+					mib := float64(bytes) / (1 << 20)
+					if complete < slots {
+						fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%.2f\t(does not fit)\t\n", policyName(spec), slots, stream, peak, complete, mib)
+						break
+					}
+					g := float64(peak) / (float64(bytes) / (1 << 30))
+					perGiB[policyName(spec)] = g
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%.2f\t%.0f\t\n", policyName(spec), slots, stream, peak, complete, mib, g)
+				}
+			}
+			tw.Flush()
+			fmt.Printf("conversations per GiB, elastic 0.5 / full: %.2fx\n", perGiB["elastic 0.5"]/perGiB["full"])
 		}
-		tw.Flush()
-		fmt.Printf("conversations per GiB, elastic 0.5 / full: %.2fx\n", perGiB["elastic 0.5"]/perGiB["full"])
 	}
 }
 
@@ -225,13 +237,14 @@ func runCounting(b *testing.B, e *Engine, reqs []*Request, gen int) (peak, compl
 			}
 		}
 	}()
-	chans := make([]<-chan Event, len(reqs))
-	for i, r := range reqs {
-		ch, err := e.Submit(context.Background(), r)
-		if err != nil {
+	var chans []<-chan Event
+	for _, r := range reqs {
+		// A prompt-too-long refusal: the conversation does not fit a stream.
+		if ch, err := e.Submit(context.Background(), r); err == nil {
+			chans = append(chans, ch)
+		} else if !errors.As(err, new(*completion.PromptTooLongError)) {
 			b.Fatal(err)
 		}
-		chans[i] = ch
 	}
 	for _, ch := range chans {
 		r := collect(b, ch)

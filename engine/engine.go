@@ -11,6 +11,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -199,6 +200,11 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	}
 	if opts.QueueSize <= 0 {
 		opts.QueueSize = 64
+	}
+	if opts.Threads <= 0 {
+		// llama.cpp's own default (4) spins more threads than a small machine has
+		// cores, which stalls every step at ggml's barriers.
+		opts.Threads = runtime.NumCPU()
 	}
 	if opts.CtxSize < opts.Parallel*16 {
 		return nil, fmt.Errorf("engine: ctx-size %d is too small for %d slots", opts.CtxSize, opts.Parallel)

@@ -117,7 +117,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 
 	eng, err := engine.Start(model, vision, engine.Options{
 		Parallel:        cfg.Parallel,
-		CtxSize:         cfg.CtxSize,
+		CtxSize:         cfg.DecodeCells(),
 		BatchSize:       cfg.BatchSize,
 		UBatchSize:      cfg.UBatchSize,
 		Threads:         cfg.Threads,
