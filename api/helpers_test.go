@@ -43,7 +43,8 @@ var _ Backend = (*fakeBackend)(nil)
 
 func newFake() *fakeBackend {
 	return &fakeBackend{
-		info:      BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4, MediaMarker: testMarker, VocabSize: fakeBOS + 1},
+		info: BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4, MediaMarker: testMarker, VocabSize: fakeBOS + 1,
+			KVContexts: []KVContext{{Role: "decode", Cells: 4096, Bytes: 4096 * 1536}, {Role: "prefill", Cells: 1536, Bytes: 1536 * 1536}}},
 		stats:     BackendStats{QueueDepth: 2, SlotsBusy: 1, KVCellsUsed: 300, KVCellsTotal: 4096, KVInvariantFailures: 1},
 		ready:     true,
 		events:    okEvents("Hello", " world"),

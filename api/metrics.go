@@ -242,7 +242,7 @@ type engineCollector struct {
 
 	queueDepth, slotsBusy, requestsRunning, slotsTotal *prometheus.Desc
 	cellsUsed, cellsTotal, cacheUsage, cellsByPolicy   *prometheus.Desc
-	invariantFailures                                  *prometheus.Desc
+	invariantFailures, contextBytes                    *prometheus.Desc
 	// conversation memory
 	cellsHeld, reuseHits, reuseMisses, reusedTokens, reclaimed, imageHits, imageEncodes *prometheus.Desc
 }
@@ -263,6 +263,8 @@ func newEngineCollector(b Backend) *engineCollector {
 			"KV cache cells used / total, 0 to 1 (0 when the total is unknown): the KV pressure signal for routers."),
 		cellsByPolicy: d("elasticserve_kv_cells_used_by_policy",
 			"KV cache cells held by the running sequences of each cache policy.", "policy"),
+		contextBytes: d("elasticserve_kv_cache_bytes",
+			"KV cache memory of each llama context, in its own row types: decode (the streams conversations live in) and prefill.", "context"),
 		invariantFailures: d("elasticserve_kv_invariant_failures_total",
 			"Requests failed because a runtime invariant of the KV hook broke (captured attention, cells read back)."),
 		cellsHeld: d("elasticserve_kv_cells_held",
@@ -278,7 +280,7 @@ func newEngineCollector(b Backend) *engineCollector {
 
 func (c *engineCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.queueDepth, c.slotsBusy, c.requestsRunning, c.slotsTotal,
-		c.cellsUsed, c.cellsTotal, c.cacheUsage, c.cellsByPolicy, c.invariantFailures,
+		c.cellsUsed, c.cellsTotal, c.cacheUsage, c.cellsByPolicy, c.invariantFailures, c.contextBytes,
 		c.cellsHeld, c.reuseHits, c.reuseMisses, c.reusedTokens, c.reclaimed, c.imageHits, c.imageEncodes} {
 		ch <- d
 	}
@@ -312,6 +314,9 @@ func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(c.invariantFailures, prometheus.CounterValue, float64(st.KVInvariantFailures))
+	for _, kc := range c.backend.Info().KVContexts {
+		ch <- prometheus.MustNewConstMetric(c.contextBytes, prometheus.GaugeValue, float64(kc.Bytes), kc.Role)
+	}
 	gauge(c.cellsHeld, st.KVCellsHeld)
 	for _, m := range []struct {
 		d *prometheus.Desc

@@ -115,6 +115,8 @@ func TestMetrics(t *testing.T) {
 		"elasticserve_kv_entries_merged_total":                                      2,
 		"elasticserve_kv_entries_evicted_total":                                     2,
 		"elasticserve_kv_bytes_saved_total":                                         8192,
+		`elasticserve_kv_cache_bytes{context="decode"}`:                             4096 * 1536,
+		`elasticserve_kv_cache_bytes{context="prefill"}`:                            1536 * 1536,
 		"elasticserve_kv_invariant_failures_total":                                  1,
 		// Both completions ran under the fake's "elastic" policy.
 		`elasticserve_time_to_first_token_seconds_count{policy="elastic"}`: 2,

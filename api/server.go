@@ -63,6 +63,17 @@ type BackendInfo struct {
 	// CachePolicies lists the cache policies and whether this model can apply
 	// them; nil: not reported.
 	CachePolicies []ModelPolicy
+	// KVContexts are the engine's llama contexts (decode, then prefill) and the
+	// KV memory each holds; nil: not reported.
+	KVContexts []KVContext
+}
+
+// KVContext is one llama context's KV cache: its role ("decode", "prefill"),
+// cells and bytes (in its own row types).
+type KVContext struct {
+	Role  string
+	Cells int
+	Bytes int64
 }
 
 // BackendStats is the engine state exported on /metrics. Its fields match

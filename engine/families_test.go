@@ -137,6 +137,7 @@ func testFamily(t *testing.T, arch string) {
 	}
 
 	refused := refusedOn[arch]
+	two2 := startEngineOn(t, m, v, Options{Parallel: 2, CtxSize: 2 * 2048, BatchSize: 512, PrefillCtx: 2048})
 	for _, p := range allPolicies {
 		isRefused := false
 		for _, r := range refused {
@@ -158,6 +159,11 @@ func testFamily(t *testing.T, arch string) {
 		half := run(t, te, greedyReq(string(p)+"@0.5", longPrompt, gen, cfg(p, 0.5), img1))
 		if half.usage.CompletionTokens != gen || half.kv == nil || half.kv.Kept >= half.kv.PromptEntries || half.kv.Kept == 0 {
 			t.Errorf("%s@0.5: %d tokens, kv %+v: not compressed", p, half.usage.CompletionTokens, half.kv)
+		}
+		// Encoded in the prefill context and moved into a stream (both caches of a
+		// sliding-window model): the same answer as compressed in place.
+		if moved := run(t, two2, greedyReq(string(p)+"@0.5 moved", longPrompt, gen, cfg(p, 0.5), img1)); moved.text != half.text {
+			t.Errorf("%s@0.5 on two contexts %q, on one %q", p, moved.text, half.text)
 		}
 		// two images, compressed, then decoding on
 		h2 := run(t, te, greedyReq(string(p)+"@0.5x2", longPrompt, gen, cfg(p, 0.5), img1, img2))

@@ -217,7 +217,7 @@ func (e *Engine) updateCells() {
 	n := 0
 	var byPolicy [len(cachePolicies)]int64
 	for _, s := range e.slots {
-		if s != nil {
+		if s != nil && s.cache.lctx == e.ctx { // a prompt in the prefill context holds no decode cells yet
 			held := s.cache.held()
 			n += held
 			if i := slices.Index(cachePolicies[:], s.req.Cache.Policy()); i >= 0 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
@@ -36,6 +37,20 @@ func TestTwoContextsMatchOneContextAlone(t *testing.T) {
 		}
 	}
 	e := startEngine(t, twoContexts(4, 1024, 2048))
+	// Right after each prompt plan (on the decode loop): a compressed sequence has
+	// left the prefill context for its stream of the decode context.
+	var moved, stayed atomic.Int64
+	check := func(o Observation) {
+		if !o.Prefill || (o.RequestID != "a" && o.RequestID != "c") {
+			return
+		}
+		if e.pctx.SeqPosMax(0) == -1 && e.ctx.SeqPosMax(o.Slot) >= 0 {
+			moved.Add(1)
+		} else {
+			stayed.Add(1)
+		}
+	}
+	e.onObserve.Store(&check)
 	for i, r := range runTogether(t, e, reqs) {
 		if r.text != alone[i].text {
 			t.Errorf("%s: two contexts answer differently from one:\n%q\n%q", reqs[i].ID, r.text, alone[i].text)
@@ -55,6 +70,9 @@ func TestTwoContextsMatchOneContextAlone(t *testing.T) {
 				t.Errorf("%s: a decode step attended %d cells, more than a stream", id, o.Attended)
 			}
 		}
+	}
+	if moved.Load() != 2 || stayed.Load() != 0 {
+		t.Errorf("after their prompt plans %d compressed sequences were in their stream, %d not", moved.Load(), stayed.Load())
 	}
 	if e.pctx.SeqPosMax(0) != -1 {
 		t.Error("cells remain in the prefill context")

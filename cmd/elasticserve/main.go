@@ -153,6 +153,9 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		ModelID: modelID, Created: created, CtxPerSeq: eng.SeqCells(), Vision: vision != nil, Slots: cfg.Parallel,
 		MediaMarker: llama.MediaMarker(), VocabSize: info.VocabSize,
 	}}
+	for _, c := range eng.Contexts() {
+		backend.info.KVContexts = append(backend.info.KVContexts, api.KVContext{Role: c.Role, Cells: c.Cells, Bytes: c.Bytes()})
+	}
 	for _, p := range eng.Policies() {
 		backend.info.CachePolicies = append(backend.info.CachePolicies, api.ModelPolicy{Policy: string(p.Policy), Supported: p.Supported, Reason: p.Reason})
 		if p.Supported {
