@@ -51,16 +51,22 @@ func (s Shape) BytesPerCell(kv KVSetting) (int64, error) {
 type CapacityRow struct {
 	Policy        string
 	KV            string
-	StreamCells   int   // what the admission rule reserves for one conversation
+	Cells         int   // what the admission rule reserves for one conversation
+	StreamCells   int   // the stream that holds it: Cells rounded up to 256 (llama.cpp)
 	StreamBytes   int64 // its decode-stream memory
 	Conversations int   // whole streams in the memory
 }
 
+// StreamGranularity is the cell multiple llama.cpp sizes each per-sequence
+// stream in.
+const StreamGranularity = 256
+
 // Capacity applies the server's admission rule (a decode stream holds
 // Spec.MaxCellsAfterPrompt(prompt, gen) cells: the whole conversation under
 // full, ceil(b*(prompt+gen))+1 when the prompt plan compresses it in the prefill
-// context) to memBytes of decode-context KV, for each setting and layout. The
-// prefill context (one sequence, the prompt's cells) is a fixed cost besides.
+// context; streams come in multiples of StreamGranularity cells) to memBytes of
+// decode-context KV, for each setting and layout. The prefill context (one
+// sequence, the prompt's cells) is a fixed cost besides.
 func Capacity(shape Shape, prompt, gen int, memBytes int64, specs []elasticcache.Spec, kvs []KVSetting) ([]CapacityRow, error) {
 	var out []CapacityRow
 	for _, kv := range kvs {
@@ -70,8 +76,10 @@ func Capacity(shape Shape, prompt, gen int, memBytes int64, specs []elasticcache
 		}
 		for _, spec := range specs {
 			cells := spec.MaxCellsAfterPrompt(prompt, gen)
-			b := int64(cells) * per
-			out = append(out, CapacityRow{Policy: specName(spec), KV: kv.Name, StreamCells: cells, StreamBytes: b, Conversations: int(memBytes / b)})
+			stream := (cells + StreamGranularity - 1) / StreamGranularity * StreamGranularity
+			b := int64(stream) * per
+			out = append(out, CapacityRow{Policy: specName(spec), KV: kv.Name, Cells: cells, StreamCells: stream, StreamBytes: b,
+				Conversations: int(memBytes / b)})
 		}
 	}
 	return out, nil
@@ -87,11 +95,11 @@ func specName(spec elasticcache.Spec) string {
 // CapacityMarkdown renders rows as a table with one column per KV layout.
 func CapacityMarkdown(rows []CapacityRow, kvs []KVSetting) string {
 	var b strings.Builder
-	b.WriteString("| policy | cells per conversation |")
+	b.WriteString("| policy | cells per conversation | stream cells |")
 	for _, kv := range kvs {
 		fmt.Fprintf(&b, " %s |", kv.Name)
 	}
-	b.WriteString("\n|---|---:|")
+	b.WriteString("\n|---|---:|---:|")
 	for range kvs {
 		b.WriteString("---:|")
 	}
@@ -106,7 +114,7 @@ func CapacityMarkdown(rows []CapacityRow, kvs []KVSetting) string {
 	}
 	for _, p := range order {
 		rs := byPolicy[p]
-		fmt.Fprintf(&b, "| %s | %d |", p, rs[0].StreamCells)
+		fmt.Fprintf(&b, "| %s | %d | %d |", p, rs[0].Cells, rs[0].StreamCells)
 		for _, r := range rs {
 			fmt.Fprintf(&b, " %d |", r.Conversations)
 		}

@@ -20,14 +20,14 @@ func TestCapacityAppliesTheAdmissionRule(t *testing.T) {
 	// blocks of 34 bytes = 4352 bytes, plus 8192 for the f16 value row.
 	f16Cell, q8Cell := int64(32*8192*2), int64(32*(4352+8192))
 	tests := []struct {
-		policy, kv string
-		cells      int
-		per        int64
+		policy, kv    string
+		cells, stream int
+		per           int64
 	}{
-		{"full", "f16", 906, f16Cell},
-		{"elastic 0.5", "f16", 454, f16Cell}, // ceil(0.5 x 906) + 1
-		{"full", DefaultKVSettings[1].Name, 906, q8Cell},
-		{"elastic 0.5", DefaultKVSettings[1].Name, 454, q8Cell},
+		{"full", "f16", 906, 1024, f16Cell},
+		{"elastic 0.5", "f16", 454, 512, f16Cell}, // ceil(0.5 x 906) + 1, in a 512-cell stream
+		{"full", DefaultKVSettings[1].Name, 906, 1024, q8Cell},
+		{"elastic 0.5", DefaultKVSettings[1].Name, 454, 512, q8Cell},
 	}
 	if len(rows) != len(tests) {
 		t.Fatalf("%d rows: %+v", len(rows), rows)
@@ -42,13 +42,13 @@ func TestCapacityAppliesTheAdmissionRule(t *testing.T) {
 		if got == nil {
 			t.Fatalf("no row for %s / %s", tc.policy, tc.kv)
 		}
-		want := int((1 << 30) / (int64(tc.cells) * tc.per))
-		if got.StreamCells != tc.cells || got.StreamBytes != int64(tc.cells)*tc.per || got.Conversations != want {
-			t.Errorf("%s / %s: %+v, want %d cells, %d conversations", tc.policy, tc.kv, *got, tc.cells, want)
+		want := int((1 << 30) / (int64(tc.stream) * tc.per))
+		if got.Cells != tc.cells || got.StreamCells != tc.stream || got.StreamBytes != int64(tc.stream)*tc.per || got.Conversations != want {
+			t.Errorf("%s / %s: %+v, want %d cells in %d-cell streams, %d conversations", tc.policy, tc.kv, *got, tc.cells, tc.stream, want)
 		}
 	}
 	md := CapacityMarkdown(rows, DefaultKVSettings[:2])
-	if !strings.Contains(md, "| full | 906 | 2 | 2 |") || !strings.Contains(md, "| elastic 0.5 | 454 | 4 | 5 |") {
+	if !strings.Contains(md, "| full | 906 | 1024 | 2 | 2 |") || !strings.Contains(md, "| elastic 0.5 | 454 | 512 | 4 | 5 |") {
 		t.Errorf("table:\n%s", md)
 	}
 }
