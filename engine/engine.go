@@ -449,9 +449,9 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 		s.release()
 		return nil, completion.ErrEmptyPrompt
 	}
-	if limit := e.promptLimit(req.Cache); s.nPrompt > limit {
+	if limit, raise := e.promptLimit(req.Cache); s.nPrompt > limit {
 		s.release()
-		return nil, &completion.PromptTooLongError{Tokens: s.nPrompt, Limit: limit}
+		return nil, &completion.PromptTooLongError{Tokens: s.nPrompt, Limit: limit, Raise: raise}
 	}
 	if req.Constraint != nil {
 		smp, err := constrainedSampler(e.model, req)
@@ -481,14 +481,14 @@ func (e *Engine) prefills(spec elasticcache.Spec) bool {
 	return e.pctx != nil && spec.Compresses()
 }
 
-// promptLimit is the longest prompt a request under spec may send: one that fits a
-// slot (a stream, or the shared pool), or, for a prompt encoded in the prefill
-// context, one that fits it and whose compressed cells fit a stream with one
-// generated token.
-func (e *Engine) promptLimit(spec elasticcache.Spec) int {
+// promptLimit is the longest prompt a request under spec may send, and the
+// setting that bounds it: one that fits a slot (a stream, or the shared pool),
+// or, for a prompt encoded in the prefill context, one that fits it and whose
+// compressed cells fit a stream with one generated token.
+func (e *Engine) promptLimit(spec elasticcache.Spec) (int, string) {
 	stream := e.pools[0].size()
 	if !e.prefills(spec) {
-		return stream - 1
+		return stream - 1, "--ctx-size"
 	}
 	// MaxCells grows with the prompt: the longest prompt that fits, by bisection.
 	lo, hi := 0, e.ppool.size()-1
@@ -500,7 +500,10 @@ func (e *Engine) promptLimit(spec elasticcache.Spec) int {
 			hi = mid - 1
 		}
 	}
-	return lo
+	if lo == e.ppool.size()-1 {
+		return lo, "--prefill-ctx-size"
+	}
+	return lo, "--ctx-size (a stream holds the compressed prompt) or lower the budget"
 }
 
 // supports refuses a cache setting this engine cannot apply, before any sequence

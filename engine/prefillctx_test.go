@@ -107,20 +107,21 @@ func TestPromptLongerThanAStreamIsEncodedInThePrefillContext(t *testing.T) {
 		name  string
 		req   *Request
 		limit int
+		raise string
 	}{
-		{"full", greedyReq("full", prompt, 4, cfg(elasticcache.Full, 1)), stream - 1},
+		{"full", greedyReq("full", prompt, 4, cfg(elasticcache.Full, 1)), stream - 1, "raise --ctx-size"},
 		// elastic 0.9 keeps 0.9 of the prompt: the longest that fits a stream.
-		{"elastic 0.9", greedyReq("e9", prompt, 4, cfg(elasticcache.Elastic, 0.9)), e.promptLimit(cfg(elasticcache.Elastic, 0.9))},
-		{"longer than the prefill context", greedyReq("huge", strings.Repeat(longPrompt, 40), 4, cfg(elasticcache.Elastic, 0.1)), 1023},
+		{"elastic 0.9", greedyReq("e9", prompt, 4, cfg(elasticcache.Elastic, 0.9)), limitOf(e, cfg(elasticcache.Elastic, 0.9)), "or lower the budget"},
+		{"longer than the prefill context", greedyReq("huge", strings.Repeat(longPrompt, 40), 4, cfg(elasticcache.Elastic, 0.1)), 1023, "raise --prefill-ctx-size"},
 	}
 	for _, tc := range refused {
 		_, err := e.Submit(context.Background(), tc.req)
 		var tl *completion.PromptTooLongError
-		if !errors.As(err, &tl) || tl.Limit != tc.limit || tl.Tokens <= tl.Limit {
-			t.Errorf("%s: got %v, want a prompt-too-long error with limit %d", tc.name, err, tc.limit)
+		if !errors.As(err, &tl) || tl.Limit != tc.limit || tl.Tokens <= tl.Limit || !strings.Contains(tl.Error(), tc.raise) {
+			t.Errorf("%s: got %v, want a prompt-too-long error with limit %d that says to raise %s", tc.name, err, tc.limit, tc.raise)
 		}
 	}
-	if l, sp := e.promptLimit(cfg(elasticcache.Elastic, 0.9)), cfg(elasticcache.Elastic, 0.9); sp.MaxCellsAfterPrompt(l, 1) > stream ||
+	if l, sp := limitOf(e, cfg(elasticcache.Elastic, 0.9)), cfg(elasticcache.Elastic, 0.9); sp.MaxCellsAfterPrompt(l, 1) > stream ||
 		sp.MaxCellsAfterPrompt(l+1, 1) <= stream {
 		t.Errorf("elastic 0.9 limit %d is not the longest prompt whose cells fit a stream", l)
 	}
@@ -145,6 +146,11 @@ func startQuantEngine(t *testing.T, opts Options) *testEngine {
 		t.Fatal(err)
 	}
 	return startEngineOn(t, m, nil, opts)
+}
+
+func limitOf(e *testEngine, spec elasticcache.Spec) int {
+	l, _ := e.promptLimit(spec)
+	return l
 }
 
 // Every policy at budget 1 equals full on the two-context engine, with f16 rows and

@@ -217,11 +217,17 @@ var ErrEmptyPrompt = errors.New("the prompt is empty")
 type PromptTooLongError struct {
 	Tokens int // prompt tokens
 	Limit  int // most prompt tokens a sequence can hold
+	// Raise names the setting that bounds Limit ("" means --ctx-size).
+	Raise string
 }
 
 func (e *PromptTooLongError) Error() string {
-	return fmt.Sprintf("the prompt is %d tokens but a sequence holds at most %d; shorten the messages or raise --ctx-size",
-		e.Tokens, e.Limit)
+	raise := e.Raise
+	if raise == "" {
+		raise = "--ctx-size"
+	}
+	return fmt.Sprintf("the prompt is %d tokens but a sequence holds at most %d; shorten the messages or raise %s",
+		e.Tokens, e.Limit, raise)
 }
 
 // PolicyUnsupportedError: the request's cache policy cannot run with this engine's
