@@ -220,6 +220,8 @@ func measureFlags(cmd string, args []string, stderr io.Writer) (eval.Options, ev
 	fs.IntVar(&o.BatchSize, "batch-size", 512, "prompt tokens per decode call")
 	fs.IntVar(&o.Threads, "threads", 0, "CPU threads (default: all CPUs)")
 	fs.BoolVar(&o.Unified, "unified", false, "one KV cell pool shared by all sequences instead of one stream each")
+	fs.StringVar(&o.KVType, "kv-type", "f16", "KV row type: f16, bf16, f32, q8_0 or q4_0 (K; V stays f16 without flash attention)")
+	fs.IntVar(&o.PrefillCtx, "prefill-ctx-size", 0, "encode compressed prompts in a prefill context of this many cells and move them into their stream, as the server does (0: compress in place)")
 	fs.IntVar(&o.GPULayers, "gpu-layers", -1, "layers offloaded to a GPU when one is present (-1 all, 0 none)")
 	fs.StringVar(&o.System, "system", "", "system message put before every prompt")
 	fs.StringVar(&o.Layout, "layout", eval.LayoutAsIs, "prompt layout: as-is (the dataset's order), question-first (text before the image) or image-first")

@@ -41,8 +41,14 @@ type Options struct {
 	BatchSize int // prompt tokens per decode call (default 512)
 	Threads   int // CPU threads (default: all)
 	// Unified shares all KV cells between the sequences (engine.Options.Unified).
-	Unified   bool
-	GPULayers int // layers offloaded to a GPU when one is present: -1 all, 0 none
+	Unified bool
+	// KVType is the KV row type (engine.Options.KVType; "" is f16).
+	KVType string
+	// PrefillCtx, when > 0, encodes compressed prompts in a prefill context of
+	// that many cells and moves them into their stream, as the server does
+	// (engine.Options.PrefillCtx); 0 compresses in place.
+	PrefillCtx int
+	GPULayers  int // layers offloaded to a GPU when one is present: -1 all, 0 none
 
 	// Policies are the compressed policies compared with full ("full" in the
 	// list is ignored: full always runs, first, as the baseline).
@@ -221,14 +227,16 @@ func ParsePolicies(s string) ([]elasticcache.Policy, error) {
 // startEngine starts an engine; stop drains it and frees its context.
 func (r *Runner) startEngine(parallel, ctxSize int) (*engine.Engine, func(), error) {
 	e, err := engine.Start(r.model, r.vision, engine.Options{
-		Parallel:  parallel,
-		CtxSize:   ctxSize,
-		Unified:   r.opts.Unified,
-		BatchSize: r.opts.BatchSize,
-		Threads:   r.opts.Threads,
-		QueueSize: max(64, 2*parallel),
-		Log:       r.log,
-		Observe:   r.observe,
+		Parallel:   parallel,
+		CtxSize:    ctxSize,
+		Unified:    r.opts.Unified,
+		KVType:     r.opts.KVType,
+		PrefillCtx: r.opts.PrefillCtx,
+		BatchSize:  r.opts.BatchSize,
+		Threads:    r.opts.Threads,
+		QueueSize:  max(64, 2*parallel),
+		Log:        r.log,
+		Observe:    r.observe,
 	})
 	if err != nil {
 		return nil, nil, err

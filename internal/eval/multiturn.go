@@ -83,6 +83,7 @@ func (r *Runner) MultiTurn(ctx context.Context, convs []Conversation, cfgs []ela
 func (r *Runner) multiTurnRow(ctx context.Context, convs []Conversation, cfg elasticcache.Spec, mode string) (MultiTurnRow, error) {
 	e, err := engine.Start(r.model, r.vision, engine.Options{
 		Parallel: 1, CtxSize: r.opts.CtxSize, BatchSize: r.opts.BatchSize, Threads: r.opts.Threads,
+		KVType: r.opts.KVType, PrefillCtx: r.opts.PrefillCtx,
 		Reuse: mode == Memory, ReuseCompressed: mode == Memory, ImageCacheBytes: 0, Log: r.log,
 	})
 	if err != nil {
