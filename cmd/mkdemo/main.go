@@ -23,6 +23,10 @@
 //	    answer (selection paper unless --selection says otherwise; --scores adds
 //	    llama.cpp's importance scores and image embeddings), for
 //	    tools/demo-vlm/elastic_check.py.
+//	mkdemo vocab --out V.json [--golden G.json]
+//	    writes internal/testmodel's word-level vocabulary (pieces, scores,
+//	    types) for tools/demo-vlm/wordvocab.py and, with --golden, llama.cpp's
+//	    tokenizations of sample texts for `wordvocab.py --check`.
 package main
 
 import (
@@ -32,7 +36,7 @@ import (
 )
 
 func usage() {
-	fmt.Fprintln(os.Stderr, `usage: mkdemo data|convert|probe|answer|plans [flags]   (mkdemo CMD -h for the flags)`)
+	fmt.Fprintln(os.Stderr, `usage: mkdemo data|convert|probe|answer|plans|vocab [flags]   (mkdemo CMD -h for the flags)`)
 	os.Exit(2)
 }
 
@@ -53,6 +57,8 @@ func main() {
 		err = plansCmd(fs, os.Args[2:])
 	case "data":
 		err = dataCmd(fs, os.Args[2:])
+	case "vocab":
+		err = vocabCmd(fs, os.Args[2:])
 	default:
 		usage()
 	}

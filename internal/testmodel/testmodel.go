@@ -33,6 +33,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 )
 
@@ -89,6 +90,11 @@ type Options struct {
 	Queries       int // minicpmv: resampler queries (tokens per image slice)
 	HeadSize      int // attention head size when not embd/heads (gemma3 4B: 256); 0: embd/heads
 	WindowPattern int // qwen25vl: every n-th ViT block attends the whole image, the others their window (n_wa_pattern)
+
+	// Vocab selects the vocabulary: "" the byte-level one (vocab.go),
+	// VocabWords the word-level one (wordvocab.go). Keep it the last field
+	// (see CacheKey).
+	Vocab string
 }
 
 // DefaultOptions is the small model used by tests.
@@ -141,7 +147,7 @@ func (o Options) TileTokens() int {
 }
 
 // NVocab is the vocabulary size the model is written with.
-func (o Options) NVocab() int { return max(o.VocabSize, BaseVocabSize) }
+func (o Options) NVocab() int { return max(o.VocabSize, BaseVocabSize+o.wordVocabExtra()) }
 
 // HeadDim is the text model's attention head size.
 func (o Options) HeadDim() int {
@@ -176,6 +182,7 @@ func (o Options) validate() error {
 	// would break a model with VisionFF == VisionEmbd.
 	check(o.VisionFF >= 1 && o.VisionFF != o.VisionEmbd, "vision-ff (%d) must be >= 1 and differ from vision-embd", o.VisionFF)
 	o.validateFamily(check)
+	o.validateVocab(check)
 	return errors.Join(errs...)
 }
 
@@ -211,7 +218,7 @@ func invSqrt(n int) float64 { return 1 / math.Sqrt(float64(n)) }
 // textModel returns the metadata and tensors of model.gguf.
 func (o Options) textModel() ([]kv, []tensorInfo) {
 	fam := o.family()
-	voc := buildVocab(o.VocabSize, fam.Special)
+	voc := o.buildVocab(fam.Special)
 	nVocab := uint64(len(voc.tokens))
 	E, F := uint64(o.Embd), uint64(o.FF)
 	hd := uint64(o.HeadDim())
@@ -259,8 +266,8 @@ func (o Options) textModel() ([]kv, []tensorInfo) {
 	outFill := uniform(3 * invSqrt(o.Embd))
 	outFill.rowScale = func(row uint64) float32 {
 		switch {
-		case row < firstByteToken || row >= BaseVocabSize:
-			return 0 // unk, bos, eos, unused: logit pinned at 0
+		case row < firstByteToken || row >= BaseVocabSize && voc.types[row] != tokTypeNormal:
+			return 0 // unk, bos, eos, special, unused: logit pinned at 0
 		case row < spaceToken:
 			return 0.5 // byte tokens: rarely chosen
 		default:
@@ -433,7 +440,11 @@ func Write(dir string, opt Options) (modelPath, mmprojPath string, err error) {
 
 // CacheKey identifies opt's files for this generator version.
 func (o Options) CacheKey() string {
-	sum := sha256.Sum256(fmt.Appendf(nil, "v%d %+v", GeneratorVersion, o))
+	key := fmt.Sprintf("v%d %+v", GeneratorVersion, o)
+	if k, ok := strings.CutSuffix(key, " Vocab:}"); ok { // unset: the key from before the field
+		key = k + "}"
+	}
+	sum := sha256.Sum256([]byte(key))
 	return hex.EncodeToString(sum[:8])
 }
 
