@@ -440,13 +440,18 @@ func TestMergedRowsEqualOracleMeans(t *testing.T) {
 }
 
 // Two parallel sequences with different policies each give what they give alone.
-func TestParallelSequencesWithDifferentPoliciesMatchAlone(t *testing.T) {
-	reqs := []*Request{
+// mixedRequests are four requests, one per policy (two with a picture).
+func mixedRequests(t *testing.T) []*Request {
+	return []*Request{
 		greedyReq("a", longPrompt, 32, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)),
 		greedyReq("b", "Tell me about squares and circles.", 32, cfg(elasticcache.Local, 0.6)),
 		greedyReq("c", longPrompt+" Again.", 32, cfg(elasticcache.H2O, 0.5)),
 		greedyReq("d", "What is there?", 32, cfg(elasticcache.Full, 1), testPNG(t, 2)),
 	}
+}
+
+func TestParallelSequencesWithDifferentPoliciesMatchAlone(t *testing.T) {
+	reqs := mixedRequests(t)
 	alone := make([]string, len(reqs))
 	{
 		e := startEngine(t, Options{Parallel: 1, CtxSize: 2048})

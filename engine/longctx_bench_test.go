@@ -11,7 +11,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
-	"github.com/elasticserve/elasticserve/internal/testmodel"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -34,17 +33,7 @@ import (
 func BenchmarkLongContext(b *testing.B) {
 	const gen = 64
 	lengths := []int{1024, 2048, 4096, 8192}
-	opt := testmodel.DefaultOptions()
-	opt.Layers, opt.Embd, opt.Heads, opt.KVHeads, opt.FF, opt.F16 = 12, 768, 12, 4, 2048, true
-	opt.VocabSize, opt.CtxTrain = 32000, 9216
-	mp, _, err := testmodel.Ensure(opt)
-	if err != nil {
-		b.Fatal(err)
-	}
-	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
-	if err != nil {
-		b.Fatal(err)
-	}
+	m := loadBenchModel(b)
 	defer m.Close()
 	info := m.Info()
 	const elem = 2 // f16 weights and cache

@@ -23,12 +23,7 @@ func twoContexts(parallel, stream, prefill int) Options {
 // each does alone on one context: compressed sequences are encoded in the prefill
 // context and decode in their stream, full ones encode and decode in their stream.
 func TestTwoContextsMatchOneContextAlone(t *testing.T) {
-	reqs := []*Request{
-		greedyReq("a", longPrompt, 32, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)),
-		greedyReq("b", "Tell me about squares and circles.", 32, cfg(elasticcache.Local, 0.6)),
-		greedyReq("c", longPrompt+" Again.", 32, cfg(elasticcache.H2O, 0.5)),
-		greedyReq("d", "What is there?", 32, cfg(elasticcache.Full, 1), testPNG(t, 2)),
-	}
+	reqs := mixedRequests(t)
 	alone := make([]result, len(reqs))
 	{
 		e := startEngine(t, Options{Parallel: 1, CtxSize: 2048})

@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"flag"
-	"math/rand"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -163,27 +162,7 @@ func TestWordVocabRoundTrip(t *testing.T) {
 		"circles Circle CIRCLE circ cir c", "redgreen the3 The there's", "<s>x</s> <0x41> [INST]",
 		"USER:ASSISTANT: USERS", "an orange triangleish diamonds", "\x00\x01\x7f", "Привет, мир", "ﬁ 𝔸",
 	}
-	words := testmodel.LanguageWords()
-	extra := []string{"é", "日本", "🙂", "—", "\n", "\t", "  ", "?", ".", ",", "'", "0", "42", "xyz", "Q", "e", "ñ"}
-	r := rand.New(rand.NewSource(9))
-	for range 400 {
-		var b strings.Builder
-		for k := r.Intn(12); k >= 0; k-- {
-			switch r.Intn(4) {
-			case 0, 1:
-				b.WriteString(words[r.Intn(len(words))])
-			case 2:
-				b.WriteString(extra[r.Intn(len(extra))])
-			default:
-				w := words[r.Intn(len(words))]
-				b.WriteString(w[:1+r.Intn(len(w))])
-			}
-			if r.Intn(3) > 0 {
-				b.WriteByte(' ')
-			}
-		}
-		texts = append(texts, b.String())
-	}
+	texts = append(texts, testmodel.MixedTexts(9, 400)...)
 	for _, s := range texts {
 		for _, bos := range []bool{false, true} {
 			ids := llamaTokens(t, m, s, bos, false)

@@ -3,6 +3,7 @@ package testmodel
 import (
 	"container/heap"
 	"fmt"
+	"math/rand"
 	"slices"
 	"strconv"
 	"strings"
@@ -350,4 +351,33 @@ func (t *Tokenizer) Detokenize(tokens []int) string {
 		b.WriteString(piece)
 	}
 	return b.String()
+}
+
+// MixedTexts are n random texts (from seed) that mix the language's words, their
+// prefixes, ASCII, whitespace and non-ASCII characters: inputs on which a
+// tokenizer of the word vocabulary must round-trip and agree with llama.cpp.
+func MixedTexts(seed int64, n int) []string {
+	words := LanguageWords()
+	extra := []string{"é", "日本", "🙂", "—", "\n", "\t", "  ", "?", ".", ",", "'", "0", "42", "xyz", "Q", "e", "ñ"}
+	r := rand.New(rand.NewSource(seed))
+	out := make([]string, 0, n)
+	for range n {
+		var b strings.Builder
+		for k := r.Intn(12); k >= 0; k-- {
+			switch r.Intn(4) {
+			case 0, 1:
+				b.WriteString(words[r.Intn(len(words))])
+			case 2:
+				b.WriteString(extra[r.Intn(len(extra))])
+			default:
+				w := words[r.Intn(len(words))]
+				b.WriteString(w[:1+r.Intn(len(w))]) // a prefix of a word
+			}
+			if r.Intn(3) > 0 {
+				b.WriteByte(' ')
+			}
+		}
+		out = append(out, b.String())
+	}
+	return out
 }

@@ -2,7 +2,6 @@ package testmodel
 
 import (
 	"fmt"
-	"math/rand"
 	"regexp"
 	"slices"
 	"strings"
@@ -285,28 +284,7 @@ func roundTripTexts(n int) []string {
 		"circles Circle CIRCLE circ cir c", "redgreen the3 The there's", "<s>x</s> <0x41>",
 		"USER:ASSISTANT: USERS", "an orange triangleish diamonds", "\x00\x01\x7f",
 	}
-	words := LanguageWords()
-	extra := []string{"é", "日本", "🙂", "—", "\n", "\t", "  ", "?", ".", ",", "'", "0", "42", "xyz", "Q", "e", "ñ"}
-	r := rand.New(rand.NewSource(5))
-	for range n {
-		var b strings.Builder
-		for k := r.Intn(12); k >= 0; k-- {
-			switch r.Intn(4) {
-			case 0, 1:
-				b.WriteString(words[r.Intn(len(words))])
-			case 2:
-				b.WriteString(extra[r.Intn(len(extra))])
-			default:
-				w := words[r.Intn(len(words))]
-				b.WriteString(w[:1+r.Intn(len(w))]) // a prefix of a word
-			}
-			if r.Intn(3) > 0 {
-				b.WriteByte(' ')
-			}
-		}
-		out = append(out, b.String())
-	}
-	return out
+	return append(out, MixedTexts(5, n)...)
 }
 
 func Example_wordVocabulary() {

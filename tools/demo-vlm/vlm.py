@@ -61,10 +61,47 @@ PAD_COLOR = (122, 116, 104)  # clip.cpp's LLaVA-1.5 pad colour
 MEDIA = "<__media__>"
 
 
-def tokenize_piece(text):
-    """SentencePiece tokenisation of one text piece with the space prefix."""
+# --- word-level vocabulary (internal/testmodel/wordvocab.go; issue [O]) ---
+# The first BASE_VOCAB ids are the byte-level vocabulary above; whole words of
+# the synthetic language and their prefixes follow. Selected per model by
+# Config.vocab ("bytes", the default, or "words"); building a VLM selects its
+# vocabulary for the tokenisation functions below (set_vocab).
+WORD_VOCAB_FILE = __import__("os").path.join(__import__("os").path.dirname(__file__), "wordvocab.json")
+_words = None  # wordvocab.WordVocab while the word vocabulary is selected
+_word_cache = {}
+
+
+def word_vocab():
+    """The word vocabulary (wordvocab.WordVocab), loaded once from WORD_VOCAB_FILE."""
+    if "v" not in _word_cache:
+        import wordvocab
+        _word_cache["v"] = wordvocab.WordVocab.load(WORD_VOCAB_FILE)
+    return _word_cache["v"]
+
+
+def vocab_size(name):
+    if name in ("bytes", "", None):
+        return BASE_VOCAB
+    if name == "words":
+        return len(word_vocab())
+    raise ValueError("unknown vocabulary " + repr(name))
+
+
+def set_vocab(name):
+    """Selects the vocabulary the tokenisation functions use: "bytes" or "words"."""
+    global _words
+    vocab_size(name)
+    _words = word_vocab() if name == "words" else None
+
+
+def current_vocab():
+    return "words" if _words is not None else "bytes"
+
+
+def byte_ids(text):
+    """Byte-level ids of text, character by character, without the space prefix."""
     out = []
-    for b in (" " + text).encode("utf-8"):
+    for b in text.encode("utf-8"):
         if b == 0x20:
             out.append(SPACE)
         elif 0x21 <= b <= 0x7e:
@@ -74,8 +111,17 @@ def tokenize_piece(text):
     return out
 
 
+def tokenize_piece(text):
+    """SentencePiece tokenisation of one text piece with the space prefix."""
+    if _words is not None:
+        return _words.tokenize_piece(text)
+    return byte_ids(" " + text)
+
+
 def detokenize(tokens):
     """Text of generated tokens (no BOS); keeps the leading space as llama.cpp does per piece."""
+    if _words is not None:
+        return _words.detokenize_bytes([BOS] + list(tokens)).decode("utf-8", errors="replace")
     bs = bytearray()
     for t in tokens:
         if FIRST_BYTE <= t < SPACE:
@@ -181,12 +227,18 @@ class Config:
         self.vision_heads = 4
         self.vision_ff = 384
         self.ln_eps = 1e-5
+        # vocabulary: "bytes" (354 tokens, one per character) or "words"
+        self.vocab = "bytes"
         for k, v in kw.items():
             if not hasattr(self, k):
                 raise KeyError(k)
             setattr(self, k, v)
         assert self.vision_ff != self.vision_embd
         assert self.vision_layers >= 2
+
+    @property
+    def n_vocab(self):
+        return vocab_size(self.vocab)
 
     @property
     def n_patches(self):
@@ -202,6 +254,7 @@ class Config:
             "FF": self.ff, "CtxTrain": self.ctx, "VocabSize": 0,
             "ImageSize": self.image_size, "PatchSize": self.patch_size, "VisionEmbd": self.vision_embd,
             "VisionLayers": self.vision_layers, "VisionHeads": self.vision_heads, "VisionFF": self.vision_ff,
+            **({"Vocab": "words"} if self.vocab == "words" else {}),
         }
 
 
@@ -347,11 +400,12 @@ class VLM(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.c = c
+        set_vocab(c.vocab)
         self.vision = Vision(c)
-        self.tok = nn.Embedding(BASE_VOCAB, c.embd)
+        self.tok = nn.Embedding(c.n_vocab, c.embd)
         self.blocks = nn.ModuleList([TextBlock(c) for _ in range(c.layers)])
         self.norm = RMSNorm(c.embd, c.rms_eps)
-        self.out = nn.Linear(c.embd, BASE_VOCAB, bias=False)
+        self.out = nn.Linear(c.embd, c.n_vocab, bias=False)
         self._init()
 
     def _init(self):
@@ -378,6 +432,29 @@ class VLM(nn.Module):
         for b in self.blocks:
             x = b(x, cos, sin)
         return self.norm(x)
+
+
+@torch.no_grad()
+def widen_vocab(src, dst):
+    """Warm start of a word-vocabulary model dst from a byte-vocabulary model
+    src: every weight copied, the BASE_VOCAB old embedding and output rows
+    kept, and each word piece's rows the mean of its characters' rows,
+    rescaled to their mean norm (the embedding of "\u2581red" from "\u2581", "r",
+    "e", "d")."""
+    assert src.c.vocab in ("bytes", "") and dst.c.vocab == "words"
+    state = {k: v for k, v in src.state_dict().items() if k not in ("tok.weight", "out.weight")}
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    assert set(missing) == {"tok.weight", "out.weight"} and not unexpected, (missing, unexpected)
+    wv = word_vocab()
+    for name in ("tok", "out"):
+        old, new = getattr(src, name).weight, getattr(dst, name).weight
+        new[:BASE_VOCAB] = old
+        for i in range(BASE_VOCAB, new.shape[0]):
+            ids = byte_ids(wv.piece(i).replace("\u2581", " "))
+            rows = old[ids]
+            m = rows.mean(0)
+            new[i] = m * (rows.norm(dim=1).mean() / m.norm().clamp_min(1e-8))
+    return dst
 
 
 # --- export: GGUF tensor names (internal/testmodel) ---
