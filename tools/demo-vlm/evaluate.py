@@ -9,7 +9,12 @@ image before the question (the API's [image, text] parts), the second half
 after it ([text, image]). The output lists each question with its reference
 answer and the PyTorch answer ("torch"), which cmd/mkdemo's test compares
 with the engine's greedy answers; the printed table gives exact-answer
-accuracy (internal/eval/answer's rule) by question kind and prompt order.
+accuracy (internal/eval/answer's rule) by question kind and prompt order,
+and the descriptions' mean ROUGE-L F1 (score.rouge_l) against the reference.
+The vocabulary (bytes or words) comes with the weights.
+
+  python3 evaluate.py --rouge-of models/demo/heldout.json
+      prints the ROUGE-L of the descriptions already in an output file.
 """
 import argparse
 import json
@@ -26,18 +31,27 @@ import vlm
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--weights", required=True)
-    ap.add_argument("--samples", required=True, help="JSON lines from mkdemo data --png")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--weights")
+    ap.add_argument("--samples", help="JSON lines from mkdemo data --png")
+    ap.add_argument("--out")
+    ap.add_argument("--rouge-of", help="only print the descriptions' ROUGE-L of this output file")
     ap.add_argument("--image-dir", default="heldout", help="image folder, relative to --out's folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new", type=int, default=256)
     a = ap.parse_args()
+    if a.rouge_of:
+        qs = [q for q in json.load(open(a.rouge_of))["questions"] if q["kind"] == "describe"]
+        for order, sel in (("image-first", False), ("text-first", True), ("all", None)):
+            v = [score.rouge_l(q["torch"], q["reference"]) for q in qs if sel is None or q["text_first"] == sel]
+            print(f"describe ROUGE-L {order}: {sum(v) / len(v):.3f} ({len(v)} descriptions)")
+        return
+    if not (a.weights and a.samples and a.out):
+        ap.error("--weights, --samples and --out are required")
     torch.set_num_threads(a.threads)
     model, meta = export.load(a.weights)
     samples = data.read_samples(a.samples)
     half = len(samples) // 2
-    qs, hits, total = [], {}, {}
+    qs, hits, total, rouge = [], {}, {}, {}
     t0 = time.time()
     for k, s in enumerate(samples):
         emb = vlm.encode_images(model, data.render(s)[None])[0]
@@ -47,6 +61,7 @@ def main():
             ans = ans.strip()
             if qa["kind"] == "describe":
                 ok = ans == qa["a"]
+                rouge.setdefault("text-first" if text_first else "image-first", []).append(score.rouge_l(ans, qa["a"]))
             else:
                 ok = score.correct(ans, qa["a"])
             key = (qa["kind"], "text-first" if text_first else "image-first")
@@ -73,6 +88,10 @@ def main():
         sum(total.get((k, o), 0) for k in ("color", "count", "position") for o in ("image-first", "text-first"))
     summary["short (4 kinds)"] = sum(hits.get((k, o), 0) for k in short for o in ("image-first", "text-first")) / \
         sum(total.get((k, o), 0) for k in short for o in ("image-first", "text-first"))
+    allr = [x for v in rouge.values() for x in v]
+    summary["describe ROUGE-L"] = {o: sum(v) / len(v) for o, v in rouge.items()}
+    summary["describe ROUGE-L"]["all"] = sum(allr) / max(1, len(allr))
+    summary["vocab"] = model.c.vocab
     note = ("Held-out questions (internal/eval/shapes, seed 2) with the PyTorch model's greedy answers "
             "(tools/demo-vlm/evaluate.py); describe accuracy is exact match of the whole description.")
     out = {"note": note, "weights": meta.get("step"), "summary": summary, "questions": qs}

@@ -72,7 +72,8 @@ def load_gguf_dir(path):
     vlm.gguf_tensors); exact for float32 files."""
     mt, tt = read_gguf(os.path.join(path, "model.gguf"))
     mp, tp = read_gguf(os.path.join(path, "mmproj.gguf"))
-    cfg = vlm.Config(
+    words = "\u2581USER" in mt.get("tokenizer.ggml.tokens", [])
+    cfg = vlm.Config(vocab="words" if words else "bytes",
         layers=mt["llama.block_count"], embd=mt["llama.embedding_length"], heads=mt["llama.attention.head_count"],
         kv_heads=mt["llama.attention.head_count_kv"], ff=mt["llama.feed_forward_length"],
         ctx=mt["llama.context_length"], image_size=mp["clip.vision.image_size"],

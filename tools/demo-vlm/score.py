@@ -29,3 +29,23 @@ def correct(generated, reference):
         return False
     n = len(ref)
     return any(gen[i:i + n] == ref for i in range(len(gen) - n + 1))
+
+
+def rouge_l(generated, reference):
+    """ROUGE-L F1 on words (lower case, letters and digits; articles kept):
+    the longest common subsequence against both lengths."""
+    g = re.findall(r"[a-z0-9]+", generated.lower())
+    r = re.findall(r"[a-z0-9]+", reference.lower())
+    if not g or not r:
+        return 0.0
+    prev = [0] * (len(r) + 1)
+    for x in g:
+        cur = [0]
+        for j, y in enumerate(r):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, q = lcs / len(g), lcs / len(r)
+    return 2 * p * q / (p + q)

@@ -284,6 +284,9 @@ def main():
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default="{}", help="JSON overrides of vlm.Config")
+    ap.add_argument("--vocab", default="", choices=["", "bytes", "words"],
+                    help="vocabulary (overrides the config's \"vocab\"; default bytes); an --init model with the "
+                         "byte vocabulary is widened to the word one by vlm.widen_vocab")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=16)
@@ -328,12 +331,19 @@ def main():
     torch.manual_seed(a.seed)
     os.makedirs(a.out, exist_ok=True)
     cfg = vlm.Config(**json.loads(a.config))
+    if a.vocab:
+        cfg.vocab = a.vocab
     model = vlm.VLM(cfg)
     if a.init:
         import export
         init, meta = export.load(a.init)
-        model.load_state_dict(init.state_dict())
+        if init.c.vocab != cfg.vocab:
+            vlm.widen_vocab(init, model)
+            print(f"vocabulary widened from {init.c.n_vocab} ({init.c.vocab}) to {cfg.n_vocab} ({cfg.vocab}) tokens")
+        else:
+            model.load_state_dict(init.state_dict())
         print(f"initialised from {a.init} ({meta.get('step')} steps, {meta.get('tokens')} tokens)")
+    vlm.set_vocab(cfg.vocab)  # loading --init may have selected its own
     model = model.to(a.device)
     if a.freeze_vision:
         for p in model.vision.parameters():

@@ -37,11 +37,15 @@ Text (llama):
 Prompt tokens (mtmd_tokenize with the vicuna chat template): the rendered text
 is split at the media marker; BOS first; every text piece is tokenised on its
 own by the SentencePiece vocabulary with its space prefix ("▁" before each
-piece), one token per printable ASCII character, byte tokens otherwise.
+piece), one token per printable ASCII character, byte tokens otherwise;
+with Config.vocab = "words" (issue [O]) by the word-level vocabulary of
+wordvocab.json through wordvocab.py, which merges as llama.cpp's SPM
+tokenizer does.
 """
 
 import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -66,7 +70,7 @@ MEDIA = "<__media__>"
 # the synthetic language and their prefixes follow. Selected per model by
 # Config.vocab ("bytes", the default, or "words"); building a VLM selects its
 # vocabulary for the tokenisation functions below (set_vocab).
-WORD_VOCAB_FILE = __import__("os").path.join(__import__("os").path.dirname(__file__), "wordvocab.json")
+WORD_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordvocab.json")
 _words = None  # wordvocab.WordVocab while the word vocabulary is selected
 _word_cache = {}
 
@@ -438,9 +442,10 @@ class VLM(nn.Module):
 def widen_vocab(src, dst):
     """Warm start of a word-vocabulary model dst from a byte-vocabulary model
     src: every weight copied, the BASE_VOCAB old embedding and output rows
-    kept, and each word piece's rows the mean of its characters' rows,
-    rescaled to their mean norm (the embedding of "\u2581red" from "\u2581", "r",
-    "e", "d")."""
+    kept, and each word piece's rows the mean of its characters' rows (the
+    embedding of "\u2581red" from "\u2581", "r", "e", "d"); embedding rows are
+    rescaled to their characters' mean norm, output rows are not (a plain mean
+    is shorter, so a new piece starts with a moderate logit)."""
     assert src.c.vocab in ("bytes", "") and dst.c.vocab == "words"
     state = {k: v for k, v in src.state_dict().items() if k not in ("tok.weight", "out.weight")}
     missing, unexpected = dst.load_state_dict(state, strict=False)
@@ -453,7 +458,7 @@ def widen_vocab(src, dst):
             ids = byte_ids(wv.piece(i).replace("\u2581", " "))
             rows = old[ids]
             m = rows.mean(0)
-            new[i] = m * (rows.norm(dim=1).mean() / m.norm().clamp_min(1e-8))
+            new[i] = m * (rows.norm(dim=1).mean() / m.norm().clamp_min(1e-8)) if name == "tok" else m
     return dst
 
 
