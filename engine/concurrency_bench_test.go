@@ -102,14 +102,7 @@ func BenchmarkConcurrency(b *testing.B) {
 //
 //	go test -run '^$' -bench Admission -benchtime 1x ./engine/
 func BenchmarkAdmission(b *testing.B) {
-	mp, _, err := testmodel.Ensure(testmodel.DefaultOptions())
-	if err != nil {
-		b.Fatal(err)
-	}
-	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
-	if err != nil {
-		b.Fatal(err)
-	}
+	m := loadModel(b, testmodel.DefaultOptions())
 	defer m.Close()
 	shapes := []struct{ prompt, gen, ctx int }{{650, 256, 4 * 1024}, {1000, 256, 4 * 1280}}
 	const most = 16
@@ -173,6 +166,11 @@ func loadBenchModel(b *testing.B) *llama.Model {
 	opt := testmodel.DefaultOptions()
 	opt.Layers, opt.Embd, opt.Heads, opt.KVHeads, opt.FF, opt.F16 = 12, 768, 12, 4, 2048, true
 	opt.VocabSize, opt.CtxTrain = 32000, 9216
+	return loadModel(b, opt)
+}
+
+// loadModel writes (or finds) the test model of opt and loads it.
+func loadModel(b *testing.B, opt testmodel.Options) *llama.Model {
 	mp, _, err := testmodel.Ensure(opt)
 	if err != nil {
 		b.Fatal(err)

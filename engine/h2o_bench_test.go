@@ -12,7 +12,6 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
-	"github.com/elasticserve/elasticserve/llama"
 )
 
 // BenchmarkH2OBatchedDecode prints the decode rate of B h2o sequences (and of
@@ -25,14 +24,7 @@ import (
 func BenchmarkH2OBatchedDecode(b *testing.B) {
 	o := testmodel.DefaultOptions()
 	o.Layers, o.Embd, o.Heads, o.KVHeads, o.FF, o.F16 = 12, 768, 12, 4, 2048, true
-	mp, _, err := testmodel.Ensure(o)
-	if err != nil {
-		b.Fatal(err)
-	}
-	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
-	if err != nil {
-		b.Fatal(err)
-	}
+	m := loadModel(b, o)
 	defer m.Close()
 	prompt := strings.Repeat("Describe every shape in the picture, its color, size and place. ", 5)
 	const gen = 64
