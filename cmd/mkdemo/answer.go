@@ -15,6 +15,7 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -25,9 +26,20 @@ type Question struct {
 	Image     string `json:"image"` // relative to the JSON file's folder
 	Question  string `json:"question"`
 	TextFirst bool   `json:"text_first"`
+	System    string `json:"system,omitempty"` // system message before the question ("": none)
 	Kind      string `json:"kind"`      // color, count, position, exists, describe
 	Reference string `json:"reference"` // ground truth
 	Torch     string `json:"torch"`     // PyTorch greedy answer (export check)
+}
+
+// messages is the chat of q with its image: the system message, if any,
+// then the user turn.
+func (q Question) messages(img []byte) []engine.Message {
+	user := userTurn(q.Question, img, q.TextFirst)
+	if q.System == "" {
+		return []engine.Message{user}
+	}
+	return []engine.Message{{Role: "system", Parts: []engine.Part{completion.Text(q.System)}}, user}
 }
 
 // QuestionFile is the held-out file.
@@ -116,7 +128,7 @@ func (a *Answerer) Answer(qs []Question, imgs map[string][]byte, c elasticcache.
 				defer func() { <-sem }()
 				req := &engine.Request{
 					ID:        fmt.Sprintf("q%d", i),
-					Messages:  []engine.Message{userTurn(q.Question, imgs[q.Image], q.TextFirst)},
+					Messages:  q.messages(imgs[q.Image]),
 					MaxTokens: maxTokens,
 					Sampling:  engine.Sampling{Temperature: 0, RepeatPenalty: 1},
 					Cache:     c,

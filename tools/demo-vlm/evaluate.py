@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--image-dir", default="heldout", help="image folder, relative to --out's folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--system", default="", help="system message before every question (\"llava\": LLaVA-1.5's)")
     a = ap.parse_args()
     if a.rouge_of:
         qs = [q for q in json.load(open(a.rouge_of))["questions"] if q["kind"] == "describe"]
@@ -48,6 +49,7 @@ def main():
     if not (a.weights and a.samples and a.out):
         ap.error("--weights, --samples and --out are required")
     torch.set_num_threads(a.threads)
+    system = vlm.LLAVA_SYSTEM if a.system == "llava" else a.system
     model, meta = export.load(a.weights)
     samples = data.read_samples(a.samples)
     half = len(samples) // 2
@@ -57,7 +59,7 @@ def main():
         emb = vlm.encode_images(model, data.render(s)[None])[0]
         text_first = k >= half
         for qa in s["qas"]:
-            ans, _ = vlm.greedy(model, emb, qa["q"], not text_first, max_new=a.max_new)
+            ans, _ = vlm.greedy(model, emb, qa["q"], not text_first, max_new=a.max_new, system=system)
             ans = ans.strip()
             if qa["kind"] == "describe":
                 ok = ans == qa["a"]
@@ -69,6 +71,7 @@ def main():
             hits[key] = hits.get(key, 0) + ok
             qs.append({"id": f"{s['id']}-{qa['kind']}", "image": os.path.join(a.image_dir, s.get("image", s["id"] + ".png")),
                        "question": qa["q"], "text_first": text_first, "kind": qa["kind"],
+                       **({"system": system} if system else {}),
                        "reference": qa["a"], "torch": ans})
         if (k + 1) % 10 == 0:
             print(f"{k + 1}/{len(samples)} samples, {time.time() - t0:.0f}s", flush=True)
@@ -92,6 +95,7 @@ def main():
     summary["describe ROUGE-L"] = {o: sum(v) / len(v) for o, v in rouge.items()}
     summary["describe ROUGE-L"]["all"] = sum(allr) / max(1, len(allr))
     summary["vocab"] = model.c.vocab
+    summary["system"] = system
     note = ("Held-out questions (internal/eval/shapes, seed 2) with the PyTorch model's greedy answers "
             "(tools/demo-vlm/evaluate.py); describe accuracy is exact match of the whole description.")
     out = {"note": note, "weights": meta.get("step"), "summary": summary, "questions": qs}

@@ -40,29 +40,47 @@ class Batches(torch.utils.data.IterableDataset):
     --workers > 0): each batch holds --batch (picture, question) pairs of one
     group (describe, or the short questions) so that lengths are similar."""
 
-    def __init__(self, samples, batch, describe_frac, text_first_frac, seed, n_patches, count_sup=False):
+    def __init__(self, samples, batch, describe_frac, text_first_frac, seed, n_patches, count_sup=False,
+                 kind_weights=None, system_frac=0.0):
         self.samples, self.batch, self.n, self.count_sup = samples, batch, n_patches, count_sup
         self.describe_frac, self.text_first_frac, self.seed = describe_frac, text_first_frac, seed
-        self.groups = {}
+        self.system_frac = system_frac
+        self.groups, self.kinds = {}, {}
         for i, s in enumerate(samples):
             for j, qa in enumerate(s["qas"]):
                 self.groups.setdefault("describe" if qa["kind"] == "describe" else "short", []).append((i, j))
+                self.kinds.setdefault(qa["kind"], []).append((i, j))
+        # kind_weights {kind: weight}: a short batch draws each question's
+        # kind by these weights (kinds not named weigh 1) instead of uniformly
+        # over all short questions
+        self.short_kinds, self.short_w = [], []
+        if kind_weights:
+            self.short_kinds = sorted(k for k in self.kinds if k != "describe")
+            self.short_w = [kind_weights.get(k, 1.0) for k in self.short_kinds]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(self.seed * 1000 + (info.id if info else 0))
         while True:
             kind = "describe" if rng.random() < self.describe_frac else "short"
-            picks = rng.sample(self.groups[kind], self.batch)
-            yield self.make(picks, [rng.random() < self.text_first_frac for _ in picks])
+            if kind == "short" and self.short_kinds:
+                picks = [rng.choice(self.kinds[k]) for k in rng.choices(self.short_kinds, self.short_w, k=self.batch)]
+            else:
+                picks = rng.sample(self.groups[kind], self.batch)
+            tf = [rng.random() < self.text_first_frac for _ in picks]
+            if self.system_frac > 0:
+                yield self.make(picks, tf, [rng.choice(vlm.SYSTEMS) if rng.random() < self.system_frac else ""
+                                            for _ in picks])
+            else:
+                yield self.make(picks, tf)
 
-    def make(self, picks, text_first):
+    def make(self, picks, text_first, systems=None):
         N = self.n
         u8 = np.stack([data.render(self.samples[i]) for i, _ in picks])
         rows, tgts, offs, sup, readable = [], [], [], [], []
         for b, (i, j) in enumerate(picks):
             qa = self.samples[i]["qas"][j]
-            pre, post = vlm.prompt_tokens(qa["q"], not text_first[b])
+            pre, post = vlm.prompt_tokens(qa["q"], not text_first[b], systems[b] if systems else "")
             ans = vlm.answer_tokens(qa["a"])
             sup.append(attention_targets(self.samples[i], qa, len(pre), N, len(pre) + N + len(post) - 1, len(ans),
                                          self.count_sup))
@@ -291,6 +309,10 @@ def main():
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--describe-frac", type=float, default=0.35, help="share of batches with the describe question")
+    ap.add_argument("--kind-weights", default="",
+                    help="weights of the short question kinds in short batches, e.g. count=3,exists=2 (others 1; default: as drawn)")
+    ap.add_argument("--system-frac", type=float, default=0.0,
+                    help="share of prompts with a system message (one of vlm.SYSTEMS, LLaVA-1.5's among them)")
     ap.add_argument("--text-first-frac", type=float, default=0.5, help="share of prompts with the question before the image")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-frac", type=float, default=0.05)
@@ -383,7 +405,9 @@ def main():
     heldout = data.read_samples(a.heldout)
     print(f"{len(train)} training samples, {len(heldout)} held-out; "
           f"{sum(p.numel() for p in model.parameters())} parameters; loaded in {time.time() - t0:.1f}s", flush=True)
-    src = Batches(train, a.batch, a.describe_frac, a.text_first_frac, a.seed + step, cfg.n_patches, a.count_sup)
+    src = Batches(train, a.batch, a.describe_frac, a.text_first_frac, a.seed + step, cfg.n_patches, a.count_sup,
+                  {k: float(v) for k, v in (kv.split("=") for kv in a.kind_weights.split(",") if kv)},
+                  a.system_frac)
     kw = {"num_workers": a.workers, "prefetch_factor": 4, "persistent_workers": True} if a.workers > 0 else {}
     loader = iter(torch.utils.data.DataLoader(src, batch_size=None, **kw))
 

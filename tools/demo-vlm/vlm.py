@@ -142,17 +142,28 @@ def render_user(question, image_first=True):
     return (MEDIA + "\n" + question) if image_first else (question + "\n" + MEDIA)
 
 
-def prompt_pieces(question, image_first=True):
-    """The vicuna template output for one user turn plus generation prompt,
-    split at the media marker: [text_before, text_after]."""
-    text = "USER: " + render_user(question, image_first) + "\n" + "ASSISTANT:"
+# System prompts seen in training (train.py --system-frac): LLaVA-1.5's
+# (the published evaluation scripts' and elastic-eval --protocol paper's)
+# and a few short ones, so that the answer does not depend on one text.
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEMS = (LLAVA_SYSTEM, "You are a helpful assistant.", "Answer the question about the picture.",
+           "You are a helpful assistant that describes pictures.", "Be brief.")
+
+
+def prompt_pieces(question, image_first=True, system=""):
+    """The vicuna template output for an optional system message, one user
+    turn and the generation prompt, split at the media marker:
+    [text_before, text_after]. llama.cpp's vicuna template writes a system
+    message as its content and a blank line."""
+    text = (system + "\n\n" if system else "") + "USER: " + render_user(question, image_first) + "\n" + "ASSISTANT:"
     before, after = text.split(MEDIA)
     return before, after
 
 
-def prompt_tokens(question, image_first=True):
+def prompt_tokens(question, image_first=True, system=""):
     """(tokens before the image, tokens after the image), BOS included."""
-    before, after = prompt_pieces(question, image_first)
+    before, after = prompt_pieces(question, image_first, system)
     return [BOS] + tokenize_piece(before), tokenize_piece(after)
 
 
@@ -588,16 +599,16 @@ def _step(model, x, pos0, cache):
 
 
 @torch.no_grad()
-def prompt_embeddings(model, img_emb, question, image_first=True):
-    pre, post = prompt_tokens(question, image_first)
+def prompt_embeddings(model, img_emb, question, image_first=True, system=""):
+    pre, post = prompt_tokens(question, image_first, system)
     d = _dev(model)
     return torch.cat([model.tok(torch.tensor(pre, device=d)), img_emb, model.tok(torch.tensor(post, device=d))], 0)[None]
 
 
 @torch.no_grad()
-def greedy(model, img_emb, question, image_first=True, max_new=256):
+def greedy(model, img_emb, question, image_first=True, max_new=256, system=""):
     """Greedy answer for one image (img_emb [N, E]); returns (text, tokens)."""
-    emb = prompt_embeddings(model, img_emb, question, image_first)
+    emb = prompt_embeddings(model, img_emb, question, image_first, system)
     cache = [None] * len(model.blocks)
     logits = _step(model, emb, 0, cache)
     pos = emb.shape[1]
