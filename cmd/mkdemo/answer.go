@@ -27,9 +27,9 @@ type Question struct {
 	Question  string `json:"question"`
 	TextFirst bool   `json:"text_first"`
 	System    string `json:"system,omitempty"` // system message before the question ("": none)
-	Kind      string `json:"kind"`      // color, count, position, exists, describe
-	Reference string `json:"reference"` // ground truth
-	Torch     string `json:"torch"`     // PyTorch greedy answer (export check)
+	Kind      string `json:"kind"`             // color, count, position, exists, describe
+	Reference string `json:"reference"`        // ground truth
+	Torch     string `json:"torch"`            // PyTorch greedy answer (export check)
 }
 
 // messages is the chat of q with its image: the system message, if any,
