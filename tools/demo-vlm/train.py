@@ -68,11 +68,10 @@ class Batches(torch.utils.data.IterableDataset):
             else:
                 picks = rng.sample(self.groups[kind], self.batch)
             tf = [rng.random() < self.text_first_frac for _ in picks]
-            if self.system_frac > 0:
-                yield self.make(picks, tf, [rng.choice(vlm.SYSTEMS) if rng.random() < self.system_frac else ""
-                                            for _ in picks])
-            else:
-                yield self.make(picks, tf)
+            # no draws at all without system prompts: earlier stages' batches stay reproducible
+            systems = ([rng.choice(vlm.SYSTEMS) if rng.random() < self.system_frac else "" for _ in picks]
+                       if self.system_frac > 0 else None)
+            yield self.make(picks, tf, systems)
 
     def make(self, picks, text_first, systems=None):
         N = self.n
