@@ -29,8 +29,15 @@ TEST_TIMEOUT ?= 40m
 CGO_TARGETS := build vet test fuzz bench env cuda-src $(MODEL)
 $(CGO_TARGETS): export CGO_ENABLED := 1
 $(CGO_TARGETS): export CGO_CPPFLAGS = -I$(CURDIR)/third_party -I$(LLAMA_CPP)/include -I$(LLAMA_CPP)/tools/mtmd -I$(GGML)/include
-$(CGO_TARGETS): export CGO_CFLAGS := -O3 -march=$(ARCH)
-$(CGO_TARGETS): export CGO_CXXFLAGS := -O3 -march=$(ARCH)
+# AMX: with -march=native on a CPU that has it (Sapphire Rapids and later), ggml-cpu.cpp
+# calls the AMX buffer type, whose source (ggml-cpu/amx) the Go binding does not compile:
+# the link fails. The matrix kernels do not need it; keep it off on x86-64.
+ARCH_FLAGS := -march=$(ARCH)
+ifeq ($(shell uname -m),x86_64)
+ARCH_FLAGS += -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+$(CGO_TARGETS): export CGO_CFLAGS := -O3 $(ARCH_FLAGS)
+$(CGO_TARGETS): export CGO_CXXFLAGS := -O3 $(ARCH_FLAGS)
 # go build/vet/test run through tools/build/quiet: it hides the C/C++ compiler warnings of
 # the github.com/ollama/ollama packages (never errors, never ours); `make build QUIET=`
 # shows everything.
