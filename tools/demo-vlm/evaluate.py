@@ -49,6 +49,7 @@ def main():
     if not (a.weights and a.samples and a.out):
         ap.error("--weights, --samples and --out are required")
     torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)  # subnormal weights make CPU matmuls many times slower (train.py)
     system = vlm.LLAVA_SYSTEM if a.system == "llava" else a.system
     model, meta = export.load(a.weights)
     samples = data.read_samples(a.samples)
