@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/internal/eval"
 	"github.com/elasticserve/elasticserve/internal/eval/answer"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
 	"github.com/elasticserve/elasticserve/llama"
@@ -110,7 +111,7 @@ func startDemo(t *testing.T, slots int) *Answerer {
 func TestDemoModelMatchesPyTorch(t *testing.T) {
 	demoPresent(t)
 	if testing.Short() {
-		t.Skip("slow: answers 500 questions")
+		t.Skip("slow: answers 1,000 questions")
 	}
 	var total int64
 	for _, f := range []string{testmodel.ModelFile, testmodel.MMProjFile} {
@@ -120,18 +121,31 @@ func TestDemoModelMatchesPyTorch(t *testing.T) {
 	if total > 25<<20 {
 		t.Errorf("the demo pair is %d bytes, over 25 MB", total)
 	}
-	qf, imgs, err := ReadQuestions(filepath.Join(demoDir, "heldout.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	a := startDemo(t, 4)
+	// Without a system message, and with LLaVA-1.5's (the paper's protocol): the
+	// template, the tokenizer and the weights must agree in both.
+	for _, file := range []string{"heldout.json", "heldout-system.json"} {
+		t.Run(file, func(t *testing.T) {
+			qf, imgs, err := ReadQuestions(filepath.Join(demoDir, file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkAgainstPyTorch(t, a, qf.Questions, imgs)
+		})
+	}
+}
+
+// checkAgainstPyTorch answers qs with policy full and requires >= 99% of the
+// answers equal to PyTorch's (issue [O]) and no loss of exact-answer accuracy.
+func checkAgainstPyTorch(t *testing.T, a *Answerer, qs []Question, imgs map[string][]byte) {
+	t.Helper()
 	c := elasticcache.MustSpec(elasticcache.Config{Policy: elasticcache.Full, Budget: 1})
-	answers, err := a.Answer(qf.Questions, imgs, c, 256)
+	answers, err := a.Answer(qs, imgs, c, 256)
 	if err != nil {
 		t.Fatal(err)
 	}
 	same, shortN, hitsGo, hitsTorch := 0, 0, 0, 0
-	for i, q := range qf.Questions {
+	for i, q := range qs {
 		got := Clean(answers[i])
 		if got == q.Torch {
 			same++
@@ -154,8 +168,8 @@ func TestDemoModelMatchesPyTorch(t *testing.T) {
 	t.Logf("agreement with PyTorch: %d/%d = %.1f%%", same, len(answers), 100*agree)
 	t.Logf("exact-answer accuracy (color, count, position; policy full): engine %.1f%%, PyTorch %.1f%% (%d questions)",
 		100*accGo, 100*accTorch, shortN)
-	if agree < 0.95 {
-		t.Errorf("only %.1f%% of the engine's answers equal the PyTorch answers (want >= 95%%)", 100*agree)
+	if agree < 0.99 {
+		t.Errorf("only %.1f%% of the engine's answers equal the PyTorch answers (want >= 99%%)", 100*agree)
 	}
 	if accGo < accTorch-0.02 {
 		t.Errorf("engine accuracy %.1f%% is below the PyTorch model's %.1f%%", 100*accGo, 100*accTorch)
@@ -173,11 +187,16 @@ func TestDemoExample(t *testing.T) {
 	}
 	a := startDemo(t, 2)
 	var qs []Question
-	for _, tf := range []bool{false, true} {
-		qs = append(qs,
-			Question{ID: "color", Image: "example.png", Question: "What color is the circle?", TextFirst: tf, Reference: "red"},
-			Question{ID: "count", Image: "example.png", Question: "How many shapes are there?", TextFirst: tf, Reference: "two"},
-			Question{ID: "where", Image: "example.png", Question: "Where is the circle?", TextFirst: tf, Reference: "center"})
+	// Both prompt orders, without and with LLaVA-1.5's system prompt (the
+	// paper's protocol; the word-vocabulary model was trained with system prompts).
+	for _, system := range []string{"", eval.LLaVASystem} {
+		for _, tf := range []bool{false, true} {
+			qs = append(qs,
+				Question{ID: "color", Image: "example.png", Question: "What color is the circle?", TextFirst: tf, System: system, Reference: "red"},
+				Question{ID: "count", Image: "example.png", Question: "How many shapes are there?", TextFirst: tf, System: system, Reference: "two"},
+				Question{ID: "where", Image: "example.png", Question: "Where is the circle?", TextFirst: tf, System: system, Reference: "center"},
+				Question{ID: "diamond", Image: "example.png", Question: "What color is the diamond?", TextFirst: tf, System: system, Reference: "blue"})
+		}
 	}
 	// The server's default cache setting must answer the README picture as full does
 	// (part of the rule that chose the default; docs/quality).
@@ -188,7 +207,7 @@ func TestDemoExample(t *testing.T) {
 		}
 		for i, q := range qs {
 			if got := Clean(answers[i]); got != q.Reference {
-				t.Errorf("%s@%g: %q (text first %v): %q, want %q", c.Policy(), c.Budget(), q.Question, q.TextFirst, got, q.Reference)
+				t.Errorf("%s@%g: %q (text first %v, system %v): %q, want %q", c.Policy(), c.Budget(), q.Question, q.TextFirst, q.System != "", got, q.Reference)
 			}
 		}
 	}
