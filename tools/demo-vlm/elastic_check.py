@@ -187,8 +187,11 @@ class Mirror:
 
 
 def text_tokens(text):
-    """The engine's answer text back to tokens (one token per byte in this
-    vocabulary; a space is the '▁' token)."""
+    """The engine's answer text back to tokens: the word vocabulary's
+    SentencePiece pieces (the text starts with the space prefix the engine
+    printed), or one token per byte in the byte vocabulary (a space is '▁')."""
+    if vlm._words is not None:
+        return vlm.tokenize_piece(text[1:] if text.startswith(" ") else text)
     out = []
     for byte in text.encode("utf-8"):
         if byte == 0x20:
