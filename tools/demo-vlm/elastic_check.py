@@ -190,17 +190,9 @@ def text_tokens(text):
     """The engine's answer text back to tokens: the word vocabulary's
     SentencePiece pieces (the text starts with the space prefix the engine
     printed), or one token per byte in the byte vocabulary (a space is '▁')."""
-    if vlm._words is not None:
+    if vlm.current_vocab() == "words":
         return vlm.tokenize_piece(text[1:] if text.startswith(" ") else text)
-    out = []
-    for byte in text.encode("utf-8"):
-        if byte == 0x20:
-            out.append(vlm.SPACE)
-        elif 0x21 <= byte <= 0x7e:
-            out.append(vlm.FIRST_ASCII + byte - 0x21)
-        else:
-            out.append(vlm.FIRST_BYTE + byte)
-    return out
+    return vlm.byte_ids(text)
 
 
 def fmt(pairs):
