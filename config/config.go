@@ -84,12 +84,13 @@ type Config struct {
 
 	// Elastic Cache defaults (per request overridable).
 	Policy   string  `env:"POLICY" envDefault:"elastic"`
-	Budget   float64 `env:"BUDGET" envDefault:"0.7"`
+	Budget   float64 `env:"BUDGET" envDefault:"0.3"`
 	Sink     int     `env:"SINK" envDefault:"4"`
 	Distance int     `env:"DISTANCE" envDefault:"-25"`
 	// Selection is the default rule set of elastic and h2o: paper (the method
-	// as published) or reference (parity with the authors' published code).
-	Selection string `env:"SELECTION" envDefault:"text-tail"`
+	// as published), reference (parity with the authors' published code),
+	// normalized (the default, see elasticcache.DefaultConfig) or text-tail.
+	Selection string `env:"SELECTION" envDefault:"normalized"`
 
 	// Image limits.
 	MaxImageBytes         ByteSize      `env:"MAX_IMAGE_BYTES" envDefault:"10MiB"`

@@ -38,7 +38,7 @@ func TestDefaults(t *testing.T) {
 	want := Config{
 		Model: model, Addr: "127.0.0.1:8080", CtxSize: 4096, Parallel: 4, Threads: runtime.NumCPU(),
 		BatchSize: 512, UBatchSize: 512, DecodeFlashAttn: "auto", KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
-		Policy: "elastic", Budget: 0.7, Sink: 4, Distance: -25, Selection: "text-tail",
+		Policy: "elastic", Budget: 0.3, Sink: 4, Distance: -25, Selection: "normalized",
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,
 		MaxBodyBytes: 64 << 20, QueueSize: 64, CacheReuse: true, ImageCacheMB: 256, CacheReuseCompressed: true, ShutdownGrace: 30 * time.Second,
 		LogLevel: "info", LogFormat: "console", MaxTokensDefault: -1,
@@ -50,12 +50,12 @@ func TestDefaults(t *testing.T) {
 		t.Fatalf("SeqCtx = %d", cfg.SeqCtx())
 	}
 	cc, err := cfg.Cache()
-	if err != nil || cc.Policy() != elasticcache.Elastic || cc.Budget() != 0.7 || cc.Sink() != 4 || cc.Distance() != -25 {
+	if err != nil || cc.Policy() != elasticcache.Elastic || cc.Budget() != 0.3 || cc.Sink() != 4 || cc.Distance() != -25 {
 		t.Fatalf("Cache() = %+v, %v", cc, err)
 	}
-	// The default selection is the measured text-tail variant, and the server
-	// default is the same Spec as the package default.
-	if cc.Selection() != elasticcache.TextTailSelection || cc != elasticcache.DefaultSpec() {
+	// The default selection is the normalized variant picked by the rule in
+	// docs/quality, and the server default is the same Spec as the package default.
+	if cc.Selection() != elasticcache.NormalizedSelection || cc != elasticcache.DefaultSpec() {
 		t.Fatalf("Cache() = %+v, want DefaultSpec()", cc.Config())
 	}
 }
@@ -223,8 +223,8 @@ func TestPrefillCells(t *testing.T) {
 		ctxTrain int
 		want     int
 	}{
-		// stream 1024 / budget 0.7 = 1463 -> 1536
-		{"default", nil, 0, 1536},
+		// stream 1024 / budget 0.3 = 3414 -> 3584
+		{"default", nil, 0, 3584},
 		{"capped by the training context", nil, 1300, 1300},
 		{"never below a stream", nil, 512, 1024},
 		{"full: one stream", []string{"--policy", "full"}, 0, 1024},

@@ -105,9 +105,9 @@ func TestParseSelection(t *testing.T) {
 	}
 }
 
-func TestDefaultConfigIsElasticTextTail07Sink4DistanceMinus25(t *testing.T) {
+func TestDefaultConfigIsElasticNormalized03Sink4DistanceMinus25(t *testing.T) {
 	c := DefaultConfig()
-	want := Config{Policy: Elastic, Budget: 0.7, Sink: 4, Distance: -25, Selection: TextTailSelection}
+	want := Config{Policy: Elastic, Budget: 0.3, Sink: 4, Distance: -25, Selection: NormalizedSelection}
 	if c != want {
 		t.Fatalf("DefaultConfig() = %+v, want %+v", c, want)
 	}

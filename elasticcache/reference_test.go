@@ -451,8 +451,8 @@ func TestSelectionDefaultsToPaper(t *testing.T) {
 		t.Errorf("zero Spec: Selection() = %q", got)
 	}
 	// The server default uses a variant chosen by measurement (docs/quality).
-	if got := DefaultSpec().Selection(); got != TextTailSelection {
-		t.Errorf("DefaultSpec: Selection() = %q, want %q", got, TextTailSelection)
+	if got := DefaultSpec().Selection(); got != NormalizedSelection {
+		t.Errorf("DefaultSpec: Selection() = %q, want %q", got, NormalizedSelection)
 	}
 }
 

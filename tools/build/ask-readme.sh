@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# ask-readme.sh URL IMAGE WANT: sends the README's request (IMAGE with "What color is the
-# circle?", greedy, policy full) to the server at URL and checks that it answers WANT
-# exactly. Used by the smoke test (make run) and the image check (the built container).
+# ask-readme.sh URL IMAGE WANT [POLICY]: sends the README's request (IMAGE with "What color
+# is the circle?", greedy, policy full) to the server at URL and checks that it answers WANT
+# exactly. POLICY "default" leaves elastic_cache out, so the server's default policy answers;
+# any other POLICY is sent as elastic_cache.policy. Used by the smoke test (make run) and the
+# image check (the built container).
 set -euo pipefail
-url=$1 image=$2 want=$3
+url=$1 image=$2 want=$3 policy=${4:-full}
+cache=',"elastic_cache":{"policy":"'"$policy"'"}'
+[ "$policy" = default ] && cache=""
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 {
 	printf '{"messages":[{"role":"user","content":[{"type":"text","text":"What color is the circle?"},'
 	printf '{"type":"image_url","image_url":{"url":"data:image/png;base64,%s"}}]}],' "$(base64 -w0 "$image")"
-	printf '"max_tokens":16,"temperature":0,"elastic_cache":{"policy":"full"}}'
+	printf '"max_tokens":16,"temperature":0%s}' "$cache"
 } >"$tmp/request.json"
 t0=$SECONDS
 status=$(curl -sS -o "$tmp/response.json" -w '%{http_code}' -H 'Content-Type: application/json' \
@@ -23,4 +27,4 @@ if command -v python3 >/dev/null; then
 else
 	grep -qE '"content":"'"$want"'"[,}]' "$tmp/response.json" || { echo "answer is not \"$want\"" >&2; exit 1; }
 fi
-echo "answer \"$want\" as expected"
+echo "answer \"$want\" as expected (policy $policy)"

@@ -2,8 +2,9 @@
 # tools/build/smoke.sh (also `make smoke`): the README's quick start, end to end.
 # Runs `make run` on a free loopback port (so it builds whatever is missing, from an empty
 # module or build cache too), waits until the server is ready, sends the README's image
-# request ("What color is the circle?" on models/demo/example.png, policy full), checks the
-# HTTP status (200) and the answer (exactly " red"), then stops the server with SIGTERM and
+# request ("What color is the circle?" on models/demo/example.png) under policy full and under
+# the server's default policy, checks the HTTP status (200) and the answer (exactly " red"
+# both times), then stops the server with SIGTERM and
 # checks that it exits 0. Prints how long each step took.
 #   SMOKE_PORT        port to use (default: a free one in 20000-32767)
 #   SMOKE_TIMEOUT     seconds to wait for `make run` to serve, build included (default 1800)
@@ -92,12 +93,14 @@ ready_s=$((SECONDS - t0))
 server_pid=$(find_server "$make_pid") || fail "server ready on $url, but it is not the one make run started"
 say "server ready after ${ready_s}s (pid $server_pid)"
 
-# 2. The README's request.
-if ! answer=$(tools/build/ask-readme.sh "$url" "$IMAGE" "$WANT" 2>&1); then
+# 2. The README's request, under full and under the server's default policy.
+for policy in full default; do
+	if ! answer=$(tools/build/ask-readme.sh "$url" "$IMAGE" "$WANT" "$policy" 2>&1); then
+		say "$answer"
+		fail "the README request (policy $policy) did not answer \"$WANT\""
+	fi
 	say "$answer"
-	fail "the README request did not answer \"$WANT\""
-fi
-say "$answer"
+done
 
 # 3. SIGTERM: the server shuts down cleanly, so make run (its parent) exits 0 too.
 t2=$SECONDS
