@@ -41,13 +41,12 @@ def render(sample):
 KINDS = ["circle", "square", "triangle", "diamond", "cross"]
 COLORS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 205, 20), (245, 135, 20), (140, 55, 180),
           (20, 20, 20), (128, 128, 128)]  # shapes.Colors, in order
+COLOR_NAMES = ["red", "green", "blue", "yellow", "orange", "purple", "black", "gray"]
 
 
-def patch_labels(sample, patch=8, min_pixels=8):
-    """Training-only auxiliary targets for the vision tower: for each patch
-    (row-major), the kind, color and size class of the shape painting most of
-    its pixels (at least min_pixels), or the background class (len(KINDS),
-    len(COLORS), 2). Returns int64 [n_patches, 3]."""
+def patch_owner(sample, patch=8, min_pixels=8):
+    """For each patch (row-major), the index in sample["shapes"] of the shape
+    painting most of its pixels (at least min_pixels), else -1. int64 [n_patches]."""
     size = sample["size"]
     if size not in _grids:
         yy, xx = np.mgrid[0:size, 0:size]
@@ -59,16 +58,25 @@ def patch_labels(sample, patch=8, min_pixels=8):
     g = size // patch
     blocks = owner[:g * patch, :g * patch].reshape(g, patch, g, patch)
     n = len(sample["shapes"])
+    if n == 0:
+        return np.full(g * g, -1, dtype=np.int64)
     counts = np.stack([(blocks == k).sum(axis=(1, 3)) for k in range(n)])  # [n, g, g]
-    best = counts.argmax(0)
-    has = counts.max(0) >= min_pixels
-    lab = np.empty((g, g, 4), dtype=np.int64)
-    lab[..., 0], lab[..., 1], lab[..., 2], lab[..., 3] = len(KINDS), len(COLORS), 2, 9
+    return np.where(counts.max(0) >= min_pixels, counts.argmax(0), -1).reshape(-1)
+
+
+def patch_labels(sample, patch=8, min_pixels=8):
+    """Training-only auxiliary targets for the vision tower: for each patch
+    (row-major), the kind, color, size class and grid cell of the shape
+    painting most of its pixels (patch_owner), or the background class
+    (len(KINDS), len(COLORS), 2, 9). Returns int64 [n_patches, 4]."""
+    size = sample["size"]
+    owner = patch_owner(sample, patch, min_pixels)
+    lab = np.empty((len(owner), 4), dtype=np.int64)
+    lab[:, 0], lab[:, 1], lab[:, 2], lab[:, 3] = len(KINDS), len(COLORS), 2, 9
     for k, sh in enumerate(sample["shapes"]):
-        sel = has & (best == k)
         cell = min(2, sh["y"] * 3 // size) * 3 + min(2, sh["x"] * 3 // size)
-        lab[sel] = (KINDS.index(sh["kind"]), COLORS.index(tuple(sh["rgb"])), 1 if sh["r"] * 3 > size * 0.3 else 0, cell)
-    return lab.reshape(-1, 4)
+        lab[owner == k] = (KINDS.index(sh["kind"]), COLORS.index(tuple(sh["rgb"])), 1 if sh["r"] * 3 > size * 0.3 else 0, cell)
+    return lab
 
 
 def _mask(sh, xx, yy):

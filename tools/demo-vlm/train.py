@@ -41,8 +41,9 @@ class Batches(torch.utils.data.IterableDataset):
     group (describe, or the short questions) so that lengths are similar."""
 
     def __init__(self, samples, batch, describe_frac, text_first_frac, seed, n_patches, count_sup=False,
-                 kind_weights=None, system_frac=0.0):
+                 kind_weights=None, system_frac=0.0, describe_sup=False):
         self.samples, self.batch, self.n, self.count_sup = samples, batch, n_patches, count_sup
+        self.describe_sup = describe_sup
         self.describe_frac, self.text_first_frac, self.seed = describe_frac, text_first_frac, seed
         self.system_frac = system_frac
         self.groups, self.kinds = {}, {}
@@ -81,9 +82,13 @@ class Batches(torch.utils.data.IterableDataset):
             qa = self.samples[i]["qas"][j]
             pre, post = vlm.prompt_tokens(qa["q"], not text_first[b], systems[b] if systems else "")
             ans = vlm.answer_tokens(qa["a"])
-            sup.append(attention_targets(self.samples[i], qa, len(pre), N, len(pre) + N + len(post) - 1, len(ans),
-                                         self.count_sup))
-            readable.append(qa["kind"] != "count")
+            last = len(pre) + N + len(post) - 1
+            if self.describe_sup and qa["kind"] == "describe":
+                sup.append(describe_targets(self.samples[i], qa, len(pre), last))
+            else:
+                q, k = attention_targets(self.samples[i], qa, len(pre), N, last, len(ans), self.count_sup)
+                sup.append((q, [k] * len(q)))
+            readable.append(qa["kind"] not in ("count", "describe"))
             # input: pre, N image slots (token 0, replaced by the image
             # embeddings), post, the answer without its last token; position p
             # predicts token p+1, so the answer is predicted from the last
@@ -97,10 +102,11 @@ class Batches(torch.utils.data.IterableDataset):
         aux = torch.from_numpy(np.stack([data.patch_labels(self.samples[i]) for i, _ in picks]))
         Q = max(1, max(len(q) for q, _ in sup))
         sq = torch.full((len(picks), Q), -1, dtype=torch.long)
-        sk = torch.zeros((len(picks), T), dtype=torch.bool)
-        for b, (q, k) in enumerate(sup):
+        sk = torch.zeros((len(picks), Q, T), dtype=torch.bool)
+        for b, (q, ks) in enumerate(sup):
             sq[b, :len(q)] = torch.tensor(q, dtype=torch.long)
-            sk[b, k] = True
+            for j, k in enumerate(ks):
+                sk[b, j, k] = True
         return torch.from_numpy(u8), ids, tgt, torch.tensor(offs), aux, sq, sk, torch.tensor(readable)
 
 
@@ -126,6 +132,37 @@ def attention_targets(sample, qa, off, N, last, n_ans, count=False):
     if not keys:
         return [], []
     return list(range(last, last + n_ans)), keys
+
+
+_SENTENCE = re.compile(r"[^.]+\.")
+
+
+def describe_targets(sample, qa, off, last):
+    """Training-only attention targets for a description (--describe-sup):
+    every answer token of the sentence about one shape ("A small red circle
+    is at the top.") is a query whose targets are that shape's image tokens;
+    the count sentence's tokens look at every shape, as count questions do.
+    A sentence that names no drawn shape, or whose tokens are not a prefix of
+    the whole answer's tokenisation, gets no queries. Returns (queries,
+    key lists, one per query)."""
+    owner = data.patch_owner(sample)
+    full = vlm.tokenize_piece(qa["a"])
+    sents = [t.strip() for t in _SENTENCE.findall(qa["a"])]
+    qs, ks, start = [], [], 0
+    for n in range(1, len(sents) + 1):
+        end = len(vlm.tokenize_piece(" ".join(sents[:n])))
+        words = sents[n - 1].lower().rstrip(".").split()
+        if words[0] == "there":
+            shapes = range(len(sample["shapes"]))
+        else:
+            shapes = [k for k, sh in enumerate(sample["shapes"])
+                      if sh["kind"] in words and data.COLOR_NAMES[data.COLORS.index(tuple(sh["rgb"]))] in words]
+        keys = [off + p - 1 for p in np.nonzero(np.isin(owner, list(shapes)))[0] if p >= 1]
+        if full[start:end] == vlm.tokenize_piece(" ".join(sents[:n]))[start:] and keys:
+            qs += range(last + start, last + end)
+            ks += [keys] * (end - start)
+        start = end
+    return qs, ks
 
 
 AUX_CLASSES = (len(data.KINDS) + 1, len(data.COLORS) + 1, 3, 10)
@@ -157,11 +194,12 @@ def embed_batch(model, u8, ids, offs, aux_head=None, aux=None):
 @dataclasses.dataclass
 class Sup:
     """One batch's attention supervision: the head of text block `layer`,
-    the query positions qpos [B, Q] (-1: none) and the target key mask
-    keys [B, T]; with read_head, also the color / cell readout of that head's
-    output, labelled from the patch labels aux [B, N, 4] of the first target
-    key (offs: image offsets), on the rows marked readable [B] (targets that
-    are one shape); alone: the readout learns without moving the model."""
+    the query positions qpos [B, Q] (-1: none) and the target key mask of
+    each query keys [B, Q, T]; with read_head, also the color / cell readout
+    of that head's output, labelled from the patch labels aux [B, N, 4] of the
+    first query's first target key (offs: image offsets), on the rows marked
+    readable [B] (short questions about one shape, whose queries share their
+    targets); alone: the readout learns without moving the model."""
     layer: int
     head: int
     qpos: torch.Tensor
@@ -221,10 +259,12 @@ def read_loss(block, h, sc, sup):
     kvh = head // (block.h // block.kvh)
     v = block.v(h).view(B, T, block.kvh, block.hd)[:, :, kvh]  # [B, T, hd]
     out = torch.softmax(sc, -1) @ v.float()  # [B, Q, hd]
-    first = keys.float().argmax(-1)  # first target position
+    first = keys[:, 0].float().argmax(-1)  # first target position (a readable row's queries share them)
     patch = (first - sup.offs + 1).clamp(0, aux.shape[1] - 1)
     lab = aux[torch.arange(B, device=h.device), patch]  # [B, 4]
-    valid = (qpos >= 0) & (keys.any(-1) & sup.readable)[:, None]
+    valid = (qpos >= 0) & (keys[:, 0].any(-1) & sup.readable)[:, None]
+    if not valid.any():  # e.g. a batch of descriptions: nothing to read out
+        return sc.new_zeros(())
     logits = sup.read_head(out[valid].detach() if sup.alone else out[valid])
     rows = valid.nonzero()[:, 0]
     nc = len(data.COLORS)
@@ -232,9 +272,10 @@ def read_loss(block, h, sc, sup):
 
 
 def log_target_mass(s, keys):
-    """log of the softmax mass of scores s [B, Q, T] on the keys [B, T]
-    (bool), computed in log space so that tiny masses keep their gradient."""
-    return torch.logsumexp(s.masked_fill(~keys[:, None, :], float("-inf")), -1) - torch.logsumexp(s, -1)
+    """log of the softmax mass of scores s [B, Q, T] on each query's keys
+    [B, Q, T] (bool), computed in log space so that tiny masses keep their
+    gradient."""
+    return torch.logsumexp(s.masked_fill(~keys, float("-inf")), -1) - torch.logsumexp(s, -1)
 
 
 @torch.no_grad()
@@ -339,6 +380,8 @@ def main():
                     help="with --read-sup: for this many steps only the readout learns from its loss (a fresh readout on trained weights)")
     ap.add_argument("--count-sup", action="store_true",
                     help="with --attn-sup-weight: the same head also learns to look at every shape for \"how many\"")
+    ap.add_argument("--describe-sup", action="store_true",
+                    help="with --attn-sup-weight: the same head also looks at the shape each sentence of a description names")
     ap.add_argument("--freeze-vision", action="store_true", help="train the text model only")
     ap.add_argument("--init", default="", help="start from these weights (ckpt.pt or an --npz folder)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes building batches")
@@ -411,7 +454,7 @@ def main():
           f"{sum(p.numel() for p in model.parameters())} parameters; loaded in {time.time() - t0:.1f}s", flush=True)
     src = Batches(train, a.batch, a.describe_frac, a.text_first_frac, a.seed + step, cfg.n_patches, a.count_sup,
                   {k: float(v) for k, v in (kv.split("=") for kv in a.kind_weights.split(",") if kv)},
-                  a.system_frac)
+                  a.system_frac, a.describe_sup)
     kw = {"num_workers": a.workers, "prefetch_factor": 4, "persistent_workers": True} if a.workers > 0 else {}
     loader = iter(torch.utils.data.DataLoader(src, batch_size=None, **kw))
 
