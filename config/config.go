@@ -252,7 +252,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	fs.Float64Var(&cfg.Budget, "budget", cfg.Budget, "default Elastic Cache budget: fraction of the prompt's KV entries to keep, in (0, 1] (env "+EnvName("budget")+")")
 	num(&cfg.Sink, "sink", "default Elastic Cache sink: leading KV entries always kept")
 	num(&cfg.Distance, "distance", "default Elastic Cache distance: elastic decode truncation offset")
-	str(&cfg.Selection, "selection", "default Elastic Cache selection rules: paper, reference (parity with the authors' published code) normalized (elastic scores divided by the queries that see each entry) or text-tail (elastic keeps the text after the last image whole)")
+	str(&cfg.Selection, "selection", "default Elastic Cache selection rules: paper, reference (parity with the authors' published code), normalized (the default: elastic scores divided by the queries that see each entry) or text-tail (elastic keeps the text after the last image whole)")
 	size(&cfg.MaxImageBytes, "max-image-bytes", "largest accepted image, in decoded bytes; a `size` like 10485760 or 10MiB")
 	num(&cfg.MaxImages, "max-images", "most images in one request (0: images disabled)")
 	fs.Int64Var(&cfg.MaxImagePixels, "max-image-pixels", cfg.MaxImagePixels, "largest accepted image, width*height pixels (guards against decompression bombs) (env "+EnvName("max-image-pixels")+")")
