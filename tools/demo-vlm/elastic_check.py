@@ -29,7 +29,9 @@ above --gap the argmax must equal the engine's token (EOS at the end of a
 stopped answer). The headline rate stops a sequence's comparison at its first
 differing token (clear or not), as the issue asks; the rate over all clear
 positions is printed too. The entries held and the position evicted after
-every decode step must equal the engine's exactly (no float is involved).
+every decode step must equal the engine's exactly (no float is involved; cells
+are labelled with the engine's layer-0 kept positions, so a layer-0 set difference
+counts once, under sets).
 
 With `mkdemo plans --scores` the file also carries llama.cpp's own importance
 scores and image embeddings: phase 1 of this file is then also run on
@@ -325,8 +327,14 @@ def main():
             q_clear = q_same = 0
             my_held = []
             my_evicted = []
-            # cell positions: the engine gives the K prompt cells layer 0's kept positions
-            cell_pos = (plans[0][0] if plans else list(range(N)))[:]
+            # cell positions: the engine gives the K prompt cells layer 0's kept
+            # positions. They are labels only (the rule evicts by index), so they are
+            # the engine's own: a layer-0 set that differs here (a near-tie flipped by
+            # float error, counted under sets) does not count again as an eviction.
+            if plans and r["layers"]:
+                cell_pos = r["layers"][0]["keep"][:]
+            else:
+                cell_pos = (plans[0][0] if plans else list(range(N)))[:]
             for t, want in enumerate(targets):
                 top2 = torch.topk(logits, 2)
                 got = int(top2.indices[0])
