@@ -150,7 +150,8 @@ def describe_targets(sample, qa, off, last):
     sents = [t.strip() for t in _SENTENCE.findall(qa["a"])]
     qs, ks, start = [], [], 0
     for n in range(1, len(sents) + 1):
-        end = len(vlm.tokenize_piece(" ".join(sents[:n])))
+        prefix = vlm.tokenize_piece(" ".join(sents[:n]))
+        end = len(prefix)
         words = sents[n - 1].lower().rstrip(".").split()
         if words[0] == "there":
             shapes = range(len(sample["shapes"]))
@@ -158,7 +159,7 @@ def describe_targets(sample, qa, off, last):
             shapes = [k for k, sh in enumerate(sample["shapes"])
                       if sh["kind"] in words and data.COLOR_NAMES[data.COLORS.index(tuple(sh["rgb"]))] in words]
         keys = [off + p - 1 for p in np.nonzero(np.isin(owner, list(shapes)))[0] if p >= 1]
-        if full[start:end] == vlm.tokenize_piece(" ".join(sents[:n]))[start:] and keys:
+        if full[start:end] == prefix[start:] and keys:
             qs += range(last + start, last + end)
             ks += [keys] * (end - start)
         start = end
