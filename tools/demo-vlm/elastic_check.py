@@ -1,7 +1,7 @@
 """An independent check of the engine's Elastic Cache (issue [I] point 3).
 
   python3 elastic_check.py --weights ../../models/demo --plans P.json [--gap 0.5] [--out S.json]
-                           [--min-sets 0.99] [--min-tokens 0.99] [--min-rule 0.99] [--engine-image-embd] [-v]
+                           [--min-sets 0.99 | --explained-sets] [--min-tokens 0.99] [--min-rule 0.99] [--engine-image-embd] [-v]
 
 P.json is written by `mkdemo plans` (cmd/mkdemo/plans.go): for every held-out
 question, the phase 1 plan the engine applied (N, K, per-layer kept entries and
@@ -95,6 +95,13 @@ def phase1(scores, n, k, sink):
         best = min(targets, key=lambda a: (abs(a - j), a))
         groups[best].append(j)
     return keep, [sorted(groups[j]) for j in keep]
+
+
+def order_flipped(m):
+    """Whether a set difference m (an entry of main's mism) swapped entries that
+    are in opposite order under PyTorch's and llama.cpp's scores."""
+    return (all(x > y for x in m["torch_scores"][0] for y in m["torch_scores"][1]) and
+            all(x < y for x in m["engine_scores"][0] for y in m["engine_scores"][1]))
 
 
 def boundary_gap(scores, keep, sink, n, k):
@@ -422,9 +429,7 @@ def main():
         summary["entry_score_err_rel_quantiles"] = {q: float(np.quantile(ee, q)) for q in (0.5, 0.9, 0.99, 1.0)}
         summary["entry_score_err_rel_p99"] = tol
         summary["set_diff_within_p99_error"] = sum(m["torch_gap_rel"] < tol for m in mism)
-        summary["set_diff_order_flipped"] = sum(
-            all(x > y for x in m["torch_scores"][0] for y in m["torch_scores"][1]) and
-            all(x < y for x in m["engine_scores"][0] for y in m["engine_scores"][1]) for m in mism)
+        summary["set_diff_order_flipped"] = sum(order_flipped(m) for m in mism)
     if rule_total:
         print(f"per-entry score error |torch - llama.cpp| / llama.cpp (candidates): median "
               f"{summary['entry_score_err_rel_quantiles'][0.5]:.2g}, p90 {summary['entry_score_err_rel_quantiles'][0.9]:.2g}, "
@@ -446,11 +451,8 @@ def main():
         json.dump(summary, open(a.out, "w"), indent=1)
     # the decode schedule (entries held, positions evicted) involves no float: exact
     if a.explained_sets:
-        sets_ok = tol is not None and all(
-            m["torch_gap_rel"] < tol and
-            all(x > y for x in m["torch_scores"][0] for y in m["torch_scores"][1]) and
-            all(x < y for x in m["engine_scores"][0] for y in m["engine_scores"][1]) for m in mism)
-        sets_ok = sets_ok and sets_same + len(mism) == sets_total  # every difference analysed
+        sets_ok = (tol is not None and all(m["torch_gap_rel"] < tol and order_flipped(m) for m in mism)
+                   and sets_same + len(mism) == sets_total)  # every difference analysed
     else:
         sets_ok = set_rate >= a.min_sets
     ok = sets_ok and tok_rate >= a.min_tokens and held_same == held_total and evict_same == evict_total
