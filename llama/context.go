@@ -4,6 +4,7 @@ package llama
 #include <stdlib.h>
 #include "llama.h"
 #include "elastic_hook.h"
+#include "kvhook.h"
 */
 import "C"
 
@@ -38,6 +39,8 @@ type Context struct {
 	model   *Model
 	params  ContextParams
 	capture *C.es_capture
+	// hook holds the cell operations' backends and graph allocator (kvhook.go).
+	hook    *C.es_kv_hook
 	nCtxSeq int
 }
 
@@ -129,9 +132,15 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	cp.cb_eval = C.ggml_backend_sched_eval_callback(C.es_eval_cb)
 	cp.cb_eval_user_data = unsafe.Pointer(ctx.capture)
 
+	ctx.hook = C.es_kv_hook_new()
+	if ctx.hook == nil {
+		C.es_capture_free(ctx.capture)
+		return nil, errors.New("allocate the KV hook")
+	}
 	ctx.c = C.llama_init_from_model(m.c, cp)
 	if ctx.c == nil {
 		C.es_capture_free(ctx.capture)
+		C.es_kv_hook_free(ctx.hook)
 		return nil, fmt.Errorf("llama.cpp could not create a context (n_ctx=%d, n_seq_max=%d)", p.NCtx, p.NSeqMax)
 	}
 	ctx.nCtxSeq = int(C.llama_n_ctx_seq(ctx.c))
@@ -145,7 +154,8 @@ func (c *Context) Close() {
 	}
 	C.llama_free(c.c)
 	C.es_capture_free(c.capture)
-	c.c, c.capture = nil, nil
+	C.es_kv_hook_free(c.hook)
+	c.c, c.capture, c.hook = nil, nil, nil
 }
 
 // Model returns the context's model.

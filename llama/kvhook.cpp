@@ -1,0 +1,593 @@
+// The KV hook's cell operations (see kvhook.h), compiled against the vendored
+// llama.cpp's internal headers from the Go module (reached through its include
+// folder: ../src). llama_kv_cache keeps its cell table private; the three members the
+// hook needs (the cells per stream, the search heads, the sequence-to-stream map)
+// and the layer-id map are read through the explicit-instantiation rule (access
+// checks do not apply to the arguments of an explicit instantiation), which needs
+// no patch to llama.cpp. Row data is reached through the public get_k/get_v views.
+
+#include "kvhook.h"
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+#include <unordered_map>
+#include <vector>
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "llama.h"
+#include "../src/llama-kv-cache-iswa.h"
+#include "../src/llama-kv-cache.h"
+
+// ---- access to llama_kv_cache's private members ----
+
+template <typename Tag, typename Tag::type M>
+struct es_member_of {
+    friend typename Tag::type es_member(Tag) { return M; }
+};
+
+struct es_tag_cells {
+    using type = std::vector<llama_kv_cells> llama_kv_cache::*;
+    friend type es_member(es_tag_cells);
+};
+struct es_tag_heads {
+    using type = std::vector<uint32_t> llama_kv_cache::*;
+    friend type es_member(es_tag_heads);
+};
+struct es_tag_streams {
+    using type = std::vector<uint32_t> llama_kv_cache::*;
+    friend type es_member(es_tag_streams);
+};
+struct es_tag_layer_ids {
+    using type = std::unordered_map<int32_t, int32_t> llama_kv_cache::*;
+    friend type es_member(es_tag_layer_ids);
+};
+
+template struct es_member_of<es_tag_cells, &llama_kv_cache::v_cells>;
+template struct es_member_of<es_tag_heads, &llama_kv_cache::v_heads>;
+template struct es_member_of<es_tag_streams, &llama_kv_cache::seq_to_stream>;
+template struct es_member_of<es_tag_layer_ids, &llama_kv_cache::map_layer_ids>;
+
+static std::vector<llama_kv_cells> &cells_of(llama_kv_cache *kv) { return kv->*es_member(es_tag_cells{}); }
+static std::vector<uint32_t> &heads_of(llama_kv_cache *kv) { return kv->*es_member(es_tag_heads{}); }
+static const std::vector<uint32_t> &streams_of(llama_kv_cache *kv) { return kv->*es_member(es_tag_streams{}); }
+
+// ---- errors ----
+
+struct es_error : std::runtime_error {
+    int code;
+    es_error(int c, const std::string &m) : std::runtime_error(m), code(c) {}
+};
+
+static std::string fmt(const char *f, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
+}
+
+enum { ES_EINVAL = 1, ES_EUNSUPPORTED = 2, ES_ECOMPUTE = 3 };
+
+static int report(const es_error &e, char *err, size_t errlen) {
+    if (err && errlen) {
+        snprintf(err, errlen, "%s", e.what());
+    }
+    return e.code;
+}
+
+// ---- caches ----
+
+// part_of returns part (0 or 1) of the context's memory, or nullptr.
+static llama_kv_cache *part_of(llama_context *ctx, int part) {
+    llama_memory_i *mem = llama_get_memory(ctx);
+    if (auto *kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return part == 0 ? kv : nullptr;
+    }
+    if (auto *iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return part == 0 ? iswa->get_base() : part == 1 ? iswa->get_swa() : nullptr;
+    }
+    return nullptr;
+}
+
+static llama_kv_cache *need_part(llama_context *ctx, int part) {
+    llama_kv_cache *kv = part_of(ctx, part);
+    if (!kv) {
+        throw es_error(ES_EUNSUPPORTED, fmt("kv hook: the context has no cache part %d the hook knows", part));
+    }
+    return kv;
+}
+
+// layer_ids lists the model layers a cache holds, in cache order.
+static std::vector<int32_t> layer_ids(llama_kv_cache *kv) {
+    const auto &m = kv->*es_member(es_tag_layer_ids{});
+    std::vector<int32_t> ids(m.size(), -1);
+    for (const auto &[il, ikv] : m) {
+        if (ikv < 0 || (size_t)ikv >= ids.size()) {
+            throw es_error(ES_EUNSUPPORTED, "kv hook: the cache's layer map is not dense");
+        }
+        ids[ikv] = il;
+    }
+    return ids;
+}
+
+static uint32_t stream_of(llama_kv_cache *kv, int32_t seq) {
+    const auto &s2s = streams_of(kv);
+    if (seq < 0 || (size_t)seq >= s2s.size()) {
+        throw es_error(ES_EINVAL, fmt("kv hook: sequence %d is not one of the context's %zu", seq, s2s.size()));
+    }
+    return s2s[seq];
+}
+
+// A layer's K and V cache tensors (all streams) and V's orientation.
+struct layer_tensors {
+    ggml_tensor *k, *v;
+    bool v_trans;
+};
+
+static layer_tensors tensors_of(llama_kv_cache *kv, ggml_context *gctx, int32_t il) {
+    llama_kv_cache::slot_info si;
+    si.s0 = si.s1 = 0;
+    si.resize(1);
+    si.strm[0] = 0;
+    si.idxs[0] = {0};
+    ggml_tensor *kview = kv->get_k(gctx, il, kv->get_size(), si);
+    ggml_tensor *vview = kv->get_v(gctx, il, kv->get_size(), si);
+    if (!kview->view_src || !vview->view_src) {
+        throw es_error(ES_EUNSUPPORTED, "kv hook: the cache's views have no source tensor");
+    }
+    // get_v's view of a transposed V steps over cells fastest (nb[1] > nb[2]).
+    return {kview->view_src, vview->view_src, vview->nb[1] > vview->nb[2]};
+}
+
+// ---- the hook: backends and allocators ----
+
+struct es_kv_hook {
+    std::map<ggml_backend_dev_t, ggml_backend_t> backends;
+    std::map<ggml_backend_t, ggml_gallocr_t> allocs;
+
+    ~es_kv_hook() {
+        for (auto &[b, a] : allocs) ggml_gallocr_free(a);
+        for (auto &[d, b] : backends) ggml_backend_free(b);
+    }
+
+    ggml_backend_t backend_for(ggml_tensor *t, int n_threads) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(t->buffer);
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+        if (!dev || ggml_backend_buft_is_host(buft)) {
+            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        }
+        if (!dev) throw es_error(ES_EUNSUPPORTED, "kv hook: no device for the cache's buffer");
+        auto it = backends.find(dev);
+        ggml_backend_t b;
+        if (it != backends.end()) {
+            b = it->second;
+        } else {
+            b = ggml_backend_dev_init(dev, nullptr);
+            if (!b) throw es_error(ES_EUNSUPPORTED, fmt("kv hook: cannot start backend %s", ggml_backend_dev_name(dev)));
+            backends[dev] = b;
+        }
+        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && n_threads > 0) {
+            ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+            auto set = (ggml_backend_set_n_threads_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+            if (set) set(b, n_threads);
+        }
+        return b;
+    }
+
+    ggml_gallocr_t alloc_for(ggml_backend_t b) {
+        auto it = allocs.find(b);
+        if (it != allocs.end()) return it->second;
+        ggml_gallocr_t a = ggml_gallocr_new(ggml_backend_get_default_buffer_type(b));
+        allocs[b] = a;
+        return a;
+    }
+};
+
+// A graph under construction: tensor metadata in ctx, inputs listed with the host
+// data to copy into them once allocated.
+struct graph_build {
+    ggml_context *ctx = nullptr;
+    ggml_context *in = nullptr;
+    ggml_cgraph *gf = nullptr;
+    ggml_backend_buffer_t in_buf = nullptr;
+    std::vector<std::pair<ggml_tensor *, std::vector<char>>> inputs;
+
+    explicit graph_build(size_t n_tensors) {
+        ggml_init_params p = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false), nullptr, true};
+        ctx = ggml_init(p);
+        ggml_init_params pi = {ggml_tensor_overhead() * 1024, nullptr, true};
+        in = ggml_init(pi);
+        if (!ctx || !in) throw es_error(ES_ECOMPUTE, "kv hook: out of memory for a graph");
+        gf = ggml_new_graph_custom(ctx, n_tensors, false);
+    }
+    ~graph_build() {
+        if (in_buf) ggml_backend_buffer_free(in_buf);
+        if (in) ggml_free(in);
+        if (ctx) ggml_free(ctx);
+    }
+
+    template <typename T>
+    ggml_tensor *input(ggml_type type, const std::vector<T> &data, int64_t ne0, int64_t ne1 = 1) {
+        ggml_tensor *t = ggml_new_tensor_2d(in, type, ne0, ne1);
+        std::vector<char> bytes(sizeof(T) * data.size());
+        memcpy(bytes.data(), data.data(), bytes.size());
+        inputs.emplace_back(t, std::move(bytes));
+        return t;
+    }
+
+    // run allocates the inputs and intermediates on b and computes the graph.
+    void run(es_kv_hook *h, ggml_backend_t b) {
+        if (!inputs.empty()) {
+            in_buf = ggml_backend_alloc_ctx_tensors(in, b);
+            if (!in_buf) throw es_error(ES_ECOMPUTE, "kv hook: cannot allocate the graph's inputs");
+            for (auto &[t, bytes] : inputs) ggml_backend_tensor_set(t, bytes.data(), 0, bytes.size());
+        }
+        if (!ggml_gallocr_alloc_graph(h->alloc_for(b), gf)) {
+            throw es_error(ES_ECOMPUTE, "kv hook: cannot allocate the graph");
+        }
+        if (ggml_backend_graph_compute(b, gf) != GGML_STATUS_SUCCESS) {
+            throw es_error(ES_ECOMPUTE, "kv hook: the backend failed to compute the graph");
+        }
+    }
+};
+
+// rows_2d views stream strm of a K (or untransposed V) cache tensor as
+// [width, cells].
+static ggml_tensor *rows_2d(ggml_context *ctx, ggml_tensor *t, uint32_t strm) {
+    return ggml_view_2d(ctx, t, t->ne[0], t->ne[1], t->nb[1], strm * t->nb[2]);
+}
+
+// gather reads the given cells (a tensor of cell indices) of stream strm as float32
+// rows [width, n]. A transposed V is first read over cells [0, used) and turned.
+static ggml_tensor *gather(ggml_context *ctx, ggml_tensor *t, bool trans, uint32_t strm, int64_t used, ggml_tensor *idx) {
+    if (!trans) {
+        return ggml_get_rows(ctx, rows_2d(ctx, t, strm), idx);
+    }
+    const size_t esz = ggml_type_size(t->type);
+    const int64_t width = t->ne[0], size = t->ne[1];
+    ggml_tensor *el = ggml_view_2d(ctx, t, used, width, size * esz, strm * t->nb[2]); // [used, width]
+    ggml_tensor *rows = ggml_cast(ctx, ggml_transpose(ctx, el), GGML_TYPE_F32);       // [width, used]
+    return ggml_get_rows(ctx, rows, idx);
+}
+
+// scatter writes float32 rows m [width, n] into cells idx (= first..first+n) of
+// stream strm, converting them to the cache's type.
+static ggml_tensor *scatter(ggml_context *ctx, ggml_tensor *t, bool trans, uint32_t strm, int64_t first, ggml_tensor *m,
+                            ggml_tensor *idx) {
+    if (!trans) {
+        return ggml_set_rows(ctx, rows_2d(ctx, t, strm), m, idx);
+    }
+    const size_t esz = ggml_type_size(t->type);
+    const int64_t width = t->ne[0], size = t->ne[1];
+    ggml_tensor *el = ggml_view_2d(ctx, t, m->ne[1], width, size * esz, strm * t->nb[2] + first * esz);
+    return ggml_cpy(ctx, ggml_transpose(ctx, m), el);
+}
+
+// copy_runs copies rows between two caches of the same row type and orientation
+// unconverted: source cells src[i] go to cell first+i, one copy per run of
+// consecutive source cells.
+static void copy_runs(ggml_context *ctx, ggml_cgraph *gf, ggml_tensor *ts, ggml_tensor *td, bool trans, uint32_t ss,
+                      uint32_t sd, const std::vector<int32_t> &src, int64_t first) {
+    const size_t esz = ggml_type_size(ts->type);
+    for (size_t i = 0; i < src.size();) {
+        size_t n = 1;
+        while (i + n < src.size() && src[i + n] == src[i] + (int32_t)n) n++;
+        const int64_t a = src[i], b = first + (int64_t)i;
+        ggml_tensor *from, *to;
+        if (!trans) {
+            from = ggml_view_2d(ctx, ts, ts->ne[0], n, ts->nb[1], ss * ts->nb[2] + a * ts->nb[1]);
+            to = ggml_view_2d(ctx, td, td->ne[0], n, td->nb[1], sd * td->nb[2] + b * td->nb[1]);
+        } else {
+            from = ggml_view_2d(ctx, ts, n, ts->ne[0], ts->ne[1] * esz, ss * ts->nb[2] + a * esz);
+            to = ggml_view_2d(ctx, td, n, td->ne[0], td->ne[1] * esz, sd * td->nb[2] + b * esz);
+        }
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, from, to));
+        i += n;
+    }
+}
+
+static bool quant_ok(ggml_type t) {
+    switch (t) {
+    case GGML_TYPE_F32:
+    case GGML_TYPE_F16:
+    case GGML_TYPE_BF16:
+    case GGML_TYPE_Q8_0:
+    case GGML_TYPE_Q4_0:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// ---- C API ----
+
+extern "C" {
+
+es_kv_hook *es_kv_hook_new(void) { return new (std::nothrow) es_kv_hook(); }
+
+void es_kv_hook_free(es_kv_hook *h) { delete h; }
+
+int es_kv_parts(llama_context *ctx) {
+    llama_memory_i *mem = llama_get_memory(ctx);
+    if (dynamic_cast<llama_kv_cache *>(mem)) return 1;
+    if (dynamic_cast<llama_kv_cache_iswa *>(mem)) return 2;
+    return 0;
+}
+
+int es_kv_layers(llama_context *ctx, int part, int32_t *out, int cap) {
+    try {
+        llama_kv_cache *kv = need_part(ctx, part);
+        std::vector<int32_t> ids = layer_ids(kv);
+        if ((int)ids.size() > cap) return -1;
+        std::copy(ids.begin(), ids.end(), out);
+        return (int)ids.size();
+    } catch (const std::exception &) {
+        return -1;
+    }
+}
+
+int es_kv_stream_size(llama_context *ctx, int part) {
+    llama_kv_cache *kv = part_of(ctx, part);
+    return kv ? (int)kv->get_size() : -1;
+}
+
+int es_kv_seq_cells(llama_context *ctx, int part, int32_t seq, es_kv_cell *out, int cap) {
+    try {
+        llama_kv_cache *kv = need_part(ctx, part);
+        const llama_kv_cells &cells = cells_of(kv)[stream_of(kv, seq)];
+        int n = 0;
+        for (uint32_t i = 0; i < cells.size(); i++) {
+            if (cells.is_empty(i) || !cells.seq_has(i, seq)) continue;
+            if (cells.seq_count(i) != 1) return -2;
+            if (n >= cap) return -1;
+            llama_kv_cell_ext ext = cells.ext_get(i);
+            out[n++] = {(int32_t)i, cells.pos_get(i), ext.x, ext.y};
+        }
+        return n;
+    } catch (const std::exception &) {
+        return -1;
+    }
+}
+
+int es_kv_rewrite(es_kv_hook *h, llama_context *src, int32_t src_seq, llama_context *dst, int32_t dst_seq, int part,
+                  const es_kv_plan *plan, int32_t *cell0, char *err, size_t errlen) {
+    try {
+        llama_kv_cache *ks = need_part(src, part), *kd = need_part(dst, part);
+        const bool in_place = ks == kd;
+        if (in_place && src_seq != dst_seq) {
+            throw es_error(ES_EINVAL, "kv hook: a rewrite inside one cache keeps its sequence");
+        }
+        const uint32_t ss = stream_of(ks, src_seq), sd = stream_of(kd, dst_seq);
+        llama_kv_cells &cs = cells_of(ks)[ss];
+        llama_kv_cells &cd = cells_of(kd)[sd];
+        if (cs.get_has_shift() || cd.get_has_shift()) {
+            throw es_error(ES_EUNSUPPORTED, "kv hook: the cache has a pending position shift");
+        }
+        const std::vector<int32_t> ids = layer_ids(ks);
+        if (ids != layer_ids(kd)) throw es_error(ES_EINVAL, "kv hook: the two caches hold different layers");
+        if (plan->n_layer != (int)ids.size()) {
+            throw es_error(ES_EINVAL, fmt("kv hook: the plan has %d layers, the cache %zu", plan->n_layer, ids.size()));
+        }
+        const int n_dst = plan->n_dst;
+        const uint32_t size_s = cs.size(), size_d = cd.size();
+        if (n_dst < 1 || (uint32_t)n_dst > size_d) {
+            throw es_error(ES_EINVAL, fmt("kv hook: %d cells to write in a stream of %u", n_dst, size_d));
+        }
+
+        // Every source and meta cell must be the source sequence's own.
+        auto own = [&](int32_t c) {
+            return c >= 0 && (uint32_t)c < size_s && !cs.is_empty(c) && cs.seq_has(c, src_seq) && cs.seq_count(c) == 1;
+        };
+        int64_t used = 0;
+        std::vector<std::vector<int32_t>> counts(plan->n_layer);
+        for (int l = 0; l < plan->n_layer; l++) {
+            const int32_t a = plan->src_off[l], b = plan->src_off[l + 1];
+            if (a < 0 || b < a) throw es_error(ES_EINVAL, "kv hook: bad source offsets");
+            counts[l].assign(n_dst, 0);
+            for (int32_t i = a; i < b; i++) {
+                const int32_t c = plan->src[i], g = plan->grp[i];
+                if (!own(c)) {
+                    throw es_error(ES_EINVAL, fmt("kv hook: layer %d: cell %d is not a cell of sequence %d alone", l, c, src_seq));
+                }
+                if (g < 0 || g >= n_dst) throw es_error(ES_EINVAL, fmt("kv hook: layer %d: slot %d out of range", l, g));
+                counts[l][g]++;
+                used = std::max<int64_t>(used, c + 1);
+            }
+            for (int j = 0; j < n_dst; j++) {
+                if (counts[l][j] == 0) throw es_error(ES_EINVAL, fmt("kv hook: layer %d: slot %d has no source", l, j));
+            }
+        }
+        for (int j = 0; j < n_dst; j++) {
+            if (!own(plan->meta_cell[j])) {
+                throw es_error(ES_EINVAL, fmt("kv hook: slot %d takes its position from cell %d, not the sequence's", j, plan->meta_cell[j]));
+            }
+        }
+
+        // Destination run: cells that are free, or the destination sequence's own
+        // (in place: the source's own, which the rewrite replaces).
+        auto writable = [&](uint32_t c) {
+            if (cd.is_empty(c)) return true;
+            return cd.seq_has(c, dst_seq) && cd.seq_count(c) == 1;
+        };
+        int32_t first = plan->dst_cell0;
+        if (first < 0) {
+            uint32_t run = 0;
+            for (uint32_t c = 0; c < size_d; c++) {
+                run = writable(c) ? run + 1 : 0;
+                if (run == (uint32_t)n_dst) {
+                    first = (int32_t)(c + 1 - n_dst);
+                    break;
+                }
+            }
+            if (first < 0) throw es_error(ES_EINVAL, fmt("kv hook: no run of %d writable cells in the destination stream", n_dst));
+        } else {
+            if ((uint32_t)first + n_dst > size_d) throw es_error(ES_EINVAL, "kv hook: the destination run leaves the stream");
+            for (int j = 0; j < n_dst; j++) {
+                if (!writable(first + j)) {
+                    throw es_error(ES_EINVAL, fmt("kv hook: destination cell %d belongs to another sequence", first + j));
+                }
+            }
+        }
+
+        // Rows: one graph per device that holds layers (normally one).
+        const int n_threads = llama_n_threads_batch(src);
+        std::vector<int64_t> dst_idx(n_dst);
+        for (int j = 0; j < n_dst; j++) dst_idx[j] = first + j;
+        struct layer_job {
+            int l;
+            layer_tensors s, d;
+        };
+        std::map<ggml_backend_t, std::vector<layer_job>> jobs;
+        graph_build meta(4 * ids.size() + 16); // views only, for the tensors
+        for (int l = 0; l < plan->n_layer; l++) {
+            layer_tensors s = tensors_of(ks, meta.ctx, ids[l]), d = tensors_of(kd, meta.ctx, ids[l]);
+            if (s.k->ne[0] != d.k->ne[0] || s.v->ne[0] != d.v->ne[0]) {
+                throw es_error(ES_EINVAL, fmt("kv hook: layer %d: row widths differ between the caches", ids[l]));
+            }
+            for (ggml_tensor *t : {s.k, s.v, d.k, d.v}) {
+                if (!quant_ok(t->type)) {
+                    throw es_error(ES_EUNSUPPORTED, fmt("kv hook: cache type %s is not supported", ggml_type_name(t->type)));
+                }
+            }
+            if ((d.v_trans && ggml_is_quantized(d.v->type)) || (s.v_trans && ggml_is_quantized(s.v->type))) {
+                throw es_error(ES_EUNSUPPORTED, "kv hook: a transposed quantized V cache");
+            }
+            ggml_backend_t b = h->backend_for(s.k, n_threads);
+            for (ggml_tensor *t : {s.v, d.k, d.v}) {
+                if (h->backend_for(t, n_threads) != b) {
+                    throw es_error(ES_EUNSUPPORTED, "kv hook: the caches' layers are on different devices");
+                }
+            }
+            jobs[b].push_back({l, s, d});
+        }
+        for (auto &[b, list] : jobs) {
+            size_t nodes = 64; // a run copy takes three tensors per K and V
+            for (const layer_job &job : list) {
+                nodes += 32;
+                for (int32_t i = plan->src_off[job.l] + 1; i < plan->src_off[job.l + 1]; i++) {
+                    if (plan->src[i] != plan->src[i - 1] + 1) nodes += 8;
+                }
+            }
+            graph_build g(nodes);
+            ggml_tensor *didx = g.input(GGML_TYPE_I64, dst_idx, n_dst);
+            for (const layer_job &job : list) {
+                const int32_t a = plan->src_off[job.l], e = plan->src_off[job.l + 1];
+                const int64_t m = e - a;
+                std::vector<int32_t> sidx(plan->src + a, plan->src + e), grp(plan->grp + a, plan->grp + e);
+                bool identity = m == n_dst;
+                for (int64_t i = 0; identity && i < m; i++) identity = grp[i] == i;
+                ggml_tensor *si = g.input(GGML_TYPE_I32, sidx, m);
+                ggml_tensor *gi = nullptr, *inv = nullptr;
+                if (!identity) {
+                    gi = g.input(GGML_TYPE_I32, grp, m);
+                    std::vector<float> w(n_dst);
+                    for (int j = 0; j < n_dst; j++) w[j] = 1.0f / (float)counts[job.l][j];
+                    inv = g.input(GGML_TYPE_F32, w, 1, n_dst);
+                }
+                bool unmoved = identity && in_place;
+                for (int64_t i = 0; unmoved && i < m; i++) unmoved = sidx[i] == first + i;
+                if (unmoved) continue; // every row already where the plan puts it
+                for (int kv = 0; kv < 2; kv++) {
+                    ggml_tensor *ts = kv ? job.s.v : job.s.k, *td = kv ? job.d.v : job.d.k;
+                    const bool trs = kv && job.s.v_trans, trd = kv && job.d.v_trans;
+                    if (identity && !in_place && ts->type == td->type && trs == trd) {
+                        copy_runs(g.ctx, g.gf, ts, td, trs, ss, sd, sidx, first);
+                        continue;
+                    }
+                    ggml_tensor *x = gather(g.ctx, ts, trs, ss, used, si); // [width, m] f32
+                    if (!identity) {
+                        ggml_tensor *shape = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, x->ne[0], n_dst);
+                        x = ggml_mul(g.ctx, ggml_get_rows_back(g.ctx, x, gi, shape), inv);
+                    }
+                    ggml_build_forward_expand(g.gf, scatter(g.ctx, td, trd, sd, first, x, didx));
+                }
+            }
+            g.run(h, b);
+        }
+
+        // Cell table: positions and M-RoPE extras of the meta cells, read before the
+        // source cells are removed.
+        std::vector<llama_pos> pos(plan->pos, plan->pos + n_dst);
+        std::vector<llama_kv_cell_ext> ext(n_dst);
+        for (int j = 0; j < n_dst; j++) ext[j] = cs.ext_get(plan->meta_cell[j]);
+        ks->seq_rm(src_seq, -1, -1);
+        if (!in_place) kd->seq_rm(dst_seq, -1, -1);
+        for (int j = 0; j < n_dst; j++) {
+            const uint32_t c = first + j;
+            if (!cd.is_empty(c)) cd.rm(c); // in place: a cell of the sequence not yet removed (shared cells were refused)
+            cd.pos_set(c, pos[j]);
+            cd.ext_set(c, ext[j]);
+            cd.seq_add(c, dst_seq);
+        }
+        heads_of(kd)[sd] = first + n_dst;
+        if (cell0) *cell0 = first;
+        return 0;
+    } catch (const es_error &e) {
+        return report(e, err, errlen);
+    } catch (const std::exception &e) {
+        return report(es_error(ES_ECOMPUTE, fmt("kv hook: %s", e.what())), err, errlen);
+    }
+}
+
+int es_kv_evict(llama_context *ctx, int32_t seq, int32_t cell, char *err, size_t errlen) {
+    try {
+        llama_kv_cache *kv = need_part(ctx, 0);
+        const uint32_t s = stream_of(kv, seq);
+        llama_kv_cells &cells = cells_of(kv)[s];
+        if (cell < 0 || (uint32_t)cell >= cells.size() || cells.is_empty(cell) || !cells.seq_has(cell, seq) ||
+            cells.seq_count(cell) != 1) {
+            throw es_error(ES_EINVAL, fmt("kv hook: cell %d is not a cell of sequence %d alone", cell, seq));
+        }
+        const llama_pos p = cells.pos_get(cell);
+        cells.rm(cell);
+        uint32_t &head = heads_of(kv)[s];
+        head = std::min(head, (uint32_t)cell);
+        if (llama_kv_cache *swa = part_of(ctx, 1)) {
+            // A sliding-window model: the same position leaves its window cache too.
+            swa->seq_rm(seq, p, p + 1);
+        }
+        return 0;
+    } catch (const es_error &e) {
+        return report(e, err, errlen);
+    } catch (const std::exception &e) {
+        return report(es_error(ES_ECOMPUTE, fmt("kv hook: %s", e.what())), err, errlen);
+    }
+}
+
+int es_kv_read_rows(es_kv_hook *h, llama_context *ctx, int part, int32_t seq, int l, int v, const int32_t *cells,
+                    int n_cells, float *out, size_t cap) {
+    try {
+        llama_kv_cache *kv = need_part(ctx, part);
+        const uint32_t s = stream_of(kv, seq);
+        const std::vector<int32_t> ids = layer_ids(kv);
+        if (l < 0 || l >= (int)ids.size() || n_cells < 1) return -1;
+        graph_build g(64);
+        layer_tensors lt = tensors_of(kv, g.ctx, ids[l]);
+        ggml_tensor *t = v ? lt.v : lt.k;
+        const int64_t width = t->ne[0];
+        if ((size_t)(width * n_cells) > cap) return -1;
+        int64_t used = 0;
+        for (int i = 0; i < n_cells; i++) {
+            if (cells[i] < 0 || cells[i] >= t->ne[1]) return -1;
+            used = std::max<int64_t>(used, cells[i] + 1);
+        }
+        std::vector<int32_t> idx(cells, cells + n_cells);
+        ggml_tensor *x = gather(g.ctx, t, v && lt.v_trans, s, used, g.input(GGML_TYPE_I32, idx, n_cells));
+        ggml_set_output(x);
+        ggml_build_forward_expand(g.gf, x);
+        g.run(h, h->backend_for(t, llama_n_threads_batch(ctx)));
+        ggml_backend_tensor_get(x, out, 0, sizeof(float) * width * n_cells);
+        return (int)width;
+    } catch (const std::exception &) {
+        return -1;
+    }
+}
+
+} // extern "C"
