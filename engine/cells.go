@@ -101,3 +101,17 @@ func (p *cellPool) releaseAll(seq int) {
 	}
 	p.release(cells...)
 }
+
+// assign gives cells to seq as one written run (the KV hook's rewrite): the head
+// moves past the last, as llama.cpp's does after placing a ubatch.
+func (p *cellPool) assign(seq int, cells []int) {
+	for _, c := range cells {
+		if p.owner[c] < 0 {
+			p.used++
+		}
+		p.owner[c] = seq
+	}
+	if len(cells) > 0 {
+		p.head = cells[len(cells)-1] + 1
+	}
+}

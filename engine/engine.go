@@ -127,7 +127,9 @@ type Engine struct {
 	// sequence (id 0) at a time, owned by the decode loop; ppool mirrors its cells.
 	pctx  *llama.Context
 	ppool *cellPool
-	opts  Options
+	// cacheLayers are the model layers of the cache the KV hook rewrites (part 0).
+	cacheLayers []int
+	opts        Options
 	log   zerolog.Logger
 
 	// mu orders Submit's enqueue against Stop: once closed is set, nothing more
@@ -250,7 +252,17 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 			return nil, fmt.Errorf("engine: prefill context: %w", err)
 		}
 	}
+	// The layers the KV hook rewrites: a sliding-window model's full-attention ones.
+	cacheLayers, err := ctx.CacheLayers(0)
+	if err != nil || ctx.CacheParts() == 0 {
+		ctx.Close()
+		if pctx != nil {
+			pctx.Close()
+		}
+		return nil, fmt.Errorf("engine: the model's KV cache is not one the hook knows: %v", err)
+	}
 	e := &Engine{
+		cacheLayers:  cacheLayers,
 		model:        model,
 		vision:       vision,
 		ctx:          ctx,

@@ -295,7 +295,7 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 					return
 				}
 				s := e.slots[o.Slot]
-				sc, err := e.ctx.ReadSeqCache(o.Slot)
+				got, err := e.ctx.SeqCells(0, o.Slot)
 				if err != nil {
 					t.Error(err)
 					return
@@ -307,13 +307,13 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 					order[i] = i
 				}
 				sort.Slice(order, func(a, b int) bool { return cells[order[a]] < cells[order[b]] })
-				if len(sc.Pos) != len(order) {
-					t.Errorf("slot %d T=%d: llama holds %d cells, bookkeeping %d", o.Slot, o.T, len(sc.Pos), len(order))
+				if len(got) != len(order) {
+					t.Errorf("slot %d T=%d: llama holds %d cells, bookkeeping %d", o.Slot, o.T, len(got), len(order))
 					return
 				}
 				for k, i := range order {
-					if int(sc.Pos[k]) != pos[i] {
-						t.Errorf("slot %d T=%d: cell-order entry %d: llama pos %d, bookkeeping %d", o.Slot, o.T, k, sc.Pos[k], pos[i])
+					if got[k].Index != cells[i] || got[k].Pos != pos[i] {
+						t.Errorf("slot %d T=%d: cell-order entry %d: llama cell %d pos %d, bookkeeping cell %d pos %d", o.Slot, o.T, k, got[k].Index, got[k].Pos, cells[i], pos[i])
 						return
 					}
 				}
@@ -346,7 +346,19 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 	}
 }
 
-// Rows read back after a merge equal the oracle's group means (f16 tolerance).
+// engineLayers is the hook's part-0 layers of ctx.
+func engineLayers(t *testing.T, ctx *llama.Context) []int {
+	t.Helper()
+	l, err := ctx.CacheLayers(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// Rows read back after a merge (the sequence state, decoded by kvstate.go's codecs:
+// an oracle independent of the hook's ggml graph) equal the float64 group means
+// (f16 tolerance).
 func TestMergedRowsEqualOracleMeans(t *testing.T) {
 	ctx, err := llama.NewContext(tmModel, llama.ContextParams{NCtx: 1024, NSeqMax: 1, Threads: 1, Capture: true})
 	if err != nil {
@@ -385,16 +397,23 @@ func TestMergedRowsEqualOracleMeans(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ident := make([]int, n)
-	for i := range ident {
-		ident[i] = i
+	// The engine's own path: a seqCache over the decoded cells hands the plan to the
+	// KV hook, which merges in place.
+	sc := &seqCache{lctx: ctx, seq: 0, pool: newCellPool(ctx.NCtxSeq(), 512), layers: engineLayers(t, ctx)}
+	for i := range n {
+		sc.placed(i, i)
 	}
-	dst := llama.NewSeqCacheLike(before, plan.K)
-	elasticcache.Merge(plan, seqStore{before}, seqStore{dst}, ident)
-	for i, p := range plan.Layers[0].Keep {
-		dst.Pos[i] = int32(p)
+	sc.pool.assign(0, sc.cells)
+	w := sc.newRewrite(plan.K, len(plan.Layers))
+	for l, lp := range plan.Layers {
+		for j, e := range lp.Keep {
+			w.slot(l, j, e, lp.Groups[j]...)
+		}
 	}
-	if err := ctx.WriteSeqCache(0, dst); err != nil {
+	for j, e := range plan.Layers[0].Keep {
+		w.meta(j, e, e)
+	}
+	if err := sc.apply(w); err != nil {
 		t.Fatal(err)
 	}
 	after, err := ctx.ReadSeqCache(0)

@@ -607,7 +607,7 @@ func (e *Engine) failPanic(s *seq, v any, stack []byte) {
 // seqCacheFor gives admitted request s the cache of slot: the held sequence there,
 // continued after its first common positions, or an empty one.
 func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
-	pool, layers := e.pools[e.poolOf(slot)], e.model.Info().Layers
+	pool, layers := e.pools[e.poolOf(slot)], e.cacheLayers
 	if common == 0 {
 		if s.reuse && slices.ContainsFunc(e.held, func(h *heldSeq) bool { return h != nil }) {
 			e.reuseMisses.Add(1)
@@ -628,7 +628,7 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 	if h.compressed {
 		cont = continueCompressed
 	}
-	c, err := cont(h.cache, s.req.Cache, layers, s.nPrompt, s.textFrom, common)
+	c, err := cont(h.cache, s.req.Cache, s.nPrompt, s.textFrom, common)
 	if err != nil {
 		h.cache.free()
 		return nil, err

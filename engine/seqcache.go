@@ -41,6 +41,13 @@ type seqCache struct {
 	spec    elasticcache.Spec
 	tracker *elasticcache.Tracker
 	nPrompt int
+	// layers are the model layers of the cache the plans rewrite (the KV hook's
+	// part 0): every layer, or a sliding-window model's full-attention layers. The
+	// tracker sees their attention only (a window layer's columns index its own cache).
+	layers []int
+	// base is the number of entries held before this request's prompt was encoded
+	// (a continued conversation's); entry i >= base is prompt index segFrom+i-base.
+	base int
 
 	cells []int // cell of each held entry, in position order
 	pos   []int // position of each held entry
@@ -85,16 +92,16 @@ type seqHome struct {
 // newSeqCache empties sequence seq of lctx and prepares its cache for a prompt of
 // nPrompt tokens under spec; textFrom is the first prompt position after the
 // prompt's last image (0: none).
-func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache.Spec, nLayers, nPrompt, textFrom int) (*seqCache, error) {
-	tr, err := elasticcache.NewTracker(spec, nLayers)
+func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache.Spec, layers []int, nPrompt, textFrom int) (*seqCache, error) {
+	tr, err := elasticcache.NewTracker(spec, len(layers))
 	if err != nil {
 		return nil, err
 	}
 	tr.SetTextTail(textFrom)
 	lctx.SeqClear(seq)
-	c := &seqCache{lctx: lctx, seq: seq, pool: pool, spec: spec, tracker: tr, nPrompt: nPrompt, textFrom: textFrom}
+	c := &seqCache{lctx: lctx, seq: seq, pool: pool, spec: spec, tracker: tr, nPrompt: nPrompt, textFrom: textFrom, layers: layers}
 	if spec.PrefillScores() {
-		c.scores = make([][]float32, nLayers)
+		c.scores = make([][]float32, len(layers))
 		for l := range c.scores {
 			c.scores[l] = make([]float32, nPrompt)
 		}
@@ -107,13 +114,13 @@ func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache
 // (nPrompt positions) starts with the same first common entries: the cells from
 // position common on are removed, the rest stay, and the new request's prompt is
 // encoded from common.
-func continueSeqCache(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, textFrom, common int) (*seqCache, error) {
+func continueSeqCache(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom, common int) (*seqCache, error) {
 	if spec.PrefillScores() {
 		// Its plan ranks every prompt entry by the attention of every prompt query;
 		// the held entries' queries are not encoded again.
 		return nil, fmt.Errorf("engine: a %s plan cannot continue held cells", spec.Policy())
 	}
-	tr, err := elasticcache.NewTracker(spec, nLayers)
+	tr, err := elasticcache.NewTracker(spec, len(held.layers))
 	if err != nil {
 		return nil, err
 	}
@@ -121,7 +128,7 @@ func continueSeqCache(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, 
 	if !held.lctx.SeqRemove(held.seq, common, -1) {
 		return nil, fmt.Errorf("engine: could not remove positions from %d of sequence %d", common, held.seq)
 	}
-	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt, evicted: -1}
+	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt, evicted: -1, layers: held.layers}
 	for i, p := range held.pos {
 		if p < common {
 			c.cells = append(c.cells, held.cells[i])
@@ -131,6 +138,7 @@ func continueSeqCache(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, 
 		}
 	}
 	c.peak = len(c.cells)
+	c.base = len(c.cells)
 	return c, nil
 }
 
@@ -138,11 +146,11 @@ func continueSeqCache(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, 
 // compressed, into the cache of the request that continues it exactly under the
 // same setting: every held cell stays, and the new turn's nPrompt-from entries
 // are encoded from position from and planned on their own (compressTurn).
-func continueCompressed(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt, textFrom, from int) (*seqCache, error) {
+func continueCompressed(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom, from int) (*seqCache, error) {
 	if spec != held.spec {
 		return nil, fmt.Errorf("engine: a conversation compressed under %s continues only under it", held.spec.Policy())
 	}
-	tr, err := elasticcache.NewTracker(spec, nLayers)
+	tr, err := elasticcache.NewTracker(spec, len(held.layers))
 	if err != nil {
 		return nil, err
 	}
@@ -151,10 +159,10 @@ func continueCompressed(held *seqCache, spec elasticcache.Spec, nLayers, nPrompt
 	}
 	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt,
 		evicted: -1, prev: held.tracker, segFrom: from, textFrom: textFrom,
-		cells: slices.Clone(held.cells), pos: slices.Clone(held.pos)}
+		cells: slices.Clone(held.cells), pos: slices.Clone(held.pos), layers: held.layers, base: len(held.cells)}
 	c.peak = len(c.cells)
 	if spec.PrefillScores() {
-		c.scores = make([][]float32, nLayers)
+		c.scores = make([][]float32, len(c.layers))
 		for l := range c.scores {
 			c.scores[l] = make([]float32, nPrompt)
 		}
@@ -200,9 +208,9 @@ func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
 	}
 	if prompt {
 		c.capturedRows += c.lctx.CaptureRows()
-		for l := range sums {
+		for l, il := range c.layers {
 			for i, cell := range c.cells {
-				c.scores[l][c.pos[i]] += sums[l][cell]
+				c.scores[l][c.promptIndex(i)] += sums[il][cell]
 			}
 		}
 		return nil
@@ -216,13 +224,23 @@ func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
 // unified cache each query row attends only its own sequence's cells, so a cell's
 // sum comes from its own sequence's query alone.
 func (c *seqCache) takeStep(sums [][]float32) {
-	c.step = make([][]float32, len(sums))
-	for l := range sums {
+	c.step = make([][]float32, len(c.layers))
+	for l, il := range c.layers {
 		c.step[l] = make([]float32, len(c.cells))
 		for i, cell := range c.cells {
-			c.step[l][i] = sums[l][cell]
+			c.step[l][i] = sums[il][cell]
 		}
 	}
+}
+
+// promptIndex is the prompt index of entry i while a prompt is encoded: a held
+// entry's position (held entries are text, one position each), else its place in
+// the prompt (an M-RoPE image's entries share one position).
+func (c *seqCache) promptIndex(i int) int {
+	if i < c.base {
+		return c.pos[i]
+	}
+	return c.segFrom + i - c.base
 }
 
 var errBookkeeping = errors.New("cell bookkeeping found no free cell where llama.cpp did")
@@ -235,9 +253,11 @@ func (c *seqCache) placed(cell, pos int) {
 }
 
 // compress applies the prompt plan once all nPrompt prompt entries are in the
-// cache: every layer keeps K entries (merged per the plan), written back as K
-// contiguous cells. Whatever the hook does not fully understand (cell count,
-// layers, layout) is refused before the sequence is written.
+// cache: every layer keeps K entries (merged per the plan), written by the KV hook
+// as K contiguous cells, in the slot's stream of the decode context when the
+// sequence has a home there. Whatever the hook does not fully understand (cell
+// count, layers, cells that are not the ones recorded) is refused before the
+// sequence is touched.
 func (c *seqCache) compress() error {
 	t0 := time.Now()
 	defer func() { c.compressDur = time.Since(t0) }()
@@ -255,50 +275,62 @@ func (c *seqCache) compress() error {
 	if plan == nil {
 		return c.moveHome()
 	}
-	src, plan, err := c.readFor(plan, c.nPrompt)
-	if err != nil {
-		return err
+	c.plan = plan
+	if len(c.cells) != c.nPrompt {
+		return &InvariantError{What: "cells read back", Detail: fmt.Sprintf("the sequence holds %d entries for a prompt of %d", len(c.cells), c.nPrompt)}
 	}
-	cellOf := make([]int, c.nPrompt) // prompt position -> cell in src (state order)
-	for i, p := range src.Pos {
-		if int(p) >= c.nPrompt {
-			return fmt.Errorf("kv hook: unexpected position %d in the cache", p)
+	w := c.newRewrite(plan.K, len(plan.Layers))
+	for l, lp := range plan.Layers {
+		for j, e := range lp.Keep {
+			var group []int
+			if j < len(lp.Groups) {
+				group = lp.Groups[j]
+			}
+			w.slot(l, j, e, group...)
 		}
-		cellOf[p] = i
 	}
-	dst := llama.NewSeqCacheLike(src, plan.K)
-	elasticcache.Merge(plan, seqStore{src}, seqStore{dst}, cellOf)
-	// Positions written back: layer 0's kept positions (see the type's comment), or
-	// 0..K-1 when the setting reproduces the published code's compacted positions.
-	keep := slices.Clone(plan.Layers[0].Keep)
+	// Positions: layer 0's kept entries' (see the type's comment), or 0..K-1 when the
+	// setting reproduces the published code's compacted positions.
+	for j, e := range plan.Layers[0].Keep {
+		w.meta(j, e, c.pos[e])
+		if c.spec.CompactPositions() {
+			w.plan.Pos[j] = j
+		}
+	}
 	if c.spec.CompactPositions() {
-		for i := range keep {
-			keep[i] = i
-		}
 		c.shift = c.nPrompt - plan.K
 	}
-	return c.writeBack(dst, keep)
+	return c.apply(w)
 }
 
-// readFor records plan as applied, reads the sequence's cells for it and checks,
-// before anything is written, that they are the cells the engine recorded,
-// in the plan's layers (for a sliding-window model, the plan of its full-attention
-// layers, which readFor returns).
-func (c *seqCache) readFor(plan *elasticcache.PrefillPlan, cells int) (*llama.SeqCache, *elasticcache.PrefillPlan, error) {
-	c.plan = plan
-	src, err := c.lctx.ReadSeqCache(c.seq)
-	if err != nil {
-		return nil, nil, err
+// rewrite is a plan for the KV hook over the sequence's entries (indices into
+// cells), turned into cells as it is built.
+type rewrite struct {
+	c    *seqCache
+	plan *llama.CellPlan
+}
+
+func (c *seqCache) newRewrite(n, layers int) *rewrite {
+	p := &llama.CellPlan{N: n, First: -1, Sources: make([][][]int, layers), Meta: make([]int, n), Pos: make([]int, n)}
+	for l := range p.Sources {
+		p.Sources[l] = make([][]int, n)
 	}
-	plan = cachePlan(plan, src)
-	if src.Cells() != cells || len(src.K) != len(plan.Layers) {
-		return nil, nil, fmt.Errorf("kv hook: the sequence holds %d cells in %d layers, the plan is for %d in %d",
-			src.Cells(), len(src.K), cells, len(plan.Layers))
+	return &rewrite{c: c, plan: p}
+}
+
+// slot makes cell j of layer l the mean of entry e and the entries of group.
+func (w *rewrite) slot(l, j, e int, group ...int) {
+	src := make([]int, 0, 1+len(group))
+	src = append(src, w.c.cells[e])
+	for _, g := range group {
+		src = append(src, w.c.cells[g])
 	}
-	if err := c.checkView(src.Pos); err != nil {
-		return nil, nil, err
-	}
-	return src, plan, nil
+	w.plan.Sources[l][j] = src
+}
+
+// meta gives cell j position pos and entry e's M-RoPE components.
+func (w *rewrite) meta(j, e, pos int) {
+	w.plan.Meta[j], w.plan.Pos[j] = w.c.cells[e], pos
 }
 
 // moveHome moves the sequence's cells unchanged into its home (nothing to do
@@ -307,55 +339,89 @@ func (c *seqCache) moveHome() error {
 	if c.home == nil {
 		return nil
 	}
-	src, err := c.lctx.ReadSeqCache(c.seq)
+	order := make([]int, len(c.cells)) // entries in cell order: one run, copied as is
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortFunc(order, func(a, b int) int { return c.cells[a] - c.cells[b] })
+	w := c.newRewrite(len(order), len(c.layers))
+	for j, e := range order {
+		for l := range c.layers {
+			w.slot(l, j, e)
+		}
+		w.meta(j, e, c.pos[e])
+	}
+	return c.apply(w)
+}
+
+// apply hands w to the KV hook, after checking that llama.cpp holds the cells the
+// engine recorded, and records where the cells went. A sequence with a home is
+// written there (rows converted to its layout, a sliding-window model's window
+// cache copied along) and leaves the prefill context.
+func (c *seqCache) apply(w *rewrite) error {
+	if len(w.plan.Sources) != len(c.layers) {
+		return fmt.Errorf("kv hook: the plan has %d layers, the cache %d", len(w.plan.Sources), len(c.layers))
+	}
+	if err := c.checkCells(); err != nil {
+		return err
+	}
+	dst, dstSeq, dstPool := c.lctx, c.seq, c.pool
+	if h := c.home; h != nil {
+		dst, dstSeq, dstPool = h.lctx, h.seq, h.pool
+		dst.SeqClear(dstSeq)
+		dstPool.releaseAll(dstSeq)
+	}
+	first, err := c.lctx.RewriteCells(c.seq, dst, dstSeq, w.plan)
+	if err != nil {
+		var he *llama.HookError
+		if errors.As(err, &he) && he.Invalid() {
+			return &InvariantError{What: "cells read back", Detail: he.Msg}
+		}
+		return err
+	}
+	if c.home != nil && c.lctx.CacheParts() == 2 {
+		// The window cache of a sliding-window model moves as it is.
+		if err := c.moveWindow(dst, dstSeq); err != nil {
+			return err
+		}
+	}
+	c.pool.releaseAll(c.seq)
+	if c.home != nil {
+		c.lctx, c.seq, c.pool, c.home = dst, dstSeq, dstPool, nil
+	}
+	cells := make([]int, w.plan.N)
+	for j := range cells {
+		cells[j] = first + j
+	}
+	c.pool.assign(c.seq, cells)
+	c.cells = cells
+	c.pos = slices.Clone(w.plan.Pos)
+	return c.checkCells()
+}
+
+// moveWindow copies the sequence's sliding-window cache (part 1) unchanged into
+// dstSeq of dst.
+func (c *seqCache) moveWindow(dst *llama.Context, dstSeq int) error {
+	cells, err := c.lctx.SeqCells(1, c.seq)
 	if err != nil {
 		return err
 	}
-	if err := c.checkView(src.Pos); err != nil {
+	layers, err := c.lctx.CacheLayers(1)
+	if err != nil || len(cells) == 0 {
 		return err
 	}
-	keep := make([]int, len(src.Pos))
-	for i, p := range src.Pos {
-		keep[i] = int(p)
-	}
-	return c.writeBack(src, keep)
-}
-
-// writeBack replaces the sequence's cells with dst, whose rows hold the entries
-// at positions keep (ascending), and records where llama.cpp put them. A sequence
-// with a home is written there (rows converted to its layout) and leaves the
-// prefill context.
-func (c *seqCache) writeBack(dst *llama.SeqCache, keep []int) error {
-	for i, p := range keep {
-		dst.Pos[i] = int32(p)
-	}
-	if h := c.home; h != nil {
-		c.home = nil
-		c.lctx.SeqClear(c.seq)
-		c.pool.releaseAll(c.seq)
-		c.lctx, c.seq, c.pool = h.lctx, h.seq, h.pool
-		dst = dst.Convert(c.lctx.KVLayout())
-		// The state names the streams of the context it is restored into.
-		for part := dst; part != nil; part = part.SWA {
-			part.NStream, part.Stream = h.nStream, h.seq
+	p := &llama.CellPlan{Part: 1, N: len(cells), First: -1, Sources: make([][][]int, len(layers))}
+	for l := range layers {
+		for _, cell := range cells {
+			p.Sources[l] = append(p.Sources[l], []int{cell.Index})
 		}
 	}
-	if err := c.lctx.WriteSeqCache(c.seq, dst); err != nil {
-		return err
+	for _, cell := range cells {
+		p.Meta = append(p.Meta, cell.Index)
+		p.Pos = append(p.Pos, cell.Pos)
 	}
-	if lo, hi := c.lctx.SeqPosMin(c.seq), c.lctx.SeqPosMax(c.seq); lo != keep[0] || hi != keep[len(keep)-1] {
-		return &InvariantError{What: "cells read back",
-			Detail: fmt.Sprintf("after the rewrite the sequence spans positions [%d, %d], the plan wrote [%d, %d]", lo, hi, keep[0], keep[len(keep)-1])}
-	}
-	// llama.cpp removed the sequence, then placed the rows as one ubatch.
-	c.pool.releaseAll(c.seq)
-	cells, ok := c.pool.placeUBatch(slices.Repeat([]int{c.seq}, len(keep)))
-	if !ok {
-		return errBookkeeping
-	}
-	c.cells = append(c.cells[:0], cells...)
-	c.pos = append(c.pos[:0], keep...)
-	return nil
+	_, err = c.lctx.RewriteCells(c.seq, dst, dstSeq, p)
+	return err
 }
 
 // InvariantError is a broken runtime invariant of the KV hook: what the engine
@@ -401,22 +467,26 @@ func (c *seqCache) checkCapture() error {
 	return nil
 }
 
-// checkView verifies that the cells llama.cpp holds for the sequence (positions
-// in cell order, as read from its state) are the ones the engine recorded.
-func (c *seqCache) checkView(cellPos []int32) error {
+// checkCells verifies that the cells llama.cpp holds for the sequence (read from
+// its cell table) are the ones the engine recorded, at the recorded positions.
+func (c *seqCache) checkCells() error {
+	got, err := c.lctx.SeqCells(0, c.seq)
+	if err != nil {
+		return &InvariantError{What: "cells read back", Detail: err.Error()}
+	}
 	order := make([]int, len(c.cells))
 	for i := range order {
 		order[i] = i
 	}
 	slices.SortFunc(order, func(a, b int) int { return c.cells[a] - c.cells[b] })
-	if len(cellPos) != len(order) {
+	if len(got) != len(order) {
 		return &InvariantError{What: "cells read back",
-			Detail: fmt.Sprintf("llama.cpp holds %d cells, the engine recorded %d", len(cellPos), len(order))}
+			Detail: fmt.Sprintf("llama.cpp holds %d cells, the engine recorded %d", len(got), len(order))}
 	}
 	for k, i := range order {
-		if int(cellPos[k]) != c.pos[i] {
+		if got[k].Index != c.cells[i] || got[k].Pos != c.pos[i] {
 			return &InvariantError{What: "cells read back",
-				Detail: fmt.Sprintf("cell-order entry %d holds position %d, the engine recorded %d", k, cellPos[k], c.pos[i])}
+				Detail: fmt.Sprintf("cell %d holds position %d, the engine recorded cell %d at %d", got[k].Index, got[k].Pos, c.cells[i], c.pos[i])}
 		}
 	}
 	return nil
@@ -434,14 +504,14 @@ func (c *seqCache) afterToken(T int) error {
 	if idx < 0 {
 		return nil
 	}
-	pos := c.pos[idx]
-	c.evicted = pos
+	// By cell: the entries of an M-RoPE image share one position.
+	if err := c.lctx.EvictCell(c.seq, c.cells[idx]); err != nil {
+		return err
+	}
+	c.evicted = c.pos[idx]
 	c.pool.release(c.cells[idx])
 	c.cells = slices.Delete(c.cells, idx, idx+1)
 	c.pos = slices.Delete(c.pos, idx, idx+1)
-	if !c.lctx.SeqRemove(c.seq, pos, pos+1) {
-		return fmt.Errorf("could not evict position %d", pos)
-	}
 	return nil
 }
 
@@ -451,33 +521,6 @@ func (c *seqCache) free() {
 	c.pool.releaseAll(c.seq)
 	c.cells, c.pos = nil, nil
 }
-
-// seqStore and layerRows show a llama.SeqCache to elasticcache.Merge.
-type seqStore struct{ *llama.SeqCache }
-
-func (s seqStore) Layers() int { return len(s.K) }
-
-func (s seqStore) Keys(l int) elasticcache.Rows { return layerRows{&s.SeqCache.K[l], s.Cells()} }
-
-func (s seqStore) Values(l int) elasticcache.Rows { return layerRows{&s.SeqCache.V[l], s.Cells()} }
-
-type layerRows struct {
-	lr    *llama.LayerRows
-	cells int
-}
-
-var _ elasticcache.Store = seqStore{}
-
-func (r layerRows) Row(c int, dst []float32) { r.lr.Row(r.cells, c, dst) }
-
-func (r layerRows) SetRow(c int, src []float32) { r.lr.SetRow(r.cells, c, src) }
-
-func (r layerRows) CopyRow(c int, src elasticcache.Rows, from int) {
-	s := src.(layerRows)
-	r.lr.CopyRow(r.cells, c, s.lr, s.cells, from)
-}
-
-func (r layerRows) Width() int { return r.lr.RowElems }
 
 // compressTurn applies the plan of a continued conversation's new turn (see
 // elasticcache.Tracker.Continue): the held entries are written back unchanged,
@@ -515,63 +558,40 @@ func (c *seqCache) compressTurn() error {
 	if plan == nil {
 		return nil
 	}
-	src, plan, err := c.readFor(plan, len(heldPos)+n)
-	if err != nil {
-		return err
-	}
-	cellOf := make(map[int]int, src.Cells()) // position -> cell in src (state order)
-	for i, p := range src.Pos {
-		cellOf[int(p)] = i
-	}
-	turnCell := make([]int, n)
-	for j := range turnCell {
-		i, ok := cellOf[c.segFrom+j]
-		if !ok {
-			return fmt.Errorf("kv hook: position %d of the new turn is not in the cache", c.segFrom+j)
-		}
-		turnCell[j] = i
-	}
-	h := len(heldPos)
-	dst := llama.NewSeqCacheLike(src, h+plan.K)
-	from, to := seqStore{src}, seqStore{dst}
-	for i, p := range heldPos {
-		for l := range dst.K {
-			to.Keys(l).CopyRow(i, from.Keys(l), cellOf[p])
-			to.Values(l).CopyRow(i, from.Values(l), cellOf[p])
+	c.plan = plan
+	// Entries: the held ones (in position order), then the turn's, in prompt order.
+	var held []int
+	for i, p := range c.pos {
+		if p < c.segFrom {
+			held = append(held, i)
 		}
 	}
-	elasticcache.Merge(plan, from, offsetStore{to, h}, turnCell)
-	keep := slices.Clone(heldPos)
-	for _, j := range plan.Layers[0].Keep {
-		keep = append(keep, c.segFrom+j)
+	slices.SortStableFunc(held, func(a, b int) int { return c.pos[a] - c.pos[b] })
+	h := len(held)
+	if len(c.cells) != h+n {
+		return &InvariantError{What: "cells read back", Detail: fmt.Sprintf("the sequence holds %d entries, %d held and %d of the turn expected", len(c.cells), h, n)}
 	}
-	return c.writeBack(dst, keep)
-}
-
-// offsetStore shows a Store whose rows start at cell off, so that a plan's K rows
-// land after the held entries.
-type offsetStore struct {
-	seqStore
-	off int
-}
-
-func (s offsetStore) Keys(l int) elasticcache.Rows {
-	return offsetRows{s.seqStore.Keys(l).(layerRows), s.off}
-}
-
-func (s offsetStore) Values(l int) elasticcache.Rows {
-	return offsetRows{s.seqStore.Values(l).(layerRows), s.off}
-}
-
-type offsetRows struct {
-	layerRows
-	off int
-}
-
-func (r offsetRows) Row(c int, dst []float32) { r.layerRows.Row(c+r.off, dst) }
-
-func (r offsetRows) SetRow(c int, src []float32) { r.layerRows.SetRow(c+r.off, src) }
-
-func (r offsetRows) CopyRow(c int, src elasticcache.Rows, from int) {
-	r.layerRows.CopyRow(c+r.off, src, from)
+	w := c.newRewrite(h+plan.K, len(plan.Layers))
+	for j, e := range held {
+		for l := range plan.Layers {
+			w.slot(l, j, e)
+		}
+		w.meta(j, e, c.pos[e])
+	}
+	entry := func(j int) int { return h + j } // the entry of the turn's prompt index j
+	for l, lp := range plan.Layers {
+		for j, k := range lp.Keep {
+			var group []int
+			if j < len(lp.Groups) {
+				for _, g := range lp.Groups[j] {
+					group = append(group, entry(g))
+				}
+			}
+			w.slot(l, h+j, entry(k), group...)
+		}
+	}
+	for j, k := range plan.Layers[0].Keep {
+		w.meta(h+j, entry(k), c.segFrom+k)
+	}
+	return c.apply(w)
 }

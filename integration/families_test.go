@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"strings"
 	"testing"
 
@@ -15,9 +14,9 @@ import (
 
 // Every model family's tiny random model served by the real binary: it starts,
 // says which policies the model supports, answers text, one picture and two
-// pictures (streamed), and compresses under elastic 0.5 where the model allows
-// it; where not (Qwen-VL's M-RoPE), elastic is a 400 naming the reason and full
-// answers.
+// pictures (streamed), and compresses a picture's prompt under elastic 0.5
+// (Qwen-VL's M-RoPE included: the KV hook names cells by index and carries their
+// extra position components).
 func TestFamiliesServed(t *testing.T) {
 	for _, arch := range testmodel.Families() {
 		t.Run(arch, func(t *testing.T) {
@@ -36,9 +35,8 @@ func TestFamiliesServed(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			elasticOK := !strings.Contains(page.Data[0].RawJSON(), `"policy":"elastic","supported":false`)
-			if strings.HasPrefix(arch, "qwen") == elasticOK {
-				t.Fatalf("/v1/models: %s", page.Data[0].RawJSON())
+			if strings.Contains(page.Data[0].RawJSON(), `"supported":false`) {
+				t.Fatalf("/v1/models refuses a policy: %s", page.Data[0].RawJSON())
 			}
 			ask := func(cache map[string]any, images int) (*openai.ChatCompletion, error) {
 				parts := []openai.ChatCompletionContentPartUnionParam{openai.TextContentPart("What color is the circle?")}
@@ -76,13 +74,6 @@ func TestFamiliesServed(t *testing.T) {
 					openai.ImageContentPart(openai.ChatCompletionContentPartImageImageURLParam{URL: dataURL(redCircle(t))}),
 				})},
 			}, option.WithJSONSet("elastic_cache", map[string]any{"policy": "elastic", "budget": 0.5}))
-			if !elasticOK {
-				var apiErr *openai.Error
-				if !errors.As(err, &apiErr) || apiErr.StatusCode != 400 || !strings.Contains(apiErr.Message, "M-RoPE") {
-					t.Fatalf("elastic 0.5 on an M-RoPE model: %v", err)
-				}
-				return
-			}
 			if err != nil {
 				t.Fatalf("elastic 0.5: %v", err)
 			}
