@@ -130,7 +130,7 @@ type Engine struct {
 	// cacheLayers are the model layers of the cache the KV hook rewrites (part 0).
 	cacheLayers []int
 	opts        Options
-	log   zerolog.Logger
+	log         zerolog.Logger
 
 	// mu orders Submit's enqueue against Stop: once closed is set, nothing more
 	// enters the queue, so the loop's last drain sees every request.
