@@ -217,7 +217,7 @@ func (e *Engine) updateCells() {
 	n := 0
 	var byPolicy [len(cachePolicies)]int64
 	for _, s := range e.slots {
-		if s != nil && s.cache.lctx == e.ctx { // a prompt in the prefill context holds no decode cells yet
+		if s != nil && !s.cache.away() { // a prompt in the prefill context holds no decode cells yet
 			held := s.cache.held()
 			n += held
 			if i := slices.Index(cachePolicies[:], s.req.Cache.Policy()); i >= 0 {
@@ -236,32 +236,6 @@ func (e *Engine) updateCells() {
 	for i, c := range byPolicy {
 		e.policyCells[i].Store(c)
 	}
-}
-
-// placeBatch records where llama.cpp put the tokens of the batch just decoded: ids
-// holds each token's sequence in batch order. Each pool places its own tokens in order.
-func (e *Engine) placeBatch(ids []int) ([]int, error) {
-	cells := make([]int, len(ids))
-	for pi, p := range e.pools {
-		var idx, seqs []int
-		for i, id := range ids {
-			if e.poolOf(id) == pi {
-				idx = append(idx, i)
-				seqs = append(seqs, id)
-			}
-		}
-		if len(seqs) == 0 {
-			continue
-		}
-		got, ok := p.place(seqs)
-		if !ok {
-			return nil, errBookkeeping
-		}
-		for k, i := range idx {
-			cells[i] = got[k]
-		}
-	}
-	return cells, nil
 }
 
 // prefillStep encodes one batch of one prompt, the oldest unfinished one. A single
@@ -292,14 +266,7 @@ func (e *Engine) prefill(s *seq) {
 		e.fail(s, err)
 		return
 	}
-	if nonCausal {
-		s.cache.lctx.SetCausal(false)
-	}
-	err = s.cache.decode(b, s.nPast, true)
-	if nonCausal {
-		s.cache.lctx.SetCausal(true)
-	}
-	if err != nil {
+	if err := s.cache.decodePrompt(b, nonCausal); err != nil {
 		e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
 		return
 	}
@@ -307,7 +274,7 @@ func (e *Engine) prefill(s *seq) {
 	ch := &s.chunks[s.chunkIdx]
 	if s.chunkOff += n; s.chunkOff == ch.n {
 		if e.mrope() {
-			s.cache.shift += ch.n - ch.nPos // an M-RoPE image takes fewer positions than cells
+			s.cache.imageDone(ch.n, ch.nPos)
 		}
 		ch.embd = nil
 		s.chunkIdx++
@@ -392,7 +359,7 @@ func (e *Engine) decodeStep() {
 			continue
 		}
 		switch {
-		case s.cache.pool.free() == 0:
+		case s.cache.streamFull():
 			e.finish(s, Event{Done: true, FinishReason: FinishLength})
 		case s.req.Cache.BatchedDecode() || e.opts.Unified:
 			// On one unified cache a query row attends only its own sequence's
@@ -411,7 +378,7 @@ func (e *Engine) decodeStep() {
 			b.Clear()
 			pos := s.cache.position(s.nPast)
 			b.Add(s.pending, pos, s.cache.seq, true)
-			if err := s.cache.decode(b, pos, false); err != nil {
+			if err := s.cache.decode(b, false); err != nil {
 				e.fail(s, fmt.Errorf("engine: decode: %w", err))
 				return
 			}
@@ -423,43 +390,19 @@ func (e *Engine) decodeStep() {
 func (e *Engine) decodeShared(ss []*seq) {
 	b := e.tokBatch
 	b.Clear()
-	ids := make([]int, len(ss))
-	capture := false // some sequence's policy reads this step's attention (h2o)
+	caches := make([]*seqCache, len(ss))
 	for i, s := range ss {
 		b.Add(s.pending, s.cache.position(s.nPast), s.id, true)
-		ids[i] = s.id
-		capture = capture || s.req.Cache.DecodeScores()
+		caches[i] = s.cache
 	}
-	if capture {
-		e.ctx.CaptureReset()
-		e.ctx.CaptureEnable(true)
-	}
-	err := e.ctx.Decode(b)
-	if capture {
-		e.ctx.CaptureEnable(false)
-	}
-	var cells []int
-	if err == nil {
-		cells, err = e.placeBatch(ids)
-	}
-	var sums [][]float32
-	if err == nil && capture {
-		sums, err = e.ctx.CaptureSums(e.pools[0].size())
-	}
-	if err != nil {
+	if err := decodeShared(e.ctx, b, caches); err != nil {
 		for _, s := range ss {
 			e.fail(s, fmt.Errorf("engine: decode: %w", err))
 		}
 		return
 	}
 	for i, s := range ss {
-		e.guard(s, func() {
-			s.cache.placed(cells[i], s.cache.position(s.nPast))
-			if s.req.Cache.DecodeScores() {
-				s.cache.takeStep(sums)
-			}
-			e.afterDecode(s, i)
-		})
+		e.guard(s, func() { e.afterDecode(s, i) })
 	}
 }
 
@@ -596,8 +539,7 @@ func (e *Engine) failPanic(s *seq, v any, stack []byte) {
 			e.slots[s.id] = nil
 			e.busy.Add(-1)
 			e.reserved[e.poolOf(s.id)] -= s.reserve
-			s.cache.lctx.SeqClear(s.cache.seq)
-			s.cache.pool.releaseAll(s.cache.seq)
+			s.cache.free()
 			s.box.push(Event{Done: true, Err: err})
 		}
 	}()
@@ -642,7 +584,7 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 // prefillBusy reports whether a request's prompt occupies the prefill context.
 func (e *Engine) prefillBusy() bool {
 	for _, s := range e.slots {
-		if s != nil && s.cache != nil && s.cache.lctx == e.pctx {
+		if s != nil && s.cache != nil && s.cache.away() {
 			return true
 		}
 	}

@@ -176,10 +176,30 @@ func (c *seqCache) held() int { return len(c.cells) }
 // position is where the token that follows T processed tokens goes.
 func (c *seqCache) position(T int) int { return T - c.shift }
 
-// decode runs b, which holds only this sequence's tokens, at positions pos0..,
-// records their cells, and captures their attention when the policy reads it in
-// this phase (prompt or generation).
-func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
+// decodePrompt runs b, a batch of the sequence's prompt; nonCausal encodes it
+// without the causal mask (an image some projectors ask to be attended whole).
+func (c *seqCache) decodePrompt(b *llama.Batch, nonCausal bool) error {
+	if nonCausal {
+		c.lctx.SetCausal(false)
+		defer c.lctx.SetCausal(true)
+	}
+	return c.decode(b, true)
+}
+
+// imageDone records that an M-RoPE image of n entries took nPos positions.
+func (c *seqCache) imageDone(n, nPos int) { c.shift += n - nPos }
+
+// streamFull reports whether the sequence's stream has no free cell for a token.
+func (c *seqCache) streamFull() bool { return c.pool.free() == 0 }
+
+// away reports whether the sequence is still in the prefill context, before its
+// plan moves it home (it holds no cell of the decode context yet).
+func (c *seqCache) away() bool { return c.home != nil }
+
+// decode runs b, which holds only this sequence's tokens, records their cells,
+// and captures their attention when the policy reads it in this phase (prompt or
+// generation).
+func (c *seqCache) decode(b *llama.Batch, prompt bool) error {
 	capture := (prompt && c.scores != nil) || (!prompt && c.spec.DecodeScores())
 	if capture {
 		c.lctx.CaptureReset()
@@ -216,6 +236,63 @@ func (c *seqCache) decode(b *llama.Batch, pos0 int, prompt bool) error {
 		return nil
 	}
 	c.takeStep(sums)
+	return nil
+}
+
+// decodeShared decodes b in ctx: the pending token of each of caches, in order,
+// one sequence each. It records each token's cell (each pool places its own
+// sequences' tokens in batch order, as llama.cpp's find_slot does per stream) and
+// this step's attention for the caches whose policy reads it.
+func decodeShared(ctx *llama.Context, b *llama.Batch, caches []*seqCache) error {
+	capture := false
+	for _, c := range caches {
+		capture = capture || c.spec.DecodeScores()
+	}
+	if capture {
+		ctx.CaptureReset()
+		ctx.CaptureEnable(true)
+	}
+	err := ctx.Decode(b)
+	if capture {
+		ctx.CaptureEnable(false)
+	}
+	if err != nil {
+		return err
+	}
+	cells := make([]int, len(caches))
+	var pools []*cellPool
+	for _, c := range caches {
+		if !slices.Contains(pools, c.pool) {
+			pools = append(pools, c.pool)
+		}
+	}
+	for _, p := range pools {
+		var idx, seqs []int
+		for i, c := range caches {
+			if c.pool == p {
+				idx, seqs = append(idx, i), append(seqs, c.seq)
+			}
+		}
+		got, ok := p.place(seqs)
+		if !ok {
+			return errBookkeeping
+		}
+		for k, i := range idx {
+			cells[i] = got[k]
+		}
+	}
+	var sums [][]float32
+	if capture {
+		if sums, err = ctx.CaptureSums(ctx.NCtxSeq()); err != nil {
+			return err
+		}
+	}
+	for i, c := range caches {
+		c.placed(cells[i], b.Pos(i))
+		if c.spec.DecodeScores() {
+			c.takeStep(sums)
+		}
+	}
 	return nil
 }
 

@@ -12,6 +12,9 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <map>
 #include <stdexcept>
 #include <unordered_map>
@@ -150,6 +153,8 @@ static layer_tensors tensors_of(llama_kv_cache *kv, ggml_context *gctx, int32_t 
 
 struct es_kv_hook {
     std::map<ggml_backend_dev_t, ggml_backend_t> backends;
+    std::map<ggml_backend_t, bool> on_cpu;
+    bool generic = false; // tests: the device graph on the CPU too
     std::map<ggml_backend_t, ggml_gallocr_t> allocs;
 
     ~es_kv_hook() {
@@ -172,6 +177,7 @@ struct es_kv_hook {
             b = ggml_backend_dev_init(dev, nullptr);
             if (!b) throw es_error(ES_EUNSUPPORTED, fmt("kv hook: cannot start backend %s", ggml_backend_dev_name(dev)));
             backends[dev] = b;
+            on_cpu[b] = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
         }
         if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && n_threads > 0) {
             ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
@@ -293,6 +299,214 @@ static void copy_runs(ggml_context *ctx, ggml_cgraph *gf, ggml_tensor *ts, ggml_
     }
 }
 
+// ---- the CPU's fused merge ----
+//
+// On the CPU the device graph's float32 intermediates (get_rows to float32, the
+// group sums, the scale) cost several passes over the prompt's rows. There a single
+// custom operation reads each source row once and writes each merged row once, into
+// a buffer in the destination's type where it can (then a plain copy puts it in
+// place), split over the backend's threads. It is still a ggml graph on the same
+// tensors; devices without custom operations (CUDA) run the generic graph.
+
+struct fused_merge {
+    const ggml_tensor *src; // a layer's K or V cache (all streams)
+    uint32_t strm;
+    bool trans;            // V stored element-major: [cells] per element
+    int64_t used;          // trans: cells [0, used) are read per element
+    const int32_t *off;    // [n + 1]: slot j's sources are cells[off[j] .. off[j+1])
+    const int32_t *cells;
+    const float *inv;      // [n]: 1 / number of sources
+};
+
+static void store_row(const float *x, void *dst, ggml_type t, int64_t n) {
+    switch (t) {
+    case GGML_TYPE_F16:
+        ggml_fp32_to_fp16_row(x, (ggml_fp16_t *)dst, n);
+        break;
+    case GGML_TYPE_BF16:
+        ggml_fp32_to_bf16_row(x, (ggml_bf16_t *)dst, n);
+        break;
+    default:
+        memcpy(dst, x, n * sizeof(float));
+    }
+}
+
+// Scratch of one thread's transposed-V merge.
+struct trans_scratch {
+    std::vector<float> row, blk, out;
+    trans_scratch(int64_t used, int64_t n) : row(used), blk(used * 8), out(n * 8) {}
+};
+
+// trans_block merges element rows e0..e0+nr-1 (nr <= 8) of a transposed V: the
+// rows are turned cell-major (blk[c][r]), so that a slot's sum runs over whole
+// vectors of the block's rows.
+static void trans_block(const fused_merge &a, ggml_tensor *dst, int64_t e0, int64_t nr, trans_scratch &sc) {
+    const ggml_tensor *t = a.src;
+    const auto to_float = ggml_get_type_traits(t->type)->to_float;
+    const size_t esz = ggml_type_size(t->type);
+    const char *base = (const char *)t->data + a.strm * t->nb[2];
+    const int64_t n = dst->ne[0];
+    std::fill(sc.blk.begin(), sc.blk.end(), 0.0f);
+    for (int64_t r = 0; r < nr; r++) {
+        to_float(base + (e0 + r) * t->ne[1] * esz, sc.row.data(), a.used);
+        float *col = sc.blk.data() + r;
+        for (int64_t c = 0; c < a.used; c++) col[c * 8] = sc.row[c];
+    }
+    for (int64_t j = 0; j < n; j++) {
+        float acc[8] = {0};
+        for (int32_t k = a.off[j]; k < a.off[j + 1]; k++) {
+            const float *v = &sc.blk[a.cells[k] * 8];
+            for (int r = 0; r < 8; r++) acc[r] += v[r];
+        }
+        const float w = a.inv[j];
+        for (int r = 0; r < 8; r++) sc.out[r * n + j] = acc[r] * w;
+    }
+    for (int64_t r = 0; r < nr; r++) store_row(&sc.out[r * n], (char *)dst->data + (e0 + r) * dst->nb[1], dst->type, n);
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+// transpose8 turns an 8x8 block of floats (r[i] holds row i) into its transpose.
+static inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// trans_block_avx2 is trans_block for 8 rows of f16 into f16, turning 8x8 tiles
+// in registers on the way in and on the way out.
+static void trans_block_avx2(const fused_merge &a, ggml_tensor *dst, int64_t e0, trans_scratch &sc) {
+    const ggml_tensor *t = a.src;
+    const char *base = (const char *)t->data + a.strm * t->nb[2];
+    const ggml_fp16_t *rows[8];
+    for (int r = 0; r < 8; r++) rows[r] = (const ggml_fp16_t *)(base + (e0 + r) * t->ne[1] * sizeof(ggml_fp16_t));
+    float *blk = sc.blk.data();
+    int64_t c = 0;
+    for (; c + 8 <= a.used; c += 8) {
+        __m256 v[8];
+        for (int r = 0; r < 8; r++) v[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[r] + c)));
+        transpose8(v);
+        for (int k = 0; k < 8; k++) _mm256_storeu_ps(blk + (c + k) * 8, v[k]);
+    }
+    for (; c < a.used; c++) {
+        for (int r = 0; r < 8; r++) blk[c * 8 + r] = _cvtsh_ss(rows[r][c]);
+    }
+    const int64_t n = dst->ne[0];
+    ggml_fp16_t *out[8];
+    for (int r = 0; r < 8; r++) out[r] = (ggml_fp16_t *)((char *)dst->data + (e0 + r) * dst->nb[1]);
+    int64_t j0 = 0;
+    for (; j0 < n; j0 += 8) {
+        const int64_t m = std::min<int64_t>(8, n - j0);
+        __m256 acc[8];
+        for (int64_t jj = 0; jj < 8; jj++) {
+            acc[jj] = _mm256_setzero_ps();
+            if (jj >= m) continue;
+            const int64_t j = j0 + jj;
+            for (int32_t k = a.off[j]; k < a.off[j + 1]; k++) acc[jj] = _mm256_add_ps(acc[jj], _mm256_loadu_ps(blk + a.cells[k] * 8));
+            acc[jj] = _mm256_mul_ps(acc[jj], _mm256_set1_ps(a.inv[j]));
+        }
+        transpose8(acc); // acc[r]: row r's slots j0..j0+7
+        for (int r = 0; r < 8; r++) {
+            const __m128i h = _mm256_cvtps_ph(acc[r], _MM_FROUND_TO_NEAREST_INT);
+            if (m == 8) {
+                _mm_storeu_si128((__m128i *)(out[r] + j0), h);
+            } else {
+                alignas(16) ggml_fp16_t tmp[8];
+                _mm_store_si128((__m128i *)tmp, h);
+                memcpy(out[r] + j0, tmp, m * sizeof(ggml_fp16_t));
+            }
+        }
+    }
+}
+#endif
+
+static void fused_merge_op(ggml_tensor *dst, int ith, int nth, void *ud) {
+    const fused_merge &a = *(const fused_merge *)ud;
+    const ggml_tensor *t = a.src;
+    const auto to_float = ggml_get_type_traits(t->type)->to_float;
+    const char *base = (const char *)t->data + a.strm * t->nb[2];
+    if (!a.trans) {
+        // dst [width, n]: one merged row per slot; threads take slots.
+        const int64_t width = t->ne[0], n = dst->ne[1];
+        const size_t row = t->nb[1];
+        std::vector<float> acc(width), tmp(width);
+        for (int64_t j = n * ith / nth; j < n * (ith + 1) / nth; j++) {
+            char *out = (char *)dst->data + j * dst->nb[1];
+            const int32_t b = a.off[j], e = a.off[j + 1];
+            if (e - b == 1 && dst->type == t->type) {
+                memcpy(out, base + a.cells[b] * row, row); // a kept row alone: as it is
+                continue;
+            }
+            to_float(base + a.cells[b] * row, acc.data(), width);
+            for (int32_t k = b + 1; k < e; k++) {
+                to_float(base + a.cells[k] * row, tmp.data(), width);
+                for (int64_t i = 0; i < width; i++) acc[i] += tmp[i];
+            }
+            const float w = a.inv[j];
+            for (int64_t i = 0; i < width; i++) acc[i] *= w;
+            store_row(acc.data(), out, dst->type, width);
+        }
+        return;
+    }
+    // dst [n, width]: element e of every slot, from element row e alone (which is
+    // read before it is written, so a rewrite in place needs no copy). Threads take
+    // blocks of 8 element rows.
+    const int64_t width = t->ne[0], n = dst->ne[0];
+    const int64_t nblk = (width + 7) / 8;
+    trans_scratch sc(a.used, n);
+    for (int64_t bi = nblk * ith / nth; bi < nblk * (ith + 1) / nth; bi++) {
+        const int64_t e0 = bi * 8, nr = std::min<int64_t>(8, width - e0);
+#if defined(__AVX2__) && defined(__F16C__)
+        if (nr == 8 && t->type == GGML_TYPE_F16 && dst->type == GGML_TYPE_F16) {
+            trans_block_avx2(a, dst, e0, sc);
+            continue;
+        }
+#endif
+        trans_block(a, dst, e0, nr, sc);
+    }
+}
+
+// copy_rows_op copies the rows of dst->src[1] into dst (same type, same shape,
+// rows contiguous, strides free): a transposed V's element rows into their cells.
+static void copy_rows_op(ggml_tensor *dst, int ith, int nth, void *) {
+    const ggml_tensor *x = dst->src[1];
+    const size_t bytes = ggml_row_size(dst->type, dst->ne[0]);
+    for (int64_t r = dst->ne[1] * ith / nth; r < dst->ne[1] * (ith + 1) / nth; r++) {
+        memcpy((char *)dst->data + r * dst->nb[1], (const char *)x->data + r * x->nb[1], bytes);
+    }
+}
+
+// put writes merged rows x (source orientation: [width, n], or [n, width] when
+// xtrans) into cells first..first+n of stream strm of cache tensor t, converting
+// type and orientation.
+static ggml_tensor *put(ggml_context *ctx, ggml_tensor *t, bool trans, uint32_t strm, int64_t first, ggml_tensor *x,
+                        bool xtrans) {
+    const int64_t n = xtrans ? x->ne[0] : x->ne[1];
+    ggml_tensor *to;
+    if (!trans) {
+        to = ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], strm * t->nb[2] + first * t->nb[1]);
+    } else {
+        const size_t esz = ggml_type_size(t->type);
+        to = ggml_view_2d(ctx, t, n, t->ne[0], t->ne[1] * esz, strm * t->nb[2] + first * esz);
+    }
+    if (xtrans != trans) {
+        x = ggml_cont(ctx, ggml_transpose(ctx, x)); // a quantizing copy needs whole source rows
+    }
+    return ggml_cpy(ctx, x, to);
+}
+
 static bool quant_ok(ggml_type t) {
     switch (t) {
     case GGML_TYPE_F32:
@@ -313,6 +527,8 @@ extern "C" {
 es_kv_hook *es_kv_hook_new(void) { return new (std::nothrow) es_kv_hook(); }
 
 void es_kv_hook_free(es_kv_hook *h) { delete h; }
+
+void es_kv_hook_set_generic(es_kv_hook *h, int on) { h->generic = on != 0; }
 
 int es_kv_parts(llama_context *ctx) {
     llama_memory_i *mem = llama_get_memory(ctx);
@@ -404,6 +620,23 @@ int es_kv_rewrite(es_kv_hook *h, llama_context *src, int32_t src_seq, llama_cont
                 if (counts[l][j] == 0) throw es_error(ES_EINVAL, fmt("kv hook: layer %d: slot %d has no source", l, j));
             }
         }
+        // Slot-major source lists (the fused CPU merge reads them slot by slot).
+        struct csr {
+            std::vector<int32_t> off, cells;
+            std::vector<float> inv;
+        };
+        std::vector<csr> csrs(plan->n_layer);
+        for (int l = 0; l < plan->n_layer; l++) {
+            csr &c = csrs[l];
+            c.off.assign(n_dst + 1, 0);
+            for (int j = 0; j < n_dst; j++) c.off[j + 1] = c.off[j] + counts[l][j];
+            c.cells.resize(c.off[n_dst]);
+            c.inv.resize(n_dst);
+            std::vector<int32_t> at(c.off.begin(), c.off.end() - 1);
+            for (int32_t i = plan->src_off[l]; i < plan->src_off[l + 1]; i++) c.cells[at[plan->grp[i]]++] = plan->src[i];
+            for (int j = 0; j < n_dst; j++) std::sort(c.cells.begin() + c.off[j], c.cells.begin() + c.off[j + 1]); // in memory order
+            for (int j = 0; j < n_dst; j++) c.inv[j] = 1.0f / (float)counts[l][j];
+        }
         for (int j = 0; j < n_dst; j++) {
             if (!own(plan->meta_cell[j])) {
                 throw es_error(ES_EINVAL, fmt("kv hook: slot %d takes its position from cell %d, not the sequence's", j, plan->meta_cell[j]));
@@ -476,6 +709,8 @@ int es_kv_rewrite(es_kv_hook *h, llama_context *src, int32_t src_seq, llama_cont
                 }
             }
             graph_build g(nodes);
+            std::vector<fused_merge> fused; // the custom operations' arguments, alive until the compute
+            fused.reserve(2 * list.size());
             ggml_tensor *didx = g.input(GGML_TYPE_I64, dst_idx, n_dst);
             for (const layer_job &job : list) {
                 const int32_t a = plan->src_off[job.l], e = plan->src_off[job.l + 1];
@@ -499,6 +734,34 @@ int es_kv_rewrite(es_kv_hook *h, llama_context *src, int32_t src_seq, llama_cont
                     const bool trs = kv && job.s.v_trans, trd = kv && job.d.v_trans;
                     if (identity && !in_place && ts->type == td->type && trs == trd) {
                         copy_runs(g.ctx, g.gf, ts, td, trs, ss, sd, sidx, first);
+                        continue;
+                    }
+                    if (h->on_cpu[b] && !h->generic) {
+                        const csr &c = csrs[job.l];
+                        fused.push_back({ts, ss, trs, used, c.off.data(), c.cells.data(), c.inv.data()});
+                        const bool plain = td->type == GGML_TYPE_F16 || td->type == GGML_TYPE_BF16 || td->type == GGML_TYPE_F32;
+                        const ggml_type ot = plain && trs == trd ? td->type : GGML_TYPE_F32;
+                        ggml_tensor *args[1] = {ts};
+                        if ((!in_place || trs) && plain && trs == trd) {
+                            // Another cache: the merged rows go straight to their cells. In
+                            // place, a transposed V too: an element row's outputs come from
+                            // that row alone, which the kernel has read before it writes.
+                            ggml_tensor *to = trd ? ggml_view_2d(g.ctx, td, n_dst, td->ne[0], td->ne[1] * ggml_type_size(td->type),
+                                                                 sd * td->nb[2] + first * ggml_type_size(td->type))
+                                                  : ggml_view_2d(g.ctx, td, td->ne[0], n_dst, td->nb[1], sd * td->nb[2] + first * td->nb[1]);
+                            ggml_build_forward_expand(g.gf, ggml_custom_inplace(g.ctx, to, args, 1, fused_merge_op, GGML_N_TASKS_MAX, &fused.back()));
+                            continue;
+                        }
+                        ggml_tensor *x = trs ? ggml_custom_4d(g.ctx, ot, n_dst, ts->ne[0], 1, 1, args, 1, fused_merge_op, GGML_N_TASKS_MAX, &fused.back())
+                                             : ggml_custom_4d(g.ctx, ot, ts->ne[0], n_dst, 1, 1, args, 1, fused_merge_op, GGML_N_TASKS_MAX, &fused.back());
+                        if (trs && trd && ot == td->type) {
+                            ggml_tensor *to = ggml_view_2d(g.ctx, td, n_dst, td->ne[0], td->ne[1] * ggml_type_size(td->type),
+                                                           sd * td->nb[2] + first * ggml_type_size(td->type));
+                            ggml_tensor *from[1] = {x};
+                            ggml_build_forward_expand(g.gf, ggml_custom_inplace(g.ctx, to, from, 1, copy_rows_op, GGML_N_TASKS_MAX, nullptr));
+                            continue;
+                        }
+                        ggml_build_forward_expand(g.gf, put(g.ctx, td, trd, sd, first, x, trs));
                         continue;
                     }
                     ggml_tensor *x = gather(g.ctx, ts, trs, ss, used, si); // [width, m] f32

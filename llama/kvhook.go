@@ -157,6 +157,17 @@ func (c *Context) RewriteCells(seq int, dst *Context, dstSeq int, plan *CellPlan
 	return int(first), nil
 }
 
+// SetHookGeneric makes the KV hook run its device graph (get_rows, get_rows_back,
+// mul, set_rows: what CUDA runs) on the CPU too, instead of the CPU's fused merge.
+// For tests: both must give the same rows.
+func (c *Context) SetHookGeneric(on bool) {
+	v := 0
+	if on {
+		v = 1
+	}
+	C.es_kv_hook_set_generic(c.hook, C.int(v))
+}
+
 // EvictCell removes one cell of seq (in a sliding-window model, also that cell's
 // position from the window cache).
 func (c *Context) EvictCell(seq, cell int) error {

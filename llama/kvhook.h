@@ -35,6 +35,10 @@ typedef struct es_kv_hook es_kv_hook;
 es_kv_hook *es_kv_hook_new(void);
 void es_kv_hook_free(es_kv_hook *h);
 
+// es_kv_hook_set_generic makes the CPU run the same graph as other devices instead
+// of its fused merge (tests run both).
+void es_kv_hook_set_generic(es_kv_hook *h, int on);
+
 // es_kv_parts is the number of caches the context keeps: 1 (one llama_kv_cache) or
 // 2 (a sliding-window model: part 0 the full-attention cache, part 1 the
 // sliding-window one); 0 for memory the hook does not know (recurrent, hybrid).

@@ -121,86 +121,90 @@ func TestCellMergeMatchesFloat64Oracle(t *testing.T) {
 			{TypeK: "q8_0"},
 			{TypeK: "q8_0", TypeV: "q8_0", FlashAttn: true},
 		} {
-			c := newCtxOn(t, m, p)
-			t.Run(fmt.Sprintf("%s/%s", cmp.Or(arch, "llama"), c.KVLayout()), func(t *testing.T) {
-				decodeTokens(t, c, prompt, 0, 0)
-				cells, err := c.SeqCells(0, 0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				before, err := c.ReadSeqCache(0) // the oracle's rows: the serialized state
-				if err != nil {
-					t.Fatal(err)
-				}
-				layers, err := c.CacheLayers(0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if len(layers) != len(before.K) || len(cells) != len(prompt) {
-					t.Fatalf("hook sees %d layers and %d cells, the state %d and %d", len(layers), len(cells), len(before.K), before.Cells())
-				}
-				lps := mergePlan(len(cells), len(layers))
-				plan := cellPlanOf(0, cells, lps)
-				first, err := c.RewriteCells(0, c, 0, plan)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if first != 0 {
-					t.Fatalf("rewrite started at cell %d, want 0 (the stream's first)", first)
-				}
-				after, err := c.ReadSeqCache(0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if after.Cells() != plan.N {
-					t.Fatalf("the sequence holds %d cells, the plan wrote %d", after.Cells(), plan.N)
-				}
-				for l := range layers {
-					for _, v := range []bool{false, true} {
-						want := elasticcache.ApplyLayer(lps[l], stateRows(before, l, v))
-						got := stateRows(after, l, v)
-						typ := after.K[l].Type
-						if v {
-							typ = after.V[l].Type
-						}
-						for j := range want {
-							if e, ok := withinRounding(typ, want[j], got[j]); !ok {
-								t.Fatalf("layer %d V=%v cell %d elem %d: %g, the float64 mean is %g (%s)",
-									l, v, j, e, got[j][e], want[j][e], typeName(typ))
+			for _, generic := range []bool{false, true} {
+				c := newCtxOn(t, m, p)
+				c.SetHookGeneric(generic) // the CPU's fused merge, or the graph other devices run
+				path := map[bool]string{false: "fused", true: "generic"}[generic]
+				t.Run(fmt.Sprintf("%s/%s/%s", cmp.Or(arch, "llama"), c.KVLayout(), path), func(t *testing.T) {
+					decodeTokens(t, c, prompt, 0, 0)
+					cells, err := c.SeqCells(0, 0)
+					if err != nil {
+						t.Fatal(err)
+					}
+					before, err := c.ReadSeqCache(0) // the oracle's rows: the serialized state
+					if err != nil {
+						t.Fatal(err)
+					}
+					layers, err := c.CacheLayers(0)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if len(layers) != len(before.K) || len(cells) != len(prompt) {
+						t.Fatalf("hook sees %d layers and %d cells, the state %d and %d", len(layers), len(cells), len(before.K), before.Cells())
+					}
+					lps := mergePlan(len(cells), len(layers))
+					plan := cellPlanOf(0, cells, lps)
+					first, err := c.RewriteCells(0, c, 0, plan)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if first != 0 {
+						t.Fatalf("rewrite started at cell %d, want 0 (the stream's first)", first)
+					}
+					after, err := c.ReadSeqCache(0)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if after.Cells() != plan.N {
+						t.Fatalf("the sequence holds %d cells, the plan wrote %d", after.Cells(), plan.N)
+					}
+					for l := range layers {
+						for _, v := range []bool{false, true} {
+							want := elasticcache.ApplyLayer(lps[l], stateRows(before, l, v))
+							got := stateRows(after, l, v)
+							typ := after.K[l].Type
+							if v {
+								typ = after.V[l].Type
 							}
-						}
-						// ReadCellRows (ggml's dequantization) reads the same rows.
-						idx := make([]int, plan.N)
-						for j := range idx {
-							idx[j] = j
-						}
-						hooked, err := c.ReadCellRows(0, 0, l, v, idx)
-						if err != nil {
-							t.Fatal(err)
-						}
-						for j := range got {
-							if d := maxAbsDiff(got[j], hooked[j]); d > 1e-6 {
-								t.Fatalf("layer %d V=%v cell %d: ReadCellRows differs from the state by %g", l, v, j, d)
+							for j := range want {
+								if e, ok := withinRounding(typ, want[j], got[j]); !ok {
+									t.Fatalf("layer %d V=%v cell %d elem %d: %g, the float64 mean is %g (%s)",
+										l, v, j, e, got[j][e], want[j][e], typeName(typ))
+								}
+							}
+							// ReadCellRows (ggml's dequantization) reads the same rows.
+							idx := make([]int, plan.N)
+							for j := range idx {
+								idx[j] = j
+							}
+							hooked, err := c.ReadCellRows(0, 0, l, v, idx)
+							if err != nil {
+								t.Fatal(err)
+							}
+							for j := range got {
+								if d := maxAbsDiff(got[j], hooked[j]); d > 1e-6 {
+									t.Fatalf("layer %d V=%v cell %d: ReadCellRows differs from the state by %g", l, v, j, d)
+								}
 							}
 						}
 					}
-				}
-				back, err := c.SeqCells(0, 0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for j, cell := range back {
-					src := cells[lps[0].Keep[j]]
-					if cell.Index != j || cell.Pos != src.Pos || cell.X != src.X || cell.Y != src.Y {
-						t.Fatalf("cell %d reads back as %+v, the plan gave it %+v", j, cell, src)
+					back, err := c.SeqCells(0, 0)
+					if err != nil {
+						t.Fatal(err)
 					}
-				}
-				// The sequence decodes on, attending the shorter range.
-				decodeTokens(t, c, []Token{prompt[1]}, len(prompt), 0)
-				if c.SeqPosMax(0) != len(prompt) {
-					t.Fatalf("after one more token the sequence ends at %d", c.SeqPosMax(0))
-				}
-			})
+					for j, cell := range back {
+						src := cells[lps[0].Keep[j]]
+						if cell.Index != j || cell.Pos != src.Pos || cell.X != src.X || cell.Y != src.Y {
+							t.Fatalf("cell %d reads back as %+v, the plan gave it %+v", j, cell, src)
+						}
+					}
+					// The sequence decodes on, attending the shorter range.
+					decodeTokens(t, c, []Token{prompt[1]}, len(prompt), 0)
+					if c.SeqPosMax(0) != len(prompt) {
+						t.Fatalf("after one more token the sequence ends at %d", c.SeqPosMax(0))
+					}
+				})
+			}
 		}
 	}
 }

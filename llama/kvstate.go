@@ -17,11 +17,12 @@ import (
 	"unsafe"
 )
 
-// This file is the cache-access half of the KV hook. It reads one sequence's cells
-// through llama.cpp's public per-sequence state calls, lets Go rewrite them (fewer
-// cells, different rows in every layer, new positions) and writes them back. After
-// the sequence is removed its stream is empty, so llama.cpp places the written cells
-// contiguously from cell 0: the attended range shrinks to the new cell count.
+// This file reads (and writes) one sequence's cells through llama.cpp's public
+// per-sequence state calls, decoding and encoding rows with codecs of its own. It
+// was the KV hook's rewrite path until the hook moved inside llama.cpp's cache
+// (kvhook.go); the engine no longer calls it. It stays as the tests' oracle: a
+// reader of the cache that shares no code with the hook's ggml graphs (the state
+// serialization and these codecs against get_rows and the fused merge).
 //
 // Layout (llama_kv_cache::state_write, v0.17.4):
 //   u32 n_stream; per stream: u32 cell_count; if cell_count > 0:

@@ -7,6 +7,7 @@ import (
 	"image/color"
 	"image/png"
 	"math"
+	"slices"
 	"testing"
 
 	"github.com/elasticserve/elasticserve/internal/testmodel"
@@ -200,4 +201,140 @@ func TestMRoPEImageBatchMatchesLlamaCppHelper(t *testing.T) {
 	if ours.SeqPosMax(0) != next {
 		t.Fatalf("the refused write changed the sequence (max position %d)", ours.SeqPosMax(0))
 	}
+}
+
+// The KV hook on an M-RoPE model's picture: its cells share one position and
+// differ in their extra components. Merged in place, every kept cell reads back
+// with the position and components of the entry the plan gave it; evicting one
+// picture cell by index removes that cell alone; moved unchanged into another
+// context, the sequence continues with the same logits.
+func TestMRoPEPictureCellsRewriteByIndex(t *testing.T) {
+	m, v := loadQwen(t)
+	text, imgs := "<|im_start|>user\n"+MediaMarker()+"\nWhat is in the picture?<|im_end|>\n<|im_start|>assistant\n", [][]byte{rectPNG(t, 64, 32)}
+	p, err := v.Tokenize(text, imgs, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	newQ := func(nseq int) *Context {
+		c, err := NewContext(m, ContextParams{NCtx: 512 * nseq, NBatch: 512, NSeqMax: nseq, Threads: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.Close)
+		return c
+	}
+	c := newQ(1)
+	_, next := evalMRoPE(t, c, v, p, false)
+	cells, err := c.SeqCells(0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shared := map[int]int{}
+	for _, cell := range cells {
+		shared[cell.Pos]++
+	}
+	picPos, most := 0, 0
+	for pos, n := range shared {
+		if n > most {
+			picPos, most = pos, n
+		}
+	}
+	if most < 8 {
+		t.Fatalf("no position is shared by a picture's cells (at most %d cells share one)", most)
+	}
+
+	// Moved unchanged: the same next-token logits as the source.
+	moved := newQ(2)
+	layers, _ := c.CacheLayers(0)
+	ident := &CellPlan{N: len(cells), First: -1, Sources: make([][][]int, len(layers))}
+	for l := range layers {
+		for _, cell := range cells {
+			ident.Sources[l] = append(ident.Sources[l], []int{cell.Index})
+		}
+	}
+	for _, cell := range cells {
+		ident.Meta, ident.Pos = append(ident.Meta, cell.Index), append(ident.Pos, cell.Pos)
+	}
+	ref := newQ(1)
+	evalMRoPE(t, ref, v, p, false)
+	if _, err := ref.RewriteCells(0, moved, 1, ident); err != nil {
+		t.Fatal(err)
+	}
+	back, err := moved.SeqCells(0, 1)
+	if err != nil || !slices.Equal(back, func() []Cell {
+		out := slices.Clone(cells)
+		for i := range out {
+			out[i].Index = i
+		}
+		return out
+	}()) {
+		t.Fatalf("moved cells read back as %v (%v)", back, err)
+	}
+	tok := Token(5)
+	want := decodeAt(t, c, tok, next, 0)
+	if got := decodeAt(t, moved, tok, next, 1); maxDiff(got, want) != 0 {
+		t.Fatalf("the moved sequence's next logits differ by %g", maxDiff(got, want))
+	}
+	c.SeqRemove(0, next, -1) // back to the prompt alone
+
+	// Merged in place: positions and components as the plan gave them.
+	lps := mergePlan(len(cells), len(layers))
+	plan := cellPlanOf(0, cells, lps)
+	if _, err := c.RewriteCells(0, c, 0, plan); err != nil {
+		t.Fatal(err)
+	}
+	kept, err := c.SeqCells(0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(kept) != plan.N {
+		t.Fatalf("%d cells after the merge, the plan wrote %d", len(kept), plan.N)
+	}
+	onPic := 0
+	for j, cell := range kept {
+		src := cells[lps[0].Keep[j]]
+		if cell.Pos != src.Pos || cell.X != src.X || cell.Y != src.Y {
+			t.Fatalf("kept cell %d reads back as %+v, the plan gave it entry %+v", j, cell, src)
+		}
+		if cell.Pos == picPos {
+			onPic++
+		}
+	}
+	if onPic < 2 {
+		t.Fatalf("only %d kept cells on the picture's position", onPic)
+	}
+	// Evict one picture cell: the others at its position stay.
+	var victim int
+	for _, cell := range kept {
+		if cell.Pos == picPos {
+			victim = cell.Index
+		}
+	}
+	if err := c.EvictCell(0, victim); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := c.SeqCells(0, 0)
+	left := 0
+	for _, cell := range after {
+		if cell.Pos == picPos {
+			left++
+		}
+	}
+	if len(after) != plan.N-1 || left != onPic-1 {
+		t.Fatalf("evicting one picture cell left %d cells (%d on the picture), want %d (%d)", len(after), left, plan.N-1, onPic-1)
+	}
+	decodeAt(t, c, tok, next, 0) // the sequence decodes on
+}
+
+// decodeAt decodes one token at pos for seq and returns its logits.
+func decodeAt(t *testing.T, c *Context, tok Token, pos, seq int) []float32 {
+	t.Helper()
+	b := NewBatch(1, 0, 1)
+	defer b.Close()
+	b.Add(tok, pos, seq, true)
+	if err := c.Decode(b); err != nil {
+		t.Fatal(err)
+	}
+	return append([]float32(nil), c.Logits(0)...)
 }
