@@ -46,6 +46,11 @@ type Options struct {
 	// holds. It needs per-slot streams (Unified false). 0: one context; prompts are
 	// encoded where they decode.
 	PrefillCtx int
+	// PrefillChunk is how many prompt tokens a loop turn encodes while other
+	// sequences are generating (they wait for the call); 0 sizes it from measured
+	// times, so that a stream's gap between tokens stays near two decode steps
+	// (see pacer). With nothing generating, prompts go in BatchSize pieces.
+	PrefillChunk int
 	// DecodeFlashAttn turns flash attention on in the decode context only (with
 	// PrefillCtx > 0): prompts are still encoded without it, so elastic and local
 	// run; h2o, which reads attention at every decode step, is refused.
@@ -129,6 +134,8 @@ type Engine struct {
 	ppool *cellPool
 	// cacheLayers are the model layers of the cache the KV hook rewrites (part 0).
 	cacheLayers []int
+	pace        *pacer // sizes prompt work per loop turn (decode loop only)
+	promptCalls atomic.Int64 // llama_decode calls that encoded prompt entries
 	opts        Options
 	log         zerolog.Logger
 
@@ -263,6 +270,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	}
 	e := &Engine{
 		cacheLayers:  cacheLayers,
+		pace:         newPacer(opts.BatchSize, opts.PrefillChunk),
 		model:        model,
 		vision:       vision,
 		ctx:          ctx,

@@ -137,6 +137,29 @@ func testFamily(t *testing.T, arch string) {
 
 	refused := refusedOn[arch]
 	two2 := startEngineOn(t, m, v, Options{Parallel: 2, CtxSize: 2 * 2048, BatchSize: 512, PrefillCtx: 2048})
+	// Prompts encoded 7 entries a turn while another request generates (the pacer's
+	// chunks; a non-causal image stays whole).
+	chunked := startEngineOn(t, m, v, Options{Parallel: 2, CtxSize: 2 * 2048, BatchSize: 512, PrefillChunk: 7})
+	whileBusy := func(req *Request) result {
+		t.Helper()
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		bg, err := chunked.Submit(ctx, greedyReq("busy", "Keep talking about shapes.", 1500, full))
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := chunked.promptCalls.Load()
+		r := run(t, chunked, req)
+		// The busy request's prompt went first, in one piece; this one's in
+		// pieces of at most 7 (an image that is attended non-causally, whole).
+		if calls := chunked.promptCalls.Load() - before; calls < int64(r.usage.PromptTokens-opt.TileTokens())/7 {
+			t.Errorf("%s: %d prompt entries encoded in %d calls while another request generated", req.ID, r.usage.PromptTokens, calls)
+		}
+		cancel()
+		for range bg {
+		}
+		return r
+	}
 	for _, p := range allPolicies {
 		isRefused := false
 		for _, r := range refused {
@@ -146,6 +169,9 @@ func testFamily(t *testing.T, arch string) {
 		at1 := run(t, te, greedyReq(string(p)+"@1", longPrompt, gen, cfg(p, 1), img1))
 		if at1.text != one.text {
 			t.Errorf("%s@1.0 %q differs from full %q", p, at1.text, one.text)
+		}
+		if c := whileBusy(greedyReq(string(p)+"@1 chunked", longPrompt, gen, cfg(p, 1), img1)); c.text != one.text {
+			t.Errorf("%s@1.0 encoded in chunks of 7 %q, in one piece %q", p, c.text, one.text)
 		}
 		if isRefused {
 			_, err := e.Submit(context.Background(), greedyReq("refused", longPrompt, gen, cfg(p, 0.5), img1))
@@ -163,6 +189,10 @@ func testFamily(t *testing.T, arch string) {
 		// sliding-window model): the same answer as compressed in place.
 		if moved := run(t, two2, greedyReq(string(p)+"@0.5 moved", longPrompt, gen, cfg(p, 0.5), img1)); moved.text != half.text {
 			t.Errorf("%s@0.5 on two contexts %q, on one %q", p, moved.text, half.text)
+		}
+		// Encoded in chunks while another stream generates: the same answer.
+		if c := whileBusy(greedyReq(string(p)+"@0.5 chunked", longPrompt, gen, cfg(p, 0.5), img1)); c.text != half.text {
+			t.Errorf("%s@0.5 encoded in chunks of 7 %q, in one piece %q", p, c.text, half.text)
 		}
 		// two images, compressed, then decoding on
 		h2 := run(t, te, greedyReq(string(p)+"@0.5x2", longPrompt, gen, cfg(p, 0.5), img1, img2))

@@ -63,6 +63,17 @@ func (e *Engine) step() {
 	e.decodeStep()
 }
 
+// generating reports whether some sequence is past its prompt and waiting for
+// its next decode step.
+func (e *Engine) generating() bool {
+	for _, s := range e.slots {
+		if s != nil && s.prefilled {
+			return true
+		}
+	}
+	return false
+}
+
 func (e *Engine) activeCount() int {
 	n := 0
 	for _, s := range e.slots {
@@ -261,15 +272,18 @@ func (e *Engine) prefill(s *seq) {
 	if s.prefillStart.IsZero() {
 		s.prefillStart = time.Now()
 	}
-	b, n, nonCausal, err := e.promptBatch(s)
+	b, n, nonCausal, err := e.promptBatch(s, e.pace.chunk(e.generating()))
 	if err != nil {
 		e.fail(s, err)
 		return
 	}
+	t0 := time.Now()
 	if err := s.cache.decodePrompt(b, nonCausal); err != nil {
 		e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
 		return
 	}
+	e.pace.prompt(n, time.Since(t0))
+	e.promptCalls.Add(1)
 	s.nPast += n
 	ch := &s.chunks[s.chunkIdx]
 	if s.chunkOff += n; s.chunkOff == ch.n {
@@ -304,11 +318,16 @@ func (e *Engine) prefill(s *seq) {
 }
 
 // promptBatch fills a batch with the next n tokens (or image embeddings) of s's
-// prompt; the last one of the prompt asks for logits. nonCausal is set for an image
-// that the model attends without a causal mask.
-func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err error) {
+// prompt, at most limit (the pacer's chunk); the last one of the prompt asks for
+// logits. nonCausal is set for an image that the model attends without a causal
+// mask: such an image is not cut into chunks (its first entries would not see its
+// last ones).
+func (e *Engine) promptBatch(s *seq, limit int) (b *llama.Batch, n int, nonCausal bool, err error) {
 	ch := &s.chunks[s.chunkIdx]
-	n = min(e.opts.BatchSize, ch.n-s.chunkOff)
+	if ch.kind == llama.ChunkImage && e.vision.NonCausal() {
+		limit = e.opts.BatchSize
+	}
+	n = min(e.opts.BatchSize, limit, ch.n-s.chunkOff)
 	last := s.chunkIdx == len(s.chunks)-1 && s.chunkOff+n == ch.n
 	switch ch.kind {
 	case llama.ChunkText:
@@ -350,6 +369,12 @@ func (e *Engine) promptBatch(s *seq) (b *llama.Batch, n int, nonCausal bool, err
 // batch for those whose policy allows it, one call each for those whose attention
 // must be captured alone.
 func (e *Engine) decodeStep() {
+	t0 := time.Now()
+	defer func() {
+		if e.generating() {
+			e.pace.decode(time.Since(t0))
+		}
+	}()
 	var shared, alone []*seq
 	for _, s := range e.slots {
 		if s == nil || !s.prefilled {
