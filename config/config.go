@@ -13,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -49,11 +48,15 @@ type Config struct {
 	CtxSize int `env:"CTX_SIZE" envDefault:"4096"`
 	// Parallel is the number of sequences decoded at the same time (slots).
 	Parallel int `env:"PARALLEL" envDefault:"4"`
-	// Threads is the number of CPU threads for generation; default runtime.NumCPU().
-	Threads    int  `env:"THREADS"`
-	BatchSize  int  `env:"BATCH_SIZE" envDefault:"512"`
-	UBatchSize int  `env:"UBATCH_SIZE" envDefault:"512"`
-	FlashAttn  bool `env:"FLASH_ATTN" envDefault:"false"`
+	// Threads is the number of CPU threads for generation; 0 (the default): the
+	// CPUs the process may keep busy (DetectCPUs: its cgroup's quota, else its
+	// affinity), with ThreadsSource saying which.
+	Threads int `env:"THREADS"`
+	// ThreadsSource says where Threads came from (set by Load, not by the user).
+	ThreadsSource string `env:"-"`
+	BatchSize     int    `env:"BATCH_SIZE" envDefault:"512"`
+	UBatchSize    int    `env:"UBATCH_SIZE" envDefault:"512"`
+	FlashAttn     bool   `env:"FLASH_ATTN" envDefault:"false"`
 	// KVUnified shares one pool of CtxSize cells between all slots and admits a request
 	// when the cells its cache policy lets it hold fit (one context; every sequence
 	// in a decode batch attends the whole pool's used range); false (the default)
@@ -134,7 +137,7 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 	if lookupEnv == nil {
 		lookupEnv = func(string) (string, bool) { return "", false }
 	}
-	cfg := &Config{Threads: runtime.NumCPU()}
+	cfg := &Config{}
 	if err := loadEnv(cfg, lookupEnv); err != nil {
 		return nil, err
 	}
@@ -160,7 +163,7 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 // environment variable.
 func Usage() string {
 	var b strings.Builder
-	cfg := &Config{Threads: runtime.NumCPU()}
+	cfg := &Config{}
 	// Built-in defaults only (no environment) so the text is reproducible.
 	_ = loadEnv(cfg, func(string) (string, bool) { return "", false })
 	fs := newFlagSet(cfg)
@@ -241,7 +244,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	str(&cfg.KVType, "kv-type", "KV cache row type: f16, bf16, f32, q8_0 or q4_0 (V is quantized only where flash attention is on)")
 	num(&cfg.GPULayers, "gpu-layers", "model layers offloaded to the GPU when one is present (-1: all, 0: none)")
 	num(&cfg.Parallel, "parallel", "number of requests decoded at the same time (slots)")
-	num(&cfg.Threads, "threads", "CPU threads used for generation (0 or the default: the number of CPUs)")
+	num(&cfg.Threads, "threads", "CPU threads used for generation (0: the CPUs the process may keep busy: its cgroup's CPU quota, rounded up, else the CPUs it may run on; on a machine shared with other work, fewer than the free cores)")
 	num(&cfg.BatchSize, "batch-size", "logical batch size for prompt processing")
 	num(&cfg.UBatchSize, "ubatch-size", "physical batch size (capped at --batch-size)")
 	boolean(&cfg.FlashAttn, "flash-attn", "use flash attention")
@@ -290,7 +293,10 @@ func (c *Config) applyDerivedDefaults() {
 		}
 	}
 	if c.Threads <= 0 { // 0 or -1: automatic
-		c.Threads = runtime.NumCPU()
+		cpus := detectCPUs()
+		c.Threads, c.ThreadsSource = cpus.N, cpus.Source
+	} else if c.ThreadsSource == "" {
+		c.ThreadsSource = "set"
 	}
 	// llama.cpp uses min(n_batch, n_ubatch); make that visible in the config.
 	if c.UBatchSize > c.BatchSize && c.BatchSize > 0 {

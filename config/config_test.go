@@ -36,7 +36,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{
-		Model: model, Addr: "127.0.0.1:8080", CtxSize: 4096, Parallel: 4, Threads: runtime.NumCPU(),
+		Model: model, Addr: "127.0.0.1:8080", CtxSize: 4096, Parallel: 4, Threads: DetectCPUs().N, ThreadsSource: DetectCPUs().Source,
 		BatchSize: 512, UBatchSize: 512, DecodeFlashAttn: "auto", KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
 		Policy: "elastic", Budget: 0.3, Sink: 4, Distance: -25, Selection: "normalized",
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,

@@ -20,6 +20,9 @@ type CPUs struct {
 	Source string
 }
 
+// detectCPUs is DetectCPUs; tests may replace it.
+var detectCPUs = DetectCPUs
+
 // DetectCPUs reads the CPU quota of the process's cgroup from the running system;
 // see CPUsFrom.
 func DetectCPUs() CPUs {

@@ -213,7 +213,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	if opts.Threads <= 0 {
 		// llama.cpp's own default (4) spins more threads than a small machine has
 		// cores, which stalls every step at ggml's barriers.
-		opts.Threads = runtime.NumCPU()
+		opts.Threads = runtime.GOMAXPROCS(0) // Go sets it from the cgroup CPU quota
 	}
 	if opts.CtxSize < opts.Parallel*16 {
 		return nil, fmt.Errorf("engine: ctx-size %d is too small for %d slots", opts.CtxSize, opts.Parallel)

@@ -72,6 +72,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	llama.Init(llamaLogLevel(log.GetLevel()))
 	log.Info().Str("system", llama.SystemInfo()).Msg("llama.cpp")
+	log.Info().Int("threads", cfg.Threads).Str("source", cfg.ThreadsSource).Msg("CPU threads")
 	for _, d := range llama.Devices() {
 		log.Info().Str("device", d.Name).Str("description", d.Description).Str("type", d.Type).
 			Uint64("free_mib", d.FreeBytes>>20).Uint64("total_mib", d.TotalBytes>>20).Msg("backend device")
