@@ -134,7 +134,7 @@ type Engine struct {
 	ppool *cellPool
 	// cacheLayers are the model layers of the cache the KV hook rewrites (part 0).
 	cacheLayers []int
-	pace        *pacer // sizes prompt work per loop turn (decode loop only)
+	pace        *pacer       // sizes prompt work per loop turn (decode loop only)
 	promptCalls atomic.Int64 // llama_decode calls that encoded prompt entries
 	opts        Options
 	log         zerolog.Logger
