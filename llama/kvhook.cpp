@@ -669,7 +669,11 @@ int es_kv_rewrite(es_kv_hook *h, llama_context *src, int32_t src_seq, llama_cont
             }
         }
 
-        // Rows: one graph per device that holds layers (normally one).
+        // Rows: one graph per device that holds layers (normally one). The hook's
+        // backend has its own stream on a GPU: llama.cpp's queued work (the
+        // prompt's last batch writing these rows) must be done first.
+        llama_synchronize(src);
+        if (dst != src) llama_synchronize(dst);
         const int n_threads = llama_n_threads_batch(src);
         std::vector<int64_t> dst_idx(n_dst);
         for (int j = 0; j < n_dst; j++) dst_idx[j] = first + j;
@@ -831,6 +835,7 @@ int es_kv_read_rows(es_kv_hook *h, llama_context *ctx, int part, int32_t seq, in
         const uint32_t s = stream_of(kv, seq);
         const std::vector<int32_t> ids = layer_ids(kv);
         if (l < 0 || l >= (int)ids.size() || n_cells < 1) return -1;
+        llama_synchronize(ctx);
         graph_build g(64);
         layer_tensors lt = tensors_of(kv, g.ctx, ids[l]);
         ggml_tensor *t = v ? lt.v : lt.k;
