@@ -44,8 +44,10 @@ type Config struct {
 	Addr string `env:"ADDR" envDefault:"127.0.0.1:8080"`
 
 	// CtxSize is the number of KV cells of the decode context in total: one stream
-	// of CtxSize/Parallel cells per slot (or one shared pool with KVUnified).
-	CtxSize int `env:"CTX_SIZE" envDefault:"4096"`
+	// of CtxSize/Parallel cells per slot (or one shared pool with KVUnified). 0
+	// (the default): sized when the model is loaded (AutoSeqCells: the training
+	// context per slot, unless half the free memory holds less).
+	CtxSize int `env:"CTX_SIZE" envDefault:"0"`
 	// Parallel is the number of sequences decoded at the same time (slots).
 	Parallel int `env:"PARALLEL" envDefault:"4"`
 	// Threads is the number of CPU threads for generation; 0 (the default): the
@@ -237,7 +239,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	str(&cfg.MMProj, "mmproj", "path of the GGUF multimodal projector; without it, requests with images are rejected")
 	str(&cfg.ChatTemplate, "chat-template", "a llama.cpp built-in chat template (chatml, gemma, llama2, vicuna, smolvlm, ...) used instead of the model's own")
 	str(&cfg.Addr, "addr", "listen address host:port")
-	num(&cfg.CtxSize, "ctx-size", "decode KV cache cells in total: each of the --parallel slots owns ctx-size/parallel of them")
+	num(&cfg.CtxSize, "ctx-size", "decode KV cache cells in total: each of the --parallel slots owns ctx-size/parallel of them (0: the model's training context per slot, or less when half the free memory cannot hold that; the start-up log says which)")
 	boolean(&cfg.KVUnified, "kv-unified", "one KV pool shared by all slots, one context, budget-aware admission (default false: a stream per slot and a prefill context)")
 	num(&cfg.PrefillCtxSize, "prefill-ctx-size", "cells of the context that encodes prompts of compressing policies (0: ceil(stream/budget), at most the training context; -1: none)")
 	str(&cfg.DecodeFlashAttn, "decode-flash-attn", "flash attention in the decode context: auto (on with a GPU), on or off")
@@ -349,10 +351,10 @@ func (c *Config) Validate() error {
 	if c.Parallel < 1 || c.Parallel > 256 {
 		return bad("parallel", "must be between 1 and 256, got %d", c.Parallel)
 	}
-	if c.CtxSize < 64 {
-		return bad("ctx-size", "must be at least 64, got %d", c.CtxSize)
+	if c.CtxSize != 0 && c.CtxSize < 64 {
+		return bad("ctx-size", "must be 0 (automatic) or at least 64, got %d", c.CtxSize)
 	}
-	if per := c.CtxSize / c.Parallel; per < 64 {
+	if per := c.CtxSize / c.Parallel; c.CtxSize != 0 && per < 64 {
 		return bad("ctx-size", "%d cells shared by --parallel %d leaves %d per sequence; need at least 64 (raise --ctx-size or lower --parallel)", c.CtxSize, c.Parallel, per)
 	}
 	if c.Threads < 1 || c.Threads > 1024 {
@@ -544,7 +546,7 @@ func (c *Config) DecodeFlash(gpu bool) bool {
 	case "on":
 		return true
 	case "auto":
-		return gpu && c.PrefillCells(0) > 0 && !c.FlashAttn
+		return gpu && !c.KVUnified && c.PrefillCtxSize >= 0 && !c.FlashAttn // a prefill context exists
 	}
 	return false
 }

@@ -36,7 +36,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{
-		Model: model, Addr: "127.0.0.1:8080", CtxSize: 4096, Parallel: 4, Threads: DetectCPUs().N, ThreadsSource: DetectCPUs().Source,
+		Model: model, Addr: "127.0.0.1:8080", CtxSize: 0, Parallel: 4, Threads: DetectCPUs().N, ThreadsSource: DetectCPUs().Source,
 		BatchSize: 512, UBatchSize: 512, DecodeFlashAttn: "auto", KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
 		Policy: "elastic", Budget: 0.3, Sink: 4, Distance: -25, Selection: "normalized",
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,
@@ -46,7 +46,7 @@ func TestDefaults(t *testing.T) {
 	if !reflect.DeepEqual(*cfg, want) {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", *cfg, want)
 	}
-	if cfg.SeqCtx() != 1024 {
+	if cfg.SeqCtx() != 0 { // sized when the model is loaded
 		t.Fatalf("SeqCtx = %d", cfg.SeqCtx())
 	}
 	cc, err := cfg.Cache()
@@ -235,7 +235,7 @@ func TestPrefillCells(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := Load(append([]string{"--model", model}, tt.args...), nil)
+			cfg, err := Load(append([]string{"--model", model, "--ctx-size", "4096"}, tt.args...), nil) // the size tests set (0 is sized at load)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -259,7 +259,7 @@ func TestDecodeCells(t *testing.T) {
 		{[]string{"--ctx-size", "800", "--parallel", "4"}, 800}, // under 256 a stream: llama.cpp's minimum
 	}
 	for _, tt := range tests {
-		cfg, err := Load(append([]string{"--model", model}, tt.args...), nil)
+		cfg, err := Load(append([]string{"--model", model, "--ctx-size", "4096"}, tt.args...), nil) // the size tests set (0 is sized at load)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -284,7 +284,7 @@ func TestDecodeFlash(t *testing.T) {
 		{[]string{"--flash-attn"}, true, false}, // flash attention everywhere already
 	}
 	for _, tt := range tests {
-		cfg, err := Load(append([]string{"--model", model}, tt.args...), nil)
+		cfg, err := Load(append([]string{"--model", model, "--ctx-size", "4096"}, tt.args...), nil) // the size tests set (0 is sized at load)
 		if err != nil {
 			t.Fatal(err)
 		}

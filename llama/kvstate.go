@@ -750,6 +750,22 @@ func (c *Context) KVBytesPerCell() int64 {
 	return int64(c.model.info.Layers) * int64(rowBytes(l.TypeK, kv*kd)+rowBytes(l.TypeV, kv*vd))
 }
 
+// KVBytesPerCell is what one cell costs across all layers with K rows of type
+// typeK and V rows of type typeV ("f16", "q8_0", ...): the model's side of
+// Context.KVBytesPerCell, for sizing a context before it exists.
+func (m *Model) KVBytesPerCell(typeK, typeV string) (int64, error) {
+	kd, vd := m.kvHeadDims()
+	k, err := KVRowBytes(typeK, m.info.KVHeads*kd)
+	if err != nil {
+		return 0, err
+	}
+	v, err := KVRowBytes(typeV, m.info.KVHeads*vd)
+	if err != nil {
+		return 0, err
+	}
+	return int64(m.info.Layers) * int64(k+v), nil
+}
+
 // kvHeadDims is the size of one K and one V head: the model's
 // attention.key_length and value_length, n_embd/n_head when absent (llama.cpp's
 // defaults in llama_model::load_hparams).

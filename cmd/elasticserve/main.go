@@ -116,6 +116,11 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		log.Info().Str("mmproj", cfg.MMProj).Msg("vision encoder loaded")
 	}
 
+	if cfg.CtxSize == 0 {
+		if err := sizeContext(cfg, model, log); err != nil {
+			return err
+		}
+	}
 	eng, err := engine.Start(model, vision, engine.Options{
 		Parallel:        cfg.Parallel,
 		CtxSize:         cfg.DecodeCells(),
@@ -265,4 +270,29 @@ func (b *backend) Stats() api.BackendStats {
 		KVInvariantFailures: s.KVInvariantFailures, KVCellsByPolicy: s.KVCellsByPolicy,
 		KVCellsHeld: s.KVCellsHeld, ReuseHits: s.ReuseHits, ReuseMisses: s.ReuseMisses, ReusedTokens: s.ReusedTokens,
 		ReclaimedCells: s.ReclaimedCells, ImageCacheHits: s.ImageCacheHits, ImageEncodes: s.ImageEncodes}
+}
+
+// sizeContext sets cfg.CtxSize when it was left automatic: each slot gets the
+// model's training context unless half the free memory (the GPU's when layers are
+// offloaded, else the host's, within the process's cgroup limit) cannot hold the
+// slots and a prefill context of that size; the log says which bound chose it.
+func sizeContext(cfg *config.Config, model *llama.Model, log zerolog.Logger) error {
+	perCell, err := model.KVBytesPerCell(cfg.KVType, "f16") // V: f16 unless flash attention, the larger case
+	if err != nil {
+		return fmt.Errorf("--kv-type: %w", err)
+	}
+	mem := config.DetectHostMemory()
+	if llama.HasGPU() && cfg.GPULayers != 0 {
+		for _, d := range llama.Devices() {
+			if d.Type == "gpu" && d.FreeBytes > 0 {
+				mem = config.Memory{Free: d.FreeBytes, Source: "device " + d.Name}
+				break
+			}
+		}
+	}
+	per, why := config.AutoSeqCells(model.Info().CtxTrain, cfg.Parallel, perCell, mem)
+	cfg.CtxSize = per * cfg.Parallel
+	log.Info().Int("ctx_size", cfg.CtxSize).Int("per_slot", per).Int("parallel", cfg.Parallel).Str("why", why).
+		Msg("context sized automatically (--ctx-size 0)")
+	return nil
 }
