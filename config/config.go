@@ -55,10 +55,10 @@ type Config struct {
 	// affinity), with ThreadsSource saying which.
 	Threads int `env:"THREADS"`
 	// ThreadsSource says where Threads came from (set by Load, not by the user).
-	ThreadsSource string `env:"-"`
-	BatchSize     int    `env:"BATCH_SIZE" envDefault:"512"`
-	UBatchSize    int    `env:"UBATCH_SIZE" envDefault:"512"`
-	FlashAttn     bool   `env:"FLASH_ATTN" envDefault:"false"`
+	ThreadsSource string
+	BatchSize     int  `env:"BATCH_SIZE" envDefault:"512"`
+	UBatchSize    int  `env:"UBATCH_SIZE" envDefault:"512"`
+	FlashAttn     bool `env:"FLASH_ATTN" envDefault:"false"`
 	// KVUnified shares one pool of CtxSize cells between all slots and admits a request
 	// when the cells its cache policy lets it hold fit (one context; every sequence
 	// in a decode batch attends the whole pool's used range); false (the default)
