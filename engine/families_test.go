@@ -200,6 +200,17 @@ func testFamily(t *testing.T, arch string) {
 			t.Errorf("%s@0.5 with two images: kv %+v: not compressed", p, h2.kv)
 		}
 	}
+	// The published code's setting compacts the kept entries' positions to 0..K-1:
+	// the next token continues from K in every cache of the family (a sliding-window
+	// model's window cache included), in place and moved into a stream alike.
+	ref := refCfg(elasticcache.Elastic, 0.5)
+	inPlace := run(t, te, greedyReq("reference@0.5", longPrompt, gen, ref, img1))
+	if inPlace.usage.CompletionTokens != gen || inPlace.kv == nil || inPlace.kv.Kept >= inPlace.kv.PromptEntries {
+		t.Errorf("reference@0.5: %d tokens, kv %+v", inPlace.usage.CompletionTokens, inPlace.kv)
+	}
+	if moved := run(t, two2, greedyReq("reference@0.5 moved", longPrompt, gen, ref, img1)); moved.text != inPlace.text {
+		t.Errorf("reference@0.5 on two contexts %q, on one %q", moved.text, inPlace.text)
+	}
 	pols := e.Policies()
 	for _, ps := range pols {
 		want := true

@@ -456,8 +456,7 @@ func (c *seqCache) apply(w *rewrite) error {
 		}
 		return err
 	}
-	if c.home != nil && c.lctx.CacheParts() == 2 {
-		// The window cache of a sliding-window model moves as it is.
+	if c.lctx.CacheParts() == 2 {
 		if err := c.moveWindow(dst, dstSeq); err != nil {
 			return err
 		}
@@ -476,8 +475,13 @@ func (c *seqCache) apply(w *rewrite) error {
 	return c.checkCells()
 }
 
-// moveWindow copies the sequence's sliding-window cache (part 1) unchanged into
-// dstSeq of dst.
+// moveWindow copies the sequence's sliding-window cache (part 1) into dstSeq of
+// dst (which may be where it is), rows unchanged. Its positions follow the full-attention part's: when the
+// plan compacted positions (the published code's setting), the window's last cell
+// must still sit just before the next token, so every window position moves down
+// by the same amount, which keeps the distances the window mask is computed from;
+// a cell that would fall below 0 is put at 0 (it stays inside the window, as it
+// was).
 func (c *seqCache) moveWindow(dst *llama.Context, dstSeq int) error {
 	cells, err := c.lctx.SeqCells(1, c.seq)
 	if err != nil {
@@ -493,9 +497,17 @@ func (c *seqCache) moveWindow(dst *llama.Context, dstSeq int) error {
 			p.Sources[l] = append(p.Sources[l], []int{cell.Index})
 		}
 	}
+	last := 0
+	for _, cell := range cells {
+		last = max(last, cell.Pos)
+	}
+	down := last + 1 - c.position(c.nPrompt)
+	if down == 0 && dst == c.lctx && dstSeq == c.seq {
+		return nil // in place, positions unchanged
+	}
 	for _, cell := range cells {
 		p.Meta = append(p.Meta, cell.Index)
-		p.Pos = append(p.Pos, cell.Pos)
+		p.Pos = append(p.Pos, max(0, cell.Pos-down))
 	}
 	_, err = c.lctx.RewriteCells(c.seq, dst, dstSeq, p)
 	return err
