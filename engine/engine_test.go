@@ -527,6 +527,64 @@ func TestCancelledRequestFreesItsSlot(t *testing.T) {
 	}
 }
 
+// A prompt cancelled while it is encoded in chunks (another stream generating)
+// leaves no cell behind in either context, and the slot serves the same request
+// afterwards with the answer it gives in one piece.
+func TestCancelledHalfEncodedPromptFreesItsCells(t *testing.T) {
+	e := startEngine(t, Options{Parallel: 2, CtxSize: 2 * 2048, PrefillCtx: 2048, PrefillChunk: 7})
+	busyCtx, stopBusy := context.WithCancel(context.Background())
+	defer stopBusy()
+	busy, err := e.Submit(busyCtx, greedyReq("busy", "Keep talking about shapes.", 1500, cfg(elasticcache.Full, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-busy // generating
+	long := strings.Repeat(longPrompt, 6)
+	req := greedyReq("half", long, 8, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1))
+	ctx, cancel := context.WithCancel(context.Background())
+	before := e.promptCalls.Load()
+	ch, err := e.Submit(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for e.promptCalls.Load()-before < 4 {
+		if time.Now().After(deadline) {
+			t.Fatal("the prompt's chunks never started")
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	cancel()
+	for ev := range ch { // closed once the engine has dropped the request
+		if ev.Text != "" || ev.Done {
+			t.Fatalf("the cancelled request went on to %+v: it was not cancelled mid-prompt", ev)
+		}
+	}
+	stopBusy()
+	for range busy {
+	}
+	for e.Stats().SlotsBusy != 0 || e.Stats().KVCellsUsed != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("cells not freed: %+v", e.Stats())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// The loop is idle: its contexts may be read.
+	if p := e.pctx.SeqPosMax(0); p != -1 || e.ppool.free() != e.ppool.size() {
+		t.Fatalf("the prefill context still holds the cancelled prompt: pos max %d, %d of %d cells free", p, e.ppool.free(), e.ppool.size())
+	}
+	for s := range 2 {
+		if p := e.ctx.SeqPosMax(s); p != -1 && e.Stats().KVCellsHeld == 0 {
+			t.Fatalf("stream %d holds positions up to %d with nothing held", s, p)
+		}
+	}
+	again := run(t, e, greedyReq("again", long, 8, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)))
+	whole := run(t, startEngine(t, Options{Parallel: 1, CtxSize: 2048}), greedyReq("whole", long, 8, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)))
+	if again.text != whole.text {
+		t.Errorf("after the cancellation %q, in one piece %q", again.text, whole.text)
+	}
+}
+
 func TestPromptLongerThanASlotIsAnInputError(t *testing.T) {
 	e := startEngine(t, Options{Parallel: 2, CtxSize: 512})
 	_, err := e.Submit(context.Background(), greedyReq("long", strings.Repeat("x", 400), 4, cfg(elasticcache.Full, 1)))
