@@ -222,6 +222,7 @@ func planChat(cr *ChatRequest, lim planLimits) (*chatPlan, *apiError) {
 	p.req.Cache = cache
 	if cr.ElasticCache != nil {
 		p.req.Reuse = cr.ElasticCache.Reuse
+		p.req.Explain = cr.ElasticCache.Explain != nil && *cr.ElasticCache.Explain
 	}
 	return p, nil
 }

@@ -131,6 +131,8 @@ func TestBadRequests(t *testing.T) {
 		{name: "cache selection not string", fields: map[string]any{"elastic_cache": map[string]any{"selection": 1}}, status: 400, param: "elastic_cache.selection", code: "invalid_type"},
 		{name: "cache not object", fields: map[string]any{"elastic_cache": "fast"}, status: 400, param: "elastic_cache", code: "invalid_type"},
 		{name: "cache budget string", fields: map[string]any{"elastic_cache": map[string]any{"budget": "half"}}, status: 400, param: "elastic_cache.budget", code: "invalid_type"},
+		{name: "cache explain string", fields: map[string]any{"elastic_cache": map[string]any{"explain": "yes"}}, status: 400, param: "elastic_cache.explain", code: "invalid_type"},
+		{name: "cache explain number", fields: map[string]any{"elastic_cache": map[string]any{"explain": 1}}, status: 400, param: "elastic_cache.explain", code: "invalid_type"},
 		{name: "unknown model", fields: map[string]any{"model": "gpt-4o"}, status: 404, param: "model", code: "model_not_found"},
 	}
 	for _, tt := range tests {
@@ -246,6 +248,24 @@ func TestEngineRequest(t *testing.T) {
 				}
 				if r.Cache.Config() != (elasticcache.Config{Policy: elasticcache.Local, Budget: elasticcache.DefaultBudget, Sink: 0, Distance: -3, Selection: elasticcache.DefaultConfig().Selection}) {
 					t.Fatalf("cache %+v", r.Cache.Config())
+				}
+			},
+		},
+		{
+			name: "explain",
+			body: map[string]any{"elastic_cache": map[string]any{"explain": true}},
+			check: func(t *testing.T, r *completion.Request) {
+				if !r.Explain || r.Cache != elasticcache.DefaultSpec() {
+					t.Fatalf("explain %v cache %+v", r.Explain, r.Cache.Config())
+				}
+			},
+		},
+		{
+			name: "explain off",
+			body: map[string]any{"elastic_cache": map[string]any{"explain": false, "policy": "full"}},
+			check: func(t *testing.T, r *completion.Request) {
+				if r.Explain {
+					t.Fatal("explain on")
 				}
 			},
 		},

@@ -61,6 +61,9 @@ type ElasticCacheParams struct {
 	// Reuse false keeps this request from continuing a held conversation's cells
 	// and from being held itself.
 	Reuse *bool `json:"reuse"`
+	// Explain true adds kv_cache.explain: what the cache did to each prompt
+	// entry, per layer.
+	Explain *bool `json:"explain"`
 }
 
 // ChatMessage is one entry of messages.
@@ -292,6 +295,117 @@ type KVCacheReport struct {
 	PrefillMs     float64 `json:"prefill_ms"`
 	CompressMs    float64 `json:"compress_ms"`
 	DecodeMs      float64 `json:"decode_ms"`
+	// Explain is present when the request asked for elastic_cache.explain.
+	Explain *KVExplain `json:"explain,omitempty"`
+}
+
+// KVExplain is kv_cache.explain: per planned layer, the prompt regions' counts;
+// per picture, its tiles and each entry's state per layer; and the prompt's spans.
+type KVExplain struct {
+	Layers []ExplainLayer `json:"layers"`
+	Images []ExplainImage `json:"images"`
+	Spans  []ExplainSpan  `json:"spans"`
+}
+
+// ExplainLayer is one layer that the policy plans (a sliding-window model's
+// full-attention layers only), by model layer index.
+type ExplainLayer struct {
+	Layer    int          `json:"layer"`
+	System   RegionCounts `json:"system"`
+	Image    RegionCounts `json:"image"`
+	Question RegionCounts `json:"question"`
+	Template RegionCounts `json:"template"`
+	Answer   RegionCounts `json:"answer"`
+}
+
+// RegionCounts are one region's entries in one layer: at the prompt plan each is
+// kept, merged or evicted; decode_evicted were dropped while generating; held are
+// left at the end. For the answer, entries counts generated tokens.
+type RegionCounts struct {
+	Entries       int `json:"entries"`
+	Kept          int `json:"kept"`
+	Merged        int `json:"merged"`
+	Evicted       int `json:"evicted"`
+	DecodeEvicted int `json:"decode_evicted"`
+	Held          int `json:"held"`
+}
+
+// ExplainImage is one picture: its first prompt index, its entries (over all
+// its tiles), its grid (rows x cols, row-major) or queries when it is one tile,
+// its tiles, and per layer a string with one letter per entry (k kept, m merged,
+// e evicted at the prompt plan, d evicted while generating) and, per entry, the
+// prompt index of the anchor a merged entry went into (-1 otherwise).
+type ExplainImage struct {
+	Start   int           `json:"start"`
+	Entries int           `json:"entries"`
+	Rows    int           `json:"rows,omitempty"`
+	Cols    int           `json:"cols,omitempty"`
+	Queries int           `json:"queries,omitempty"`
+	Tiles   []ExplainTile `json:"tiles"`
+	States  []string      `json:"states"`
+	Anchors [][]int       `json:"anchors"`
+}
+
+// ExplainTile is one tile of a picture: where its entries are in the prompt
+// (start) and in the image's rows (offset), its grid or queries, the tag before
+// it, and its place in the picture (overview, or row/col of tile_rows x
+// tile_cols, from 1).
+type ExplainTile struct {
+	Start    int    `json:"start"`
+	Offset   int    `json:"offset"`
+	Entries  int    `json:"entries"`
+	Rows     int    `json:"rows,omitempty"`
+	Cols     int    `json:"cols,omitempty"`
+	Queries  int    `json:"queries,omitempty"`
+	Label    string `json:"label,omitempty"`
+	Overview bool   `json:"overview,omitempty"`
+	Row      int    `json:"row,omitempty"`
+	Col      int    `json:"col,omitempty"`
+	TileRows int    `json:"tile_rows,omitempty"`
+	TileCols int    `json:"tile_cols,omitempty"`
+}
+
+// ExplainSpan is a run of prompt entries of one region (an image tile, or text
+// with its text), so that an anchor's prompt index can be named.
+type ExplainSpan struct {
+	Region  string `json:"region"`
+	Start   int    `json:"start"`
+	Entries int    `json:"entries"`
+	Text    string `json:"text,omitempty"`
+}
+
+func explainOf(x *completion.KVExplain) *KVExplain {
+	if x == nil {
+		return nil
+	}
+	out := &KVExplain{Layers: make([]ExplainLayer, 0, len(x.Layers)), Images: make([]ExplainImage, 0, len(x.Images)),
+		Spans: make([]ExplainSpan, 0, len(x.Spans))}
+	rc := func(c completion.RegionCounts) RegionCounts {
+		return RegionCounts{Entries: c.Entries, Kept: c.Kept, Merged: c.Merged, Evicted: c.Evicted, DecodeEvicted: c.DecodeEvicted, Held: c.Held}
+	}
+	for _, l := range x.Layers {
+		r := l.Regions
+		out.Layers = append(out.Layers, ExplainLayer{Layer: l.Layer,
+			System: rc(r[completion.RegionSystem]), Image: rc(r[completion.RegionImage]), Question: rc(r[completion.RegionQuestion]),
+			Template: rc(r[completion.RegionTemplate]), Answer: rc(r[completion.RegionAnswer])})
+	}
+	for _, im := range x.Images {
+		e := ExplainImage{Start: im.Start, Entries: im.Entries, Rows: im.Rows, Cols: im.Cols, Queries: im.Queries,
+			Tiles: make([]ExplainTile, 0, len(im.Tiles)), States: im.States, Anchors: im.Anchors}
+		for _, t := range im.Tiles {
+			e.Tiles = append(e.Tiles, ExplainTile{Start: t.Start, Offset: t.Offset, Entries: t.Entries, Rows: t.Rows, Cols: t.Cols,
+				Queries: t.Queries, Label: t.Label, Overview: t.Overview, Row: t.Row, Col: t.Col, TileRows: t.TileRows, TileCols: t.TileCols})
+		}
+		out.Images = append(out.Images, e)
+	}
+	for _, sp := range x.Spans {
+		name := "region"
+		if sp.Region >= 0 && sp.Region < completion.NumRegions {
+			name = completion.RegionNames[sp.Region]
+		}
+		out.Spans = append(out.Spans, ExplainSpan{Region: name, Start: sp.Start, Entries: sp.Entries, Text: sp.Text})
+	}
+	return out
 }
 
 // kvCacheOf is nil when the engine sent no report.
@@ -304,6 +418,7 @@ func kvCacheOf(kv *completion.KVReport) *KVCacheReport {
 		Kept: kv.Kept, Merged: kv.Merged, Evicted: kv.Evicted,
 		PeakCells: kv.PeakCells, FinalCells: kv.FinalCells, BytesSaved: kv.BytesSaved,
 		PrefillMs: kv.PrefillMs, CompressMs: kv.CompressMs, DecodeMs: kv.DecodeMs,
+		Explain: explainOf(kv.Explain),
 	}
 }
 

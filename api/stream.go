@@ -147,7 +147,13 @@ func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.
 				fr = finishToolCalls
 			}
 		}
-		sse.data(chunk(Delta{}, &fr))
+		last := chunk(Delta{}, &fr)
+		if !includeUsage && ev.KV != nil && ev.KV.Explain != nil {
+			// An explained stream carries its kv_cache report on its last chunk,
+			// which is this one when no usage chunk follows.
+			last.KVCache = kvCacheOf(ev.KV)
+		}
+		sse.data(last)
 		if includeUsage {
 			usage := usageOf(ev.Usage)
 			sse.data(ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,

@@ -184,6 +184,8 @@ type Engine struct {
 	// beforeCompress, when set (tests only), sees a sequence's cache right before its
 	// prompt plan, on the decode loop.
 	beforeCompress func(*seqCache)
+
+	traces explainTraces // requests that asked for kv_cache.explain (explain.go)
 }
 
 // Start creates the engine's llama context on model and starts its decode loop.
@@ -288,6 +290,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		seqCells:     ctx.NCtxSeq(),
 		done:         make(chan struct{}),
 	}
+	e.opts.Observe = e.observer(opts.Observe)
 	if opts.Unified {
 		e.pools = []*cellPool{newCellPool(e.nCtx, ctx.Params().NUBatch)}
 	} else {
@@ -409,9 +412,21 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 	if !e.Ready() {
 		return nil, ErrShuttingDown
 	}
+	var trace *explainTrace
+	if req.Explain { // traced under an id no other running request has
+		r := *req
+		r.ID, trace = e.traces.start(req.ID)
+		req = &r
+	}
 	s, err := e.prepare(req)
 	if err != nil {
+		if trace != nil {
+			e.traces.take(req.ID, trace)
+		}
 		return nil, err
+	}
+	if trace != nil {
+		e.startExplain(s, trace)
 	}
 	s.ctx = ctx
 	s.queuedAt = time.Now()
@@ -428,11 +443,19 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 	e.mu.Unlock()
 	if err != nil {
 		s.release()
+		if trace != nil {
+			e.traces.take(req.ID, trace)
+		}
 		return nil, err
 	}
 	e.signal()
 	out := make(chan Event, 16)
-	go s.box.forward(ctx, out)
+	go func() {
+		s.box.forward(ctx, out)
+		if trace != nil { // a request dropped before its end leaves no trace behind
+			e.traces.take(req.ID, trace)
+		}
+	}()
 	return out, nil
 }
 
@@ -459,7 +482,7 @@ func (e *Engine) prepare(req *Request) (*seq, error) {
 		return nil, err
 	}
 	s := &seq{id: -1, req: req, box: newOutbox(), stops: stopScanner{stops: req.Stop},
-		reuse: e.opts.Reuse && (req.Reuse == nil || *req.Reuse) && req.Force == nil}
+		reuse: e.opts.Reuse && (req.Reuse == nil || *req.Reuse) && req.Force == nil && !req.Explain}
 	s.reuseCompressed = s.reuse && (e.opts.ReuseCompressed || req.Reuse != nil)
 	if err := e.tokenize(s); err != nil {
 		s.release()
@@ -583,6 +606,9 @@ func (e *Engine) report(s *seq) *KVReport {
 	}
 	if !s.decodeStart.IsZero() {
 		r.DecodeMs = ms(time.Since(s.decodeStart))
+	}
+	if s.req.Explain {
+		r.Explain = e.explain(s)
 	}
 	return r
 }

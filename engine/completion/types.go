@@ -89,6 +89,10 @@ type Request struct {
 	// (0..MaxTopLogprobs) for that many most likely alternatives at each step.
 	Logprobs    bool
 	TopLogprobs int
+	// Explain asks for KVReport.Explain: what the cache did to every prompt entry,
+	// per layer. An explained request neither continues a held conversation nor is
+	// held, so the explanation covers its whole prompt.
+	Explain bool
 }
 
 // MaxTopLogprobs is the most alternatives a request may ask for per token.
@@ -152,6 +156,114 @@ type KVReport struct {
 	PrefillMs  float64
 	CompressMs float64
 	DecodeMs   float64
+	// Explain is set when the request asked for it (Request.Explain).
+	Explain *KVExplain
+}
+
+// Prompt regions of KVExplain, in order.
+const (
+	RegionSystem   = iota // the text of system messages
+	RegionImage           // an image's embeddings
+	RegionQuestion        // the text of the other messages
+	RegionTemplate        // everything else in the prompt: BOS, role markers, separators
+	RegionAnswer          // generated tokens
+	NumRegions
+)
+
+// RegionNames are the regions' names, indexed by region.
+var RegionNames = [NumRegions]string{"system", "image", "question", "template", "answer"}
+
+// RegionCounts are one region's entries in one layer. Every prompt entry is, at
+// the prompt plan, kept, merged into a kept entry, or evicted (without a plan all
+// are kept); DecodeEvicted counts entries evicted while the answer was generated
+// and Held those left at the end. For the answer region, Entries counts the
+// generated tokens that entered the cache and Kept, Merged, Evicted stay 0.
+type RegionCounts struct {
+	Entries, Kept, Merged, Evicted, DecodeEvicted, Held int
+}
+
+// Add adds o to c.
+func (c *RegionCounts) Add(o RegionCounts) {
+	c.Entries += o.Entries
+	c.Kept += o.Kept
+	c.Merged += o.Merged
+	c.Evicted += o.Evicted
+	c.DecodeEvicted += o.DecodeEvicted
+	c.Held += o.Held
+}
+
+// LayerRegions are one layer's counts, indexed by region.
+type LayerRegions [NumRegions]RegionCounts
+
+// Entry states of ExplainImage.States.
+const (
+	StateKept          = 'k' // kept whole by the prompt plan and held at the end
+	StateMerged        = 'm' // averaged into a kept entry (its anchor) by the prompt plan
+	StateEvicted       = 'e' // dropped by the prompt plan
+	StateDecodeEvicted = 'd' // kept by the prompt plan, evicted while generating
+)
+
+// KVExplain is what the cache did to one request's prompt, per cache layer that a
+// policy plans (every layer; a sliding-window model's full-attention layers).
+type KVExplain struct {
+	Layers []ExplainLayer
+	Images []ExplainImage
+	// Spans cut the prompt into runs of one region: an image tile, or text (with
+	// its text), so that an anchor's prompt index can be named.
+	Spans []ExplainSpan
+}
+
+// ExplainLayer is one planned layer: its model layer index and counts per region.
+type ExplainLayer struct {
+	Layer   int
+	Regions LayerRegions
+}
+
+// ExplainSpan is a run of prompt entries of one region.
+type ExplainSpan struct {
+	Region  int // Region*
+	Start   int // prompt index of its first entry
+	Entries int
+	Text    string // the tokens' text (special tokens spelled out); "" for an image tile
+}
+
+// ExplainImage is one picture of the prompt: its tiles, and each of its entries'
+// state per planned layer. A picture that the encoder reads as several tiles
+// (LLaVA-1.6's anyres, SmolVLM's and MiniCPM-V's slices) is still one image, its
+// entries those of its tiles in prompt order; the text the encoder puts between
+// tiles is not counted.
+type ExplainImage struct {
+	Start   int // prompt index of its first entry
+	Entries int // its entries over all tiles
+	// Rows x Cols is its grid of entries (row-major) when it is one tile with a
+	// grid; Queries its entries when it is one tile without a grid (a resampler's
+	// queries). All 0 for a picture of several tiles: see Tiles.
+	Rows, Cols, Queries int
+	Tiles               []ExplainTile
+	// States[l][i] is entry i's state in layer l (a State* byte).
+	States []string
+	// Anchors[l][i] is the prompt index of the kept entry that entry i was merged
+	// into in layer l, -1 where it was not merged.
+	Anchors [][]int
+}
+
+// ExplainTile is one tile of a picture (every picture has at least one).
+type ExplainTile struct {
+	Start   int // prompt index of its first entry
+	Offset  int // index of its first entry in the image's States and Anchors rows
+	Entries int
+	// Rows x Cols is its grid of entries, row-major (M-RoPE grids, and a square
+	// number of entries); else Queries is its number of entries.
+	Rows, Cols, Queries int
+	// Label is the text the encoder put right before the tile (its last line,
+	// e.g. "<row_1_col_2>", "<global-img>", "<slice>"); "" when none.
+	Label string
+	// Overview: the tile is the whole picture at a low resolution. Row and Col
+	// (from 1) place a tile in its picture's TileRows x TileCols layout; 0 when the
+	// tile is the whole picture or its place is not known.
+	Overview           bool
+	Row, Col           int
+	TileRows, TileCols int
 }
 
 // Event is what a running request sends to its caller. Exactly one event has

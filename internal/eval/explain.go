@@ -19,219 +19,29 @@ import (
 	"github.com/elasticserve/elasticserve/llama"
 )
 
-// Region is the part of a sequence a cache entry belongs to.
-type Region int
-
-// The regions of Explain, in table order.
-const (
-	RegionSystem   Region = iota // the tokens of the system message's text
-	RegionImage                  // the embeddings of an image
-	RegionQuestion               // the tokens of the user message's text parts
-	RegionTemplate               // everything else in the prompt: BOS, role markers, newlines
-	RegionAnswer                 // generated tokens
-	NumRegions
+// The prompt regions, their labelling and the replay of a request's trace are
+// the engine's (engine/explain.go), shared with the server's kv_cache.explain.
+type (
+	Region        = engine.Region
+	PromptRegions = engine.PromptRegions
+	RegionCounts  = completion.RegionCounts
+	LayerRegions  = completion.LayerRegions
 )
 
-var regionNames = [NumRegions]string{"system", "image", "question", "template", "answer"}
+// The regions, in table order.
+const (
+	RegionSystem   = engine.RegionSystem
+	RegionImage    = engine.RegionImage
+	RegionQuestion = engine.RegionQuestion
+	RegionTemplate = engine.RegionTemplate
+	RegionAnswer   = engine.RegionAnswer
+	NumRegions     = engine.NumRegions
+)
 
-func (g Region) String() string {
-	if g >= 0 && g < NumRegions {
-		return regionNames[g]
-	}
-	return fmt.Sprintf("region(%d)", int(g))
-}
-
-// PromptRegions labels every position of a prompt as the engine encodes it.
-type PromptRegions struct {
-	Of      []Region // region of each prompt position; len is N
-	Size    [NumRegions]int
-	ImageNs []int    // N of each image chunk, in order
-	Notes   []string // text spans that could not be located (counted as template)
-}
-
-// N is the number of prompt positions.
-func (p *PromptRegions) N() int { return len(p.Of) }
-
-// Regions labels the prompt positions of msgs, as engine.PromptChunks lays them
-// out: positions of image chunks are "image"; the text of system messages is
-// "system" and that of the other messages "question", found by tokenizing each
-// text part with the model's tokenizer and locating the tokens, in prompt order,
-// inside the text chunks; everything else is "template". A part whose tokens
-// cannot be found is left as template and named in Notes.
-//
-// The tokenizer may tokenize a text differently inside the rendered prompt than
-// alone (a SentencePiece leading space, a BPE merge with the template's next
-// character): the part is tried as is and with a leading space, then with its
-// first and/or last token matched only by its text (the prompt's token there
-// spells the same word, with or without a leading space, or begins with the
-// last token's text), or without its first token when that token is only a
-// space.
+// Regions labels the prompt positions of msgs (engine.Regions).
 func Regions(m *llama.Model, v *llama.Vision, msgs []engine.Message) (*PromptRegions, error) {
-	chunks, err := engine.PromptChunks(m, v, msgs)
-	if err != nil {
-		return nil, err
-	}
-	pr := &PromptRegions{}
-	// texts: the prompt's text tokens with their positions, chunk by chunk.
-	type textChunk struct {
-		start int
-		toks  []llama.Token
-	}
-	var texts []textChunk
-	n := 0
-	for _, c := range chunks {
-		if c.Image {
-			pr.ImageNs = append(pr.ImageNs, c.N)
-			for range c.N {
-				pr.Of = append(pr.Of, RegionImage)
-			}
-		} else {
-			texts = append(texts, textChunk{start: n, toks: c.Tokens})
-			for range c.N {
-				pr.Of = append(pr.Of, RegionTemplate)
-			}
-		}
-		n += c.N
-	}
-	piece := func(t llama.Token) string { return string(m.TokenPiece(t, true)) }
-	cursor := 0 // prompt position the next span starts at or after
-	for _, msg := range msgs {
-		region := RegionQuestion
-		if msg.Role == "system" {
-			region = RegionSystem
-		}
-		for _, part := range msg.Parts {
-			if part.Kind != completion.PartText || strings.TrimSpace(part.Text) == "" {
-				continue
-			}
-			start, end, ok := -1, -1, false
-			for _, text := range []string{part.Text, " " + part.Text, strings.TrimSpace(part.Text)} {
-				want, err := m.Tokenize(text, false, false)
-				if err != nil {
-					return nil, fmt.Errorf("tokenize: %w", err)
-				}
-				if len(want) == 0 {
-					continue
-				}
-				for _, tc := range texts {
-					if tc.start+len(tc.toks) <= cursor {
-						continue
-					}
-					from := max(0, cursor-tc.start)
-					if s, e, found := locate(tc.toks, from, want, piece); found {
-						start, end, ok = tc.start+s, tc.start+e, true
-						break
-					}
-				}
-				if ok {
-					break
-				}
-			}
-			if !ok {
-				pr.Notes = append(pr.Notes, fmt.Sprintf("%s text %q not found among the prompt's tokens: counted as template", region, abbrev(part.Text, 40)))
-				continue
-			}
-			for p := start; p < end; p++ {
-				pr.Of[p] = region
-			}
-			cursor = end
-		}
-	}
-	for _, g := range pr.Of {
-		pr.Size[g]++
-	}
-	return pr, nil
+	return engine.Regions(m, v, msgs)
 }
-
-// locate finds want in toks at or after from and returns the span [s, e) it
-// covers. An exact match is preferred; failing that, want's first and/or last
-// token may be matched by text only (see Regions).
-func locate(toks []llama.Token, from int, want []llama.Token, piece func(llama.Token) string) (int, int, bool) {
-	if s, e, ok := locate1(toks, from, want, piece); ok {
-		return s, e, true
-	}
-	// A leading token that is only the tokenizer's space prefix (a tokenizer
-	// that spells the space apart) has no counterpart after a newline.
-	if len(want) > 1 && strings.TrimSpace(piece(want[0])) == "" {
-		return locate1(toks, from, want[1:], piece)
-	}
-	return 0, 0, false
-}
-
-func locate1(toks []llama.Token, from int, want []llama.Token, piece func(llama.Token) string) (int, int, bool) {
-	if i := index(toks, from, want); i >= 0 {
-		return i, i + len(want), true
-	}
-	sameWord := func(a, b llama.Token) bool {
-		pa, pb := strings.TrimLeft(piece(a), " "), strings.TrimLeft(piece(b), " ")
-		return pa != "" && pa == pb
-	}
-	startsWith := func(a, b llama.Token) bool { // a's text begins with b's
-		pa, pb := piece(a), piece(b)
-		return pb != "" && strings.HasPrefix(pa, pb)
-	}
-	for _, trim := range [][2]int{{1, 0}, {0, 1}, {1, 1}} {
-		head, tail := trim[0], trim[1]
-		core := want[head : len(want)-tail]
-		if len(core) == 0 {
-			continue
-		}
-		for i := from + head; i <= len(toks)-len(core); {
-			j := index(toks, i, core)
-			if j < 0 {
-				break
-			}
-			s, e := j-head, j+len(core)+tail
-			okHead := head == 0 || (s >= from && sameWord(toks[s], want[0]))
-			okTail := tail == 0 || (e <= len(toks) && startsWith(toks[e-1], want[len(want)-1]))
-			if okHead && okTail {
-				return s, e, true
-			}
-			i = j + 1
-		}
-	}
-	return 0, 0, false
-}
-
-// index is the first i >= from where toks[i:] starts with want, or -1.
-func index(toks []llama.Token, from int, want []llama.Token) int {
-	for i := from; i+len(want) <= len(toks); i++ {
-		if slices.Equal(toks[i:i+len(want)], want) {
-			return i
-		}
-	}
-	return -1
-}
-
-func abbrev(s string, n int) string {
-	r := []rune(s)
-	if len(r) <= n {
-		return s
-	}
-	return string(r[:n]) + "..."
-}
-
-// RegionCounts are one region's entries in one layer.
-type RegionCounts struct {
-	Entries int // prompt entries of the region (answer: generated tokens that entered the cache)
-	// Phase 1 (prompt plan): every prompt entry is kept, merged into a kept entry,
-	// or evicted. Without a plan (full, or nothing to drop) every entry is kept.
-	Kept, Merged, Evicted int
-	DecodeEvicted         int // entries evicted during generation (phase 2)
-	Held                  int // entries still held when the request ended
-}
-
-func (c *RegionCounts) add(o RegionCounts) {
-	c.Entries += o.Entries
-	c.Kept += o.Kept
-	c.Merged += o.Merged
-	c.Evicted += o.Evicted
-	c.DecodeEvicted += o.DecodeEvicted
-	c.Held += o.Held
-}
-
-// LayerRegions are one layer's counts, by region.
-type LayerRegions [NumRegions]RegionCounts
 
 // SampleExplain is what one configuration did to one sample's cache.
 type SampleExplain struct {
@@ -259,44 +69,29 @@ type Explanation struct {
 	Layers  int
 }
 
-// explainObserver records, per request, the prefill plan and every decode
-// step's (T, evicted position, held). The decode loop only appends; the
-// replay happens once the request is done.
+// explainObserver records, per request, the engine's trace (the prefill plan
+// and every decode step). The decode loop only appends; the replay happens once
+// the request is done.
 type explainObserver struct {
 	mu   sync.Mutex
-	reqs map[string]*explainTrace
+	reqs map[string]*engine.Trace
 }
-
-type explainTrace struct {
-	prefill bool
-	n       int // T at the prefill observation: the prompt's length
-	plan    *elasticcache.PrefillPlan
-	steps   []explainStep
-}
-
-type explainStep struct{ t, evicted, held int }
 
 func (x *explainObserver) observe(o engine.Observation) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	tr := x.reqs[o.RequestID]
-	if tr == nil {
-		return // not a request of Explain
+	if tr := x.reqs[o.RequestID]; tr != nil { // else not a request of Explain
+		tr.Observe(o)
 	}
-	if o.Prefill {
-		tr.prefill, tr.n, tr.plan = true, o.T, o.Plan
-		return
-	}
-	tr.steps = append(tr.steps, explainStep{t: o.T, evicted: o.Evicted, held: o.Held})
 }
 
 func (x *explainObserver) start(id string) {
 	x.mu.Lock()
-	x.reqs[id] = &explainTrace{}
+	x.reqs[id] = &engine.Trace{}
 	x.mu.Unlock()
 }
 
-func (x *explainObserver) finish(id string) *explainTrace {
+func (x *explainObserver) finish(id string) *engine.Trace {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	tr := x.reqs[id]
@@ -328,8 +123,7 @@ func (r *Runner) Explain(ctx context.Context, samples []dataset.Sample) (*Explan
 	if len(cfgs) == 0 {
 		return nil, errors.New("explain needs a compressed policy (elastic, h2o or local)")
 	}
-	nl := r.model.Info().Layers
-	x := &explainObserver{reqs: map[string]*explainTrace{}}
+	x := &explainObserver{reqs: map[string]*engine.Trace{}}
 	r.explain = x
 	defer func() { r.explain = nil }()
 	e, stop, err := r.startEngine(1, r.opts.CtxSize/r.opts.Parallel)
@@ -337,6 +131,7 @@ func (r *Runner) Explain(ctx context.Context, samples []dataset.Sample) (*Explan
 		return nil, err
 	}
 	defer stop()
+	nl := len(e.PlannedLayers())
 
 	out := &Explanation{Layers: nl}
 	for _, c := range cfgs {
@@ -366,8 +161,8 @@ func (r *Runner) Explain(ctx context.Context, samples []dataset.Sample) (*Explan
 			ce.Samples = append(ce.Samples, res[ci])
 			for l, lr := range res[ci].Layers {
 				for g := range NumRegions {
-					ce.Layers[l][g].add(lr[g])
-					ce.Total[g].add(lr[g])
+					ce.Layers[l][g].Add(lr[g])
+					ce.Total[g].Add(lr[g])
 				}
 			}
 			for _, n := range res[ci].Regions.Notes {
@@ -417,7 +212,7 @@ func (r *Runner) explainSample(ctx context.Context, e *engine.Engine, x *explain
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", configName(c), err)
 		}
-		se, err := replay(pr, tr, r.model.Info().Layers, c.CompactPositions())
+		se, err := replay(pr, tr, len(e.PlannedLayers()), c.CompactPositions())
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", configName(c), err)
 		}
@@ -427,107 +222,14 @@ func (r *Runner) explainSample(ctx context.Context, e *engine.Engine, x *explain
 	return out, nil
 }
 
-// replay turns a request's trace into per-layer region counts: phase 1 from the
-// plan, then the decode steps, each appending the generated positions up to T
-// to every layer and evicting, in every layer, the entry at the index that the
-// evicted position has among the engine's positions (the engine evicts the same
-// index in every layer; its positions are layer 0's kept prompt positions, or
-// 0..K-1 when compact, then the generated tokens').
-func replay(pr *PromptRegions, tr *explainTrace, nl int, compact bool) (SampleExplain, error) {
-	se := SampleExplain{Regions: pr, N: pr.N(), K: pr.N(), Layers: make([]LayerRegions, nl)}
-	if tr == nil || !tr.prefill {
-		return se, errors.New("the engine reported no prefill")
+// replay turns a request's trace into per-layer region counts (engine.Replay).
+func replay(pr *PromptRegions, tr *engine.Trace, nl int, compact bool) (SampleExplain, error) {
+	se := SampleExplain{Regions: pr, N: pr.N(), K: pr.N()}
+	rp, err := engine.Replay(pr, tr, nl, compact)
+	if err != nil {
+		return se, err
 	}
-	if tr.n != pr.N() {
-		return se, fmt.Errorf("the engine encoded %d prompt tokens, the regions cover %d", tr.n, pr.N())
-	}
-	n := pr.N()
-	held := make([][]int, nl) // prompt positions (n+g: generated token g) held per layer, in order
-	for l := range nl {
-		lr := &se.Layers[l]
-		for g := range NumRegions {
-			lr[g].Entries = pr.Size[g]
-		}
-		if tr.plan == nil {
-			held[l] = make([]int, n)
-			for p := range n {
-				held[l][p] = p
-				lr[pr.Of[p]].Kept++
-			}
-			continue
-		}
-		if len(tr.plan.Layers) != nl || tr.plan.N != n {
-			return se, fmt.Errorf("the plan covers %d layers and %d entries, want %d and %d", len(tr.plan.Layers), tr.plan.N, nl, n)
-		}
-		lp := tr.plan.Layers[l]
-		se.K = tr.plan.K
-		state := make([]int8, n) // 0 evicted, 1 merged, 2 kept
-		for _, g := range lp.Groups {
-			for _, p := range g {
-				state[p] = 1
-			}
-		}
-		for _, p := range lp.Keep {
-			state[p] = 2
-		}
-		for p, st := range state {
-			c := &lr[pr.Of[p]]
-			switch st {
-			case 2:
-				c.Kept++
-			case 1:
-				c.Merged++
-			default:
-				c.Evicted++
-			}
-		}
-		held[l] = slices.Clone(lp.Keep)
-	}
-	// pos: the engine's position of each held entry (the same in every layer).
-	pos := slices.Clone(held[0])
-	shift := 0
-	if compact && tr.plan != nil {
-		shift = n - tr.plan.K
-		for i := range pos {
-			pos[i] = i
-		}
-	}
-	next := n
-	region := func(p int) Region {
-		if p >= n {
-			return RegionAnswer
-		}
-		return pr.Of[p]
-	}
-	for _, st := range tr.steps {
-		for ; next < st.t; next++ {
-			for l := range nl {
-				held[l] = append(held[l], next)
-			}
-			pos = append(pos, next-shift)
-			se.Generated++
-		}
-		if st.evicted >= 0 {
-			idx := slices.Index(pos, st.evicted)
-			if idx < 0 {
-				return se, fmt.Errorf("decode step at T=%d evicted position %d, which the sequence does not hold", st.t, st.evicted)
-			}
-			pos = slices.Delete(pos, idx, idx+1)
-			for l := range nl {
-				se.Layers[l][region(held[l][idx])].DecodeEvicted++
-				held[l] = slices.Delete(held[l], idx, idx+1)
-			}
-		}
-		if len(pos) != st.held {
-			return se, fmt.Errorf("decode step at T=%d: the engine holds %d entries, the replay %d", st.t, st.held, len(pos))
-		}
-	}
-	for l := range nl {
-		se.Layers[l][RegionAnswer].Entries = se.Generated
-		for _, p := range held[l] {
-			se.Layers[l][region(p)].Held++
-		}
-	}
+	se.K, se.Generated, se.Layers = rp.K, rp.Generated, rp.Layers
 	return se, nil
 }
 

@@ -160,7 +160,7 @@ func TestExplainCountsAddUp(t *testing.T) {
 						t.Errorf("%s layer %d: answer entries %d, generated %d", name, l, lr[RegionAnswer].Entries, se.Generated)
 					}
 					for g := range NumRegions {
-						wantTotal[g].add(lr[g])
+						wantTotal[g].Add(lr[g])
 					}
 				}
 				if se.Regions.Size[RegionImage] != se.Regions.ImageNs[0] {
