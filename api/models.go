@@ -33,7 +33,9 @@ func (s *server) modelObject(info BackendInfo) Model {
 	}
 	m := Model{ID: s.servedModel(info), Object: "model", Created: created, OwnedBy: ownedBy}
 	if info.CachePolicies != nil {
-		m.ElasticCache = &ModelCache{Policies: info.CachePolicies}
+		c := s.opts.Cache
+		m.ElasticCache = &ModelCache{Policies: info.CachePolicies, Default: &CacheDefault{Policy: string(c.Policy()),
+			Budget: c.Budget(), Selection: string(c.Selection()), Sink: c.Sink(), Distance: c.Distance()}}
 	}
 	return m
 }
@@ -41,6 +43,17 @@ func (s *server) modelObject(info BackendInfo) Model {
 // ModelCache is a model object's elastic_cache field.
 type ModelCache struct {
 	Policies []ModelPolicy `json:"policies"`
+	// Default is the setting a request without elastic_cache gets.
+	Default *CacheDefault `json:"default,omitempty"`
+}
+
+// CacheDefault is the server's default Elastic Cache setting.
+type CacheDefault struct {
+	Policy    string  `json:"policy"`
+	Budget    float64 `json:"budget"`
+	Selection string  `json:"selection"`
+	Sink      int     `json:"sink"`
+	Distance  int     `json:"distance"`
 }
 
 // ModelPolicy says whether the loaded model can apply a cache policy below budget 1

@@ -123,6 +123,8 @@ type Options struct {
 	DefaultMaxTokens int
 	// Cache is the default Elastic Cache setting; zero: elasticcache.DefaultSpec().
 	Cache elasticcache.Spec
+	// UI serves the playground page at GET / (and its files under /ui/).
+	UI bool
 }
 
 // OptionsFromConfig maps the server configuration onto Options. c is
@@ -147,6 +149,7 @@ func OptionsFromConfig(c *config.Config) Options {
 		RequestTimeout:        c.RequestTimeout,
 		DefaultMaxTokens:      max(c.MaxTokensDefault, 0),
 		Cache:                 cache,
+		UI:                    c.UI,
 	}
 }
 
@@ -219,6 +222,10 @@ func (s *server) routes() http.Handler {
 
 	r.Get("/health", s.handleHealth)
 	r.Get("/ready", s.handleReady)
+	if s.opts.UI {
+		r.Get("/", serveUI)
+		r.Get("/ui/*", serveUI)
+	}
 
 	r.Group(func(r chi.Router) {
 		r.Use(apiKeyAuth(s.opts.APIKey))

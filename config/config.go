@@ -86,16 +86,19 @@ type Config struct {
 	// CORSOrigins is the comma-separated list of browser origins allowed to
 	// call the API cross-origin ("*": any); empty: CORS off.
 	CORSOrigins string `env:"CORS_ORIGINS"`
+	// UI serves the playground page at GET / (chat with pictures, and what the
+	// cache did to them); false: GET / is a 404.
+	UI bool `env:"UI" envDefault:"true"`
 
 	// Elastic Cache defaults (per request overridable).
 	Policy   string  `env:"POLICY" envDefault:"elastic"`
-	Budget   float64 `env:"BUDGET" envDefault:"0.3"`
+	Budget   float64 `env:"BUDGET" envDefault:"0.8"`
 	Sink     int     `env:"SINK" envDefault:"4"`
 	Distance int     `env:"DISTANCE" envDefault:"-25"`
 	// Selection is the default rule set of elastic and h2o: paper (the method
-	// as published), reference (parity with the authors' published code),
-	// normalized (the default, see elasticcache.DefaultConfig) or text-tail.
-	Selection string `env:"SELECTION" envDefault:"normalized"`
+	// as published; the default, see elasticcache.DefaultConfig), reference
+	// (parity with the authors' published code), normalized or text-tail.
+	Selection string `env:"SELECTION" envDefault:"paper"`
 
 	// Image limits.
 	MaxImageBytes         ByteSize      `env:"MAX_IMAGE_BYTES" envDefault:"10MiB"`
@@ -252,12 +255,13 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	boolean(&cfg.FlashAttn, "flash-attn", "use flash attention")
 	str(&cfg.ModelAlias, "model-alias", "model id reported by the API (default: the model file name without extension)")
 	str(&cfg.APIKey, "api-key", "require 'Authorization: Bearer <key>' on the API and /metrics (/health and /ready stay open)")
+	boolean(&cfg.UI, "ui", "serve the playground page at GET / (chat with pictures; shows what the cache kept, merged and dropped); false: GET / is a 404")
 	str(&cfg.CORSOrigins, "cors-origins", "comma-separated browser origins (scheme://host[:port], one '*' wildcard allowed, or * for any) allowed to call the API cross-origin; empty: CORS off")
 	str(&cfg.Policy, "policy", "default Elastic Cache policy: full, elastic, h2o or local")
 	fs.Float64Var(&cfg.Budget, "budget", cfg.Budget, "default Elastic Cache budget: fraction of the prompt's KV entries to keep, in (0, 1] (env "+EnvName("budget")+")")
 	num(&cfg.Sink, "sink", "default Elastic Cache sink: leading KV entries always kept")
 	num(&cfg.Distance, "distance", "default Elastic Cache distance: elastic decode truncation offset")
-	str(&cfg.Selection, "selection", "default Elastic Cache selection rules: paper, reference (parity with the authors' published code), normalized (the default: elastic scores divided by the queries that see each entry) or text-tail (elastic keeps the text after the last image whole)")
+	str(&cfg.Selection, "selection", "default Elastic Cache selection rules: paper (the default: the paper's rule as written), reference (parity with the authors' published code), normalized (elastic scores divided by the queries that see each entry) or text-tail (elastic keeps the text after the last image whole)")
 	size(&cfg.MaxImageBytes, "max-image-bytes", "largest accepted image, in decoded bytes; a `size` like 10485760 or 10MiB")
 	num(&cfg.MaxImages, "max-images", "most images in one request (0: images disabled)")
 	fs.Int64Var(&cfg.MaxImagePixels, "max-image-pixels", cfg.MaxImagePixels, "largest accepted image, width*height pixels (guards against decompression bombs) (env "+EnvName("max-image-pixels")+")")
@@ -498,9 +502,9 @@ func (c *Config) String() string {
 		key = "(set)"
 	}
 	return fmt.Sprintf("model=%s mmproj=%s alias=%s addr=%s ctx-size=%d parallel=%d kv-unified=%t prefill-ctx-size=%d decode-flash-attn=%s kv-type=%s threads=%d batch=%d ubatch=%d flash-attn=%t "+
-		"policy=%s budget=%s sink=%d distance=%d selection=%s api-key=%s queue=%d",
+		"policy=%s budget=%s sink=%d distance=%d selection=%s api-key=%s queue=%d ui=%t",
 		c.Model, c.MMProj, c.ModelAlias, c.Addr, c.CtxSize, c.Parallel, c.KVUnified, c.PrefillCtxSize, c.DecodeFlashAttn, c.KVType, c.Threads, c.BatchSize, c.UBatchSize, c.FlashAttn,
-		c.Policy, strconv.FormatFloat(c.Budget, 'g', -1, 64), c.Sink, c.Distance, c.Selection, key, c.QueueSize)
+		c.Policy, strconv.FormatFloat(c.Budget, 'g', -1, 64), c.Sink, c.Distance, c.Selection, key, c.QueueSize, c.UI)
 }
 
 // DecodeCells is the decode context's size: CtxSize, or with a stream per slot

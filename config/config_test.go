@@ -38,9 +38,9 @@ func TestDefaults(t *testing.T) {
 	want := Config{
 		Model: model, Addr: "127.0.0.1:8080", CtxSize: 0, Parallel: 4, Threads: DetectCPUs().N, ThreadsSource: DetectCPUs().Source,
 		BatchSize: 512, UBatchSize: 512, DecodeFlashAttn: "auto", KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
-		Policy: "elastic", Budget: 0.3, Sink: 4, Distance: -25, Selection: "normalized",
+		Policy: "elastic", Budget: 0.8, Sink: 4, Distance: -25, Selection: "paper",
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,
-		MaxBodyBytes: 64 << 20, QueueSize: 64, CacheReuse: true, ImageCacheMB: 256, CacheReuseCompressed: false, ShutdownGrace: 30 * time.Second,
+		MaxBodyBytes: 64 << 20, QueueSize: 64, CacheReuse: true, ImageCacheMB: 256, CacheReuseCompressed: false, ShutdownGrace: 30 * time.Second, UI: true,
 		LogLevel: "info", LogFormat: "console", MaxTokensDefault: -1,
 	}
 	if !reflect.DeepEqual(*cfg, want) {
@@ -50,12 +50,12 @@ func TestDefaults(t *testing.T) {
 		t.Fatalf("SeqCtx = %d", cfg.SeqCtx())
 	}
 	cc, err := cfg.Cache()
-	if err != nil || cc.Policy() != elasticcache.Elastic || cc.Budget() != 0.3 || cc.Sink() != 4 || cc.Distance() != -25 {
+	if err != nil || cc.Policy() != elasticcache.Elastic || cc.Budget() != 0.8 || cc.Sink() != 4 || cc.Distance() != -25 {
 		t.Fatalf("Cache() = %+v, %v", cc, err)
 	}
-	// The default selection is the normalized variant picked by the rule in
-	// docs/quality, and the server default is the same Spec as the package default.
-	if cc.Selection() != elasticcache.NormalizedSelection || cc != elasticcache.DefaultSpec() {
+	// The default selection is the paper's, picked by the rule in docs/quality,
+	// and the server default is the same Spec as the package default.
+	if cc.Selection() != elasticcache.PaperSelection || cc != elasticcache.DefaultSpec() {
 		t.Fatalf("Cache() = %+v, want DefaultSpec()", cc.Config())
 	}
 }
@@ -119,6 +119,12 @@ func TestPrecedence(t *testing.T) {
 			func(c *Config) bool { return reflect.DeepEqual(c.CORSOriginList(), []string{"*"}) }},
 		{"cors off by default", []string{"--model", model}, nil,
 			func(c *Config) bool { return c.CORSOrigins == "" && c.CORSOriginList() == nil }},
+		{"ui off by flag", []string{"--model", model, "--ui=false"}, nil,
+			func(c *Config) bool { return !c.UI && strings.Contains(c.String(), "ui=false") }},
+		{"ui off from env", []string{"--model", model}, map[string]string{"ELASTICSERVE_UI": "false"},
+			func(c *Config) bool { return !c.UI }},
+		{"ui flag beats env", []string{"--model", model, "--ui"}, map[string]string{"ELASTICSERVE_UI": "false"},
+			func(c *Config) bool { return c.UI }},
 		{"unrelated env ignored", []string{"--model", model}, map[string]string{"PARALLEL": "99", "ELASTICSERVE_UNKNOWN": "x"},
 			func(c *Config) bool { return c.Parallel == 4 }},
 	}
@@ -223,9 +229,9 @@ func TestPrefillCells(t *testing.T) {
 		ctxTrain int
 		want     int
 	}{
-		// stream 1024 / budget 0.3 = 3414 -> 3584
-		{"default", nil, 0, 3584},
-		{"capped by the training context", nil, 1300, 1300},
+		// stream 1024 / budget 0.8 = 1280, a multiple of 256
+		{"default", nil, 0, 1280},
+		{"capped by the training context", nil, 1200, 1200},
 		{"never below a stream", nil, 512, 1024},
 		{"full: one stream", []string{"--policy", "full"}, 0, 1024},
 		{"budget 0.5", []string{"--budget", "0.5", "--ctx-size", "8192", "--parallel", "8"}, 0, 2048},

@@ -105,9 +105,9 @@ func TestParseSelection(t *testing.T) {
 	}
 }
 
-func TestDefaultConfigIsElasticNormalized03Sink4DistanceMinus25(t *testing.T) {
+func TestDefaultConfigIsElasticPaper08Sink4DistanceMinus25(t *testing.T) {
 	c := DefaultConfig()
-	want := Config{Policy: Elastic, Budget: 0.3, Sink: 4, Distance: -25, Selection: NormalizedSelection}
+	want := Config{Policy: Elastic, Budget: 0.8, Sink: 4, Distance: -25} // the paper's selection, stored empty
 	if c != want {
 		t.Fatalf("DefaultConfig() = %+v, want %+v", c, want)
 	}

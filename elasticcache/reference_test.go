@@ -450,9 +450,9 @@ func TestSelectionDefaultsToPaper(t *testing.T) {
 	if got := (Spec{}).Selection(); got != PaperSelection {
 		t.Errorf("zero Spec: Selection() = %q", got)
 	}
-	// The server default uses a variant chosen by measurement (docs/quality).
-	if got := DefaultSpec().Selection(); got != NormalizedSelection {
-		t.Errorf("DefaultSpec: Selection() = %q, want %q", got, NormalizedSelection)
+	// The server default's selection, chosen by measurement (docs/quality), is the paper's.
+	if got := DefaultSpec().Selection(); got != PaperSelection || DefaultSpec() != MustSpec(refCfg(Elastic, DefaultBudget, 4, -25, PaperSelection)) {
+		t.Errorf("DefaultSpec: Selection() = %q, want %q", got, PaperSelection)
 	}
 }
 
