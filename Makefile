@@ -48,16 +48,23 @@ PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... .
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
 	./internal/eval/progress/... ./internal/eval/report/... ./internal/eval/bench/...
 
-.PHONY: gpu-bundle fuzz eval deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke chartcheck image-check
+.PHONY: gpu-bundle fuzz eval deps build-deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke chartcheck image-check
 
 # GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
 # `make cuda` builds it from the same module sources with CMake and nvcc.
 CUDA_ARCHS ?= native
 CUDA_BUILD := build/cuda
 
-deps:
+# Debian packages: BUILD_PKGS to build (header-only libraries the vendored llama.cpp
+# includes), TEST_PKGS for `make test` (Chromium drives the playground page in
+# integration/playground_test.go). `make deps` installs both (CI runs it as root);
+# build, vet and bench ask only for BUILD_PKGS, so `make run` installs no browser.
+BUILD_PKGS := nlohmann-json3-dev libstb-dev
+TEST_PKGS := chromium
+
+define apt_install
 	@missing=""; \
-	for p in nlohmann-json3-dev libstb-dev; do \
+	for p in $(1); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -65,19 +72,26 @@ deps:
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	else echo "deps: all present"; fi
+endef
+
+deps:
+	$(call apt_install,$(BUILD_PKGS) $(TEST_PKGS))
+
+build-deps:
+	$(call apt_install,$(BUILD_PKGS))
 
 mod:
 	$(GO) mod download
 	cd deploy/helm/chartcheck && $(GO) mod download
 
-build: deps mod
+build: build-deps mod
 	$(QUIET) $(GO) build -o $(BIN)/ ./cmd/...
 
 model: $(MODEL)
 $(MODEL):
 	$(GO) run ./cmd/mkmodel --out $(MODEL_DIR)
 
-vet: deps mod
+vet: build-deps mod
 	$(QUIET) $(GO) vet ./...
 
 test: deps mod
@@ -95,7 +109,7 @@ fuzz:
 	  $(QUIET) $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./api/ || exit 1; \
 	done
 
-bench: deps mod
+bench: build-deps mod
 	$(QUIET) $(GO) test -run '^$$' -bench . -benchtime 1x ./...
 
 run: build model

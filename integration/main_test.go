@@ -239,9 +239,10 @@ var (
 // Flag sets of the shared servers.
 var (
 	// mainSpec serves the SDK tests and most of the catalogue: 8 slots of 512
-	// cells, small image and body limits so the 413 cases stay cheap.
+	// cells, small image and body limits so the 413 cases stay cheap, and no
+	// playground page (TestPlaygroundOff).
 	mainSpec = serverSpec{vision: true, flags: []string{
-		"--parallel", "8", "--ctx-size", "4096", "--max-image-bytes", "65536", "--max-body-bytes", "1048576",
+		"--parallel", "8", "--ctx-size", "4096", "--max-image-bytes", "65536", "--max-body-bytes", "1048576", "--ui=false",
 	}}
 	// restrictedSpec has no vision projector and requires an API key.
 	restrictedSpec = serverSpec{vision: false, flags: []string{
