@@ -31,6 +31,9 @@ func newImageCache(limit int64) *imageCache {
 // get returns the embeddings of the image with key k, if held. The caller must
 // not modify them.
 func (c *imageCache) get(k imageKey) ([]float32, bool) {
+	if k == (imageKey{}) { // not named by its content: never shared
+		return nil, false
+	}
 	el, ok := c.byKey[k]
 	if !ok {
 		return nil, false
@@ -43,7 +46,7 @@ func (c *imageCache) get(k imageKey) ([]float32, bool) {
 // An image larger than the whole bound is not kept.
 func (c *imageCache) put(k imageKey, embd []float32) {
 	size := int64(len(embd)) * 4
-	if size > c.limit {
+	if size > c.limit || k == (imageKey{}) {
 		return
 	}
 	if el, ok := c.byKey[k]; ok {

@@ -74,7 +74,12 @@ func (e *Engine) tokenize(s *seq) error {
 		return err
 	}
 	s.prompt, s.chunks, s.nPrompt = p.c, p.chunks, p.n
-	s.units = promptUnits(s.chunks, s.req.Images())
+	images := s.req.Images()
+	per, err := pictureChunks(e.vision, s.chunks, images)
+	if err != nil {
+		return fmt.Errorf("engine: tiles of the pictures: %w", err)
+	}
+	s.units = promptUnits(s.chunks, images, per)
 	for i, u := range s.units {
 		if u.img != (imageKey{}) && u.tok == 0 {
 			s.chunks[chunkAt(s.chunks, i)].key = u.img

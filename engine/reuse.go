@@ -1,6 +1,8 @@
 package engine
 
 import (
+	"crypto/sha256"
+	"fmt"
 	"slices"
 
 	"github.com/elasticserve/elasticserve/llama"
@@ -75,18 +77,24 @@ func (h *heldSeq) reusable(want []unit) int {
 }
 
 // promptUnits lists the units of a tokenized prompt; images are keyed by their bytes
-// (in prompt order, as the chunks are).
-func promptUnits(chunks []promptChunk, images [][]byte) []unit {
+// (in prompt order, as the chunks are). A picture that the encoder cut into
+// several chunks (tiles: SmolVLM, MiniCPM-V) has one chunk per tile, per[i] of
+// them for picture i (pictureChunks), and tile k > 0 is keyed by the picture and
+// k (tileKey), so that no tile is taken for another picture's.
+func promptUnits(chunks []promptChunk, images [][]byte, per []int) []unit {
 	var out []unit
-	img := 0
+	pic, tile := 0, 0
 	for _, ch := range chunks {
 		switch ch.kind {
 		case llama.ChunkImage:
 			var k imageKey
-			if img < len(images) {
-				k = keyOf(images[img])
+			if pic < len(images) {
+				k = tileKey(keyOf(images[pic]), tile)
 			}
-			img++
+			tile++
+			if pic >= len(per) || tile >= per[pic] {
+				pic, tile = pic+1, 0
+			}
 			for i := range ch.n {
 				out = append(out, unit{img: k, tok: llama.Token(i)})
 			}
@@ -97,6 +105,15 @@ func promptUnits(chunks []promptChunk, images [][]byte) []unit {
 		}
 	}
 	return out
+}
+
+// tileKey names tile k of the picture named key: the picture's own key for its
+// first (or only) chunk.
+func tileKey(key imageKey, k int) imageKey {
+	if k == 0 {
+		return key
+	}
+	return sha256.Sum256(fmt.Appendf(key[:len(key):len(key)], "/tile %d", k))
 }
 
 // pickSlot chooses where waiting request s runs, and how many of its prompt
