@@ -28,7 +28,7 @@ func capacity(_ context.Context, args []string, stdout, stderr io.Writer) error 
 	prompt := fs.Int("prompt", 650, "prompt tokens of a conversation (image included)")
 	gen := fs.Int("gen", 256, "generated tokens of a conversation")
 	gib := fs.Float64("gib", 1, "decode-context KV memory, GiB")
-	budgets := fs.String("budgets", "0.7,0.5,0.3,0.2", "budgets of the compressing policies (elastic, h2o and local reserve alike; 0.3 is the server default)")
+	budgets := fs.String("budgets", "0.8,0.7,0.5,0.3,0.2", "budgets of the compressing policies (elastic, h2o and local reserve alike; 0.8 is the server default)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
