@@ -520,6 +520,72 @@ static bool quant_ok(ggml_type t) {
     }
 }
 
+// ---- cells to host memory and back ----
+
+// layout_of describes part's layers (see es_kv_layer_info), with their tensors.
+static std::vector<es_kv_layer_info> layout_of(llama_kv_cache *kv, ggml_context *gctx, std::vector<layer_tensors> *ts) {
+    const std::vector<int32_t> ids = layer_ids(kv);
+    std::vector<es_kv_layer_info> out;
+    for (int32_t il : ids) {
+        layer_tensors lt = tensors_of(kv, gctx, il);
+        es_kv_layer_info li;
+        li.layer = il;
+        li.type_k = lt.k->type;
+        li.type_v = lt.v->type;
+        li.width_k = (int32_t)lt.k->ne[0];
+        li.width_v = (int32_t)lt.v->ne[0];
+        li.bytes_k = (int32_t)ggml_row_size(lt.k->type, lt.k->ne[0]);
+        li.bytes_v = (int32_t)ggml_row_size(lt.v->type, lt.v->ne[0]);
+        li.v_trans = lt.v_trans ? 1 : 0;
+        if (lt.v_trans && ggml_is_quantized(lt.v->type)) {
+            throw es_error(ES_EUNSUPPORTED, "kv hook: a transposed quantized V cache");
+        }
+        out.push_back(li);
+        if (ts) ts->push_back(lt);
+    }
+    return out;
+}
+
+static size_t cell_bytes(const std::vector<es_kv_layer_info> &lay) {
+    size_t b = 0;
+    for (const auto &l : lay) b += (size_t)l.bytes_k + (size_t)l.bytes_v;
+    return b;
+}
+
+// rows_io copies n cells' rows of one layer tensor between host bytes and stream
+// strm (to_host: out of the cache): cell i of the list is row i of the host block;
+// a transposed tensor's host block is its columns, one per element, n elements each.
+// One copy per run of consecutive cells (per element of a transposed V).
+static void rows_io(ggml_tensor *t, bool trans, uint32_t strm, const int32_t *cells, int n, char *host, bool to_host) {
+    auto io = [&](size_t off, char *h, size_t len) {
+        if (to_host) {
+            ggml_backend_tensor_get(t, h, off, len);
+        } else {
+            ggml_backend_tensor_set(t, h, off, len);
+        }
+    };
+    const size_t base = strm * t->nb[2];
+    if (!trans) {
+        const size_t row = t->nb[1];
+        for (int i = 0; i < n;) {
+            int r = 1;
+            while (i + r < n && cells[i + r] == cells[i] + r) r++;
+            io(base + (size_t)cells[i] * row, host + (size_t)i * row, (size_t)r * row);
+            i += r;
+        }
+        return;
+    }
+    const size_t esz = ggml_type_size(t->type), size = t->ne[1];
+    for (int i = 0; i < n;) {
+        int r = 1;
+        while (i + r < n && cells[i + r] == cells[i] + r) r++;
+        for (int64_t e = 0; e < t->ne[0]; e++) {
+            io(base + ((size_t)e * size + cells[i]) * esz, host + ((size_t)e * n + i) * esz, (size_t)r * esz);
+        }
+        i += r;
+    }
+}
+
 // ---- C API ----
 
 extern "C" {
@@ -855,6 +921,128 @@ int es_kv_read_rows(es_kv_hook *h, llama_context *ctx, int part, int32_t seq, in
         return (int)width;
     } catch (const std::exception &) {
         return -1;
+    }
+}
+
+int es_kv_layout(llama_context *ctx, int part, es_kv_layer_info *out, int cap) {
+    try {
+        llama_kv_cache *kv = need_part(ctx, part);
+        graph_build meta(4 * layer_ids(kv).size() + 16);
+        std::vector<es_kv_layer_info> lay = layout_of(kv, meta.ctx, nullptr);
+        if ((int)lay.size() > cap) return -1;
+        std::copy(lay.begin(), lay.end(), out);
+        return (int)lay.size();
+    } catch (const std::exception &) {
+        return -1;
+    }
+}
+
+int es_kv_export(llama_context *ctx, int part, int32_t seq, const int32_t *cells, int n, void *buf, size_t cap, char *err,
+                 size_t errlen) {
+    try {
+        llama_kv_cache *kv = need_part(ctx, part);
+        const uint32_t s = stream_of(kv, seq);
+        const llama_kv_cells &cs = cells_of(kv)[s];
+        if (cs.get_has_shift()) throw es_error(ES_EUNSUPPORTED, "kv hook: the cache has a pending position shift");
+        if (n < 1) throw es_error(ES_EINVAL, "kv hook: no cells to export");
+        for (int i = 0; i < n; i++) {
+            const int32_t c = cells[i];
+            if (c < 0 || (uint32_t)c >= cs.size() || cs.is_empty(c) || !cs.seq_has(c, seq) || cs.seq_count(c) != 1) {
+                throw es_error(ES_EINVAL, fmt("kv hook: cell %d is not a cell of sequence %d alone", c, seq));
+            }
+        }
+        graph_build meta(4 * layer_ids(kv).size() + 16);
+        std::vector<layer_tensors> ts;
+        const std::vector<es_kv_layer_info> lay = layout_of(kv, meta.ctx, &ts);
+        if (cap < cell_bytes(lay) * (size_t)n) {
+            throw es_error(ES_EINVAL, fmt("kv hook: %zu bytes for %d cells that take %zu", cap, n, cell_bytes(lay) * (size_t)n));
+        }
+        llama_synchronize(ctx);
+        char *at = (char *)buf;
+        for (size_t l = 0; l < lay.size(); l++) {
+            rows_io(ts[l].k, false, s, cells, n, at, true);
+            at += (size_t)lay[l].bytes_k * n;
+            rows_io(ts[l].v, ts[l].v_trans, s, cells, n, at, true);
+            at += (size_t)lay[l].bytes_v * n;
+        }
+        return 0;
+    } catch (const es_error &e) {
+        return report(e, err, errlen);
+    } catch (const std::exception &e) {
+        return report(es_error(ES_ECOMPUTE, fmt("kv hook: %s", e.what())), err, errlen);
+    }
+}
+
+int es_kv_import(llama_context *ctx, int part, int32_t seq, const es_kv_layer_info *layout, int n_layer, const void *buf,
+                 size_t len, int n, const int32_t *pos, const int32_t *x, const int32_t *y, int dry_run, int32_t *cell0,
+                 char *err, size_t errlen) {
+    try {
+        llama_kv_cache *kv = need_part(ctx, part);
+        const uint32_t s = stream_of(kv, seq);
+        llama_kv_cells &cs = cells_of(kv)[s];
+        if (cs.get_has_shift()) throw es_error(ES_EUNSUPPORTED, "kv hook: the cache has a pending position shift");
+        graph_build meta(4 * layer_ids(kv).size() + 16);
+        std::vector<layer_tensors> ts;
+        const std::vector<es_kv_layer_info> lay = layout_of(kv, meta.ctx, &ts);
+        if (n_layer != (int)lay.size()) {
+            throw es_error(ES_EUNSUPPORTED, fmt("kv hook: the cells come from %d layers, the cache holds %zu", n_layer, lay.size()));
+        }
+        for (int l = 0; l < n_layer; l++) {
+            const es_kv_layer_info &a = layout[l], &b = lay[l];
+            if (a.layer != b.layer || a.type_k != b.type_k || a.type_v != b.type_v || a.width_k != b.width_k ||
+                a.width_v != b.width_v || a.bytes_k != b.bytes_k || a.bytes_v != b.bytes_v || a.v_trans != b.v_trans) {
+                throw es_error(ES_EUNSUPPORTED,
+                               fmt("kv hook: layer %d: the cells are %s/%s x %d/%d%s, the cache %s/%s x %d/%d%s", b.layer,
+                                   ggml_type_name((ggml_type)a.type_k), ggml_type_name((ggml_type)a.type_v), a.width_k, a.width_v,
+                                   a.v_trans ? " v_trans" : "", ggml_type_name((ggml_type)b.type_k),
+                                   ggml_type_name((ggml_type)b.type_v), b.width_k, b.width_v, b.v_trans ? " v_trans" : ""));
+            }
+        }
+        if (n < 1 || (uint32_t)n > cs.size()) throw es_error(ES_EINVAL, fmt("kv hook: %d cells to import in a stream of %u", n, cs.size()));
+        if (len != cell_bytes(lay) * (size_t)n) {
+            throw es_error(ES_EINVAL, fmt("kv hook: %zu bytes for %d cells that take %zu", len, n, cell_bytes(lay) * (size_t)n));
+        }
+        for (int j = 0; j < n; j++) {
+            if (pos[j] < 0) throw es_error(ES_EINVAL, fmt("kv hook: cell %d has position %d", j, pos[j]));
+        }
+        int32_t first = -1;
+        uint32_t run = 0;
+        for (uint32_t c = 0; c < cs.size(); c++) {
+            run = cs.is_empty(c) ? run + 1 : 0;
+            if (run == (uint32_t)n) {
+                first = (int32_t)(c + 1 - n);
+                break;
+            }
+        }
+        if (first < 0) throw es_error(ES_EINVAL, fmt("kv hook: no run of %d free cells in the stream", n));
+        if (cell0) *cell0 = first;
+        if (dry_run) return 0;
+
+        llama_synchronize(ctx);
+        std::vector<int32_t> dst(n);
+        for (int j = 0; j < n; j++) dst[j] = first + j;
+        char *at = (char *)buf;
+        for (size_t l = 0; l < lay.size(); l++) {
+            rows_io(ts[l].k, false, s, dst.data(), n, at, false);
+            at += (size_t)lay[l].bytes_k * n;
+            rows_io(ts[l].v, ts[l].v_trans, s, dst.data(), n, at, false);
+            at += (size_t)lay[l].bytes_v * n;
+        }
+        for (int j = 0; j < n; j++) {
+            const uint32_t c = first + j;
+            llama_kv_cell_ext e;
+            e.x = x[j];
+            e.y = y[j];
+            cs.pos_set(c, pos[j]);
+            cs.ext_set(c, e);
+            cs.seq_add(c, seq);
+        }
+        heads_of(kv)[s] = first + n;
+        return 0;
+    } catch (const es_error &e) {
+        return report(e, err, errlen);
+    } catch (const std::exception &e) {
+        return report(es_error(ES_ECOMPUTE, fmt("kv hook: %s", e.what())), err, errlen);
     }
 }
 

@@ -95,6 +95,48 @@ int es_kv_evict(struct llama_context *ctx, int32_t seq, int32_t cell, char *err,
 int es_kv_read_rows(es_kv_hook *h, struct llama_context *ctx, int part, int32_t seq, int l, int v,
                     const int32_t *cells, int n_cells, float *out, size_t cap);
 
+// ---- cells to host memory and back ----
+//
+// A sequence's cells can be copied out of a cache part into host bytes in the
+// cache's own row types and read back into a cache of the same layout (the same
+// model, layer by layer the same row types, widths and V orientation). Nothing is
+// converted either way, so a round trip gives the same rows bit for bit.
+
+// es_kv_layer_info describes one layer of a cache part: its model layer, the GGML
+// types and row widths (elements) of K and V, the bytes one cell takes in each
+// (a transposed V: width_v elements, one per column), and V's orientation.
+typedef struct es_kv_layer_info {
+    int32_t layer;
+    int32_t type_k, type_v;
+    int32_t width_k, width_v;
+    int32_t bytes_k, bytes_v;
+    int32_t v_trans;
+} es_kv_layer_info;
+
+// es_kv_layout writes the layers of part's cache, in cache order, and returns
+// their count (-1: no such part, or cap too small).
+int es_kv_layout(struct llama_context *ctx, int part, es_kv_layer_info *out, int cap);
+
+// es_kv_export copies the rows of n cells of seq's stream in part (each a cell of
+// seq alone) into buf, layer by layer in cache order; per layer the K rows of the
+// cells in the order given (n * bytes_k), then V: its rows (n * bytes_v) or, for a
+// transposed V, width_v columns of n elements each. buf must hold cap bytes, at
+// least n * sum(bytes_k + bytes_v). Returns 0, or an error code with a message in
+// err. The cache is not changed.
+int es_kv_export(struct llama_context *ctx, int part, int32_t seq, const int32_t *cells, int n, void *buf, size_t cap,
+                 char *err, size_t errlen);
+
+// es_kv_import writes n cells in es_kv_export's format (len bytes, exported from
+// a cache whose layers were layout[0..n_layer)) into the first run of n free cells
+// of seq's stream in part, and gives cell j position pos[j] and M-RoPE components
+// (x[j], y[j]); the cells join seq. The layout must be the cache's own, layer by
+// layer. With dry_run set it only checks (and finds the run). The first cell is
+// returned in *cell0. Returns 0, or an error code with a message in err (the cache
+// untouched).
+int es_kv_import(struct llama_context *ctx, int part, int32_t seq, const es_kv_layer_info *layout, int n_layer,
+                 const void *buf, size_t len, int n, const int32_t *pos, const int32_t *x, const int32_t *y, int dry_run,
+                 int32_t *cell0, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif
