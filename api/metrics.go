@@ -245,6 +245,8 @@ type engineCollector struct {
 	invariantFailures, contextBytes                    *prometheus.Desc
 	// conversation memory
 	cellsHeld, reuseHits, reuseMisses, reusedTokens, reclaimed, imageHits, imageEncodes *prometheus.Desc
+	// conversation tiers, labelled tier ("host")
+	tierBytes, tierEntries, tierStored, tierHits, tierMisses, tierEvictions, tierFailures, tierRestored *prometheus.Desc
 }
 
 func newEngineCollector(b Backend) *engineCollector {
@@ -275,13 +277,23 @@ func newEngineCollector(b Backend) *engineCollector {
 		reclaimed:    d("elasticserve_kv_cells_reclaimed_total", "Held cells dropped to make room for other requests."),
 		imageHits:    d("elasticserve_image_cache_hits_total", "Images whose embeddings came from the image cache."),
 		imageEncodes: d("elasticserve_image_encodes_total", "Images encoded by the vision encoder."),
+		tierBytes:    d("elasticserve_kv_tier_bytes", "Bytes of held conversations kept out of their slots, per tier (host: host memory, bounded by --cache-ram-mb).", "tier"),
+		tierEntries:  d("elasticserve_kv_tier_conversations", "Held conversations kept out of their slots, per tier.", "tier"),
+		tierStored:   d("elasticserve_kv_tier_stored_total", "Held conversations copied into the tier when they lost their slot.", "tier"),
+		tierHits:     d("elasticserve_kv_tier_hits_total", "Requests whose conversation was restored from the tier instead of encoded again.", "tier"),
+		tierMisses:   d("elasticserve_kv_tier_misses_total", "Requests that could reuse a conversation but found none to continue, in a slot or the tier, while the tier held some.", "tier"),
+		tierEvictions: d("elasticserve_kv_tier_evictions_total",
+			"Conversations dropped from the tier, least recently used first, to stay within its bound.", "tier"),
+		tierFailures: d("elasticserve_kv_tier_failures_total", "Copies into or restores from the tier that failed (the conversation is encoded again).", "tier"),
+		tierRestored: d("elasticserve_kv_tier_restored_tokens_total", "Prompt tokens restored from the tier instead of encoded.", "tier"),
 	}
 }
 
 func (c *engineCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.queueDepth, c.slotsBusy, c.requestsRunning, c.slotsTotal,
 		c.cellsUsed, c.cellsTotal, c.cacheUsage, c.cellsByPolicy, c.invariantFailures, c.contextBytes,
-		c.cellsHeld, c.reuseHits, c.reuseMisses, c.reusedTokens, c.reclaimed, c.imageHits, c.imageEncodes} {
+		c.cellsHeld, c.reuseHits, c.reuseMisses, c.reusedTokens, c.reclaimed, c.imageHits, c.imageEncodes,
+		c.tierBytes, c.tierEntries, c.tierStored, c.tierHits, c.tierMisses, c.tierEvictions, c.tierFailures, c.tierRestored} {
 		ch <- d
 	}
 }
@@ -324,6 +336,16 @@ func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
 	}{{c.reuseHits, st.ReuseHits}, {c.reuseMisses, st.ReuseMisses}, {c.reusedTokens, st.ReusedTokens},
 		{c.reclaimed, st.ReclaimedCells}, {c.imageHits, st.ImageCacheHits}, {c.imageEncodes, st.ImageEncodes}} {
 		ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, float64(m.v))
+	}
+	for _, m := range []struct {
+		d *prometheus.Desc
+		t prometheus.ValueType
+		v int64
+	}{{c.tierBytes, prometheus.GaugeValue, st.HostCacheBytes}, {c.tierEntries, prometheus.GaugeValue, st.HostCacheEntries},
+		{c.tierStored, prometheus.CounterValue, st.HostCacheStored}, {c.tierHits, prometheus.CounterValue, st.HostCacheHits},
+		{c.tierMisses, prometheus.CounterValue, st.HostCacheMisses}, {c.tierEvictions, prometheus.CounterValue, st.HostCacheEvictions},
+		{c.tierFailures, prometheus.CounterValue, st.HostCacheFailures}, {c.tierRestored, prometheus.CounterValue, st.HostCacheRestoredTokens}} {
+		ch <- prometheus.MustNewConstMetric(m.d, m.t, float64(m.v), "host")
 	}
 }
 

@@ -286,15 +286,18 @@ type KVCacheReport struct {
 	Selection     string  `json:"selection,omitempty"`
 	PromptEntries int     `json:"prompt_entries"`
 	Reused        int     `json:"reused"`
-	Kept          int     `json:"kept"`
-	Merged        int     `json:"merged"`
-	Evicted       int     `json:"evicted"`
-	PeakCells     int     `json:"peak_cells"`
-	FinalCells    int     `json:"final_cells"`
-	BytesSaved    int64   `json:"bytes_saved"`
-	PrefillMs     float64 `json:"prefill_ms"`
-	CompressMs    float64 `json:"compress_ms"`
-	DecodeMs      float64 `json:"decode_ms"`
+	// ReusedFrom says where the reused cells were: "slot" (held in the slot) or
+	// "host" (restored from host memory); absent when nothing was reused.
+	ReusedFrom string  `json:"reused_from,omitempty"`
+	Kept       int     `json:"kept"`
+	Merged     int     `json:"merged"`
+	Evicted    int     `json:"evicted"`
+	PeakCells  int     `json:"peak_cells"`
+	FinalCells int     `json:"final_cells"`
+	BytesSaved int64   `json:"bytes_saved"`
+	PrefillMs  float64 `json:"prefill_ms"`
+	CompressMs float64 `json:"compress_ms"`
+	DecodeMs   float64 `json:"decode_ms"`
 	// Explain is present when the request asked for elastic_cache.explain.
 	Explain *KVExplain `json:"explain,omitempty"`
 }
@@ -414,7 +417,7 @@ func kvCacheOf(kv *completion.KVReport) *KVCacheReport {
 		return nil
 	}
 	return &KVCacheReport{
-		Policy: kv.Policy, Budget: kv.Budget, Selection: kv.Selection, PromptEntries: kv.PromptEntries, Reused: kv.Reused,
+		Policy: kv.Policy, Budget: kv.Budget, Selection: kv.Selection, PromptEntries: kv.PromptEntries, Reused: kv.Reused, ReusedFrom: kv.ReusedFrom,
 		Kept: kv.Kept, Merged: kv.Merged, Evicted: kv.Evicted,
 		PeakCells: kv.PeakCells, FinalCells: kv.FinalCells, BytesSaved: kv.BytesSaved,
 		PrefillMs: kv.PrefillMs, CompressMs: kv.CompressMs, DecodeMs: kv.DecodeMs,

@@ -93,6 +93,11 @@ type BackendStats struct {
 	KVCellsHeld                                          int
 	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
 	ImageCacheHits, ImageEncodes                         int
+	// Host tier (see engine.Stats): bytes and conversations held now; counters
+	// since start.
+	HostCacheBytes, HostCacheEntries                                    int64
+	HostCacheStored, HostCacheHits, HostCacheMisses, HostCacheEvictions int64
+	HostCacheFailures, HostCacheRestoredTokens                          int64
 }
 
 // Options is what the HTTP layer needs from the configuration.

@@ -121,9 +121,14 @@ type Config struct {
 	// it is on only if it costs at most 2 points of accuracy against encoding the
 	// history again at the default setting, and on the word-level demo model it
 	// costs 7.7 (it was on for the character-level model at text-tail 0.7).
-	CacheReuseCompressed bool          `env:"CACHE_REUSE_COMPRESSED" envDefault:"false"`
-	RequestTimeout       time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
-	ShutdownGrace        time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
+	CacheReuseCompressed bool `env:"CACHE_REUSE_COMPRESSED" envDefault:"false"`
+	// CacheRAMMB bounds the host tier: held conversations that lose their slot are
+	// kept in host memory (compressed ones compressed) and restored when their next
+	// turn comes. -1 (the default): CacheRAMShare of the memory the process may use
+	// at start (HostMemoryFrom); 0: off. See CacheRAMBytes.
+	CacheRAMMB     int           `env:"CACHE_RAM_MB" envDefault:"-1"`
+	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
+	ShutdownGrace  time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
 
 	LogLevel  string `env:"LOG_LEVEL" envDefault:"info"`
 	LogFormat string `env:"LOG_FORMAT" envDefault:"console"`
@@ -273,6 +278,7 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	boolean(&cfg.CacheReuse, "cache-reuse", "keep a finished conversation's KV cells in its slot so that a request continuing it skips the shared prefix (full and local requests; a request may opt out with elastic_cache.reuse=false)")
 	boolean(&cfg.CacheReuseCompressed, "cache-reuse-compressed", "with --cache-reuse, also continue a conversation from the cells its compressing policy (elastic, h2o, local) left, encoding only the new turn; requests may ask for it with elastic_cache.reuse=true")
 	num(&cfg.ImageCacheMB, "image-cache-mb", "MiB of encoded images kept by content, so a picture sent again is not encoded again (0: off)")
+	num(&cfg.CacheRAMMB, "cache-ram-mb", "MiB of host memory for held conversations that lost their slot, restored instead of encoded again when they continue (-1: 10% of the memory the process may use; 0: off)")
 	dur(&cfg.RequestTimeout, "request-timeout", "time limit for one completion request (0: none)")
 	dur(&cfg.ShutdownGrace, "shutdown-grace", "on SIGTERM/SIGINT, how long running requests may finish before they are cancelled")
 	str(&cfg.LogLevel, "log-level", "log level: trace, debug, info, warn, error")
@@ -403,6 +409,9 @@ func (c *Config) Validate() error {
 	}
 	if c.ImageCacheMB < 0 {
 		return bad("image-cache-mb", "must be >= 0, got %d", c.ImageCacheMB)
+	}
+	if c.CacheRAMMB < -1 {
+		return bad("cache-ram-mb", "must be >= 0, or -1 for the default share of memory, got %d", c.CacheRAMMB)
 	}
 	if c.QueueSize < 0 {
 		return bad("queue-size", "must be >= 0, got %d", c.QueueSize)

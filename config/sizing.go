@@ -121,3 +121,16 @@ func AutoSeqCells(ctxTrain, parallel int, bytesPerCell int64, free Memory) (cell
 	}
 	return cells, why
 }
+
+// CacheRAMShare is the share of the memory the process may use (HostMemoryFrom)
+// that the host tier takes when --cache-ram-mb is left at -1.
+const CacheRAMShare = 0.10
+
+// CacheRAMBytes is the host tier's bound: CacheRAMMB MiB, or, at -1, CacheRAMShare
+// of m (0 when m is unknown: the tier is off).
+func (c *Config) CacheRAMBytes(m Memory) int64 {
+	if c.CacheRAMMB >= 0 {
+		return int64(c.CacheRAMMB) << 20
+	}
+	return int64(float64(m.Free) * CacheRAMShare)
+}

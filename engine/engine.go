@@ -68,7 +68,12 @@ type Options struct {
 	// ImageCacheBytes bounds the encoded images kept by content, so that a picture
 	// sent again is not encoded again; 0 keeps none.
 	ImageCacheBytes int64
-	Log             zerolog.Logger
+	// HostCacheBytes bounds the host tier: held conversations that lose their slot
+	// are copied to host memory (compressed ones compressed), least recently used
+	// out first, and a later turn that continues one is restored into its slot's
+	// stream instead of being encoded again. 0 turns it off. Needs Reuse.
+	HostCacheBytes int64
+	Log            zerolog.Logger
 	// Observe, when set, is called on the decode loop after each prefill plan and each
 	// generation step (tests and diagnostics; it must not block).
 	Observe func(Observation)
@@ -117,6 +122,14 @@ type Stats struct {
 	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
 	// Image cache since Start: images served from it, and images encoded.
 	ImageCacheHits, ImageEncodes int
+	// Host tier (Options.HostCacheBytes): bytes and conversations held now; since
+	// Start, conversations stored, requests restored from it (hits) or that found
+	// nothing there to continue while it held some (misses), conversations evicted
+	// to stay within the bound, restores or copies that failed, and prompt tokens
+	// restored.
+	HostCacheBytes, HostCacheEntries                                    int64
+	HostCacheStored, HostCacheHits, HostCacheMisses, HostCacheEvictions int64
+	HostCacheFailures, HostCacheRestoredTokens                          int64
 }
 
 // cachePolicies indexes Engine.policyCells: a fixed array lets the loop publish
@@ -150,7 +163,8 @@ type Engine struct {
 	held    []*heldSeq // index = slot: a finished sequence kept for reuse, or nil
 	clock   uint64     // orders held sequences by last use
 	images  *imageCache
-	waiting []*seq // taken off the queue, not yet admitted (FIFO)
+	host    *hostTier // held conversations out of their slots (loop goroutine; counters atomic)
+	waiting []*seq    // taken off the queue, not yet admitted (FIFO)
 	pools   []*cellPool
 	// reserved cells per pool: what admitted sequences may hold at most
 	reserved []int
@@ -284,6 +298,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		slots:        make([]*seq, opts.Parallel),
 		held:         make([]*heldSeq, opts.Parallel),
 		images:       newImageCache(opts.ImageCacheBytes),
+		host:         &hostTier{limit: opts.HostCacheBytes},
 		tokBatch:     llama.NewBatch(opts.BatchSize, 0, 1),
 		bytesPerCell: ctx.KVBytesPerCell(),
 		nCtx:         ctx.NCtx(),
@@ -393,6 +408,15 @@ func (e *Engine) Stats() Stats {
 		ReclaimedCells:      int(e.reclaimed.Load()),
 		ImageCacheHits:      int(e.imageHits.Load()),
 		ImageEncodes:        int(e.imageEncs.Load()),
+
+		HostCacheBytes:          e.host.bytes.Load(),
+		HostCacheEntries:        e.host.count.Load(),
+		HostCacheStored:         e.host.stored.Load(),
+		HostCacheHits:           e.host.hits.Load(),
+		HostCacheMisses:         e.host.misses.Load(),
+		HostCacheEvictions:      e.host.evictions.Load(),
+		HostCacheFailures:       e.host.bad.Load(),
+		HostCacheRestoredTokens: e.host.restored.Load(),
 	}
 }
 
@@ -591,6 +615,7 @@ func (e *Engine) report(s *seq) *KVReport {
 		PromptEntries: s.nPrompt,
 		PrefillMs:     ms(s.prefillDur),
 		Reused:        s.cached,
+		ReusedFrom:    s.reusedFrom,
 	}
 	if spec.Compresses() {
 		r.Selection = string(spec.Selection())

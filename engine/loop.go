@@ -98,6 +98,9 @@ func (e *Engine) admit() {
 		if slot < 0 {
 			return
 		}
+		if e.host.on() {
+			common = e.restore(s, slot, common)
+		}
 		pi := e.poolOf(slot)
 		elsewhere := common == 0 && e.prefills(s.req.Cache)
 		if elsewhere && e.prefillBusy() {
@@ -594,6 +597,8 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 	cont := continueSeqCache
 	if h.compressed {
 		cont = continueCompressed
+	} else if common < len(h.units) {
+		e.toHost(h) // cut down to a shared prefix: the whole conversation may come back
 	}
 	c, err := cont(h.cache, s.req.Cache, s.nPrompt, s.textFrom, common)
 	if err != nil {
@@ -601,6 +606,10 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 		return nil, err
 	}
 	s.startAt(common)
+	s.reusedFrom = "slot"
+	if h.fromHost {
+		s.reusedFrom = "host"
+	}
 	e.reuseHits.Add(1)
 	e.reusedToks.Add(int64(common))
 	return c, nil

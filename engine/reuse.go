@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 
+	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -38,6 +39,9 @@ type heldSeq struct {
 	// request that continues its whole history under the same setting (no merged
 	// row can reach another conversation); the cache's tracker carries on.
 	compressed bool
+	// fromHost: its cells were restored from the host tier (not held since its
+	// last turn).
+	fromHost bool
 }
 
 // continues is how many leading units of s's prompt the held sequence serves: all
@@ -45,29 +49,36 @@ type heldSeq struct {
 // setting, else 0; and for an uncompressed one, its reusable prefix when s's
 // policy can start from held cells.
 func (h *heldSeq) continues(s *seq) int {
-	if !h.compressed {
+	return continuesUnits(h.units, h.cache.spec, h.compressed, s)
+}
+
+// continuesUnits is heldSeq.continues for a conversation that holds units,
+// compressed or not under spec: the one rule by which slot reuse and the host
+// tier match a request to a held conversation.
+func continuesUnits(units []unit, spec elasticcache.Spec, compressed bool, s *seq) int {
+	if !compressed {
 		// A plan that ranks prompt entries by every prompt query's attention
 		// cannot start from cells whose queries are not encoded again.
 		if s.req.Cache.PrefillScores() {
 			return 0
 		}
-		return h.reusable(s.units)
+		return reusable(units, s.units)
 	}
-	n := len(h.units)
-	if !s.reuseCompressed || h.cache.spec != s.req.Cache || n >= len(s.units) || !slices.Equal(h.units, s.units[:n]) {
+	n := len(units)
+	if !s.reuseCompressed || spec != s.req.Cache || n >= len(s.units) || !slices.Equal(units, s.units[:n]) {
 		return 0
 	}
 	return n
 }
 
-// reusable is how many leading units of want the held sequence can serve: the
+// reusable is how many leading units of want a held sequence of units can serve: the
 // common prefix, never the whole of want (the last prompt token must be decoded to
 // get the first answer token's logits), and never part of an image (an image is
 // encoded, and attended without a mask by some models, as a whole).
-func (h *heldSeq) reusable(want []unit) int {
-	n := min(len(h.units), len(want)-1)
+func reusable(held, want []unit) int {
+	n := min(len(held), len(want)-1)
 	common := 0
-	for common < n && h.units[common] == want[common] {
+	for common < n && held[common] == want[common] {
 		common++
 	}
 	if common > 0 && common < len(want) {
@@ -170,7 +181,17 @@ func (e *Engine) continuesInStream(i int, h *heldSeq, s *seq, n int) bool {
 	if h.compressed {
 		kept = h.cache.held()
 	}
-	if kept+len(s.units)-n > e.pools[e.poolOf(i)].size()-1 {
+	return e.fitsStream(e.poolOf(i), kept, s, n)
+}
+
+// fitsStream reports whether s, continuing a conversation of which kept cells
+// stay, from its first n units, can encode the rest of its prompt in pool pi's
+// stream (see continuesInStream).
+func (e *Engine) fitsStream(pi, kept int, s *seq, n int) bool {
+	if e.pctx == nil {
+		return true
+	}
+	if kept+len(s.units)-n > e.pools[pi].size()-1 {
 		return false
 	}
 	return !s.req.Cache.PrefillScores() || e.ctx.Params().Capture
@@ -208,9 +229,11 @@ func (e *Engine) reclaim(pi, keep, need int) bool {
 	return true
 }
 
-// drop frees the held sequence of slot i.
+// drop frees the held sequence of slot i, after copying it to the host tier
+// (when on).
 func (e *Engine) drop(i int) {
 	if h := e.held[i]; h != nil {
+		e.toHost(h)
 		h.cache.free()
 		e.held[i] = nil
 	}

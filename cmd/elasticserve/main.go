@@ -121,6 +121,7 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 			return err
 		}
 	}
+	hostCache := cfg.CacheRAMBytes(config.DetectHostMemory()) // after the model is loaded: a share of what is left
 	eng, err := engine.Start(model, vision, engine.Options{
 		Parallel:        cfg.Parallel,
 		CtxSize:         cfg.DecodeCells(),
@@ -137,11 +138,13 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		ReuseCompressed: cfg.CacheReuseCompressed,
 		// MiB as bytes
 		ImageCacheBytes: int64(cfg.ImageCacheMB) << 20,
+		HostCacheBytes:  hostCache,
 		Log:             log,
 	})
 	if err != nil {
 		return err
 	}
+	log.Info().Float64("cache_ram_mib", float64(hostCache)/(1<<20)).Msg("host tier for held conversations")
 	for _, c := range eng.Contexts() {
 		log.Info().Str("context", c.Role).Int("cells", c.Cells).Int("streams", c.Streams).Int("cells_per_stream", c.Cells/c.Streams).
 			Str("kv", c.Layout).Bool("flash_attn", c.FlashAttn).Float64("kv_mib", float64(c.Bytes())/(1<<20)).Msg("llama context")
@@ -269,7 +272,10 @@ func (b *backend) Stats() api.BackendStats {
 	return api.BackendStats{QueueDepth: s.QueueDepth, SlotsBusy: s.SlotsBusy, KVCellsUsed: s.KVCellsUsed, KVCellsTotal: s.KVCellsTotal,
 		KVInvariantFailures: s.KVInvariantFailures, KVCellsByPolicy: s.KVCellsByPolicy,
 		KVCellsHeld: s.KVCellsHeld, ReuseHits: s.ReuseHits, ReuseMisses: s.ReuseMisses, ReusedTokens: s.ReusedTokens,
-		ReclaimedCells: s.ReclaimedCells, ImageCacheHits: s.ImageCacheHits, ImageEncodes: s.ImageEncodes}
+		ReclaimedCells: s.ReclaimedCells, ImageCacheHits: s.ImageCacheHits, ImageEncodes: s.ImageEncodes,
+		HostCacheBytes: s.HostCacheBytes, HostCacheEntries: s.HostCacheEntries, HostCacheStored: s.HostCacheStored,
+		HostCacheHits: s.HostCacheHits, HostCacheMisses: s.HostCacheMisses, HostCacheEvictions: s.HostCacheEvictions,
+		HostCacheFailures: s.HostCacheFailures, HostCacheRestoredTokens: s.HostCacheRestoredTokens}
 }
 
 // sizeContext sets cfg.CtxSize when it was left automatic: each slot gets the

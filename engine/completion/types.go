@@ -145,12 +145,15 @@ type KVReport struct {
 	Selection     string  // the selection rule of a compressing setting; "" when nothing is compressed
 	PromptEntries int
 	Reused        int // prompt entries served by a held conversation's cells (not encoded)
-	Kept          int // entries per layer right after the prompt plan
-	Merged        int
-	Evicted       int
-	PeakCells     int
-	FinalCells    int
-	BytesSaved    int64 // KV bytes not held at the end, compared with full
+	// ReusedFrom says where those cells were: "slot" (held in the request's slot)
+	// or "host" (restored from the host tier); "" when Reused is 0.
+	ReusedFrom string
+	Kept       int // entries per layer right after the prompt plan
+	Merged     int
+	Evicted    int
+	PeakCells  int
+	FinalCells int
+	BytesSaved int64 // KV bytes not held at the end, compared with full
 	// Timings: prompt encoding, the prefill plan (capture read-out + merge + rewrite),
 	// and generation.
 	PrefillMs  float64

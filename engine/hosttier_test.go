@@ -1,0 +1,169 @@
+package engine
+
+import (
+	"bytes"
+	"image"
+	"image/color"
+	"image/png"
+	"testing"
+	"time"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+)
+
+// hostEngine has one slot, prefix reuse (compressed conversations included) and
+// a host tier of limit bytes.
+func hostEngine(t *testing.T, limit int64) *testEngine {
+	return startEngine(t, Options{Parallel: 1, Reuse: true, ReuseCompressed: true, ImageCacheBytes: 64 << 20, HostCacheBytes: limit})
+}
+
+// pictureTurn1 is the first turn of a picture conversation whose answers the
+// rendered history reproduces token for token (see TestCompressedConversationContinues).
+func pictureTurn1(id string, spec elasticcache.Spec, img []byte) *Request {
+	r := greedyReq(id, "What is in the picture? "+longPrompt, 8, spec, img)
+	r.AnswerPrefix = " "
+	return r
+}
+
+// With one slot, conversation A's first turn, then conversation B (which takes
+// the slot, so A goes to host memory), then A's second turn: A is restored from
+// host memory instead of encoded again, and answers as it would have continuing
+// in its slot (under full: as encoding everything again). A conversation held
+// compressed at budget 0.5 costs about half the bytes of full's.
+func TestHostTierRestoresAConversation(t *testing.T) {
+	held := map[string]int64{}
+	for _, tc := range []struct {
+		name string
+		spec elasticcache.Spec
+	}{{"full", elasticcache.Spec{}}, {"elastic-0.5", cfg(elasticcache.Elastic, 0.5)}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := hostEngine(t, 256<<20)
+			first := pictureTurn1("a", tc.spec, testPNG(t, 1))
+			a1 := run(t, e, first)
+			run(t, e, greedyReq("b", "Something else entirely. "+longPrompt, 6, tc.spec, testPNG(t, 4)))
+			st := e.Stats()
+			if st.HostCacheStored != 1 || st.HostCacheEntries != 1 || st.HostCacheBytes <= 0 {
+				t.Fatalf("after B took the slot: %+v", st)
+			}
+			held[tc.name] = st.HostCacheBytes
+			second := turn2(first, a1.text, "And which color is it?")
+			t0 := time.Now()
+			a2 := run(t, e, second)
+			restoredMs := time.Since(t0)
+			if a2.kv.ReusedFrom != "host" || a2.usage.CachedTokens < a1.usage.PromptTokens || a2.kv.Reused != a2.usage.CachedTokens {
+				t.Fatalf("second turn: reused %d from %q (cached %d), the first turn's prompt is %d tokens",
+					a2.kv.Reused, a2.kv.ReusedFrom, a2.usage.CachedTokens, a1.usage.PromptTokens)
+			}
+			st = e.Stats()
+			if st.HostCacheHits != 1 || st.HostCacheRestoredTokens != int64(a2.usage.CachedTokens) || st.HostCacheFailures != 0 {
+				t.Fatalf("after the restore: %+v", st)
+			}
+			// The reference: the same two turns with A never leaving its slot.
+			ref := hostEngine(t, 0)
+			r1 := run(t, ref, first)
+			r2 := run(t, ref, second)
+			if r1.text != a1.text || r2.text != a2.text || r2.kv.ReusedFrom != "slot" || r2.usage.CachedTokens != a2.usage.CachedTokens {
+				t.Fatalf("restored from host %q (cached %d), held in its slot %q (cached %d, from %q)",
+					a2.text, a2.usage.CachedTokens, r2.text, r2.usage.CachedTokens, r2.kv.ReusedFrom)
+			}
+			t0 = time.Now()
+			again := run(t, e, noReuse(second))
+			encodeMs := time.Since(t0)
+			if !tc.spec.Compresses() && again.text != a2.text {
+				t.Fatalf("restored %q, encoded again %q", a2.text, again.text)
+			}
+			t.Logf("%s: %d bytes held for %d tokens; second turn: prefill %.1f ms after the restore, whole request %v; encoded again: prefill %.1f ms, whole request %v",
+				tc.name, held[tc.name], a2.usage.CachedTokens, a2.kv.PrefillMs, restoredMs, again.kv.PrefillMs, encodeMs)
+		})
+	}
+	if f, el := held["full"], held["elastic-0.5"]; f > 0 && el > 0 {
+		if r := float64(el) / float64(f); r < 0.4 || r > 0.65 {
+			t.Fatalf("a conversation held at elastic 0.5 takes %d bytes, under full %d (ratio %.2f)", el, f, r)
+		}
+	}
+}
+
+// The host tier keeps at most its bound: the least recently stored
+// conversation goes first, counted, and is encoded again when it returns.
+func TestHostTierEvictsTheOldest(t *testing.T) {
+	conv := func(i int) *Request { return pictureTurn1(string(rune('a'+i)), elasticcache.Spec{}, testPNG(t, i+1)) }
+	probe := hostEngine(t, 256<<20)
+	run(t, probe, conv(0))
+	run(t, probe, conv(1))
+	one := probe.Stats().HostCacheBytes
+	if one <= 0 {
+		t.Fatalf("nothing stored: %+v", probe.Stats())
+	}
+	e := hostEngine(t, one*5/2) // two conversations of this size, not three
+	var firsts []result
+	for i := range 4 {
+		firsts = append(firsts, run(t, e, conv(i)))
+	}
+	st := e.Stats()
+	if st.HostCacheStored != 3 || st.HostCacheEntries != 2 || st.HostCacheEvictions != 1 || st.HostCacheBytes > one*5/2 {
+		t.Fatalf("three conversations left the slot into a tier for two: %+v", st)
+	}
+	// a (the oldest) is gone: encoded again; c is restored.
+	a2 := run(t, e, turn2(conv(0), firsts[0].text, "Again?"))
+	if a2.kv.ReusedFrom == "host" || a2.usage.CachedTokens >= firsts[0].usage.PromptTokens {
+		t.Fatalf("the evicted conversation was reused: %d tokens from %q", a2.usage.CachedTokens, a2.kv.ReusedFrom)
+	}
+	c2 := run(t, e, turn2(conv(2), firsts[2].text, "Again?"))
+	if c2.kv.ReusedFrom != "host" || c2.usage.CachedTokens < firsts[2].usage.PromptTokens {
+		t.Fatalf("a kept conversation was not restored: %d tokens from %q", c2.usage.CachedTokens, c2.kv.ReusedFrom)
+	}
+	if st := e.Stats(); st.HostCacheMisses < 1 {
+		t.Fatalf("the evicted conversation's return is not a miss: %+v", st)
+	}
+}
+
+// A conversation whose picture differs in one pixel is another conversation:
+// nothing past the text before the picture is restored, and it answers as
+// encoding it afresh does.
+func TestHostTierNeverRestoresAnotherPicture(t *testing.T) {
+	e := hostEngine(t, 256<<20)
+	img := testPNG(t, 1)
+	first := pictureTurn1("a", elasticcache.Spec{}, img)
+	a1 := run(t, e, first)
+	run(t, e, greedyReq("b", "Something else entirely.", 4, elasticcache.Spec{}, testPNG(t, 4)))
+	if e.Stats().HostCacheEntries != 1 {
+		t.Fatalf("A is not in the host tier: %+v", e.Stats())
+	}
+	other := pictureTurn1("a", elasticcache.Spec{}, onePixelOff(t, img))
+	second := turn2(other, a1.text, "And which color is it?")
+	got := run(t, e, second)
+	chunks, err := PromptChunks(tmModel, tmVision, second.Messages)
+	if err != nil || len(chunks) < 2 || !chunks[1].Image {
+		t.Fatalf("prompt chunks %+v: %v", chunks, err)
+	}
+	if got.kv.ReusedFrom == "host" || got.usage.CachedTokens > chunks[0].N || e.Stats().HostCacheHits != 0 {
+		t.Fatalf("another picture's conversation reused %d tokens from %q", got.usage.CachedTokens, got.kv.ReusedFrom)
+	}
+	if want := run(t, e, noReuse(second)); got.text != want.text {
+		t.Fatalf("answer %q, encoded afresh %q", got.text, want.text)
+	}
+}
+
+// onePixelOff is img (a PNG) with its first pixel's red channel changed by one.
+func onePixelOff(t *testing.T, img []byte) []byte {
+	t.Helper()
+	src, err := png.Decode(bytes.NewReader(img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := src.Bounds()
+	dst := image.NewRGBA(b)
+	for y := b.Min.Y; y < b.Max.Y; y++ {
+		for x := b.Min.X; x < b.Max.X; x++ {
+			dst.Set(x, y, src.At(x, y))
+		}
+	}
+	c := dst.RGBAAt(0, 0)
+	c.R ^= 1
+	dst.SetRGBA(0, 0, color.RGBA{c.R, c.G, c.B, c.A})
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, dst); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
