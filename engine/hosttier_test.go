@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bytes"
+	"fmt"
 	"image"
 	"image/color"
 	"image/png"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/internal/testmodel"
+	"github.com/elasticserve/elasticserve/llama"
 )
 
 // hostEngine has one slot, prefix reuse (compressed conversations included) and
@@ -166,4 +169,65 @@ func onePixelOff(t *testing.T, img []byte) []byte {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// The restore works on every engine layout and on a sliding-window model: two
+// contexts (a compressed conversation was moved from the prefill context into its
+// stream), one unified cache shared by the slots, and gemma3, whose window cache
+// goes to host memory and back beside the full-attention cells.
+func TestHostTierOnEveryLayout(t *testing.T) {
+	_, gm, gv := loadFamily(t, testmodel.ArchGemma3)
+	for _, tc := range []struct {
+		name  string
+		opts  Options
+		spec  elasticcache.Spec
+		model *llama.Model
+		vis   *llama.Vision
+	}{
+		{"two-contexts/full", twoContexts(1, 1024, 1024), elasticcache.Spec{}, tmModel, tmVision},
+		{"two-contexts/elastic-0.5", twoContexts(1, 1024, 1024), cfg(elasticcache.Elastic, 0.5), tmModel, tmVision},
+		{"unified/full", Options{Parallel: 2, CtxSize: 1024, Unified: true}, elasticcache.Spec{}, tmModel, tmVision},
+		{"gemma3/full", Options{Parallel: 1}, elasticcache.Spec{}, gm, gv},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			start := func(limit int64) *testEngine {
+				o := tc.opts
+				o.Reuse, o.ReuseCompressed, o.ImageCacheBytes, o.HostCacheBytes = true, true, 64<<20, limit
+				return startEngineOn(t, tc.model, tc.vis, o)
+			}
+			e := start(256 << 20)
+			first := pictureTurn1("a", tc.spec, testPNG(t, 1))
+			a1 := run(t, e, first)
+			// Enough other conversations to push A out of the slots.
+			for i := range tc.opts.Parallel {
+				run(t, e, greedyReq(fmt.Sprintf("b%d", i), "Something else entirely. "+longPrompt, 6, tc.spec, testPNG(t, 4+i)))
+			}
+			if st := e.Stats(); st.HostCacheEntries == 0 {
+				t.Fatalf("nothing went to host memory: %+v", st)
+			}
+			second := turn2(first, a1.text, "And which color is it?")
+			a2 := run(t, e, second)
+			// As much as slot reuse serves: the first turn's prompt at least, but
+			// for its last token where the template renders the answer's start
+			// differently (gemma3).
+			if a2.kv.ReusedFrom != "host" || a2.usage.CachedTokens < a1.usage.PromptTokens-1 {
+				t.Fatalf("second turn: cached %d from %q, the first turn's prompt is %d tokens (%+v)",
+					a2.usage.CachedTokens, a2.kv.ReusedFrom, a1.usage.PromptTokens, e.Stats())
+			}
+			ref := start(0)
+			run(t, ref, first)
+			if r2 := run(t, ref, second); r2.text != a2.text || r2.kv.ReusedFrom != "slot" || r2.usage.CachedTokens != a2.usage.CachedTokens {
+				t.Fatalf("restored from host %q (cached %d), held in its slot %q (cached %d from %q)",
+					a2.text, a2.usage.CachedTokens, r2.text, r2.usage.CachedTokens, r2.kv.ReusedFrom)
+			}
+			if !tc.spec.Compresses() {
+				if again := run(t, e, noReuse(second)); again.text != a2.text {
+					t.Fatalf("restored %q, encoded again %q", a2.text, again.text)
+				}
+			}
+			if st := e.Stats(); st.HostCacheFailures != 0 || st.KVInvariantFailures != 0 {
+				t.Fatalf("failures: %+v", st)
+			}
+		})
+	}
 }
