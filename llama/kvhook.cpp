@@ -555,13 +555,20 @@ static size_t cell_bytes(const std::vector<es_kv_layer_info> &lay) {
 // rows_io copies n cells' rows of one layer tensor between host bytes and stream
 // strm (to_host: out of the cache): cell i of the list is row i of the host block;
 // a transposed tensor's host block is its columns, one per element, n elements each.
-// One copy per run of consecutive cells (per element of a transposed V).
-static void rows_io(ggml_tensor *t, bool trans, uint32_t strm, const int32_t *cells, int n, char *host, bool to_host) {
-    auto io = [&](size_t off, char *h, size_t len) {
+// Rows go one copy per run of consecutive cells. A transposed V in host memory goes
+// one copy per element and run; elsewhere (a GPU, or the generic path in tests) it
+// goes through a graph on the cache's backend (columns_io), so that a device sees a
+// few large copies.
+static void columns_io(es_kv_hook *h, int n_threads, ggml_tensor *t, uint32_t strm, const int32_t *cells, int n, char *host,
+                       bool to_host);
+
+static void rows_io(es_kv_hook *h, int n_threads, ggml_tensor *t, bool trans, uint32_t strm, const int32_t *cells, int n,
+                    char *host, bool to_host) {
+    auto io = [&](size_t off, char *hp, size_t len) {
         if (to_host) {
-            ggml_backend_tensor_get(t, h, off, len);
+            ggml_backend_tensor_get(t, hp, off, len);
         } else {
-            ggml_backend_tensor_set(t, h, off, len);
+            ggml_backend_tensor_set(t, hp, off, len);
         }
     };
     const size_t base = strm * t->nb[2];
@@ -575,6 +582,10 @@ static void rows_io(ggml_tensor *t, bool trans, uint32_t strm, const int32_t *ce
         }
         return;
     }
+    if (h->generic || !ggml_backend_buffer_is_host(t->buffer)) {
+        columns_io(h, n_threads, t, strm, cells, n, host, to_host);
+        return;
+    }
     const size_t esz = ggml_type_size(t->type), size = t->ne[1];
     for (int i = 0; i < n;) {
         int r = 1;
@@ -584,6 +595,40 @@ static void rows_io(ggml_tensor *t, bool trans, uint32_t strm, const int32_t *ce
         }
         i += r;
     }
+}
+
+// columns_io is rows_io's transposed V as a graph: out of the cache, the cells'
+// columns are gathered (through float32, exact for the unquantized types a
+// transposed V may have) into one [n, width] tensor in the cache's type, read in
+// one copy; into it, cells must be one run (es_kv_import's), written by one strided
+// copy from a [n, width] input.
+static void columns_io(es_kv_hook *h, int n_threads, ggml_tensor *t, uint32_t strm, const int32_t *cells, int n, char *host,
+                       bool to_host) {
+    const size_t esz = ggml_type_size(t->type);
+    const int64_t width = t->ne[0], size = t->ne[1];
+    const size_t bytes = (size_t)n * width * esz;
+    ggml_backend_t b = h->backend_for(t, n_threads);
+    graph_build g(64);
+    if (to_host) {
+        int64_t used = 0;
+        for (int i = 0; i < n; i++) used = std::max<int64_t>(used, cells[i] + 1);
+        std::vector<int32_t> idx(cells, cells + n);
+        ggml_tensor *x = gather(g.ctx, t, true, strm, used, g.input(GGML_TYPE_I32, idx, n)); // [width, n] f32
+        ggml_tensor *out = ggml_cpy(g.ctx, ggml_cont(g.ctx, ggml_transpose(g.ctx, x)), ggml_new_tensor_2d(g.ctx, t->type, n, width));
+        ggml_set_output(out);
+        ggml_build_forward_expand(g.gf, out);
+        g.run(h, b);
+        ggml_backend_tensor_get(out, host, 0, bytes);
+        return;
+    }
+    for (int i = 1; i < n; i++) {
+        if (cells[i] != cells[0] + i) throw es_error(ES_EINVAL, "kv hook: columns are written to one run of cells");
+    }
+    std::vector<char> data(host, host + bytes);
+    ggml_tensor *in = g.input(t->type, data, n, width);
+    ggml_tensor *to = ggml_view_2d(g.ctx, t, n, width, size * esz, strm * t->nb[2] + (size_t)cells[0] * esz);
+    ggml_build_forward_expand(g.gf, ggml_cpy(g.ctx, in, to));
+    g.run(h, b);
 }
 
 // ---- C API ----
@@ -937,7 +982,7 @@ int es_kv_layout(llama_context *ctx, int part, es_kv_layer_info *out, int cap) {
     }
 }
 
-int es_kv_export(llama_context *ctx, int part, int32_t seq, const int32_t *cells, int n, void *buf, size_t cap, char *err,
+int es_kv_export(es_kv_hook *h, llama_context *ctx, int part, int32_t seq, const int32_t *cells, int n, void *buf, size_t cap, char *err,
                  size_t errlen) {
     try {
         llama_kv_cache *kv = need_part(ctx, part);
@@ -958,11 +1003,12 @@ int es_kv_export(llama_context *ctx, int part, int32_t seq, const int32_t *cells
             throw es_error(ES_EINVAL, fmt("kv hook: %zu bytes for %d cells that take %zu", cap, n, cell_bytes(lay) * (size_t)n));
         }
         llama_synchronize(ctx);
+        const int n_threads = llama_n_threads_batch(ctx);
         char *at = (char *)buf;
         for (size_t l = 0; l < lay.size(); l++) {
-            rows_io(ts[l].k, false, s, cells, n, at, true);
+            rows_io(h, n_threads, ts[l].k, false, s, cells, n, at, true);
             at += (size_t)lay[l].bytes_k * n;
-            rows_io(ts[l].v, ts[l].v_trans, s, cells, n, at, true);
+            rows_io(h, n_threads, ts[l].v, ts[l].v_trans, s, cells, n, at, true);
             at += (size_t)lay[l].bytes_v * n;
         }
         return 0;
@@ -973,7 +1019,7 @@ int es_kv_export(llama_context *ctx, int part, int32_t seq, const int32_t *cells
     }
 }
 
-int es_kv_import(llama_context *ctx, int part, int32_t seq, const es_kv_layer_info *layout, int n_layer, const void *buf,
+int es_kv_import(es_kv_hook *h, llama_context *ctx, int part, int32_t seq, const es_kv_layer_info *layout, int n_layer, const void *buf,
                  size_t len, int n, const int32_t *pos, const int32_t *x, const int32_t *y, int dry_run, int32_t *cell0,
                  char *err, size_t errlen) {
     try {
@@ -1019,13 +1065,14 @@ int es_kv_import(llama_context *ctx, int part, int32_t seq, const es_kv_layer_in
         if (dry_run) return 0;
 
         llama_synchronize(ctx);
+        const int n_threads = llama_n_threads_batch(ctx);
         std::vector<int32_t> dst(n);
         for (int j = 0; j < n; j++) dst[j] = first + j;
         char *at = (char *)buf;
         for (size_t l = 0; l < lay.size(); l++) {
-            rows_io(ts[l].k, false, s, dst.data(), n, at, false);
+            rows_io(h, n_threads, ts[l].k, false, s, dst.data(), n, at, false);
             at += (size_t)lay[l].bytes_k * n;
-            rows_io(ts[l].v, ts[l].v_trans, s, dst.data(), n, at, false);
+            rows_io(h, n_threads, ts[l].v, ts[l].v_trans, s, dst.data(), n, at, false);
             at += (size_t)lay[l].bytes_v * n;
         }
         for (int j = 0; j < n; j++) {

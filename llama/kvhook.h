@@ -122,8 +122,9 @@ int es_kv_layout(struct llama_context *ctx, int part, es_kv_layer_info *out, int
 // cells in the order given (n * bytes_k), then V: its rows (n * bytes_v) or, for a
 // transposed V, width_v columns of n elements each. buf must hold cap bytes, at
 // least n * sum(bytes_k + bytes_v). Returns 0, or an error code with a message in
-// err. The cache is not changed.
-int es_kv_export(struct llama_context *ctx, int part, int32_t seq, const int32_t *cells, int n, void *buf, size_t cap,
+// err. The cache is not changed. h runs the copies that need a graph (a
+// transposed V off the host).
+int es_kv_export(es_kv_hook *h, struct llama_context *ctx, int part, int32_t seq, const int32_t *cells, int n, void *buf, size_t cap,
                  char *err, size_t errlen);
 
 // es_kv_import writes n cells in es_kv_export's format (len bytes, exported from
@@ -133,7 +134,7 @@ int es_kv_export(struct llama_context *ctx, int part, int32_t seq, const int32_t
 // layer. With dry_run set it only checks (and finds the run). The first cell is
 // returned in *cell0. Returns 0, or an error code with a message in err (the cache
 // untouched).
-int es_kv_import(struct llama_context *ctx, int part, int32_t seq, const es_kv_layer_info *layout, int n_layer,
+int es_kv_import(es_kv_hook *h, struct llama_context *ctx, int part, int32_t seq, const es_kv_layer_info *layout, int n_layer,
                  const void *buf, size_t len, int n, const int32_t *pos, const int32_t *x, const int32_t *y, int dry_run,
                  int32_t *cell0, char *err, size_t errlen);
 

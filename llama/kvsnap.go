@@ -140,7 +140,7 @@ func (c *Context) exportPart(part, seq int, want []int) (*PartSnapshot, error) {
 		idx[i] = C.int32_t(cell)
 	}
 	if err := hookCall(func(errBuf *C.char) C.int {
-		return C.es_kv_export(c.c, C.int(part), C.int32_t(seq), unsafe.SliceData(idx), C.int(n),
+		return C.es_kv_export(c.hook, c.c, C.int(part), C.int32_t(seq), unsafe.SliceData(idx), C.int(n),
 			unsafe.Pointer(unsafe.SliceData(flat)), C.size_t(len(flat)), errBuf, errBufLen)
 	}); err != nil {
 		return nil, err
@@ -221,7 +221,7 @@ func (c *Context) importPart(part, seq int, p *PartSnapshot, dry bool) (int, err
 	}
 	var first C.int32_t
 	err := hookCall(func(errBuf *C.char) C.int {
-		return C.es_kv_import(c.c, C.int(part), C.int32_t(seq), unsafe.SliceData(lay), C.int(len(lay)),
+		return C.es_kv_import(c.hook, c.c, C.int(part), C.int32_t(seq), unsafe.SliceData(lay), C.int(len(lay)),
 			unsafe.Pointer(unsafe.SliceData(flat)), C.size_t(size), C.int(n), unsafe.SliceData(pos), unsafe.SliceData(xs), unsafe.SliceData(ys),
 			C.int(d), &first, errBuf, errBufLen)
 	})

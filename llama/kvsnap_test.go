@@ -61,70 +61,91 @@ func TestCellSnapshotRoundTrip(t *testing.T) {
 		mrope := arch == testmodel.ArchQwen25VL
 		prompt := tokenizeOn(t, m, "USER: keep this conversation in host memory for later ASSISTANT:")
 		for _, p := range []ContextParams{{}, {TypeK: "q8_0"}, {TypeK: "q8_0", TypeV: "q8_0", FlashAttn: true}} {
-			src := newCtxOn(t, m, p)
-			q := p
-			q.NSeqMax = 2
-			dst := newCtxOn(t, m, q)
-			t.Run(fmt.Sprintf("%s/%s", cmp.Or(arch, "llama"), src.KVLayout()), func(t *testing.T) {
-				next := fillSeq(t, src, m, prompt, 0, mrope)
-				cells := seqCellIndices(t, src, 0)
-				snap, err := src.ExportCells(0, cells)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if snap.Cells() != len(cells[0]) || snap.Bytes() <= 0 {
-					t.Fatalf("snapshot of %d cells, %d bytes", snap.Cells(), snap.Bytes())
-				}
-				firsts, err := dst.ImportCells(1, snap)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for part := range cells {
-					want, _ := src.SeqCells(part, 0)
-					got, err := dst.SeqCells(part, 1)
+			for _, generic := range []bool{false, true} {
+				src := newCtxOn(t, m, p)
+				q := p
+				q.NSeqMax = 2
+				dst := newCtxOn(t, m, q)
+				// generic: a transposed V goes through the graph a GPU runs
+				src.SetHookGeneric(generic)
+				dst.SetHookGeneric(generic)
+				path := map[bool]string{false: "host", true: "generic"}[generic]
+				t.Run(fmt.Sprintf("%s/%s/%s", cmp.Or(arch, "llama"), src.KVLayout(), path), func(t *testing.T) {
+					next := fillSeq(t, src, m, prompt, 0, mrope)
+					cells := seqCellIndices(t, src, 0)
+					snap, err := src.ExportCells(0, cells)
 					if err != nil {
 						t.Fatal(err)
 					}
-					if len(got) != len(want) || got[0].Index != firsts[part] {
-						t.Fatalf("part %d: %d cells from %d, want %d from %d", part, len(got), got[0].Index, len(want), firsts[part])
+					if snap.Cells() != len(cells[0]) || snap.Bytes() <= 0 {
+						t.Fatalf("snapshot of %d cells, %d bytes", snap.Cells(), snap.Bytes())
 					}
-					for i := range want {
-						if got[i].Pos != want[i].Pos || got[i].X != want[i].X || got[i].Y != want[i].Y {
-							t.Fatalf("part %d cell %d: %+v, the source's %+v", part, i, got[i], want[i])
+					if generic { // both paths write the documented layout
+						src.SetHookGeneric(false)
+						plain, err := src.ExportCells(0, cells)
+						src.SetHookGeneric(true)
+						if err != nil {
+							t.Fatal(err)
 						}
-					}
-					if mrope && part == 0 && !slices.ContainsFunc(got, func(c Cell) bool { return c.X > 3 }) {
-						t.Fatal("no imported cell carries an M-RoPE column")
-					}
-					layers, _ := src.CacheLayers(part)
-					dcells := make([]int, len(got))
-					for i := range got {
-						dcells[i] = got[i].Index
-					}
-					for l := range layers {
-						for _, v := range []bool{false, true} {
-							a, err := src.ReadCellRows(part, 0, l, v, cells[part])
-							if err != nil {
-								t.Fatal(err)
-							}
-							b, err := dst.ReadCellRows(part, 1, l, v, dcells)
-							if err != nil {
-								t.Fatal(err)
-							}
-							for i := range a {
-								if !slices.Equal(a[i], b[i]) {
-									t.Fatalf("part %d layer %d V=%v cell %d: rows differ", part, l, v, i)
+						for part := range plain.Parts {
+							for l := range plain.Parts[part].V {
+								if !slices.Equal(plain.Parts[part].K[l], snap.Parts[part].K[l]) || !slices.Equal(plain.Parts[part].V[l], snap.Parts[part].V[l]) {
+									t.Fatalf("part %d layer %d: the graph's bytes differ from the host copy's", part, l)
 								}
 							}
 						}
 					}
-				}
-				want := decodeTokens(t, src, []Token{prompt[1]}, next, 0)
-				got := decodeTokens(t, dst, []Token{prompt[1]}, next, 1)
-				if d := maxAbsDiff(want, got); d != 0 {
-					t.Fatalf("the imported sequence's next logits differ by %g", d)
-				}
-			})
+					firsts, err := dst.ImportCells(1, snap)
+					if err != nil {
+						t.Fatal(err)
+					}
+					for part := range cells {
+						want, _ := src.SeqCells(part, 0)
+						got, err := dst.SeqCells(part, 1)
+						if err != nil {
+							t.Fatal(err)
+						}
+						if len(got) != len(want) || got[0].Index != firsts[part] {
+							t.Fatalf("part %d: %d cells from %d, want %d from %d", part, len(got), got[0].Index, len(want), firsts[part])
+						}
+						for i := range want {
+							if got[i].Pos != want[i].Pos || got[i].X != want[i].X || got[i].Y != want[i].Y {
+								t.Fatalf("part %d cell %d: %+v, the source's %+v", part, i, got[i], want[i])
+							}
+						}
+						if mrope && part == 0 && !slices.ContainsFunc(got, func(c Cell) bool { return c.X > 3 }) {
+							t.Fatal("no imported cell carries an M-RoPE column")
+						}
+						layers, _ := src.CacheLayers(part)
+						dcells := make([]int, len(got))
+						for i := range got {
+							dcells[i] = got[i].Index
+						}
+						for l := range layers {
+							for _, v := range []bool{false, true} {
+								a, err := src.ReadCellRows(part, 0, l, v, cells[part])
+								if err != nil {
+									t.Fatal(err)
+								}
+								b, err := dst.ReadCellRows(part, 1, l, v, dcells)
+								if err != nil {
+									t.Fatal(err)
+								}
+								for i := range a {
+									if !slices.Equal(a[i], b[i]) {
+										t.Fatalf("part %d layer %d V=%v cell %d: rows differ", part, l, v, i)
+									}
+								}
+							}
+						}
+					}
+					want := decodeTokens(t, src, []Token{prompt[1]}, next, 0)
+					got := decodeTokens(t, dst, []Token{prompt[1]}, next, 1)
+					if d := maxAbsDiff(want, got); d != 0 {
+						t.Fatalf("the imported sequence's next logits differ by %g", d)
+					}
+				})
+			}
 		}
 	}
 }
