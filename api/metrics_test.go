@@ -376,6 +376,21 @@ func TestMetricsEngineGauges(t *testing.T) {
 			},
 		},
 		{
+			name: "host tier",
+			stats: BackendStats{HostCacheBytes: 1 << 20, HostCacheEntries: 3, HostCacheStored: 5, HostCacheHits: 2, HostCacheMisses: 1,
+				HostCacheEvictions: 2, HostCacheFailures: 0, HostCacheRestoredTokens: 700},
+			want: map[string]float64{
+				`elasticserve_kv_tier_bytes{tier="host"}`:                 1 << 20,
+				`elasticserve_kv_tier_conversations{tier="host"}`:         3,
+				`elasticserve_kv_tier_stored_total{tier="host"}`:          5,
+				`elasticserve_kv_tier_hits_total{tier="host"}`:            2,
+				`elasticserve_kv_tier_misses_total{tier="host"}`:          1,
+				`elasticserve_kv_tier_evictions_total{tier="host"}`:       2,
+				`elasticserve_kv_tier_failures_total{tier="host"}`:        0,
+				`elasticserve_kv_tier_restored_tokens_total{tier="host"}`: 700,
+			},
+		},
+		{
 			name:  "per policy, only some reported",
 			stats: BackendStats{KVCellsByPolicy: map[string]int{"local": 9}},
 			want: map[string]float64{

@@ -131,6 +131,11 @@ func TestUsageAndKVCacheJSON(t *testing.T) {
 	if kvCacheOf(nil) != nil {
 		t.Fatal("no report must stay absent")
 	}
+	// Reused cells say where they came from.
+	b, err = json.Marshal(kvCacheOf(&completion.KVReport{Policy: "full", Budget: 1, PromptEntries: 300, Reused: 290, ReusedFrom: "host"}))
+	if err != nil || !strings.Contains(string(b), `"reused":290,"reused_from":"host","kept"`) {
+		t.Fatalf("reused from the host tier: %s (%v)", b, err)
+	}
 	if u := usageOf(completion.Usage{PromptTokens: 4, CompletionTokens: 5, TotalTokens: 9}); u != (Usage{PromptTokens: 4, CompletionTokens: 5, TotalTokens: 9}) {
 		t.Fatalf("usage %+v", u)
 	}
