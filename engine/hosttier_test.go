@@ -148,7 +148,7 @@ func TestHostTierNeverRestoresAnotherPicture(t *testing.T) {
 }
 
 // onePixelOff is img (a PNG) with its first pixel's red channel changed by one.
-func onePixelOff(t *testing.T, img []byte) []byte {
+func onePixelOff(t testing.TB, img []byte) []byte {
 	t.Helper()
 	src, err := png.Decode(bytes.NewReader(img))
 	if err != nil {
@@ -229,5 +229,40 @@ func TestHostTierOnEveryLayout(t *testing.T) {
 				t.Fatalf("failures: %+v", st)
 			}
 		})
+	}
+}
+
+// The benchmark's conversation (BenchmarkHostTierTTFT) on the test model: four
+// turns, another picture conversation taking the only slot between them. Each
+// later turn is restored from host memory wherever the conversation held in its
+// slot would have continued, with as many cached tokens and the same answer; under
+// full that is every turn, and the answers are those of encoding every turn
+// afresh. (Under elastic the test model's character answers do not always
+// tokenize back as generated, and then the compressed conversation is not
+// continued, in its slot or from host memory.)
+func TestHostTierFourTurns(t *testing.T) {
+	img, other := testPNG(t, 1), testPNG(t, 3)
+	questions := []string{"What color is the circle?", "How many shapes are there?", "Where is the square?", "What color is the square?"}
+	for _, spec := range []elasticcache.Spec{{}, cfg(elasticcache.Elastic, 0.5)} {
+		plain, _ := hostTierTurns(t, tmModel, tmVision, spec, 0, img, other, questions)
+		slot, _ := hostTierTurns(t, tmModel, tmVision, spec, 256<<20, img, nil, questions)
+		host, bytes := hostTierTurns(t, tmModel, tmVision, spec, 256<<20, img, other, questions)
+		restored := 0
+		for i := range host {
+			h, s := host[i], slot[i]
+			if h.cached != s.cached || h.text != s.text || (s.from == "slot") != (h.from == "host") {
+				t.Fatalf("%s turn %d: cached %d from %q %q, held in its slot %d from %q %q", spec.Policy(), i+1, h.cached, h.from, h.text, s.cached, s.from, s.text)
+			}
+			if h.from == "host" {
+				restored++
+			}
+			if !spec.Compresses() && (h.text != plain[i].text || i > 0 && h.cached < host[i-1].prompt-1) {
+				t.Fatalf("turn %d: restored %q (cached %d), encoded %q", i+1, h.text, h.cached, plain[i].text)
+			}
+		}
+		if restored == 0 || !spec.Compresses() && restored != len(host)-1 || bytes <= 0 {
+			t.Fatalf("%s: %d turns restored, %d bytes held at the end", spec.Policy(), restored, bytes)
+		}
+		t.Logf("%s: %d of %d later turns restored, %d bytes held after four turns", spec.Policy(), restored, len(host)-1, bytes)
 	}
 }
