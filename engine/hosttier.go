@@ -197,6 +197,7 @@ func (e *Engine) fromHost(ent *hostEntry, slot int) bool {
 	t0 := time.Now()
 	firsts, err := e.ctx.ImportCells(slot, ent.snap)
 	if err != nil {
+		e.ctx.SeqClear(slot) // a compute failure may have written a part; the slot held nothing
 		e.host.bad.Add(1)
 		e.opts.Log.Warn().Err(err).Msg("host tier: could not restore a conversation")
 		return false

@@ -161,7 +161,9 @@ func (c *Context) exportPart(part, seq int, want []int) (*PartSnapshot, error) {
 // The context must have the cache layout the snapshot came from (same model, row
 // types, widths and V orientation, part by part); anything else (another layout,
 // no free run long enough, malformed bytes) is refused with a HookError before any
-// part is touched.
+// part is touched. Only a failure of the copy itself (a HookError with Code 3,
+// from the backend) can leave an earlier part's cells in seq; the caller then
+// removes them.
 //
 // Locking: the caller owns the context (the engine's loop goroutine).
 func (c *Context) ImportCells(seq int, s *CellSnapshot) ([]int, error) {
