@@ -277,7 +277,7 @@ func newEngineCollector(b Backend) *engineCollector {
 		reclaimed:    d("elasticserve_kv_cells_reclaimed_total", "Held cells dropped to make room for other requests."),
 		imageHits:    d("elasticserve_image_cache_hits_total", "Images whose embeddings came from the image cache."),
 		imageEncodes: d("elasticserve_image_encodes_total", "Images encoded by the vision encoder."),
-		tierBytes:    d("elasticserve_kv_tier_bytes", "Bytes of held conversations kept out of their slots, per tier (host: host memory, bounded by --cache-ram-mb).", "tier"),
+		tierBytes:    d("elasticserve_kv_tier_bytes", "Bytes of held conversations kept out of their slots, per tier (host: host memory, bounded by --cache-ram-mb; disk: files under --cache-dir, bounded by --cache-dir-mb).", "tier"),
 		tierEntries:  d("elasticserve_kv_tier_conversations", "Held conversations kept out of their slots, per tier.", "tier"),
 		tierStored:   d("elasticserve_kv_tier_stored_total", "Held conversations copied into the tier when they lost their slot.", "tier"),
 		tierHits:     d("elasticserve_kv_tier_hits_total", "Requests whose conversation was restored from the tier instead of encoded again.", "tier"),
@@ -337,15 +337,24 @@ func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
 		{c.reclaimed, st.ReclaimedCells}, {c.imageHits, st.ImageCacheHits}, {c.imageEncodes, st.ImageEncodes}} {
 		ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, float64(m.v))
 	}
-	for _, m := range []struct {
-		d *prometheus.Desc
-		t prometheus.ValueType
-		v int64
-	}{{c.tierBytes, prometheus.GaugeValue, st.HostCacheBytes}, {c.tierEntries, prometheus.GaugeValue, st.HostCacheEntries},
-		{c.tierStored, prometheus.CounterValue, st.HostCacheStored}, {c.tierHits, prometheus.CounterValue, st.HostCacheHits},
-		{c.tierMisses, prometheus.CounterValue, st.HostCacheMisses}, {c.tierEvictions, prometheus.CounterValue, st.HostCacheEvictions},
-		{c.tierFailures, prometheus.CounterValue, st.HostCacheFailures}, {c.tierRestored, prometheus.CounterValue, st.HostCacheRestoredTokens}} {
-		ch <- prometheus.MustNewConstMetric(m.d, m.t, float64(m.v), "host")
+	for _, tier := range []struct {
+		name                                       string
+		bytes, entries, stored, hits, misses, evic int64
+		failures, restored                         int64
+	}{{"host", st.HostCacheBytes, st.HostCacheEntries, st.HostCacheStored, st.HostCacheHits, st.HostCacheMisses, st.HostCacheEvictions,
+		st.HostCacheFailures, st.HostCacheRestoredTokens},
+		{"disk", st.DiskCacheBytes, st.DiskCacheEntries, st.DiskCacheStored, st.DiskCacheHits, st.DiskCacheMisses, st.DiskCacheEvictions,
+			st.DiskCacheFailures, st.DiskCacheRestoredTokens}} {
+		for _, m := range []struct {
+			d *prometheus.Desc
+			t prometheus.ValueType
+			v int64
+		}{{c.tierBytes, prometheus.GaugeValue, tier.bytes}, {c.tierEntries, prometheus.GaugeValue, tier.entries},
+			{c.tierStored, prometheus.CounterValue, tier.stored}, {c.tierHits, prometheus.CounterValue, tier.hits},
+			{c.tierMisses, prometheus.CounterValue, tier.misses}, {c.tierEvictions, prometheus.CounterValue, tier.evic},
+			{c.tierFailures, prometheus.CounterValue, tier.failures}, {c.tierRestored, prometheus.CounterValue, tier.restored}} {
+			ch <- prometheus.MustNewConstMetric(m.d, m.t, float64(m.v), tier.name)
+		}
 	}
 }
 

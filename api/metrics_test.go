@@ -388,6 +388,17 @@ func TestMetricsEngineGauges(t *testing.T) {
 				`elasticserve_kv_tier_evictions_total{tier="host"}`:       2,
 				`elasticserve_kv_tier_failures_total{tier="host"}`:        0,
 				`elasticserve_kv_tier_restored_tokens_total{tier="host"}`: 700,
+				`elasticserve_kv_tier_bytes{tier="disk"}`:                 0,
+			},
+		},
+		{
+			name:  "disk tier",
+			stats: BackendStats{DiskCacheBytes: 5 << 20, DiskCacheEntries: 2, DiskCacheHits: 1, DiskCacheFailures: 3},
+			want: map[string]float64{
+				`elasticserve_kv_tier_bytes{tier="disk"}`:          5 << 20,
+				`elasticserve_kv_tier_conversations{tier="disk"}`:  2,
+				`elasticserve_kv_tier_hits_total{tier="disk"}`:     1,
+				`elasticserve_kv_tier_failures_total{tier="disk"}`: 3,
 			},
 		},
 		{

@@ -286,8 +286,9 @@ type KVCacheReport struct {
 	Selection     string  `json:"selection,omitempty"`
 	PromptEntries int     `json:"prompt_entries"`
 	Reused        int     `json:"reused"`
-	// ReusedFrom says where the reused cells were: "slot" (held in the slot) or
-	// "host" (restored from host memory); absent when nothing was reused.
+	// ReusedFrom says where the reused cells were: "slot" (held in the slot),
+	// "host" (restored from host memory) or "disk" (from --cache-dir); absent
+	// when nothing was reused.
 	ReusedFrom string  `json:"reused_from,omitempty"`
 	Kept       int     `json:"kept"`
 	Merged     int     `json:"merged"`

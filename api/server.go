@@ -98,6 +98,10 @@ type BackendStats struct {
 	HostCacheBytes, HostCacheEntries                                    int64
 	HostCacheStored, HostCacheHits, HostCacheMisses, HostCacheEvictions int64
 	HostCacheFailures, HostCacheRestoredTokens                          int64
+	// Disk tier (--cache-dir): the same for files.
+	DiskCacheBytes, DiskCacheEntries                                    int64
+	DiskCacheStored, DiskCacheHits, DiskCacheMisses, DiskCacheEvictions int64
+	DiskCacheFailures, DiskCacheRestoredTokens                          int64
 }
 
 // Options is what the HTTP layer needs from the configuration.

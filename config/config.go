@@ -126,7 +126,11 @@ type Config struct {
 	// kept in host memory (compressed ones compressed) and restored when their next
 	// turn comes. -1 (the default): CacheRAMShare of the memory the process may use
 	// at start (HostMemoryFrom); 0: off. See CacheRAMBytes.
-	CacheRAMMB     int           `env:"CACHE_RAM_MB" envDefault:"-1"`
+	CacheRAMMB int `env:"CACHE_RAM_MB" envDefault:"-1"`
+	// CacheDir, when set, keeps conversations in files there so that they survive a
+	// restart (the disk tier); CacheDirMB bounds the directory (0: unbounded).
+	CacheDir       string        `env:"CACHE_DIR"`
+	CacheDirMB     int           `env:"CACHE_DIR_MB" envDefault:"10240"`
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT" envDefault:"0s"`
 	ShutdownGrace  time.Duration `env:"SHUTDOWN_GRACE" envDefault:"30s"`
 
@@ -279,6 +283,8 @@ func newFlagSet(cfg *Config) *flag.FlagSet {
 	boolean(&cfg.CacheReuseCompressed, "cache-reuse-compressed", "with --cache-reuse, also continue a conversation from the cells its compressing policy (elastic, h2o, local) left, encoding only the new turn; requests may ask for it with elastic_cache.reuse=true")
 	num(&cfg.ImageCacheMB, "image-cache-mb", "MiB of encoded images kept by content, so a picture sent again is not encoded again (0: off)")
 	num(&cfg.CacheRAMMB, "cache-ram-mb", "MiB of host memory for held conversations that lost their slot, restored instead of encoded again when they continue (-1: 10% of the memory the process may use; 0: off)")
+	str(&cfg.CacheDir, "cache-dir", "directory for conversations that leave host memory and for every held conversation at a clean shutdown, so that they survive a restart (one server per directory; off when empty)")
+	num(&cfg.CacheDirMB, "cache-dir-mb", "MiB the cache directory may hold; least recently used conversations out first (0: unbounded)")
 	dur(&cfg.RequestTimeout, "request-timeout", "time limit for one completion request (0: none)")
 	dur(&cfg.ShutdownGrace, "shutdown-grace", "on SIGTERM/SIGINT, how long running requests may finish before they are cancelled")
 	str(&cfg.LogLevel, "log-level", "log level: trace, debug, info, warn, error")
@@ -409,6 +415,9 @@ func (c *Config) Validate() error {
 	}
 	if c.ImageCacheMB < 0 {
 		return bad("image-cache-mb", "must be >= 0, got %d", c.ImageCacheMB)
+	}
+	if c.CacheDirMB < 0 {
+		return bad("cache-dir-mb", "must be >= 0, got %d", c.CacheDirMB)
 	}
 	if c.CacheRAMMB < -1 {
 		return bad("cache-ram-mb", "must be >= 0, or -1 for the default share of memory, got %d", c.CacheRAMMB)

@@ -40,7 +40,7 @@ func TestDefaults(t *testing.T) {
 		BatchSize: 512, UBatchSize: 512, DecodeFlashAttn: "auto", KVType: "f16", GPULayers: -1, ModelAlias: "qwen2-vl-2b.Q4_K_M",
 		Policy: "elastic", Budget: 0.8, Sink: 4, Distance: -25, Selection: "paper",
 		MaxImageBytes: 10 << 20, MaxImages: 4, MaxImagePixels: 16777216, ImageURLTimeout: 10 * time.Second,
-		MaxBodyBytes: 64 << 20, QueueSize: 64, CacheReuse: true, ImageCacheMB: 256, CacheReuseCompressed: false, CacheRAMMB: -1, ShutdownGrace: 30 * time.Second, UI: true,
+		MaxBodyBytes: 64 << 20, QueueSize: 64, CacheReuse: true, ImageCacheMB: 256, CacheReuseCompressed: false, CacheRAMMB: -1, CacheDirMB: 10240, ShutdownGrace: 30 * time.Second, UI: true,
 		LogLevel: "info", LogFormat: "console", MaxTokensDefault: -1,
 	}
 	if !reflect.DeepEqual(*cfg, want) {

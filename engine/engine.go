@@ -73,7 +73,17 @@ type Options struct {
 	// out first, and a later turn that continues one is restored into its slot's
 	// stream instead of being encoded again. 0 turns it off. Needs Reuse.
 	HostCacheBytes int64
-	Log            zerolog.Logger
+	// CacheDir, when set, keeps conversations in files there so that they survive
+	// a restart (the disk tier): those that leave the host tier (or their slot,
+	// with the host tier off), and at Stop every conversation held in a slot or in
+	// host memory. CacheDirBytes bounds the directory (0: unbounded). ModelID names
+	// the model the files belong to (ModelIdentity of its GGUF files); a file of
+	// another model is never read. A directory that cannot be used (another server
+	// holds it, it cannot be created) leaves the tier off, logged (Stats.DiskCacheOff).
+	CacheDir      string
+	CacheDirBytes int64
+	ModelID       [32]byte
+	Log           zerolog.Logger
 	// Observe, when set, is called on the decode loop after each prefill plan and each
 	// generation step (tests and diagnostics; it must not block).
 	Observe func(Observation)
@@ -130,6 +140,13 @@ type Stats struct {
 	HostCacheBytes, HostCacheEntries                                    int64
 	HostCacheStored, HostCacheHits, HostCacheMisses, HostCacheEvictions int64
 	HostCacheFailures, HostCacheRestoredTokens                          int64
+	// Disk tier (Options.CacheDir), the same quantities for files; failures count
+	// files that could not be used (another model, version, truncated, corrupt) and
+	// writes that failed. DiskCacheOff: a directory was given but could not be used.
+	DiskCacheBytes, DiskCacheEntries                                    int64
+	DiskCacheStored, DiskCacheHits, DiskCacheMisses, DiskCacheEvictions int64
+	DiskCacheFailures, DiskCacheRestoredTokens                          int64
+	DiskCacheOff                                                        bool
 }
 
 // cachePolicies indexes Engine.policyCells: a fixed array lets the loop publish
@@ -164,6 +181,8 @@ type Engine struct {
 	clock   uint64     // orders held sequences by last use
 	images  *imageCache
 	host    *hostTier // held conversations out of their slots (loop goroutine; counters atomic)
+	disk    *diskTier // conversations in files (nil: off); see diskTier for its locking
+	diskOff bool      // CacheDir was set but could not be used
 	waiting []*seq    // taken off the queue, not yet admitted (FIFO)
 	pools   []*cellPool
 	// reserved cells per pool: what admitted sequences may hold at most
@@ -317,6 +336,16 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	if pctx != nil {
 		e.ppool = newCellPool(pctx.NCtx(), pctx.Params().NUBatch)
 	}
+	if opts.CacheDir != "" {
+		d, err := openDiskTier(opts.CacheDir, opts.CacheDirBytes, opts.ModelID, opts.Log)
+		if err != nil {
+			e.diskOff = true
+			opts.Log.Warn().Err(err).Str("dir", opts.CacheDir).Msg("disk tier off: the cache directory cannot be used")
+		} else {
+			e.disk = d
+			e.host.spill = d.put
+		}
+	}
 	if vision != nil {
 		e.embdBatch = llama.NewBatch(opts.BatchSize, vision.EmbdSize(), 1)
 		if vision.MRoPE() {
@@ -342,6 +371,7 @@ func (e *Engine) Stop(ctx context.Context) {
 		<-e.done
 	}
 	e.freeOnce.Do(func() {
+		e.persist()
 		e.tokBatch.Close()
 		e.embdBatch.Close()
 		e.ctx.Close()
@@ -392,7 +422,7 @@ func (e *Engine) Ready() bool {
 // Stats returns a snapshot of queue and cache use. It never touches the llama
 // context, so it may be called at any time, even after Stop.
 func (e *Engine) Stats() Stats {
-	return Stats{
+	st := Stats{
 		QueueDepth:   int(e.queued.Load()),
 		SlotsBusy:    int(e.busy.Load()),
 		SlotsTotal:   e.opts.Parallel,
@@ -417,7 +447,14 @@ func (e *Engine) Stats() Stats {
 		HostCacheEvictions:      e.host.evictions.Load(),
 		HostCacheFailures:       e.host.bad.Load(),
 		HostCacheRestoredTokens: e.host.restored.Load(),
+		DiskCacheOff:            e.diskOff,
 	}
+	if d := e.disk; d != nil {
+		st.DiskCacheBytes, st.DiskCacheEntries, st.DiskCacheStored = d.bytes.Load(), d.count.Load(), d.stored.Load()
+		st.DiskCacheHits, st.DiskCacheMisses, st.DiskCacheEvictions = d.hits.Load(), d.misses.Load(), d.evictions.Load()
+		st.DiskCacheFailures, st.DiskCacheRestoredTokens = d.bad.Load(), d.restored.Load()
+	}
+	return st
 }
 
 func (e *Engine) cellsByPolicy() map[string]int {

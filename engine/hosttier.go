@@ -28,6 +28,7 @@ type hostEntry struct {
 	snap    *llama.CellSnapshot // cells in entry order (part 0), the window cache's (part 1)
 	bytes   int64
 	used    uint64
+	cells   int // entries, from a file's header before its cells are read
 }
 
 // serves is how many leading units of s's prompt the entry's cells serve, by
@@ -45,6 +46,9 @@ type hostTier struct {
 	limit   int64 // bytes; <= 0: the tier is off
 	entries []*hostEntry
 	clock   uint64
+	// spill receives what leaves the tier for lack of room (or does not fit it):
+	// the disk tier's put, or nil.
+	spill func(*hostEntry)
 
 	bytes, count                         atomic.Int64
 	stored, hits, misses, evictions, bad atomic.Int64
@@ -58,6 +62,9 @@ func (t *hostTier) on() bool { return t != nil && t.limit > 0 }
 // kept. An entry for the same units and setting replaces the older one.
 func (t *hostTier) put(e *hostEntry) {
 	if !t.on() || e.bytes > t.limit {
+		if t.spill != nil {
+			t.spill(e)
+		}
 		return
 	}
 	for i, o := range t.entries {
@@ -79,8 +86,11 @@ func (t *hostTier) put(e *hostEntry) {
 				lru = i
 			}
 		}
-		t.remove(lru)
+		out := t.remove(lru)
 		t.evictions.Add(1)
+		if t.spill != nil {
+			t.spill(out)
+		}
 	}
 }
 
@@ -109,20 +119,29 @@ func (t *hostTier) best(s *seq) (int, int) {
 	return best, bestN
 }
 
-// toHost copies held sequence h's cells into the host tier before they are
-// dropped. A failure to read them is counted and the conversation is lost, as it
-// was before the tier existed.
+// toHost copies held sequence h's cells into the host tier (or, when it is off
+// or they do not fit, the disk tier) before they are dropped. A failure to read
+// them is counted and the conversation is lost, as it was before the tiers
+// existed.
 func (e *Engine) toHost(h *heldSeq) {
-	if !e.host.on() || h == nil || len(h.cache.cells) == 0 {
+	if !e.host.on() && !e.disk.on() || h == nil || len(h.cache.cells) == 0 {
 		return
 	}
+	if ent := e.snapshot(h); ent != nil {
+		e.host.put(ent)
+	}
+}
+
+// snapshot copies held sequence h's cells out of the context (loop goroutine,
+// or Stop once the loop is done); nil when that fails (counted).
+func (e *Engine) snapshot(h *heldSeq) *hostEntry {
 	c := h.cache
 	cells := [][]int{c.cells}
 	if c.lctx.CacheParts() == 2 {
 		win, err := c.lctx.SeqCells(1, c.seq)
 		if err != nil {
 			e.host.bad.Add(1)
-			return
+			return nil
 		}
 		idx := make([]int, len(win))
 		for i, w := range win {
@@ -135,64 +154,99 @@ func (e *Engine) toHost(h *heldSeq) {
 	if err != nil {
 		e.host.bad.Add(1)
 		e.opts.Log.Warn().Err(err).Msg("host tier: could not copy a held conversation")
-		return
+		return nil
 	}
-	ent := &hostEntry{units: h.units, spec: c.spec, compressed: h.compressed, snap: snap, bytes: snap.Bytes() + int64(len(h.units))*int64(unitBytes)}
+	ent := &hostEntry{units: h.units, spec: c.spec, compressed: h.compressed, snap: snap, cells: snap.Cells(),
+		bytes: snap.Bytes() + int64(len(h.units))*int64(unitBytes)}
 	if h.compressed {
 		ent.tracker = c.tracker
 	}
-	e.host.put(ent)
-	e.opts.Log.Debug().Int("cells", len(c.cells)).Int64("bytes", ent.bytes).Dur("took", time.Since(t0)).Msg("host tier: conversation stored")
+	e.opts.Log.Debug().Int("cells", len(c.cells)).Int64("bytes", ent.bytes).Dur("took", time.Since(t0)).Msg("host tier: conversation copied")
+	return ent
 }
 
 const unitBytes = 40 // an imageKey and a token
 
-// restore moves a conversation from the host tier into slot for s, when the tier
-// holds one that serves more of s's prompt than the slot's own held cells
-// (common of them) and its cells and the rest of s's prompt fit the slot's
-// stream. What the slot held goes to the host tier first. It returns the number of
-// prompt positions the slot now serves: common when nothing was restored.
+// restore moves a conversation from the host tier (or the disk tier) into slot
+// for s, when a tier holds one that serves more of s's prompt than the slot's own
+// held cells (common of them) and its cells and the rest of s's prompt fit the
+// slot's stream. What the slot held goes to the host tier first. It returns the
+// number of prompt positions the slot now serves: common when nothing was
+// restored.
 func (e *Engine) restore(s *seq, slot, common int) int {
 	i, n := e.host.best(s)
-	if i < 0 || n <= common {
+	file, dn := e.disk.best(s)
+	if max(n, dn) <= common {
 		// A miss: no conversation to continue, in the slot (pickSlot's rule) or
-		// in the tier, while the tier holds some.
+		// in a tier, while the tier holds some.
 		continuing := common > 0 && e.held[slot] != nil && 2*common >= len(e.held[slot].units)
-		if i < 0 && s.reuse && !continuing && len(e.host.entries) > 0 {
-			e.host.misses.Add(1)
+		if s.reuse && !continuing {
+			if i < 0 && len(e.host.entries) > 0 {
+				e.host.misses.Add(1)
+			}
+			if file == nil && !e.disk.empty() {
+				e.disk.misses.Add(1)
+			}
 		}
 		return common
 	}
-	ent := e.host.entries[i]
-	kept := n
-	if ent.compressed {
-		kept = ent.snap.Cells()
+	fromDisk := dn > n
+	kept, compressed := n, false
+	if fromDisk {
+		kept = dn
+		if compressed = file.compressed; compressed {
+			kept = file.cells
+		}
+		n = dn
+	} else {
+		ent := e.host.entries[i]
+		if compressed = ent.compressed; compressed {
+			kept = ent.snap.Cells()
+		}
 	}
 	pi := e.poolOf(slot)
-	if !e.fitsStream(pi, kept, s, n) || ent.compressed && s.req.Cache.PrefillScores() && e.pctx != nil && !e.ctx.Params().Capture {
+	if !e.fitsStream(pi, kept, s, n) || compressed && s.req.Cache.PrefillScores() && e.pctx != nil && !e.ctx.Params().Capture {
 		return common
 	}
-	e.host.remove(i)
+	var ent *hostEntry
+	from := "host"
+	if fromDisk {
+		var err error
+		if ent, err = e.disk.load(file.name); err != nil {
+			return common // counted and forgotten; the prompt is encoded
+		}
+		from = "disk"
+	} else {
+		ent = e.host.remove(i)
+	}
 	e.drop(slot)
 	// A unified cache: make room among the other slots' held cells.
 	if !e.reclaim(pi, slot, ent.snap.Cells()) {
-		e.host.put(ent) // not now; it stays in the tier
-		e.host.stored.Add(-1)
+		if !fromDisk {
+			e.host.put(ent) // not now; it stays in the tier
+			e.host.stored.Add(-1)
+		}
 		return 0
 	}
-	if !e.fromHost(ent, slot) {
+	if !e.fromHost(ent, slot, from) {
 		return 0
 	}
-	e.host.hits.Add(1)
-	e.host.restored.Add(int64(n))
+	if fromDisk {
+		e.disk.hits.Add(1)
+		e.disk.restored.Add(int64(n))
+	} else {
+		e.host.hits.Add(1)
+		e.host.restored.Add(int64(n))
+	}
 	return n
 }
 
 // fromHost writes ent's cells into slot's stream (which holds nothing: the
-// caller dropped what it held) and makes them the slot's held sequence. It
+// caller dropped what it held) and makes them the slot's held sequence, restored
+// from tier from ("host" or "disk"). It
 // reports whether it did; a refusal (no room, another layout) is counted and the
 // conversation is lost (the request encodes its prompt).
-func (e *Engine) fromHost(ent *hostEntry, slot int) bool {
+func (e *Engine) fromHost(ent *hostEntry, slot int, from string) bool {
 	pool := e.pools[e.poolOf(slot)]
 	t0 := time.Now()
 	firsts, err := e.ctx.ImportCells(slot, ent.snap)
@@ -225,7 +279,7 @@ func (e *Engine) fromHost(ent *hostEntry, slot int) bool {
 		return false
 	}
 	e.clock++
-	e.held[slot] = &heldSeq{cache: c, units: ent.units, used: e.clock, compressed: ent.compressed, fromHost: true}
+	e.held[slot] = &heldSeq{cache: c, units: ent.units, used: e.clock, compressed: ent.compressed, from: from}
 	e.opts.Log.Debug().Int("cells", len(c.cells)).Dur("took", time.Since(t0)).Msg("host tier: conversation restored")
 	return true
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -98,7 +99,7 @@ func (e *Engine) admit() {
 		if slot < 0 {
 			return
 		}
-		if e.host.on() {
+		if e.host.on() || e.disk.on() {
 			common = e.restore(s, slot, common)
 		}
 		pi := e.poolOf(slot)
@@ -606,10 +607,7 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 		return nil, err
 	}
 	s.startAt(common)
-	s.reusedFrom = "slot"
-	if h.fromHost {
-		s.reusedFrom = "host"
-	}
+	s.reusedFrom = cmp.Or(h.from, "slot")
 	e.reuseHits.Add(1)
 	e.reusedToks.Add(int64(common))
 	return c, nil

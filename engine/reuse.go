@@ -39,9 +39,9 @@ type heldSeq struct {
 	// request that continues its whole history under the same setting (no merged
 	// row can reach another conversation); the cache's tracker carries on.
 	compressed bool
-	// fromHost: its cells were restored from the host tier (not held since its
-	// last turn).
-	fromHost bool
+	// from: the tier its cells were restored from ("host", "disk"); "" when they
+	// stayed in the slot since its last turn.
+	from string
 }
 
 // continues is how many leading units of s's prompt the held sequence serves: all

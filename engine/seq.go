@@ -22,8 +22,8 @@ type seq struct {
 	// cached: prompt positions served by held cells instead of being encoded.
 	reuse  bool
 	cached int
-	// reusedFrom: where the cached positions came from, "slot" or "host"
-	// (restored from the host tier); "" when none.
+	// reusedFrom: where the cached positions came from, "slot", "host" or
+	// "disk" (restored from that tier); "" when none.
 	reusedFrom string
 	// reuseCompressed: the request may continue a compressed conversation
 	reuseCompressed bool

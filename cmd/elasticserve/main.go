@@ -122,6 +122,12 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		}
 	}
 	hostCache := cfg.CacheRAMBytes(config.DetectHostMemory()) // after the model is loaded: a share of what is left
+	var modelIdentity [32]byte
+	if cfg.CacheDir != "" {
+		if modelIdentity, err = engine.ModelIdentity(cfg.Model, cfg.MMProj); err != nil {
+			return err
+		}
+	}
 	eng, err := engine.Start(model, vision, engine.Options{
 		Parallel:        cfg.Parallel,
 		CtxSize:         cfg.DecodeCells(),
@@ -139,6 +145,9 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 		// MiB as bytes
 		ImageCacheBytes: int64(cfg.ImageCacheMB) << 20,
 		HostCacheBytes:  hostCache,
+		CacheDir:        cfg.CacheDir,
+		CacheDirBytes:   int64(cfg.CacheDirMB) << 20,
+		ModelID:         modelIdentity,
 		Log:             log,
 	})
 	if err != nil {
@@ -275,7 +284,10 @@ func (b *backend) Stats() api.BackendStats {
 		ReclaimedCells: s.ReclaimedCells, ImageCacheHits: s.ImageCacheHits, ImageEncodes: s.ImageEncodes,
 		HostCacheBytes: s.HostCacheBytes, HostCacheEntries: s.HostCacheEntries, HostCacheStored: s.HostCacheStored,
 		HostCacheHits: s.HostCacheHits, HostCacheMisses: s.HostCacheMisses, HostCacheEvictions: s.HostCacheEvictions,
-		HostCacheFailures: s.HostCacheFailures, HostCacheRestoredTokens: s.HostCacheRestoredTokens}
+		HostCacheFailures: s.HostCacheFailures, HostCacheRestoredTokens: s.HostCacheRestoredTokens,
+		DiskCacheBytes: s.DiskCacheBytes, DiskCacheEntries: s.DiskCacheEntries, DiskCacheStored: s.DiskCacheStored,
+		DiskCacheHits: s.DiskCacheHits, DiskCacheMisses: s.DiskCacheMisses, DiskCacheEvictions: s.DiskCacheEvictions,
+		DiskCacheFailures: s.DiskCacheFailures, DiskCacheRestoredTokens: s.DiskCacheRestoredTokens}
 }
 
 // sizeContext sets cfg.CtxSize when it was left automatic: each slot gets the

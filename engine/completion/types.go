@@ -145,8 +145,8 @@ type KVReport struct {
 	Selection     string  // the selection rule of a compressing setting; "" when nothing is compressed
 	PromptEntries int
 	Reused        int // prompt entries served by a held conversation's cells (not encoded)
-	// ReusedFrom says where those cells were: "slot" (held in the request's slot)
-	// or "host" (restored from the host tier); "" when Reused is 0.
+	// ReusedFrom says where those cells were: "slot" (held in the request's slot),
+	// "host" or "disk" (restored from that tier); "" when Reused is 0.
 	ReusedFrom string
 	Kept       int // entries per layer right after the prompt plan
 	Merged     int

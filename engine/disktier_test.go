@@ -1,0 +1,196 @@
+package engine
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/internal/testmodel"
+)
+
+// testModelID is ModelIdentity of the test model's files.
+func testModelID(t *testing.T) [32]byte {
+	t.Helper()
+	mp, vp, err := testmodel.Ensure(testmodel.DefaultOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := ModelIdentity(mp, vp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func diskEngine(t *testing.T, dir string, id [32]byte, limit int64) *testEngine {
+	return startEngine(t, Options{Parallel: 1, Reuse: true, ReuseCompressed: true, ImageCacheBytes: 64 << 20,
+		HostCacheBytes: 256 << 20, CacheDir: dir, CacheDirBytes: limit, ModelID: id})
+}
+
+// stopClean stops e as SIGTERM does, letting it finish (and persist).
+func stopClean(e *testEngine) {
+	e.Stop(context.Background())
+}
+
+func convFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(dir, "*"+diskExt))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// A conversation held at a clean shutdown is written to the cache directory and
+// restored from it by the next server: its second turn continues it as if it had
+// stayed in its slot (full and elastic 0.5).
+func TestDiskTierSurvivesARestart(t *testing.T) {
+	id := testModelID(t)
+	if id2 := testModelID(t); id2 != id {
+		t.Fatal("the model's identity changes between two reads")
+	}
+	for _, tc := range []struct {
+		name string
+		spec elasticcache.Spec
+	}{{"full", elasticcache.Spec{}}, {"elastic-0.5", cfg(elasticcache.Elastic, 0.5)}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			e := diskEngine(t, dir, id, 0)
+			first := pictureTurn1("a", tc.spec, testPNG(t, 1))
+			a1 := run(t, e, first)
+			stopClean(e)
+			if files := convFiles(t, dir); len(files) != 1 {
+				t.Fatalf("%d conversation files after a clean shutdown", len(files))
+			}
+			second := turn2(first, a1.text, "And which color is it?")
+			e2 := diskEngine(t, dir, id, 0)
+			if st := e2.Stats(); st.DiskCacheEntries != 1 || st.DiskCacheOff {
+				t.Fatalf("the restarted server indexed %+v", st)
+			}
+			a2 := run(t, e2, second)
+			ref := hostEngine(t, 0)
+			run(t, ref, first)
+			r2 := run(t, ref, second)
+			if a2.kv.ReusedFrom != "disk" || a2.usage.CachedTokens != r2.usage.CachedTokens || a2.text != r2.text {
+				t.Fatalf("after the restart: %q cached %d from %q; held in its slot %q cached %d",
+					a2.text, a2.usage.CachedTokens, a2.kv.ReusedFrom, r2.text, r2.usage.CachedTokens)
+			}
+			if st := e2.Stats(); st.DiskCacheHits != 1 || st.DiskCacheRestoredTokens != int64(a2.usage.CachedTokens) || st.DiskCacheFailures != 0 {
+				t.Fatalf("disk tier stats %+v", st)
+			}
+		})
+	}
+}
+
+// Files that cannot be used are ignored (counted), the turn is encoded afresh
+// and answers as without reuse: every file corrupted, truncated, or of another
+// model.
+func TestDiskTierIgnoresBadFiles(t *testing.T) {
+	id := testModelID(t)
+	first := pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1))
+	for _, tc := range []struct {
+		name  string
+		spoil func(path string) error
+	}{
+		{"a byte flipped", func(p string) error {
+			b, err := os.ReadFile(p)
+			if err == nil {
+				b[len(b)/2] ^= 0x40
+				err = os.WriteFile(p, b, 0o644)
+			}
+			return err
+		}},
+		{"truncated", func(p string) error {
+			st, err := os.Stat(p)
+			if err == nil {
+				err = os.Truncate(p, st.Size()/2)
+			}
+			return err
+		}},
+		{"garbage", func(p string) error { return os.WriteFile(p, []byte("not a conversation"), 0o644) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			e := diskEngine(t, dir, id, 0)
+			a1 := run(t, e, first)
+			stopClean(e)
+			for _, f := range convFiles(t, dir) {
+				if err := tc.spoil(f); err != nil {
+					t.Fatal(err)
+				}
+			}
+			second := turn2(first, a1.text, "And which color is it?")
+			e2 := diskEngine(t, dir, id, 0)
+			got := run(t, e2, second)
+			if got.kv.ReusedFrom == "disk" || got.usage.CachedTokens > 10 {
+				t.Fatalf("a spoilt file served %d tokens from %q", got.usage.CachedTokens, got.kv.ReusedFrom)
+			}
+			if want := run(t, e2, noReuse(second)); got.text != want.text {
+				t.Fatalf("answer %q, encoded afresh %q", got.text, want.text)
+			}
+			if st := e2.Stats(); st.DiskCacheFailures < 1 || st.DiskCacheHits != 0 {
+				t.Fatalf("stats %+v", st)
+			}
+		})
+	}
+	t.Run("another model", func(t *testing.T) {
+		dir := t.TempDir()
+		e := diskEngine(t, dir, id, 0)
+		a1 := run(t, e, first)
+		stopClean(e)
+		other := id
+		other[0] ^= 1
+		e2 := diskEngine(t, dir, other, 0)
+		if st := e2.Stats(); st.DiskCacheEntries != 0 || st.DiskCacheFailures != 1 {
+			t.Fatalf("another model's file was indexed: %+v", st)
+		}
+		if got := run(t, e2, turn2(first, a1.text, "And which color is it?")); got.kv.ReusedFrom == "disk" {
+			t.Fatal("another model's conversation was restored")
+		}
+	})
+}
+
+// One server per directory: a second one runs without the disk tier. A
+// directory that disappears under a running server costs its writes (counted),
+// nothing else. The directory's bound evicts the least recently used file.
+func TestDiskTierFaults(t *testing.T) {
+	id := testModelID(t)
+	dir := t.TempDir()
+	e := diskEngine(t, dir, id, 0)
+	second := diskEngine(t, dir, id, 0)
+	if st := second.Stats(); !st.DiskCacheOff {
+		t.Fatalf("a second server on one directory: %+v", st)
+	}
+	run(t, second, greedyReq("x", "hello", 2, elasticcache.Spec{}))
+
+	// Host tier off: conversations that leave their slot go to disk; then the
+	// directory disappears.
+	gone := t.TempDir()
+	f := startEngine(t, Options{Parallel: 1, Reuse: true, CacheDir: gone, ModelID: id})
+	run(t, f, pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1)))
+	if err := os.RemoveAll(gone); err != nil {
+		t.Fatal(err)
+	}
+	run(t, f, pictureTurn1("b", elasticcache.Spec{}, testPNG(t, 2))) // a leaves its slot: its write fails
+	stopClean(f)
+	if st := f.Stats(); st.DiskCacheFailures < 1 || st.DiskCacheStored != 0 {
+		t.Fatalf("writes into a removed directory: %+v", st)
+	}
+
+	// The bound: room for about one conversation.
+	run(t, e, pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1)))
+	stopClean(e)
+	one := e.Stats().DiskCacheBytes
+	small := t.TempDir()
+	g := diskEngine(t, small, id, one*3/2)
+	for i := range 3 {
+		run(t, g, pictureTurn1(string(rune('a'+i)), elasticcache.Spec{}, testPNG(t, i+1)))
+	}
+	stopClean(g)
+	st := g.Stats()
+	if st.DiskCacheEvictions < 1 || st.DiskCacheBytes > one*3/2 || len(convFiles(t, small)) != int(st.DiskCacheEntries) {
+		t.Fatalf("a directory bounded at %d bytes: %+v, %d files", one*3/2, st, len(convFiles(t, small)))
+	}
+}
