@@ -209,16 +209,23 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 		imageURL = "data:" + typ + ";base64," + base64.StdEncoding.EncodeToString(o.Image)
 	}
-	prompts := Prompts(o.Seed, o.Requests, o.PromptWords)
-	bodies := make([][]byte, len(prompts))
-	for i, p := range prompts {
-		b, err := requestBody(o, p, imageURL)
-		if err != nil {
-			return nil, err
+	// Each level sends prompts of its own: a server that keeps finished
+	// conversations (prompt caching, a host-memory tier) would otherwise answer a
+	// later level from what an earlier one left, and the levels would measure
+	// different things. Level 0's prompts are those of the seed alone.
+	levelBodies := make([][][]byte, len(o.Concurrency))
+	for l := range levelBodies {
+		prompts := Prompts(o.Seed+int64(l)*levelSeedStride, o.Requests, o.PromptWords)
+		levelBodies[l] = make([][]byte, len(prompts))
+		for i, p := range prompts {
+			b, err := requestBody(o, p, imageURL)
+			if err != nil {
+				return nil, err
+			}
+			levelBodies[l][i] = b
 		}
-		bodies[i] = b
 	}
-	if o.Warmup > 0 {
+	if o.Warmup > 0 { // a seed no level uses
 		warm := Prompts(o.Seed+1_000_003, o.Warmup, o.PromptWords)
 		for i, p := range warm {
 			b, err := requestBody(o, p, imageURL)
@@ -238,11 +245,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			res.Label = o.URL
 		}
 	}
-	for _, c := range o.Concurrency {
+	for l, c := range o.Concurrency {
 		if err := ctx.Err(); err != nil {
 			return res, err
 		}
-		samples, wall := runLevel(ctx, o, endpoint, bodies, c)
+		samples, wall := runLevel(ctx, o, endpoint, levelBodies[l], c)
 		lv := summarize(c, samples, wall)
 		res.Levels = append(res.Levels, lv)
 		if o.Progress != nil {
@@ -255,6 +262,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	return res, nil
 }
+
+// levelSeedStride separates the prompt seeds of the levels (and of the warmup,
+// which uses Seed+1_000_003) for any realistic number of levels.
+const levelSeedStride = 7_919
 
 // requestBody is the JSON of one streaming chat request.
 func requestBody(o Options, prompt, imageURL string) ([]byte, error) {
