@@ -160,8 +160,10 @@ type Engine struct {
 	ctx    *llama.Context // the decode context, owned by the decode loop
 	// pctx is the prefill context (Options.PrefillCtx; nil without one): one
 	// sequence (id 0) at a time, owned by the decode loop; ppool mirrors its cells.
-	pctx  *llama.Context
-	ppool *cellPool
+	pctx *llama.Context
+	// threads: the CPU threads ctx and pctx share (nil without a prefill context).
+	threads *llama.ThreadPool
+	ppool   *cellPool
 	// cacheLayers are the model layers of the cache the KV hook rewrites (part 0).
 	cacheLayers []int
 	pace        *pacer       // sizes prompt work per loop turn (decode loop only)
@@ -294,6 +296,17 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 			return nil, fmt.Errorf("engine: prefill context: %w", err)
 		}
 	}
+	// Two contexts used in turn share one set of CPU threads (see llama.ThreadPool).
+	var pool *llama.ThreadPool
+	if pctx != nil {
+		if pool, err = llama.NewThreadPool(opts.Threads); err != nil {
+			ctx.Close()
+			pctx.Close()
+			return nil, fmt.Errorf("engine: %w", err)
+		}
+		ctx.AttachThreadPool(pool)
+		pctx.AttachThreadPool(pool)
+	}
 	// The layers the KV hook rewrites: a sliding-window model's full-attention ones.
 	cacheLayers, err := ctx.CacheLayers(0)
 	if err != nil || ctx.CacheParts() == 0 {
@@ -301,6 +314,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		if pctx != nil {
 			pctx.Close()
 		}
+		pool.Close()
 		return nil, fmt.Errorf("engine: the model's KV cache is not one the hook knows: %v", err)
 	}
 	e := &Engine{
@@ -310,6 +324,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		vision:       vision,
 		ctx:          ctx,
 		pctx:         pctx,
+		threads:      pool,
 		opts:         opts,
 		log:          opts.Log,
 		queue:        make(chan *seq, opts.QueueSize),
@@ -378,6 +393,7 @@ func (e *Engine) Stop(ctx context.Context) {
 		if e.pctx != nil {
 			e.pctx.Close()
 		}
+		e.threads.Close() // after the contexts computing on it
 	})
 }
 

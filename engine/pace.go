@@ -33,6 +33,9 @@ const (
 	minChunkMs = 15.0
 	// chunkSteps: a chunk's target time in decode steps.
 	chunkSteps = 2.0
+	// minChunkTokens: fewer tokens would be mostly a call's fixed cost, and one slow
+	// call would otherwise shrink the chunks it is measured on.
+	minChunkTokens = 16
 	// firstChunk is the chunk before anything was measured.
 	firstChunk = 64
 	// paceAlpha weighs a new measurement in the moving averages.
@@ -53,7 +56,7 @@ func (p *pacer) chunk(generating bool) int {
 		return min(firstChunk, p.batch)
 	}
 	n := int(max(chunkSteps*p.stepMs, minChunkMs) / p.tokMs)
-	return max(1, min(n, p.batch))
+	return max(min(minChunkTokens, p.batch), min(n, p.batch))
 }
 
 // prompt records that n prompt tokens took d.

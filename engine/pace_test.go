@@ -18,6 +18,7 @@ func TestPacerSettlesOnTheTargetChunkTime(t *testing.T) {
 		{"compute dominates", 0.5, 0.5, 20, 512, 79},      // (40-0.5)/0.5
 		{"fast steps use the floor", 1, 0.1, 2, 512, 140}, // 15 ms floor: (15-1)/0.1
 		{"capped by the batch", 1, 0.01, 50, 256, 256},
+		{"slow calls keep the token floor", 100, 5, 10, 512, 16},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			p := newPacer(c.batch, 0)
