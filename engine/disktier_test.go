@@ -154,7 +154,7 @@ func TestDiskTierIgnoresBadFiles(t *testing.T) {
 
 // One server per directory: a second one runs without the disk tier. A
 // directory that disappears under a running server costs its writes (counted),
-// nothing else. The directory's bound evicts the least recently used file.
+// nothing else; one that cannot be made or written turns the tier off. The directory's bound evicts the least recently used file.
 func TestDiskTierFaults(t *testing.T) {
 	id := testModelID(t)
 	dir := t.TempDir()
@@ -178,6 +178,22 @@ func TestDiskTierFaults(t *testing.T) {
 	if st := f.Stats(); st.DiskCacheFailures < 1 || st.DiskCacheStored != 0 {
 		t.Fatalf("writes into a removed directory: %+v", st)
 	}
+
+	// A cache directory that cannot be created or written (its path runs through
+	// a regular file; permission bits would not stop a root test run): the server
+	// starts without the disk tier, says so in Stats, and serves.
+	blocker := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(blocker, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unwritable := diskEngine(t, filepath.Join(blocker, "cache"), id, 0)
+	if st := unwritable.Stats(); !st.DiskCacheOff {
+		t.Fatalf("a cache directory that cannot be made: %+v", st)
+	}
+	if r := run(t, unwritable, pictureTurn1("u", elasticcache.Spec{}, testPNG(t, 1))); r.usage.CompletionTokens == 0 {
+		t.Fatalf("no answer without a usable cache directory: %+v", r)
+	}
+	stopClean(unwritable)
 
 	// The bound: room for about one conversation.
 	run(t, e, pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1)))
