@@ -338,21 +338,17 @@ func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, float64(m.v))
 	}
 	for _, tier := range []struct {
-		name                                       string
-		bytes, entries, stored, hits, misses, evic int64
-		failures, restored                         int64
-	}{{"host", st.HostCacheBytes, st.HostCacheEntries, st.HostCacheStored, st.HostCacheHits, st.HostCacheMisses, st.HostCacheEvictions,
-		st.HostCacheFailures, st.HostCacheRestoredTokens},
-		{"disk", st.DiskCacheBytes, st.DiskCacheEntries, st.DiskCacheStored, st.DiskCacheHits, st.DiskCacheMisses, st.DiskCacheEvictions,
-			st.DiskCacheFailures, st.DiskCacheRestoredTokens}} {
+		name string
+		completion.TierStats
+	}{{"host", st.HostCache}, {"disk", st.DiskCache}} {
 		for _, m := range []struct {
 			d *prometheus.Desc
 			t prometheus.ValueType
 			v int64
-		}{{c.tierBytes, prometheus.GaugeValue, tier.bytes}, {c.tierEntries, prometheus.GaugeValue, tier.entries},
-			{c.tierStored, prometheus.CounterValue, tier.stored}, {c.tierHits, prometheus.CounterValue, tier.hits},
-			{c.tierMisses, prometheus.CounterValue, tier.misses}, {c.tierEvictions, prometheus.CounterValue, tier.evic},
-			{c.tierFailures, prometheus.CounterValue, tier.failures}, {c.tierRestored, prometheus.CounterValue, tier.restored}} {
+		}{{c.tierBytes, prometheus.GaugeValue, tier.Bytes}, {c.tierEntries, prometheus.GaugeValue, tier.Entries},
+			{c.tierStored, prometheus.CounterValue, tier.Stored}, {c.tierHits, prometheus.CounterValue, tier.Hits},
+			{c.tierMisses, prometheus.CounterValue, tier.Misses}, {c.tierEvictions, prometheus.CounterValue, tier.Evictions},
+			{c.tierFailures, prometheus.CounterValue, tier.Failures}, {c.tierRestored, prometheus.CounterValue, tier.RestoredTokens}} {
 			ch <- prometheus.MustNewConstMetric(m.d, m.t, float64(m.v), tier.name)
 		}
 	}

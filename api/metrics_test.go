@@ -377,8 +377,8 @@ func TestMetricsEngineGauges(t *testing.T) {
 		},
 		{
 			name: "host tier",
-			stats: BackendStats{HostCacheBytes: 1 << 20, HostCacheEntries: 3, HostCacheStored: 5, HostCacheHits: 2, HostCacheMisses: 1,
-				HostCacheEvictions: 2, HostCacheFailures: 0, HostCacheRestoredTokens: 700},
+			stats: BackendStats{HostCache: completion.TierStats{Bytes: 1 << 20, Entries: 3, Stored: 5, Hits: 2, Misses: 1,
+				Evictions: 2, Failures: 0, RestoredTokens: 700}},
 			want: map[string]float64{
 				`elasticserve_kv_tier_bytes{tier="host"}`:                 1 << 20,
 				`elasticserve_kv_tier_conversations{tier="host"}`:         3,
@@ -393,7 +393,7 @@ func TestMetricsEngineGauges(t *testing.T) {
 		},
 		{
 			name:  "disk tier",
-			stats: BackendStats{DiskCacheBytes: 5 << 20, DiskCacheEntries: 2, DiskCacheHits: 1, DiskCacheFailures: 3},
+			stats: BackendStats{DiskCache: completion.TierStats{Bytes: 5 << 20, Entries: 2, Hits: 1, Failures: 3}},
 			want: map[string]float64{
 				`elasticserve_kv_tier_bytes{tier="disk"}`:          5 << 20,
 				`elasticserve_kv_tier_conversations{tier="disk"}`:  2,

@@ -95,13 +95,9 @@ type BackendStats struct {
 	ImageCacheHits, ImageEncodes                         int
 	// Host tier (see engine.Stats): bytes and conversations held now; counters
 	// since start.
-	HostCacheBytes, HostCacheEntries                                    int64
-	HostCacheStored, HostCacheHits, HostCacheMisses, HostCacheEvictions int64
-	HostCacheFailures, HostCacheRestoredTokens                          int64
+	HostCache completion.TierStats
 	// Disk tier (--cache-dir): the same for files.
-	DiskCacheBytes, DiskCacheEntries                                    int64
-	DiskCacheStored, DiskCacheHits, DiskCacheMisses, DiskCacheEvictions int64
-	DiskCacheFailures, DiskCacheRestoredTokens                          int64
+	DiskCache completion.TierStats
 }
 
 // Options is what the HTTP layer needs from the configuration.

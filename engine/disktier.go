@@ -63,7 +63,7 @@ type diskTier struct {
 	done   sync.WaitGroup
 	warned atomic.Bool
 
-	bytes, count, stored, hits, misses, evictions, bad, restored atomic.Int64
+	tierCounters
 }
 
 // ModelIdentity names the model a conversation file belongs to: SHA-256 over

@@ -66,7 +66,7 @@ func TestDiskTierSurvivesARestart(t *testing.T) {
 			}
 			second := turn2(first, a1.text, "And which color is it?")
 			e2 := diskEngine(t, dir, id, 0)
-			if st := e2.Stats(); st.DiskCacheEntries != 1 || st.DiskCacheOff {
+			if st := e2.Stats(); st.DiskCache.Entries != 1 || st.DiskCacheOff {
 				t.Fatalf("the restarted server indexed %+v", st)
 			}
 			a2 := run(t, e2, second)
@@ -77,7 +77,7 @@ func TestDiskTierSurvivesARestart(t *testing.T) {
 				t.Fatalf("after the restart: %q cached %d from %q; held in its slot %q cached %d",
 					a2.text, a2.usage.CachedTokens, a2.kv.ReusedFrom, r2.text, r2.usage.CachedTokens)
 			}
-			if st := e2.Stats(); st.DiskCacheHits != 1 || st.DiskCacheRestoredTokens != int64(a2.usage.CachedTokens) || st.DiskCacheFailures != 0 {
+			if st := e2.Stats(); st.DiskCache.Hits != 1 || st.DiskCache.RestoredTokens != int64(a2.usage.CachedTokens) || st.DiskCache.Failures != 0 {
 				t.Fatalf("disk tier stats %+v", st)
 			}
 		})
@@ -130,7 +130,7 @@ func TestDiskTierIgnoresBadFiles(t *testing.T) {
 			if want := run(t, e2, noReuse(second)); got.text != want.text {
 				t.Fatalf("answer %q, encoded afresh %q", got.text, want.text)
 			}
-			if st := e2.Stats(); st.DiskCacheFailures < 1 || st.DiskCacheHits != 0 {
+			if st := e2.Stats(); st.DiskCache.Failures < 1 || st.DiskCache.Hits != 0 {
 				t.Fatalf("stats %+v", st)
 			}
 		})
@@ -143,7 +143,7 @@ func TestDiskTierIgnoresBadFiles(t *testing.T) {
 		other := id
 		other[0] ^= 1
 		e2 := diskEngine(t, dir, other, 0)
-		if st := e2.Stats(); st.DiskCacheEntries != 0 || st.DiskCacheFailures != 1 {
+		if st := e2.Stats(); st.DiskCache.Entries != 0 || st.DiskCache.Failures != 1 {
 			t.Fatalf("another model's file was indexed: %+v", st)
 		}
 		if got := run(t, e2, turn2(first, a1.text, "And which color is it?")); got.kv.ReusedFrom == "disk" {
@@ -175,7 +175,7 @@ func TestDiskTierFaults(t *testing.T) {
 	}
 	run(t, f, pictureTurn1("b", elasticcache.Spec{}, testPNG(t, 2))) // a leaves its slot: its write fails
 	stopClean(f)
-	if st := f.Stats(); st.DiskCacheFailures < 1 || st.DiskCacheStored != 0 {
+	if st := f.Stats(); st.DiskCache.Failures < 1 || st.DiskCache.Stored != 0 {
 		t.Fatalf("writes into a removed directory: %+v", st)
 	}
 
@@ -198,7 +198,7 @@ func TestDiskTierFaults(t *testing.T) {
 	// The bound: room for about one conversation.
 	run(t, e, pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1)))
 	stopClean(e)
-	one := e.Stats().DiskCacheBytes
+	one := e.Stats().DiskCache.Bytes
 	small := t.TempDir()
 	g := diskEngine(t, small, id, one*3/2)
 	for i := range 3 {
@@ -206,7 +206,7 @@ func TestDiskTierFaults(t *testing.T) {
 	}
 	stopClean(g)
 	st := g.Stats()
-	if st.DiskCacheEvictions < 1 || st.DiskCacheBytes > one*3/2 || len(convFiles(t, small)) != int(st.DiskCacheEntries) {
+	if st.DiskCache.Evictions < 1 || st.DiskCache.Bytes > one*3/2 || len(convFiles(t, small)) != int(st.DiskCache.Entries) {
 		t.Fatalf("a directory bounded at %d bytes: %+v, %d files", one*3/2, st, len(convFiles(t, small)))
 	}
 }

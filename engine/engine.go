@@ -132,21 +132,13 @@ type Stats struct {
 	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
 	// Image cache since Start: images served from it, and images encoded.
 	ImageCacheHits, ImageEncodes int
-	// Host tier (Options.HostCacheBytes): bytes and conversations held now; since
-	// Start, conversations stored, requests restored from it (hits) or that found
-	// nothing there to continue while it held some (misses), conversations evicted
-	// to stay within the bound, restores or copies that failed, and prompt tokens
-	// restored.
-	HostCacheBytes, HostCacheEntries                                    int64
-	HostCacheStored, HostCacheHits, HostCacheMisses, HostCacheEvictions int64
-	HostCacheFailures, HostCacheRestoredTokens                          int64
+	// Host tier (Options.HostCacheBytes), see completion.TierStats.
+	HostCache completion.TierStats
 	// Disk tier (Options.CacheDir), the same quantities for files; failures count
 	// files that could not be used (another model, version, truncated, corrupt) and
 	// writes that failed. DiskCacheOff: a directory was given but could not be used.
-	DiskCacheBytes, DiskCacheEntries                                    int64
-	DiskCacheStored, DiskCacheHits, DiskCacheMisses, DiskCacheEvictions int64
-	DiskCacheFailures, DiskCacheRestoredTokens                          int64
-	DiskCacheOff                                                        bool
+	DiskCache    completion.TierStats
+	DiskCacheOff bool
 }
 
 // cachePolicies indexes Engine.policyCells: a fixed array lets the loop publish
@@ -455,20 +447,11 @@ func (e *Engine) Stats() Stats {
 		ImageCacheHits:      int(e.imageHits.Load()),
 		ImageEncodes:        int(e.imageEncs.Load()),
 
-		HostCacheBytes:          e.host.bytes.Load(),
-		HostCacheEntries:        e.host.count.Load(),
-		HostCacheStored:         e.host.stored.Load(),
-		HostCacheHits:           e.host.hits.Load(),
-		HostCacheMisses:         e.host.misses.Load(),
-		HostCacheEvictions:      e.host.evictions.Load(),
-		HostCacheFailures:       e.host.bad.Load(),
-		HostCacheRestoredTokens: e.host.restored.Load(),
-		DiskCacheOff:            e.diskOff,
+		HostCache:    e.host.snapshot(),
+		DiskCacheOff: e.diskOff,
 	}
 	if d := e.disk; d != nil {
-		st.DiskCacheBytes, st.DiskCacheEntries, st.DiskCacheStored = d.bytes.Load(), d.count.Load(), d.stored.Load()
-		st.DiskCacheHits, st.DiskCacheMisses, st.DiskCacheEvictions = d.hits.Load(), d.misses.Load(), d.evictions.Load()
-		st.DiskCacheFailures, st.DiskCacheRestoredTokens = d.bad.Load(), d.restored.Load()
+		st.DiskCache = d.snapshot()
 	}
 	return st
 }

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -50,9 +51,20 @@ type hostTier struct {
 	// the disk tier's put, or nil.
 	spill func(*hostEntry)
 
+	tierCounters
+}
+
+// tierCounters are a tier's gauges and counters, read by Stats from any goroutine.
+type tierCounters struct {
 	bytes, count                         atomic.Int64
 	stored, hits, misses, evictions, bad atomic.Int64
 	restored                             atomic.Int64 // prompt tokens restored instead of encoded
+}
+
+func (c *tierCounters) snapshot() completion.TierStats {
+	return completion.TierStats{Bytes: c.bytes.Load(), Entries: c.count.Load(), Stored: c.stored.Load(),
+		Hits: c.hits.Load(), Misses: c.misses.Load(), Evictions: c.evictions.Load(),
+		Failures: c.bad.Load(), RestoredTokens: c.restored.Load()}
 }
 
 func (t *hostTier) on() bool { return t != nil && t.limit > 0 }

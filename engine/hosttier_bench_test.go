@@ -163,7 +163,7 @@ func hostTierTurns(b testing.TB, m *llama.Model, v *llama.Vision, spec elasticca
 		}
 	}
 	if tier == "disk" {
-		held = e.Stats().DiskCacheBytes
+		held = e.Stats().DiskCache.Bytes
 	}
 	return out, held
 }

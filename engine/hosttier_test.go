@@ -45,10 +45,10 @@ func TestHostTierRestoresAConversation(t *testing.T) {
 			a1 := run(t, e, first)
 			run(t, e, greedyReq("b", "Something else entirely. "+longPrompt, 6, tc.spec, testPNG(t, 4)))
 			st := e.Stats()
-			if st.HostCacheStored != 1 || st.HostCacheEntries != 1 || st.HostCacheBytes <= 0 {
+			if st.HostCache.Stored != 1 || st.HostCache.Entries != 1 || st.HostCache.Bytes <= 0 {
 				t.Fatalf("after B took the slot: %+v", st)
 			}
-			held[tc.name] = st.HostCacheBytes
+			held[tc.name] = st.HostCache.Bytes
 			second := turn2(first, a1.text, "And which color is it?")
 			t0 := time.Now()
 			a2 := run(t, e, second)
@@ -58,7 +58,7 @@ func TestHostTierRestoresAConversation(t *testing.T) {
 					a2.kv.Reused, a2.kv.ReusedFrom, a2.usage.CachedTokens, a1.usage.PromptTokens)
 			}
 			st = e.Stats()
-			if st.HostCacheHits != 1 || st.HostCacheRestoredTokens != int64(a2.usage.CachedTokens) || st.HostCacheFailures != 0 {
+			if st.HostCache.Hits != 1 || st.HostCache.RestoredTokens != int64(a2.usage.CachedTokens) || st.HostCache.Failures != 0 {
 				t.Fatalf("after the restore: %+v", st)
 			}
 			// The reference: the same two turns with A never leaving its slot.
@@ -93,7 +93,7 @@ func TestHostTierEvictsTheOldest(t *testing.T) {
 	probe := hostEngine(t, 256<<20)
 	run(t, probe, conv(0))
 	run(t, probe, conv(1))
-	one := probe.Stats().HostCacheBytes
+	one := probe.Stats().HostCache.Bytes
 	if one <= 0 {
 		t.Fatalf("nothing stored: %+v", probe.Stats())
 	}
@@ -103,7 +103,7 @@ func TestHostTierEvictsTheOldest(t *testing.T) {
 		firsts = append(firsts, run(t, e, conv(i)))
 	}
 	st := e.Stats()
-	if st.HostCacheStored != 3 || st.HostCacheEntries != 2 || st.HostCacheEvictions != 1 || st.HostCacheBytes > one*5/2 {
+	if st.HostCache.Stored != 3 || st.HostCache.Entries != 2 || st.HostCache.Evictions != 1 || st.HostCache.Bytes > one*5/2 {
 		t.Fatalf("three conversations left the slot into a tier for two: %+v", st)
 	}
 	// a (the oldest) is gone: encoded again; c is restored.
@@ -115,7 +115,7 @@ func TestHostTierEvictsTheOldest(t *testing.T) {
 	if c2.kv.ReusedFrom != "host" || c2.usage.CachedTokens < firsts[2].usage.PromptTokens {
 		t.Fatalf("a kept conversation was not restored: %d tokens from %q", c2.usage.CachedTokens, c2.kv.ReusedFrom)
 	}
-	if st := e.Stats(); st.HostCacheMisses < 1 {
+	if st := e.Stats(); st.HostCache.Misses < 1 {
 		t.Fatalf("the evicted conversation's return is not a miss: %+v", st)
 	}
 }
@@ -129,7 +129,7 @@ func TestHostTierNeverRestoresAnotherPicture(t *testing.T) {
 	first := pictureTurn1("a", elasticcache.Spec{}, img)
 	a1 := run(t, e, first)
 	run(t, e, greedyReq("b", "Something else entirely.", 4, elasticcache.Spec{}, testPNG(t, 4)))
-	if e.Stats().HostCacheEntries != 1 {
+	if e.Stats().HostCache.Entries != 1 {
 		t.Fatalf("A is not in the host tier: %+v", e.Stats())
 	}
 	other := pictureTurn1("a", elasticcache.Spec{}, onePixelOff(t, img))
@@ -139,7 +139,7 @@ func TestHostTierNeverRestoresAnotherPicture(t *testing.T) {
 	if err != nil || len(chunks) < 2 || !chunks[1].Image {
 		t.Fatalf("prompt chunks %+v: %v", chunks, err)
 	}
-	if got.kv.ReusedFrom == "host" || got.usage.CachedTokens > chunks[0].N || e.Stats().HostCacheHits != 0 {
+	if got.kv.ReusedFrom == "host" || got.usage.CachedTokens > chunks[0].N || e.Stats().HostCache.Hits != 0 {
 		t.Fatalf("another picture's conversation reused %d tokens from %q", got.usage.CachedTokens, got.kv.ReusedFrom)
 	}
 	if want := run(t, e, noReuse(second)); got.text != want.text {
@@ -202,7 +202,7 @@ func TestHostTierOnEveryLayout(t *testing.T) {
 			for i := range tc.opts.Parallel {
 				run(t, e, greedyReq(fmt.Sprintf("b%d", i), "Something else entirely. "+longPrompt, 6, tc.spec, testPNG(t, 4+i)))
 			}
-			if st := e.Stats(); st.HostCacheEntries == 0 {
+			if st := e.Stats(); st.HostCache.Entries == 0 {
 				t.Fatalf("nothing went to host memory: %+v", st)
 			}
 			second := turn2(first, a1.text, "And which color is it?")
@@ -225,7 +225,7 @@ func TestHostTierOnEveryLayout(t *testing.T) {
 					t.Fatalf("restored %q, encoded again %q", a2.text, again.text)
 				}
 			}
-			if st := e.Stats(); st.HostCacheFailures != 0 || st.KVInvariantFailures != 0 {
+			if st := e.Stats(); st.HostCache.Failures != 0 || st.KVInvariantFailures != 0 {
 				t.Fatalf("failures: %+v", st)
 			}
 		})

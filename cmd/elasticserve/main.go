@@ -282,12 +282,7 @@ func (b *backend) Stats() api.BackendStats {
 		KVInvariantFailures: s.KVInvariantFailures, KVCellsByPolicy: s.KVCellsByPolicy,
 		KVCellsHeld: s.KVCellsHeld, ReuseHits: s.ReuseHits, ReuseMisses: s.ReuseMisses, ReusedTokens: s.ReusedTokens,
 		ReclaimedCells: s.ReclaimedCells, ImageCacheHits: s.ImageCacheHits, ImageEncodes: s.ImageEncodes,
-		HostCacheBytes: s.HostCacheBytes, HostCacheEntries: s.HostCacheEntries, HostCacheStored: s.HostCacheStored,
-		HostCacheHits: s.HostCacheHits, HostCacheMisses: s.HostCacheMisses, HostCacheEvictions: s.HostCacheEvictions,
-		HostCacheFailures: s.HostCacheFailures, HostCacheRestoredTokens: s.HostCacheRestoredTokens,
-		DiskCacheBytes: s.DiskCacheBytes, DiskCacheEntries: s.DiskCacheEntries, DiskCacheStored: s.DiskCacheStored,
-		DiskCacheHits: s.DiskCacheHits, DiskCacheMisses: s.DiskCacheMisses, DiskCacheEvictions: s.DiskCacheEvictions,
-		DiskCacheFailures: s.DiskCacheFailures, DiskCacheRestoredTokens: s.DiskCacheRestoredTokens}
+		HostCache: s.HostCache, DiskCache: s.DiskCache}
 }
 
 // sizeContext sets cfg.CtxSize when it was left automatic: each slot gets the

@@ -457,3 +457,14 @@ func SplitImages(text, token string, images [][]byte) ([]Part, error) {
 	}
 	return parts, nil
 }
+
+// TierStats describes one tier of conversation memory (host memory or disk) since
+// the engine started: bytes and conversations held now; conversations stored,
+// requests restored from it (hits) or that found nothing there to continue while it
+// held some (misses), conversations evicted to stay within its bound, restores,
+// copies or files that failed, and prompt tokens restored instead of encoded.
+type TierStats struct {
+	Bytes, Entries                  int64
+	Stored, Hits, Misses, Evictions int64
+	Failures, RestoredTokens        int64
+}
