@@ -32,26 +32,38 @@ import (
 // model's answer starts anywhere; the chat template renders a past answer after
 // "ASSISTANT: ", so its requests start the answer with that space (AnswerPrefix),
 // as a trained model's answer does, and the history matches what was generated.
+// convBenchModel is the conversation benchmarks' larger model: a 12-layer,
+// width-768 f16 random llama (about 125M parameters) whose projector gives 576
+// image tokens.
+func convBenchModel() testmodel.Options {
+	o := testmodel.DefaultOptions()
+	o.Layers, o.Embd, o.Heads, o.KVHeads, o.FF, o.F16 = 12, 768, 12, 4, 2048, true
+	o.ImageSize, o.PatchSize, o.VisionEmbd, o.VisionLayers, o.VisionHeads, o.VisionFF = 336, 14, 256, 6, 4, 1024
+	return o
+}
+
+// openBenchModel loads a model and its projector; the returned func closes both.
+func openBenchModel(b testing.TB, mp, vp string) (*llama.Model, *llama.Vision, func()) {
+	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	v, err := llama.LoadVision(m, vp, llama.VisionParams{Threads: 2})
+	if err != nil {
+		m.Close()
+		b.Fatal(err)
+	}
+	return m, v, func() { v.Close(); m.Close() }
+}
+
 func BenchmarkConversationTTFT(b *testing.B) {
-	larger := testmodel.DefaultOptions()
-	larger.Layers, larger.Embd, larger.Heads, larger.KVHeads, larger.FF, larger.F16 = 12, 768, 12, 4, 2048, true
-	larger.ImageSize, larger.PatchSize, larger.VisionEmbd, larger.VisionLayers, larger.VisionHeads, larger.VisionFF = 336, 14, 256, 6, 4, 1024
+	larger := convBenchModel()
 	type model struct {
 		name       string
 		load       func() (*llama.Model, *llama.Vision, func())
 		answerFrom string
 	}
-	open := func(mp, vp string) (*llama.Model, *llama.Vision, func()) {
-		m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
-		if err != nil {
-			b.Fatal(err)
-		}
-		v, err := llama.LoadVision(m, vp, llama.VisionParams{Threads: 2})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return m, v, func() { v.Close(); m.Close() }
-	}
+	open := func(mp, vp string) (*llama.Model, *llama.Vision, func()) { return openBenchModel(b, mp, vp) }
 	models := []model{
 		{"demo", func() (*llama.Model, *llama.Vision, func()) {
 			dir := filepath.Join("..", "models", "demo")

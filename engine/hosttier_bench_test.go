@@ -32,23 +32,12 @@ import (
 //
 //	go test -run '^$' -bench HostTierTTFT -benchtime 1x -timeout 30m ./engine/
 func BenchmarkHostTierTTFT(b *testing.B) {
-	opt := testmodel.DefaultOptions()
-	opt.Layers, opt.Embd, opt.Heads, opt.KVHeads, opt.FF, opt.F16 = 12, 768, 12, 4, 2048, true
-	opt.ImageSize, opt.PatchSize, opt.VisionEmbd, opt.VisionLayers, opt.VisionHeads, opt.VisionFF = 336, 14, 256, 6, 4, 1024
-	mp, vp, err := testmodel.Ensure(opt)
+	mp, vp, err := testmodel.Ensure(convBenchModel())
 	if err != nil {
 		b.Fatal(err)
 	}
-	m, err := llama.LoadModel(mp, llama.ModelParams{UseMmap: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	v, err := llama.LoadVision(m, vp, llama.VisionParams{Threads: 2})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer v.Close()
+	m, v, closeModel := openBenchModel(b, mp, vp)
+	defer closeModel()
 	img, err := os.ReadFile(filepath.Join("..", "models", "demo", "example.png"))
 	if err != nil {
 		b.Fatal(err)
