@@ -253,61 +253,9 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	if opts.DecodeFlashAttn && opts.PrefillCtx <= 0 {
 		return nil, fmt.Errorf("engine: decode-only flash attention needs a prefill context")
 	}
-	decodeFA := opts.FlashAttn || opts.DecodeFlashAttn
-	ctx, err := llama.NewContext(model, llama.ContextParams{
-		NCtx:      opts.CtxSize,
-		NBatch:    opts.BatchSize,
-		NUBatch:   opts.UBatchSize,
-		NSeqMax:   opts.Parallel,
-		Threads:   opts.Threads,
-		FlashAttn: decodeFA,
-		Capture:   !decodeFA,
-		Unified:   opts.Unified,
-		TypeK:     opts.KVType,
-		TypeV:     valueType(opts.KVType, decodeFA),
-	})
+	ctx, pctx, pool, cacheLayers, err := openContexts(model, opts)
 	if err != nil {
-		return nil, fmt.Errorf("engine: %w", err)
-	}
-	var pctx *llama.Context
-	if opts.PrefillCtx > 0 {
-		pctx, err = llama.NewContext(model, llama.ContextParams{
-			NCtx:      opts.PrefillCtx,
-			NBatch:    opts.BatchSize,
-			NUBatch:   opts.UBatchSize,
-			NSeqMax:   1,
-			Threads:   opts.Threads,
-			FlashAttn: opts.FlashAttn,
-			Capture:   !opts.FlashAttn,
-			Unified:   true,
-			TypeK:     opts.KVType,
-			TypeV:     valueType(opts.KVType, opts.FlashAttn),
-		})
-		if err != nil {
-			ctx.Close()
-			return nil, fmt.Errorf("engine: prefill context: %w", err)
-		}
-	}
-	// Two contexts used in turn share one set of CPU threads (see llama.ThreadPool).
-	var pool *llama.ThreadPool
-	if pctx != nil {
-		if pool, err = llama.NewThreadPool(opts.Threads); err != nil {
-			ctx.Close()
-			pctx.Close()
-			return nil, fmt.Errorf("engine: %w", err)
-		}
-		ctx.AttachThreadPool(pool)
-		pctx.AttachThreadPool(pool)
-	}
-	// The layers the KV hook rewrites: a sliding-window model's full-attention ones.
-	cacheLayers, err := ctx.CacheLayers(0)
-	if err != nil || ctx.CacheParts() == 0 {
-		ctx.Close()
-		if pctx != nil {
-			pctx.Close()
-		}
-		pool.Close()
-		return nil, fmt.Errorf("engine: the model's KV cache is not one the hook knows: %v", err)
+		return nil, err
 	}
 	e := &Engine{
 		cacheLayers:  cacheLayers,
@@ -361,6 +309,65 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		}
 	}
 	return e, nil
+}
+
+// openContexts creates the decode context and, with Options.PrefillCtx, the
+// prefill context on one shared thread pool (see llama.ThreadPool), and reads the
+// layers the KV hook rewrites (a sliding-window model's full-attention ones). On
+// error nothing it made is left open.
+func openContexts(model *llama.Model, opts Options) (ctx, pctx *llama.Context, pool *llama.ThreadPool, layers []int, err error) {
+	defer func() {
+		if err != nil {
+			ctx.Close()
+			pctx.Close()
+			pool.Close()
+			ctx, pctx, pool = nil, nil, nil
+		}
+	}()
+	decodeFA := opts.FlashAttn || opts.DecodeFlashAttn
+	ctx, err = llama.NewContext(model, llama.ContextParams{
+		NCtx:      opts.CtxSize,
+		NBatch:    opts.BatchSize,
+		NUBatch:   opts.UBatchSize,
+		NSeqMax:   opts.Parallel,
+		Threads:   opts.Threads,
+		FlashAttn: decodeFA,
+		Capture:   !decodeFA,
+		Unified:   opts.Unified,
+		TypeK:     opts.KVType,
+		TypeV:     valueType(opts.KVType, decodeFA),
+	})
+	if err != nil {
+		return nil, nil, nil, nil, fmt.Errorf("engine: %w", err)
+	}
+	if opts.PrefillCtx > 0 {
+		pctx, err = llama.NewContext(model, llama.ContextParams{
+			NCtx:      opts.PrefillCtx,
+			NBatch:    opts.BatchSize,
+			NUBatch:   opts.UBatchSize,
+			NSeqMax:   1,
+			Threads:   opts.Threads,
+			FlashAttn: opts.FlashAttn,
+			Capture:   !opts.FlashAttn,
+			Unified:   true,
+			TypeK:     opts.KVType,
+			TypeV:     valueType(opts.KVType, opts.FlashAttn),
+		})
+		if err != nil {
+			return ctx, nil, nil, nil, fmt.Errorf("engine: prefill context: %w", err)
+		}
+		// Two contexts used in turn share one set of CPU threads.
+		if pool, err = llama.NewThreadPool(opts.Threads); err != nil {
+			return ctx, pctx, nil, nil, fmt.Errorf("engine: %w", err)
+		}
+		ctx.AttachThreadPool(pool)
+		pctx.AttachThreadPool(pool)
+	}
+	layers, err = ctx.CacheLayers(0)
+	if err != nil || ctx.CacheParts() == 0 {
+		return ctx, pctx, pool, nil, fmt.Errorf("engine: the model's KV cache is not one the hook knows: %v", err)
+	}
+	return ctx, pctx, pool, layers, nil
 }
 
 // Stop stops admitting requests (Submit answers ErrShuttingDown), lets the running
