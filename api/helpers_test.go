@@ -26,7 +26,7 @@ import (
 type fakeBackend struct {
 	mu        sync.Mutex
 	info      BackendInfo
-	stats     BackendStats
+	stats     completion.Stats
 	ready     bool
 	submitErr error
 	events    []completion.Event // sent in order, then the channel is closed
@@ -45,7 +45,7 @@ func newFake() *fakeBackend {
 	return &fakeBackend{
 		info: BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 1024, Vision: true, Slots: 4, MediaMarker: testMarker, VocabSize: fakeBOS + 1,
 			KVContexts: []KVContext{{Role: "decode", Cells: 4096, Bytes: 4096 * 1536}, {Role: "prefill", Cells: 1536, Bytes: 1536 * 1536}}},
-		stats:     BackendStats{QueueDepth: 2, SlotsBusy: 1, KVCellsUsed: 300, KVCellsTotal: 4096, KVInvariantFailures: 1},
+		stats:     completion.Stats{QueueDepth: 2, SlotsBusy: 1, KVCellsUsed: 300, KVCellsTotal: 4096, KVInvariantFailures: 1},
 		ready:     true,
 		events:    okEvents("Hello", " world"),
 		cancelled: make(chan struct{}),
@@ -166,9 +166,9 @@ func (f *fakeBackend) CountPrompt(_ context.Context, req *completion.Request) (i
 	return n, nil
 }
 
-func (f *fakeBackend) Info() BackendInfo   { f.mu.Lock(); defer f.mu.Unlock(); return f.info }
-func (f *fakeBackend) Stats() BackendStats { f.mu.Lock(); defer f.mu.Unlock(); return f.stats }
-func (f *fakeBackend) Ready() bool         { f.mu.Lock(); defer f.mu.Unlock(); return f.ready }
+func (f *fakeBackend) Info() BackendInfo       { f.mu.Lock(); defer f.mu.Unlock(); return f.info }
+func (f *fakeBackend) Stats() completion.Stats { f.mu.Lock(); defer f.mu.Unlock(); return f.stats }
+func (f *fakeBackend) Ready() bool             { f.mu.Lock(); defer f.mu.Unlock(); return f.ready }
 
 func (f *fakeBackend) lastRequest(t *testing.T) *completion.Request {
 	t.Helper()

@@ -338,7 +338,7 @@ func TestMetricsFailedRequestNotObserved(t *testing.T) {
 func TestMetricsEngineGauges(t *testing.T) {
 	cases := []struct {
 		name  string
-		stats BackendStats
+		stats completion.Stats
 		slots int // BackendInfo.Slots
 		want  map[string]float64
 		// absent: series that must not be reported
@@ -346,7 +346,7 @@ func TestMetricsEngineGauges(t *testing.T) {
 	}{
 		{
 			name:  "busy",
-			stats: BackendStats{QueueDepth: 3, SlotsBusy: 2, SlotsTotal: 8, KVCellsUsed: 1024, KVCellsTotal: 4096, KVInvariantFailures: 2},
+			stats: completion.Stats{QueueDepth: 3, SlotsBusy: 2, SlotsTotal: 8, KVCellsUsed: 1024, KVCellsTotal: 4096, KVInvariantFailures: 2},
 			want: map[string]float64{"elasticserve_queue_depth": 3, "elasticserve_slots_busy": 2, "elasticserve_requests_running": 2,
 				"elasticserve_slots_total": 8, "elasticserve_kv_cells_used": 1024, "elasticserve_kv_cells_total": 4096,
 				"elasticserve_kv_cache_usage_ratio": 0.25, "elasticserve_kv_invariant_failures_total": 2},
@@ -354,18 +354,18 @@ func TestMetricsEngineGauges(t *testing.T) {
 		},
 		{
 			name:  "no total: ratio 0, slots from Info",
-			stats: BackendStats{KVCellsUsed: 5},
+			stats: completion.Stats{KVCellsUsed: 5},
 			slots: 6,
 			want:  map[string]float64{"elasticserve_kv_cache_usage_ratio": 0, "elasticserve_slots_total": 6, "elasticserve_requests_running": 0},
 		},
 		{
 			name:  "full pool",
-			stats: BackendStats{KVCellsUsed: 4096, KVCellsTotal: 4096},
+			stats: completion.Stats{KVCellsUsed: 4096, KVCellsTotal: 4096},
 			want:  map[string]float64{"elasticserve_kv_cache_usage_ratio": 1},
 		},
 		{
 			name: "per policy",
-			stats: BackendStats{KVCellsUsed: 70, KVCellsTotal: 100,
+			stats: completion.Stats{KVCellsUsed: 70, KVCellsTotal: 100,
 				KVCellsByPolicy: map[string]int{"elastic": 40, "full": 30, "h2o": 0, "local": 0}},
 			want: map[string]float64{
 				`elasticserve_kv_cells_used_by_policy{policy="elastic"}`: 40,
@@ -377,7 +377,7 @@ func TestMetricsEngineGauges(t *testing.T) {
 		},
 		{
 			name: "host tier",
-			stats: BackendStats{HostCache: completion.TierStats{Bytes: 1 << 20, Entries: 3, Stored: 5, Hits: 2, Misses: 1,
+			stats: completion.Stats{HostCache: completion.TierStats{Bytes: 1 << 20, Entries: 3, Stored: 5, Hits: 2, Misses: 1,
 				Evictions: 2, Failures: 0, RestoredTokens: 700}},
 			want: map[string]float64{
 				`elasticserve_kv_tier_bytes{tier="host"}`:                 1 << 20,
@@ -393,7 +393,7 @@ func TestMetricsEngineGauges(t *testing.T) {
 		},
 		{
 			name:  "disk tier",
-			stats: BackendStats{DiskCache: completion.TierStats{Bytes: 5 << 20, Entries: 2, Hits: 1, Failures: 3}},
+			stats: completion.Stats{DiskCache: completion.TierStats{Bytes: 5 << 20, Entries: 2, Hits: 1, Failures: 3}},
 			want: map[string]float64{
 				`elasticserve_kv_tier_bytes{tier="disk"}`:          5 << 20,
 				`elasticserve_kv_tier_conversations{tier="disk"}`:  2,
@@ -403,7 +403,7 @@ func TestMetricsEngineGauges(t *testing.T) {
 		},
 		{
 			name:  "per policy, only some reported",
-			stats: BackendStats{KVCellsByPolicy: map[string]int{"local": 9}},
+			stats: completion.Stats{KVCellsByPolicy: map[string]int{"local": 9}},
 			want: map[string]float64{
 				`elasticserve_kv_cells_used_by_policy{policy="local"}`:   9,
 				`elasticserve_kv_cells_used_by_policy{policy="elastic"}`: 0,

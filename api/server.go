@@ -30,7 +30,7 @@ type Backend interface {
 	// Info describes the loaded model; it must be cheap (called per request).
 	Info() BackendInfo
 	// Stats is a snapshot for /metrics.
-	Stats() BackendStats
+	Stats() completion.Stats
 	// Ready reports whether the model is loaded and requests are accepted.
 	Ready() bool
 	// Tokenize turns text into the model's token ids (addSpecial: BOS etc.
@@ -74,30 +74,6 @@ type KVContext struct {
 	Role  string
 	Cells int
 	Bytes int64
-}
-
-// BackendStats is the engine state exported on /metrics. Its fields match
-// completion.Stats, so api.BackendStats(eng.Stats()) converts.
-type BackendStats struct {
-	QueueDepth   int // requests waiting for a slot
-	SlotsBusy    int // slots running a request
-	SlotsTotal   int // slots in total; 0: BackendInfo.Slots is reported
-	KVCellsUsed  int // KV cells holding entries, all sequences
-	KVCellsTotal int // KV cells in total
-	// KVInvariantFailures counts requests failed by a broken KV-hook invariant.
-	KVInvariantFailures int
-	// KVCellsByPolicy splits KVCellsUsed by cache policy name; nil: not
-	// reported (elasticserve_kv_cells_used_by_policy is left out).
-	KVCellsByPolicy map[string]int
-	// Conversation memory (see engine.Stats): held cells, and counters since start.
-	KVCellsHeld                                          int
-	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
-	ImageCacheHits, ImageEncodes                         int
-	// Host tier (see engine.Stats): bytes and conversations held now; counters
-	// since start.
-	HostCache completion.TierStats
-	// Disk tier (--cache-dir): the same for files.
-	DiskCache completion.TierStats
 }
 
 // Options is what the HTTP layer needs from the configuration.

@@ -110,37 +110,6 @@ type Observation struct {
 	Evicted int
 }
 
-// Stats is a snapshot for /metrics.
-type Stats struct {
-	QueueDepth   int
-	SlotsBusy    int
-	SlotsTotal   int
-	KVCellsUsed  int
-	KVCellsTotal int
-	// KVInvariantFailures counts requests failed because a runtime invariant of the
-	// KV hook broke (see InvariantError), since Start.
-	KVInvariantFailures int
-	// KVCellsByPolicy splits KVCellsUsed by the cache policy of the sequences
-	// holding the cells; every policy has an entry (0 when it holds none).
-	KVCellsByPolicy map[string]int
-	// KVCellsHeld: cells of finished conversations kept for reuse (reclaimable; not
-	// in KVCellsUsed).
-	KVCellsHeld int
-	// Prefix reuse since Start: requests that continued from held cells (hits) or
-	// found none to continue from while some were held (misses), the prompt tokens
-	// not encoded again, and held cells dropped to make room.
-	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
-	// Image cache since Start: images served from it, and images encoded.
-	ImageCacheHits, ImageEncodes int
-	// Host tier (Options.HostCacheBytes), see completion.TierStats.
-	HostCache completion.TierStats
-	// Disk tier (Options.CacheDir), the same quantities for files; failures count
-	// files that could not be used (another model, version, truncated, corrupt) and
-	// writes that failed. DiskCacheOff: a directory was given but could not be used.
-	DiskCache    completion.TierStats
-	DiskCacheOff bool
-}
-
 // cachePolicies indexes Engine.policyCells: a fixed array lets the loop publish
 // per-policy use every step without allocating.
 var cachePolicies = [...]elasticcache.Policy{elasticcache.Full, elasticcache.Elastic, elasticcache.H2O, elasticcache.Local}
@@ -436,8 +405,8 @@ func (e *Engine) Ready() bool {
 
 // Stats returns a snapshot of queue and cache use. It never touches the llama
 // context, so it may be called at any time, even after Stop.
-func (e *Engine) Stats() Stats {
-	st := Stats{
+func (e *Engine) Stats() completion.Stats {
+	st := completion.Stats{
 		QueueDepth:   int(e.queued.Load()),
 		SlotsBusy:    int(e.busy.Load()),
 		SlotsTotal:   e.opts.Parallel,

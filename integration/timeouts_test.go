@@ -54,7 +54,7 @@ func (b slowBackend) Submit(ctx context.Context, _ *completion.Request) (<-chan 
 func (slowBackend) Info() api.BackendInfo {
 	return api.BackendInfo{ModelID: "slow", Created: time.Unix(1700000000, 0), CtxPerSeq: 4096, Slots: 1}
 }
-func (slowBackend) Stats() api.BackendStats { return api.BackendStats{} }
+func (slowBackend) Stats() completion.Stats { return completion.Stats{} }
 func (slowBackend) Ready() bool             { return true }
 func (slowBackend) Tokenize(context.Context, string, bool, bool) ([]int32, []string, error) {
 	return nil, nil, nil

@@ -20,6 +20,7 @@ import (
 	"github.com/elasticserve/elasticserve/api"
 	"github.com/elasticserve/elasticserve/config"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -276,14 +277,7 @@ func (b *backend) Info() api.BackendInfo { return b.info }
 
 func (b *backend) Ready() bool { return b.eng.Ready() }
 
-func (b *backend) Stats() api.BackendStats {
-	s := b.eng.Stats()
-	return api.BackendStats{QueueDepth: s.QueueDepth, SlotsBusy: s.SlotsBusy, KVCellsUsed: s.KVCellsUsed, KVCellsTotal: s.KVCellsTotal,
-		KVInvariantFailures: s.KVInvariantFailures, KVCellsByPolicy: s.KVCellsByPolicy,
-		KVCellsHeld: s.KVCellsHeld, ReuseHits: s.ReuseHits, ReuseMisses: s.ReuseMisses, ReusedTokens: s.ReusedTokens,
-		ReclaimedCells: s.ReclaimedCells, ImageCacheHits: s.ImageCacheHits, ImageEncodes: s.ImageEncodes,
-		HostCache: s.HostCache, DiskCache: s.DiskCache}
-}
+func (b *backend) Stats() completion.Stats { return b.eng.Stats() }
 
 // sizeContext sets cfg.CtxSize when it was left automatic: each slot gets the
 // model's training context unless half the free memory (the GPU's when layers are

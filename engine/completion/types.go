@@ -458,6 +458,40 @@ func SplitImages(text, token string, images [][]byte) ([]Part, error) {
 	return parts, nil
 }
 
+// Stats is a snapshot of an engine's queue and cache use (Engine.Stats), the state
+// the server exports on /metrics.
+type Stats struct {
+	QueueDepth   int // requests waiting for a slot
+	SlotsBusy    int // slots running a request
+	SlotsTotal   int // slots in total; 0: the server reports its BackendInfo.Slots
+	KVCellsUsed  int // KV cells holding entries, all sequences
+	KVCellsTotal int // KV cells in total
+	// KVInvariantFailures counts requests failed because a runtime invariant of the
+	// KV hook broke (see InvariantError), since start.
+	KVInvariantFailures int
+	// KVCellsByPolicy splits KVCellsUsed by the cache policy of the sequences
+	// holding the cells; an engine gives every policy an entry (0 when it holds
+	// none). nil: not reported (elasticserve_kv_cells_used_by_policy is left out).
+	KVCellsByPolicy map[string]int
+	// KVCellsHeld: cells of finished conversations kept for reuse (reclaimable; not
+	// in KVCellsUsed).
+	KVCellsHeld int
+	// Prefix reuse since start: requests that continued from held cells (hits) or
+	// found none to continue from while some were held (misses), the prompt tokens
+	// not encoded again, and held cells dropped to make room.
+	ReuseHits, ReuseMisses, ReusedTokens, ReclaimedCells int
+	// Image cache since start: images served from it, and images encoded.
+	ImageCacheHits, ImageEncodes int
+	// Host tier (held conversations in host memory), see TierStats.
+	HostCache TierStats
+	// Disk tier (held conversations in files), the same quantities for files;
+	// failures count files that could not be used (another model, version,
+	// truncated, corrupt) and writes that failed. DiskCacheOff: a directory was
+	// given but could not be used.
+	DiskCache    TierStats
+	DiskCacheOff bool
+}
+
 // TierStats describes one tier of conversation memory (host memory or disk) since
 // the engine started: bytes and conversations held now; conversations stored,
 // requests restored from it (hits) or that found nothing there to continue while it

@@ -585,8 +585,8 @@ func (*fakeBackend) Submit(context.Context, *completion.Request) (<-chan complet
 func (*fakeBackend) Info() api.BackendInfo {
 	return api.BackendInfo{ModelID: "model.gguf", Created: time.Unix(1700000000, 0), CtxPerSeq: 2048, Vision: true, Slots: 4}
 }
-func (*fakeBackend) Stats() api.BackendStats {
-	return api.BackendStats{QueueDepth: 3, SlotsBusy: 4, SlotsTotal: 4, KVCellsUsed: 6000, KVCellsTotal: 8192}
+func (*fakeBackend) Stats() completion.Stats {
+	return completion.Stats{QueueDepth: 3, SlotsBusy: 4, SlotsTotal: 4, KVCellsUsed: 6000, KVCellsTotal: 8192}
 }
 func (*fakeBackend) Ready() bool { return true }
 
