@@ -3,6 +3,7 @@ package elasticcache
 import (
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 )
 
@@ -16,6 +17,22 @@ const (
 	H2O     Policy = "h2o"
 	Local   Policy = "local"
 )
+
+// Policies is every policy, in the order they are reported (the models list,
+// the per-policy metrics, the engine's per-policy counters); the one list the
+// server keeps. An array, so that a table indexed by policy has a constant
+// length; do not assign to it.
+var Policies = [...]Policy{Full, Elastic, H2O, Local}
+
+// PolicyList is Policies as prose ("full, elastic, h2o or local"), for help
+// texts and error messages.
+func PolicyList() string {
+	names := make([]string, len(Policies))
+	for i, p := range Policies {
+		names[i] = string(p)
+	}
+	return strings.Join(names[:len(names)-1], ", ") + " or " + names[len(names)-1]
+}
 
 // Defaults and limits of Config.
 const (
@@ -37,15 +54,13 @@ func ParsePolicy(s string) (Policy, error) {
 	if p.valid() {
 		return p, nil
 	}
-	return "", &ConfigError{Field: "policy", Msg: fmt.Sprintf("unknown policy %q (want full, elastic, h2o or local)", s)}
+	return "", unknownPolicy(s)
 }
 
-func (p Policy) valid() bool {
-	switch p {
-	case Full, Elastic, H2O, Local:
-		return true
-	}
-	return false
+func (p Policy) valid() bool { return slices.Contains(Policies[:], p) }
+
+func unknownPolicy(name string) *ConfigError {
+	return &ConfigError{Field: "policy", Msg: fmt.Sprintf("unknown policy %q (want %s)", name, PolicyList())}
 }
 
 // Selection names the rule set that elastic and h2o use to choose entries.
@@ -135,7 +150,7 @@ func (e *ConfigError) Error() string {
 // (in the order policy, budget, sink, distance, selection), or nil.
 func (c Config) Validate() error {
 	if !c.Policy.valid() {
-		return &ConfigError{Field: "policy", Msg: fmt.Sprintf("unknown policy %q (want full, elastic, h2o or local)", string(c.Policy))}
+		return unknownPolicy(string(c.Policy))
 	}
 	if math.IsNaN(c.Budget) || c.Budget <= 0 || c.Budget > 1 {
 		return &ConfigError{Field: "budget", Msg: fmt.Sprintf("%v is not in (0, 1]", c.Budget)}
