@@ -28,14 +28,29 @@ import (
 // entry whose position it takes, so every policy compresses them; the captured
 // attention is indexed by prompt entry (seqCache.promptIndex), not by position.
 //
-// Prefix reuse works where positions are token indices: a finished sequence is
-// held only when its prompt has no image (hold; an image's cells share one
-// position, so held cells could not be named by unit index). Its text prefix
-// is then continued like any model's, also by a prompt that goes on with an
-// image (the image starts at the position its chunk start gives it).
+// Prefix reuse names held entries by unit (one per cell), not by position: a
+// continuation keeps the first common units' cells, which sit below position
+// common - imageShift(common), and goes on from there, so conversations with
+// pictures are held, continued and restored from the tiers like any model's.
 
 // mrope reports whether the model takes M-RoPE positions for images.
 func (e *Engine) mrope() bool { return e.vision != nil && e.vision.MRoPE() }
+
+// imageShift is how many positions fewer than entries a prompt's first n entries
+// take: the sum of n - nPos over its images that end by entry n (an M-RoPE
+// image's grid shares positions; 0 for every other model). n never ends inside
+// an image (reusable).
+func imageShift(chunks []promptChunk, n int) int {
+	shift := 0
+	for _, ch := range chunks {
+		if n < ch.n {
+			break
+		}
+		n -= ch.n
+		shift += ch.n - ch.nPos
+	}
+	return shift
+}
 
 // unsupportedReason says why a compressing spec cannot run on this model and
 // setting, "" when it can. It looks only at the model and the server's options.

@@ -313,8 +313,8 @@ func directGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, 
 // a picture whose grid is not square (rows and columns are told apart), and two
 // pictures (the second starts where the first's max(nx, ny) positions end), each
 // against llama.cpp's own mtmd helper (mtmd_helper_eval_chunks) followed by a
-// plain greedy loop; and prefix reuse, which holds a finished sequence only when
-// its prompt has no image.
+// plain greedy loop; and prefix reuse of picture conversations, uncompressed
+// and compressed.
 func testMRoPE(t *testing.T, te *testEngine, m *llama.Model, v *llama.Vision, gen int) {
 	full := cfg(elasticcache.Full, 1)
 	wide := rectPNG(t, 64, 32) // an 8 x 4 grid: 32 embeddings, 8 positions
@@ -340,9 +340,10 @@ func testMRoPE(t *testing.T, te *testEngine, m *llama.Model, v *llama.Vision, ge
 		t.Errorf("picture split over two batches: engine %q, llama.cpp's mtmd helper %q", got, want)
 	}
 
-	// Prefix reuse: a text-only conversation is held and continued (its positions
-	// are its token indices), also by a turn that adds a picture; a conversation
-	// with a picture is not held.
+	// Prefix reuse: a conversation is held and continued whether or not its first
+	// turn had a picture (the picture's grid takes fewer positions than cells:
+	// the continuation starts at the position after it), also by a turn that adds
+	// a picture; the answer is that of encoding everything again.
 	for _, withImage := range []bool{false, true} {
 		var imgs [][]byte
 		if withImage {
@@ -357,13 +358,56 @@ func testMRoPE(t *testing.T, te *testEngine, m *llama.Model, v *llama.Vision, ge
 		if r2.text != again.text {
 			t.Errorf("image in the first turn %v: with reuse %q, encoding everything again %q", withImage, r2.text, again.text)
 		}
-		if withImage && r2.usage.CachedTokens != 0 {
-			t.Errorf("a conversation with a picture was continued from %d held cells", r2.usage.CachedTokens)
-		}
-		if !withImage && r2.usage.CachedTokens < r1.usage.PromptTokens-1 {
-			t.Errorf("a text conversation's second turn reused %d cells of a %d-token first prompt", r2.usage.CachedTokens, r1.usage.PromptTokens)
+		if r2.usage.CachedTokens < r1.usage.PromptTokens-1 {
+			t.Errorf("image in the first turn %v: the second turn reused %d cells of a %d-token first prompt", withImage, r2.usage.CachedTokens, r1.usage.PromptTokens)
 		}
 	}
+
+	// A picture conversation compressed under elastic continues from its held
+	// (merged) cells, and a third turn continues the second's.
+	// The same turns with another picture conversation taking the only slot
+	// between them continue from host memory, with the same answers.
+	slotTurns := compressedPictureTurns(t, m, v, wide, nil)
+	hostTurns := compressedPictureTurns(t, m, v, wide, testPNG(t, 3))
+	continued := 0
+	for i, r := range slotTurns {
+		h := hostTurns[i]
+		if r.usage.CachedTokens > 0 {
+			continued++
+		}
+		if h.text != r.text || h.usage.CachedTokens != r.usage.CachedTokens || i > 0 && (r.kv.ReusedFrom == "slot") != (h.kv.ReusedFrom == "host") {
+			t.Errorf("elastic turn %d: held in its slot %q (cached %d from %q), restored %q (cached %d from %q)",
+				i+1, r.text, r.usage.CachedTokens, r.kv.ReusedFrom, h.text, h.usage.CachedTokens, h.kv.ReusedFrom)
+		}
+	}
+	if continued == 0 {
+		t.Errorf("compressed picture conversation: none of %d later turns continued", len(slotTurns)-1)
+	}
+}
+
+// compressedPictureTurns runs three turns of a picture conversation under
+// elastic 0.5 with compressed reuse and a host tier, another picture
+// conversation between turns when other is set.
+func compressedPictureTurns(t *testing.T, m *llama.Model, v *llama.Vision, img, other []byte) []result {
+	e := startEngineOn(t, m, v, Options{Parallel: 1, CtxSize: 2048, BatchSize: 512, Reuse: true, ReuseCompressed: true, HostCacheBytes: 64 << 20})
+	el := cfg(elasticcache.Elastic, 0.5)
+	req := greedyReq("mrope-elastic", "Say something.", 6, el, img)
+	out := []result{run(t, e, req)}
+	for turn, q := range []string{"And more?", "Anything else?"} {
+		if other != nil {
+			run(t, e, greedyReq(fmt.Sprintf("other-%d", turn), "Something else. "+longPrompt, 4, el, other))
+		}
+		req = turn2(req, out[len(out)-1].text, q)
+		r := run(t, e, req)
+		if r.usage.CompletionTokens != 6 {
+			t.Fatalf("elastic turn %d: %d tokens", turn+2, r.usage.CompletionTokens)
+		}
+		out = append(out, r)
+	}
+	if st := e.Stats(); st.KVInvariantFailures != 0 || st.HostCache.Failures != 0 {
+		t.Fatalf("failures: %+v", st)
+	}
+	return out
 }
 
 // helperGreedy is directGreedy with the prompt decoded by llama.cpp's mtmd helper.

@@ -601,7 +601,7 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 	} else if common < len(h.units) {
 		e.toHost(h) // cut down to a shared prefix: the whole conversation may come back
 	}
-	c, err := cont(h.cache, s.req.Cache, s.nPrompt, s.textFrom, common)
+	c, err := cont(h.cache, s.req.Cache, s.nPrompt, s.textFrom, common, imageShift(s.chunks, common))
 	if err != nil {
 		h.cache.free()
 		return nil, err

@@ -246,11 +246,10 @@ func (e *Engine) drop(i int) {
 // did; otherwise the caller frees the cache.
 func (e *Engine) hold(s *seq) bool {
 	c := s.cache
-	if !s.reuse || c == nil || c.shift != 0 || s.nPast < s.nPrompt || c.spec.CompactPositions() {
+	// (An M-RoPE image's shift is carried: a continuation recomputes it from the
+	// images its prompt shares with the held units, imageShift.)
+	if !s.reuse || c == nil || s.nPast < s.nPrompt || c.spec.CompactPositions() {
 		return false
-	}
-	if e.mrope() && s.textFrom > 0 {
-		return false // an M-RoPE image's cells share one position: units are not positions (see mrope)
 	}
 	compressed := c.spec.Compresses()
 	if compressed && !s.reuseCompressed || !compressed && c.held() != s.nPast {

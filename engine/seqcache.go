@@ -109,12 +109,14 @@ func newSeqCache(lctx *llama.Context, seq int, pool *cellPool, spec elasticcache
 	return c, nil
 }
 
-// continueSeqCache turns held, a finished sequence whose cells hold positions
-// 0..n-1 uncompressed, into the cache of a new request under spec whose prompt
-// (nPrompt positions) starts with the same first common entries: the cells from
-// position common on are removed, the rest stay, and the new request's prompt is
-// encoded from common.
-func continueSeqCache(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom, common int) (*seqCache, error) {
+// continueSeqCache turns held, a finished sequence whose cells hold its first
+// entries uncompressed, into the cache of a new request under spec whose prompt
+// (nPrompt entries) starts with the same first common entries: the cells of
+// entries from common on are removed, the rest stay, and the new request's prompt
+// is encoded from common. shift is how many positions fewer than entries the
+// first common entries take (an M-RoPE model's images, imageShift): entry common
+// goes to position common-shift.
+func continueSeqCache(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom, common, shift int) (*seqCache, error) {
 	if spec.PrefillScores() {
 		// Its plan ranks every prompt entry by the attention of every prompt query;
 		// the held entries' queries are not encoded again.
@@ -125,12 +127,13 @@ func continueSeqCache(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom,
 		return nil, err
 	}
 	tr.SetTextTail(textFrom)
-	if !held.lctx.SeqRemove(held.seq, common, -1) {
-		return nil, fmt.Errorf("engine: could not remove positions from %d of sequence %d", common, held.seq)
+	cut := common - shift
+	if !held.lctx.SeqRemove(held.seq, cut, -1) {
+		return nil, fmt.Errorf("engine: could not remove positions from %d of sequence %d", cut, held.seq)
 	}
-	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt, evicted: -1, layers: held.layers}
+	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt, evicted: -1, layers: held.layers, shift: shift}
 	for i, p := range held.pos {
-		if p < common {
+		if p < cut {
 			c.cells = append(c.cells, held.cells[i])
 			c.pos = append(c.pos, p)
 		} else {
@@ -145,8 +148,9 @@ func continueSeqCache(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom,
 // continueCompressed turns held, a finished conversation that its policy
 // compressed, into the cache of the request that continues it exactly under the
 // same setting: every held cell stays, and the new turn's nPrompt-from entries
-// are encoded from position from and planned on their own (compressTurn).
-func continueCompressed(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom, from int) (*seqCache, error) {
+// are encoded from entry from (at position from-shift, see continueSeqCache) and
+// planned on their own (compressTurn).
+func continueCompressed(held *seqCache, spec elasticcache.Spec, nPrompt, textFrom, from, shift int) (*seqCache, error) {
 	if spec != held.spec {
 		return nil, fmt.Errorf("engine: a conversation compressed under %s continues only under it", held.spec.Policy())
 	}
@@ -154,11 +158,11 @@ func continueCompressed(held *seqCache, spec elasticcache.Spec, nPrompt, textFro
 	if err != nil {
 		return nil, err
 	}
-	if slices.Max(held.pos) >= from {
-		return nil, fmt.Errorf("engine: held entries reach position %d, the new turn starts at %d", slices.Max(held.pos), from)
+	if slices.Max(held.pos) >= from-shift {
+		return nil, fmt.Errorf("engine: held entries reach position %d, the new turn starts at %d", slices.Max(held.pos), from-shift)
 	}
 	c := &seqCache{lctx: held.lctx, seq: held.seq, pool: held.pool, spec: spec, tracker: tr, nPrompt: nPrompt,
-		evicted: -1, prev: held.tracker, segFrom: from, textFrom: textFrom,
+		evicted: -1, prev: held.tracker, segFrom: from, textFrom: textFrom, shift: shift,
 		cells: slices.Clone(held.cells), pos: slices.Clone(held.pos), layers: held.layers, base: len(held.cells)}
 	c.peak = len(c.cells)
 	if spec.PrefillScores() {
@@ -310,12 +314,12 @@ func (c *seqCache) takeStep(sums [][]float32) {
 	}
 }
 
-// promptIndex is the prompt index of entry i while a prompt is encoded: a held
-// entry's position (held entries are text, one position each), else its place in
-// the prompt (an M-RoPE image's entries share one position).
+// promptIndex is where entry i's attention is summed while a prompt is encoded: a
+// held entry's own index (i < base <= segFrom), else its place in the prompt. Not
+// positions: an M-RoPE image's entries share one.
 func (c *seqCache) promptIndex(i int) int {
 	if i < c.base {
-		return c.pos[i]
+		return i
 	}
 	return c.segFrom + i - c.base
 }
@@ -616,13 +620,17 @@ func (c *seqCache) free() {
 // followed by the turn's kept entries, merged per the plan.
 func (c *seqCache) compressTurn() error {
 	n := c.nPrompt - c.segFrom
-	var heldPos []int
-	for _, p := range c.pos {
-		if p < c.segFrom {
-			heldPos = append(heldPos, p)
-		}
+	// Entries: the held ones (the first base, in position order), then the turn's,
+	// in prompt order.
+	held := make([]int, c.base)
+	for i := range held {
+		held[i] = i
 	}
-	slices.Sort(heldPos)
+	slices.SortStableFunc(held, func(a, b int) int { return c.pos[a] - c.pos[b] })
+	h := len(held)
+	if len(c.cells) != h+n {
+		return &InvariantError{What: "cells read back", Detail: fmt.Sprintf("the sequence holds %d entries, %d held and %d of the turn expected", len(c.cells), h, n)}
+	}
 	var turn, heldScores [][]float32
 	if c.scores != nil {
 		turn = make([][]float32, len(c.scores))
@@ -632,14 +640,14 @@ func (c *seqCache) compressTurn() error {
 		if c.spec.DecodeScores() {
 			heldScores = make([][]float32, len(c.scores))
 			for l, row := range c.scores {
-				heldScores[l] = make([]float32, len(heldPos))
-				for i, p := range heldPos {
-					heldScores[l][i] = row[p]
+				heldScores[l] = make([]float32, h)
+				for j, e := range held {
+					heldScores[l][j] = row[c.promptIndex(e)]
 				}
 			}
 		}
 	}
-	plan, err := c.tracker.Continue(c.prev, len(heldPos), n, turn, heldScores, max(c.textFrom-c.segFrom, 0))
+	plan, err := c.tracker.Continue(c.prev, h, n, turn, heldScores, max(c.textFrom-c.segFrom, 0))
 	c.scores, c.prev = nil, nil
 	if err != nil {
 		return fmt.Errorf("plan: %w", err)
@@ -648,18 +656,6 @@ func (c *seqCache) compressTurn() error {
 		return nil
 	}
 	c.plan = plan
-	// Entries: the held ones (in position order), then the turn's, in prompt order.
-	var held []int
-	for i, p := range c.pos {
-		if p < c.segFrom {
-			held = append(held, i)
-		}
-	}
-	slices.SortStableFunc(held, func(a, b int) int { return c.pos[a] - c.pos[b] })
-	h := len(held)
-	if len(c.cells) != h+n {
-		return &InvariantError{What: "cells read back", Detail: fmt.Sprintf("the sequence holds %d entries, %d held and %d of the turn expected", len(c.cells), h, n)}
-	}
 	w := c.newRewrite(h+plan.K, len(plan.Layers))
 	for j, e := range held {
 		for l := range plan.Layers {
@@ -680,7 +676,7 @@ func (c *seqCache) compressTurn() error {
 		}
 	}
 	for j, k := range plan.Layers[0].Keep {
-		w.meta(h+j, entry(k), c.segFrom+k)
+		w.meta(h+j, entry(k), c.pos[entry(k)])
 	}
 	return c.apply(w)
 }
