@@ -26,35 +26,15 @@ import (
 // label the prompt with Regions, record a Trace from the engine's observations and
 // turn it into counts and entry states with Replay.
 
-// Region is the part of a sequence a cache entry belongs to (completion.Region*).
-type Region int
-
-// The regions, in table order.
-const (
-	RegionSystem   Region = completion.RegionSystem
-	RegionImage    Region = completion.RegionImage
-	RegionQuestion Region = completion.RegionQuestion
-	RegionTemplate Region = completion.RegionTemplate
-	RegionAnswer   Region = completion.RegionAnswer
-	NumRegions     Region = completion.NumRegions
-)
-
-func (g Region) String() string {
-	if g >= 0 && g < NumRegions {
-		return completion.RegionNames[g]
-	}
-	return fmt.Sprintf("region(%d)", int(g))
-}
-
 // PromptRegions labels every position of a prompt as the engine encodes it.
 type PromptRegions struct {
-	Of []Region // region of each prompt position; len is N
+	Of []completion.Region // region of each prompt position; len is N
 	// Pos is the position the engine gives each prompt entry: its index, but for
 	// an M-RoPE image, whose entries all take the image's first position and which
 	// advances the position by max(rows, cols) only (NPos).
 	Pos     []int
 	NPos    int // the position after the prompt
-	Size    [NumRegions]int
+	Size    [completion.NumRegions]int
 	Images  []PromptImage // the pictures, in prompt order
 	Spans   []completion.ExplainSpan
 	Notes   []string // text spans that could not be located (counted as template)
@@ -188,7 +168,7 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 				Rows: c.src.NY, Cols: c.src.NX, Label: label})
 			img.N += c.n
 			for range c.n {
-				pr.Of = append(pr.Of, RegionImage)
+				pr.Of = append(pr.Of, completion.RegionImage)
 			}
 		} else {
 			texts = append(texts, textChunk{start: n, toks: c.tokens})
@@ -198,7 +178,7 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 			}
 			label = b.String()
 			for range c.n {
-				pr.Of = append(pr.Of, RegionTemplate)
+				pr.Of = append(pr.Of, completion.RegionTemplate)
 			}
 		}
 		n += c.n
@@ -217,9 +197,9 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 	}
 	cursor := 0 // prompt position the next span starts at or after
 	for _, msg := range msgs {
-		region := RegionQuestion
+		region := completion.RegionQuestion
 		if msg.Role == "system" {
-			region = RegionSystem
+			region = completion.RegionSystem
 		}
 		for _, part := range msg.Parts {
 			if part.Kind != completion.PartText || strings.TrimSpace(part.Text) == "" {
@@ -265,7 +245,7 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 	n = 0
 	for _, c := range chunks {
 		if c.kind == llama.ChunkImage {
-			pr.Spans = append(pr.Spans, completion.ExplainSpan{Region: int(RegionImage), Start: n, Entries: c.n})
+			pr.Spans = append(pr.Spans, completion.ExplainSpan{Region: completion.RegionImage, Start: n, Entries: c.n})
 			n += c.n
 			continue
 		}
@@ -278,7 +258,7 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 			for _, t := range c.tokens[i:j] {
 				b.WriteString(piece(t))
 			}
-			pr.Spans = append(pr.Spans, completion.ExplainSpan{Region: int(pr.Of[n+i]), Start: n + i, Entries: j - i, Text: b.String()})
+			pr.Spans = append(pr.Spans, completion.ExplainSpan{Region: pr.Of[n+i], Start: n + i, Entries: j - i, Text: b.String()})
 			i = j
 		}
 		n += c.n
@@ -523,7 +503,7 @@ func Replay(pr *PromptRegions, tr *Trace, nl int, compact bool) (*Replayed, erro
 	held := make([][]int, nl) // prompt positions (n+g: generated token g) held per layer, in order
 	for l := range nl {
 		lr := &rp.Layers[l]
-		for g := range NumRegions {
+		for g := range completion.NumRegions {
 			lr[g].Entries = pr.Size[g]
 		}
 		state := make([]byte, n)
@@ -586,9 +566,9 @@ func Replay(pr *PromptRegions, tr *Trace, nl int, compact bool) (*Replayed, erro
 		}
 	}
 	next := n
-	region := func(p int) Region {
+	region := func(p int) completion.Region {
 		if p >= n {
-			return RegionAnswer
+			return completion.RegionAnswer
 		}
 		return pr.Of[p]
 	}
@@ -620,7 +600,7 @@ func Replay(pr *PromptRegions, tr *Trace, nl int, compact bool) (*Replayed, erro
 		}
 	}
 	for l := range nl {
-		rp.Layers[l][RegionAnswer].Entries = rp.Generated
+		rp.Layers[l][completion.RegionAnswer].Entries = rp.Generated
 		for _, p := range held[l] {
 			rp.Layers[l][region(p)].Held++
 		}

@@ -30,7 +30,7 @@ func checkExplain(t *testing.T, name string, r result, layers, images int, wantM
 	for l, xl := range x.Layers {
 		entries, plan, after := 0, 0, 0
 		for g, c := range xl.Regions {
-			if g == completion.RegionAnswer {
+			if completion.Region(g) == completion.RegionAnswer {
 				if c.Entries != r.usage.CompletionTokens && c.Entries != r.usage.CompletionTokens-1 {
 					t.Errorf("%s layer %d: %d answer entries for %d generated tokens", name, l, c.Entries, r.usage.CompletionTokens)
 				}

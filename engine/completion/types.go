@@ -163,18 +163,28 @@ type KVReport struct {
 	Explain *KVExplain
 }
 
+// Region is the part of a sequence a cache entry belongs to.
+type Region int
+
 // Prompt regions of KVExplain, in order.
 const (
-	RegionSystem   = iota // the text of system messages
-	RegionImage           // an image's embeddings
-	RegionQuestion        // the text of the other messages
-	RegionTemplate        // everything else in the prompt: BOS, role markers, separators
-	RegionAnswer          // generated tokens
+	RegionSystem   Region = iota // the text of system messages
+	RegionImage                  // an image's embeddings
+	RegionQuestion               // the text of the other messages
+	RegionTemplate               // everything else in the prompt: BOS, role markers, separators
+	RegionAnswer                 // generated tokens
 	NumRegions
 )
 
 // RegionNames are the regions' names, indexed by region.
 var RegionNames = [NumRegions]string{"system", "image", "question", "template", "answer"}
+
+func (g Region) String() string {
+	if g >= 0 && g < NumRegions {
+		return RegionNames[g]
+	}
+	return fmt.Sprintf("region(%d)", int(g))
+}
 
 // RegionCounts are one region's entries in one layer. Every prompt entry is, at
 // the prompt plan, kept, merged into a kept entry, or evicted (without a plan all
@@ -224,7 +234,7 @@ type ExplainLayer struct {
 
 // ExplainSpan is a run of prompt entries of one region.
 type ExplainSpan struct {
-	Region  int // Region*
+	Region  Region
 	Start   int // prompt index of its first entry
 	Entries int
 	Text    string // the tokens' text (special tokens spelled out); "" for an image tile

@@ -16,40 +16,15 @@ import (
 	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/progress"
-	"github.com/elasticserve/elasticserve/llama"
 )
-
-// The prompt regions, their labelling and the replay of a request's trace are
-// the engine's (engine/explain.go), shared with the server's kv_cache.explain.
-type (
-	Region        = engine.Region
-	PromptRegions = engine.PromptRegions
-	RegionCounts  = completion.RegionCounts
-	LayerRegions  = completion.LayerRegions
-)
-
-// The regions, in table order.
-const (
-	RegionSystem   = engine.RegionSystem
-	RegionImage    = engine.RegionImage
-	RegionQuestion = engine.RegionQuestion
-	RegionTemplate = engine.RegionTemplate
-	RegionAnswer   = engine.RegionAnswer
-	NumRegions     = engine.NumRegions
-)
-
-// Regions labels the prompt positions of msgs (engine.Regions).
-func Regions(m *llama.Model, v *llama.Vision, msgs []engine.Message) (*PromptRegions, error) {
-	return engine.Regions(m, v, msgs)
-}
 
 // SampleExplain is what one configuration did to one sample's cache.
 type SampleExplain struct {
 	Sample    dataset.Sample
-	Regions   *PromptRegions
+	Regions   *engine.PromptRegions
 	N, K      int // prompt entries, entries per layer after phase 1
 	Generated int // tokens that entered the cache during generation
-	Layers    []LayerRegions
+	Layers    []completion.LayerRegions
 	Text      string // the greedy generation
 }
 
@@ -57,8 +32,8 @@ type SampleExplain struct {
 type ConfigExplain struct {
 	Config  elasticcache.Spec
 	Samples []SampleExplain
-	Layers  []LayerRegions // summed over the samples
-	Total   LayerRegions   // summed over the layers too
+	Layers  []completion.LayerRegions // summed over the samples
+	Total   completion.LayerRegions   // summed over the layers too
 }
 
 // Explanation is the outcome of Explain.
@@ -135,7 +110,7 @@ func (r *Runner) Explain(ctx context.Context, samples []dataset.Sample) (*Explan
 
 	out := &Explanation{Layers: nl}
 	for _, c := range cfgs {
-		out.Configs = append(out.Configs, ConfigExplain{Config: c, Layers: make([]LayerRegions, nl)})
+		out.Configs = append(out.Configs, ConfigExplain{Config: c, Layers: make([]completion.LayerRegions, nl)})
 	}
 	bar := progress.New(r.opts.Progress, "explain", len(samples)*len(cfgs))
 	defer bar.Finish()
@@ -160,7 +135,7 @@ func (r *Runner) Explain(ctx context.Context, samples []dataset.Sample) (*Explan
 			ce := &out.Configs[ci]
 			ce.Samples = append(ce.Samples, res[ci])
 			for l, lr := range res[ci].Layers {
-				for g := range NumRegions {
+				for g := range completion.NumRegions {
 					ce.Layers[l][g].Add(lr[g])
 					ce.Total[g].Add(lr[g])
 				}
@@ -192,7 +167,7 @@ func (r *Runner) explainSample(ctx context.Context, e *engine.Engine, x *explain
 	if err != nil {
 		return nil, err
 	}
-	pr, err := Regions(r.model, r.vision, msgs)
+	pr, err := engine.Regions(r.model, r.vision, msgs)
 	if err != nil {
 		return nil, skip("%v", err)
 	}
@@ -223,7 +198,7 @@ func (r *Runner) explainSample(ctx context.Context, e *engine.Engine, x *explain
 }
 
 // replay turns a request's trace into per-layer region counts (engine.Replay).
-func replay(pr *PromptRegions, tr *engine.Trace, nl int, compact bool) (SampleExplain, error) {
+func replay(pr *engine.PromptRegions, tr *engine.Trace, nl int, compact bool) (SampleExplain, error) {
 	se := SampleExplain{Regions: pr, N: pr.N(), K: pr.N()}
 	rp, err := engine.Replay(pr, tr, nl, compact)
 	if err != nil {
@@ -255,8 +230,8 @@ func (x *Explanation) Markdown(title string, notes []string) string {
 		b.WriteString("Entries summed over the samples (\"all\": and over the layers). Phase 1: every prompt entry is kept, merged into a kept entry or evicted; decode: evicted during generation; held: left at the end. Percentages are of the region's entries.\n\n")
 		b.WriteString("| layer | region | entries | kept | merged | evicted | decode evicted | held at end |\n")
 		b.WriteString("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
-		write := func(layer string, lr LayerRegions) {
-			for g := range NumRegions {
+		write := func(layer string, lr completion.LayerRegions) {
+			for g := range completion.NumRegions {
 				c := lr[g]
 				if c.Entries == 0 && c.DecodeEvicted == 0 && c.Held == 0 {
 					continue
@@ -267,7 +242,7 @@ func (x *Explanation) Markdown(title string, notes []string) string {
 					}
 					return fmt.Sprintf("%d (%.0f%%)", v, 100*float64(v)/float64(c.Entries))
 				}
-				if g == RegionAnswer {
+				if g == completion.RegionAnswer {
 					fmt.Fprintf(&b, "| %s | %s | %d | - | - | - | %s | %s |\n", layer, g, c.Entries, pct(c.DecodeEvicted), pct(c.Held))
 					continue
 				}
@@ -289,8 +264,8 @@ func (x *Explanation) CSV() string {
 	var b bytes.Buffer
 	b.WriteString("policy,budget,samples,layer,region,entries,kept,merged,evicted,decode_evicted,held\n")
 	for _, ce := range x.Configs {
-		write := func(layer string, lr LayerRegions) {
-			for g := range NumRegions {
+		write := func(layer string, lr completion.LayerRegions) {
+			for g := range completion.NumRegions {
 				c := lr[g]
 				fmt.Fprintf(&b, "%s,%g,%d,%s,%s,%d,%d,%d,%d,%d,%d\n", ce.Config.Policy(), ce.Config.Budget(), len(ce.Samples),
 					layer, g, c.Entries, c.Kept, c.Merged, c.Evicted, c.DecodeEvicted, c.Held)

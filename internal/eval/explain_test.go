@@ -9,6 +9,7 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/shapes"
 )
@@ -34,7 +35,7 @@ func TestRegionsFindQuestionInBothLayouts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		pr, err := Regions(r.Model(), r.Vision(), msgs)
+		pr, err := engine.Regions(r.Model(), r.Vision(), msgs)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -60,27 +61,27 @@ func TestRegionsFindQuestionInBothLayouts(t *testing.T) {
 		if pr.N() != n || sum != n {
 			t.Errorf("%s: regions cover %d positions (sizes add to %d), the prompt has %d", name, pr.N(), sum, n)
 		}
-		if pr.Size[RegionImage] != imageN || imageN == 0 || len(pr.ImageNs) != 1 || pr.ImageNs[0] != imageN {
-			t.Errorf("%s: image region %d, image chunks %d (%v)", name, pr.Size[RegionImage], imageN, pr.ImageNs)
+		if pr.Size[completion.RegionImage] != imageN || imageN == 0 || len(pr.ImageNs) != 1 || pr.ImageNs[0] != imageN {
+			t.Errorf("%s: image region %d, image chunks %d (%v)", name, pr.Size[completion.RegionImage], imageN, pr.ImageNs)
 		}
 		question := strings.TrimSpace(strings.ReplaceAll(s.Prompt, dataset.ImageToken, ""))
 		qt, _ := r.Model().Tokenize(question, false, false)
-		if got := pr.Size[RegionQuestion]; got < len(qt)-1 || got > len(qt)+1 {
+		if got := pr.Size[completion.RegionQuestion]; got < len(qt)-1 || got > len(qt)+1 {
 			t.Errorf("%s: question region %d positions, the question alone is %d tokens", name, got, len(qt))
 		}
-		if c.system != "" && pr.Size[RegionSystem] == 0 {
+		if c.system != "" && pr.Size[completion.RegionSystem] == 0 {
 			t.Errorf("%s: no system region", name)
 		}
-		if c.system == "" && pr.Size[RegionSystem] != 0 {
+		if c.system == "" && pr.Size[completion.RegionSystem] != 0 {
 			t.Errorf("%s: system region without a system prompt", name)
 		}
 		// Order: question before the image in question-first, after in image-first.
 		firstQ, firstI := -1, -1
 		for p, g := range pr.Of {
-			if g == RegionQuestion && firstQ < 0 {
+			if g == completion.RegionQuestion && firstQ < 0 {
 				firstQ = p
 			}
-			if g == RegionImage && firstI < 0 {
+			if g == completion.RegionImage && firstI < 0 {
 				firstI = p
 			}
 		}
@@ -118,13 +119,13 @@ func TestExplainCountsAddUp(t *testing.T) {
 			if len(ce.Samples) != 2 {
 				t.Fatalf("%s: %d samples", name, len(ce.Samples))
 			}
-			var wantTotal LayerRegions
+			var wantTotal completion.LayerRegions
 			for _, se := range ce.Samples {
 				sum := 0
 				for _, v := range se.Regions.Size {
 					sum += v
 				}
-				if sum != se.N || se.Regions.Size[RegionAnswer] != 0 || se.K >= se.N {
+				if sum != se.N || se.Regions.Size[completion.RegionAnswer] != 0 || se.K >= se.N {
 					t.Errorf("%s %s: region sizes %v add to %d, N %d, K %d", name, se.Sample.ID, se.Regions.Size, sum, se.N, se.K)
 				}
 				if se.Generated == 0 {
@@ -132,12 +133,12 @@ func TestExplainCountsAddUp(t *testing.T) {
 				}
 				for l, lr := range se.Layers {
 					kept, held, decodeEv := 0, 0, 0
-					for g := range NumRegions {
+					for g := range completion.NumRegions {
 						c := lr[g]
-						if g != RegionAnswer && c.Kept+c.Merged+c.Evicted != c.Entries {
+						if g != completion.RegionAnswer && c.Kept+c.Merged+c.Evicted != c.Entries {
 							t.Errorf("%s %s layer %d %s: %d kept + %d merged + %d evicted != %d", name, se.Sample.ID, l, g, c.Kept, c.Merged, c.Evicted, c.Entries)
 						}
-						if g != RegionAnswer && c.Entries != se.Regions.Size[g] {
+						if g != completion.RegionAnswer && c.Entries != se.Regions.Size[g] {
 							t.Errorf("%s layer %d %s: %d entries, region size %d", name, l, g, c.Entries, se.Regions.Size[g])
 						}
 						if ce.Config.Policy() == elasticcache.Elastic && c.Evicted != 0 {
@@ -156,22 +157,22 @@ func TestExplainCountsAddUp(t *testing.T) {
 					if held+decodeEv != se.K+se.Generated {
 						t.Errorf("%s %s layer %d: held %d + decode evicted %d != K %d + generated %d", name, se.Sample.ID, l, held, decodeEv, se.K, se.Generated)
 					}
-					if lr[RegionAnswer].Entries != se.Generated {
-						t.Errorf("%s layer %d: answer entries %d, generated %d", name, l, lr[RegionAnswer].Entries, se.Generated)
+					if lr[completion.RegionAnswer].Entries != se.Generated {
+						t.Errorf("%s layer %d: answer entries %d, generated %d", name, l, lr[completion.RegionAnswer].Entries, se.Generated)
 					}
-					for g := range NumRegions {
+					for g := range completion.NumRegions {
 						wantTotal[g].Add(lr[g])
 					}
 				}
-				if se.Regions.Size[RegionImage] != se.Regions.ImageNs[0] {
-					t.Errorf("%s: image region %d, image chunk %d", name, se.Regions.Size[RegionImage], se.Regions.ImageNs[0])
+				if se.Regions.Size[completion.RegionImage] != se.Regions.ImageNs[0] {
+					t.Errorf("%s: image region %d, image chunk %d", name, se.Regions.Size[completion.RegionImage], se.Regions.ImageNs[0])
 				}
 			}
 			if wantTotal != ce.Total {
 				t.Errorf("%s: total %+v, sum of the samples' layers %+v", name, ce.Total, wantTotal)
 			}
 			dec := 0
-			for g := range NumRegions {
+			for g := range completion.NumRegions {
 				dec += ce.Total[g].DecodeEvicted
 			}
 			if dec == 0 {
@@ -217,7 +218,7 @@ func TestExplainReferenceSelection(t *testing.T) {
 	for _, se := range x.Configs[0].Samples {
 		for l, lr := range se.Layers {
 			held, ev := 0, 0
-			for g := range NumRegions {
+			for g := range completion.NumRegions {
 				held += lr[g].Held
 				ev += lr[g].DecodeEvicted
 			}
@@ -246,7 +247,7 @@ func TestRunExplainWritesFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	if want := 1 + (1+r.Model().Info().Layers)*int(NumRegions); len(lines) != want {
+	if want := 1 + (1+r.Model().Info().Layers)*int(completion.NumRegions); len(lines) != want {
 		t.Errorf("explain.csv has %d lines, want %d", len(lines), want)
 	}
 	if md, _ := os.ReadFile(filepath.Join(out, "explain.md")); !strings.Contains(string(md), "## elastic@0.5") {
