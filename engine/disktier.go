@@ -62,6 +62,9 @@ type diskTier struct {
 	writes chan *hostEntry
 	done   sync.WaitGroup
 	warned atomic.Bool
+	// device, when set, stands between a file and what is written to it: a test
+	// gives it a disk that fills up. Set before the first write is queued.
+	device func(io.Writer) io.Writer
 
 	tierCounters
 }
@@ -205,7 +208,11 @@ func (d *diskTier) write(e *hostEntry) {
 		d.fault(err)
 		return
 	}
-	err = writeEntry(tmp, d.model, e)
+	var out io.Writer = tmp
+	if d.device != nil {
+		out = d.device(tmp)
+	}
+	err = writeEntry(out, d.model, e)
 	if err == nil {
 		err = tmp.Sync()
 	}

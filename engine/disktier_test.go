@@ -2,8 +2,10 @@ package engine
 
 import (
 	"context"
+	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
@@ -208,5 +210,56 @@ func TestDiskTierFaults(t *testing.T) {
 	st := g.Stats()
 	if st.DiskCache.Evictions < 1 || st.DiskCache.Bytes > one*3/2 || len(convFiles(t, small)) != int(st.DiskCache.Entries) {
 		t.Fatalf("a directory bounded at %d bytes: %+v, %d files", one*3/2, st, len(convFiles(t, small)))
+	}
+}
+
+// fullDisk takes room bytes, then fails every write as a full file system does.
+type fullDisk struct {
+	w    io.Writer
+	room int
+}
+
+func (f *fullDisk) Write(p []byte) (int, error) {
+	if len(p) > f.room {
+		n, _ := f.w.Write(p[:f.room])
+		f.room = 0
+		return n, &os.PathError{Op: "write", Path: "conversation", Err: syscall.ENOSPC}
+	}
+	f.room -= len(p)
+	return f.w.Write(p)
+}
+
+// A disk that fills up while a conversation is written: the write is counted as
+// a failure, no file (not even the partial temporary one) is left, the server
+// goes on answering, and the next server on the directory encodes the turn
+// afresh with the same answer.
+func TestDiskTierFullDisk(t *testing.T) {
+	id := testModelID(t)
+	dir := t.TempDir()
+	e := startEngine(t, Options{Parallel: 1, Reuse: true, CacheDir: dir, ModelID: id})
+	e.disk.device = func(w io.Writer) io.Writer { return &fullDisk{w: w, room: 4096} }
+	first := pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1))
+	a1 := run(t, e, first)
+	run(t, e, pictureTurn1("b", elasticcache.Spec{}, testPNG(t, 2))) // a leaves its slot: its write fails
+	stopClean(e)                                                      // b's write at shutdown fails too
+	if st := e.Stats(); st.DiskCache.Failures < 2 || st.DiskCache.Stored != 0 || st.DiskCache.Bytes != 0 {
+		t.Fatalf("writes to a full disk: %+v", st)
+	}
+	left, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range left {
+		if f.Name() != ".lock" {
+			t.Errorf("a full disk left %q in the cache directory", f.Name())
+		}
+	}
+
+	next := startEngine(t, Options{Parallel: 1, Reuse: true, CacheDir: dir, ModelID: id})
+	second := turn2(first, a1.text, "And which color is it?")
+	got := run(t, next, second)
+	want := run(t, startEngine(t, Options{Parallel: 1}), second)
+	if got.usage.CachedTokens != 0 || got.text != want.text {
+		t.Fatalf("after a full disk: cached %d, %q; encoded afresh %q", got.usage.CachedTokens, got.text, want.text)
 	}
 }
