@@ -241,7 +241,7 @@ func TestDiskTierFullDisk(t *testing.T) {
 	first := pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1))
 	a1 := run(t, e, first)
 	run(t, e, pictureTurn1("b", elasticcache.Spec{}, testPNG(t, 2))) // a leaves its slot: its write fails
-	stopClean(e)                                                      // b's write at shutdown fails too
+	stopClean(e)                                                     // b's write at shutdown fails too
 	if st := e.Stats(); st.DiskCache.Failures < 2 || st.DiskCache.Stored != 0 || st.DiskCache.Bytes != 0 {
 		t.Fatalf("writes to a full disk: %+v", st)
 	}
