@@ -10,43 +10,22 @@ import (
 )
 
 // RenderPrompt is the one prompt builder: the server, the eval tool and the demo
-// tools all reach the model through it. It renders msgs with the model's chat
-// template, each message's parts joined by "\n" (llama-server's rule for OpenAI
-// content arrays) and every image part replaced by llama.cpp's media marker, and
-// returns the text with the images in marker order. A text part that holds the
-// marker itself is refused (*completion.MarkerInTextError): it would be taken for
-// an image.
-//
-// A past answer (an assistant message) is rendered without its leading spaces:
-// a model answers "ASSISTANT:" with " red", and templates put their own
-// separator before a past answer ("ASSISTANT: " + content), so the space is
-// rendered once, as the model saw it when it generated the answer. That also
-// makes the rendered history hold the answer's tokens as they were generated,
-// which is what lets the next turn continue from the conversation's cells.
-func RenderPrompt(m *llama.Model, msgs []Message) (string, [][]byte, error) {
-	marker := llama.MediaMarker()
-	var images [][]byte
-	chat := make([]llama.ChatMessage, len(msgs))
-	for i, msg := range msgs {
-		pieces := make([]string, len(msg.Parts))
-		for j, p := range msg.Parts {
-			switch p.Kind {
-			case completion.PartText:
-				if strings.Contains(p.Text, marker) {
-					return "", nil, &completion.MarkerInTextError{Message: i, Part: j, Marker: marker}
-				}
-				pieces[j] = p.Text
-				if msg.Role == "assistant" && j == 0 {
-					pieces[j] = strings.TrimLeft(p.Text, " ")
-				}
-			case completion.PartImage:
-				pieces[j] = marker
-				images = append(images, p.Image)
-			default:
-				return "", nil, fmt.Errorf("engine: messages[%d] part %d has unknown kind %d", i, j, p.Kind)
-			}
-		}
-		chat[i] = llama.ChatMessage{Role: msg.Role, Content: strings.Join(pieces, "\n")}
+// tools all reach the model through it. It writes msgs as
+// completion.TemplateMessages does (parts joined by "\n", every image part
+// replaced by llama.cpp's media marker, a past answer without its leading
+// spaces; a text part holding the marker is refused with
+// *completion.MarkerInTextError), renders them with the model's chat template,
+// and returns the text with the images in marker order. The text a request
+// adds around its messages (tool descriptions, tool results, answer prefixes)
+// is written beside TemplateMessages, in engine/completion/prompt.go.
+func RenderPrompt(m *llama.Model, msgs []completion.Message) (string, [][]byte, error) {
+	tm, images, err := completion.TemplateMessages(msgs, llama.MediaMarker())
+	if err != nil {
+		return "", nil, err
+	}
+	chat := make([]llama.ChatMessage, len(tm))
+	for i, msg := range tm {
+		chat[i] = llama.ChatMessage{Role: msg.Role, Content: msg.Content}
 	}
 	text, err := m.ApplyChatTemplate("", chat, true)
 	if err != nil {

@@ -27,6 +27,10 @@ type Part struct {
 	Kind  PartKind
 	Text  string
 	Image []byte
+	// Field is the request field the part came from, as its caller names it
+	// (the API: a JSON path such as "messages[2].content[1].text"), so that an
+	// error about the part can point at it; "" when the caller has none.
+	Field string
 }
 
 // Text is a text part.
