@@ -98,12 +98,11 @@ func typeName(t reflect.Type) string {
 }
 
 // chatPlan is a validated request: the engine request with its image parts
-// still empty, where to get each image, and which request field each part
-// came from.
+// still empty (each part names the request field it came from, Part.Field)
+// and where to get each image.
 type chatPlan struct {
 	req          *completion.Request
-	images       []imageRef // in prompt order
-	partParams   [][]string // partParams[i][j]: the field req.Messages[i].Parts[j] came from
+	images       []imageRef // in prompt order: images[k] fills the request's k-th image part
 	stream       bool
 	includeUsage bool
 	// tools is the tool-call setting (nil: the answer is text); constraintParam
@@ -112,34 +111,55 @@ type chatPlan struct {
 	constraintParam string
 }
 
-// imageRef is one image to load (data: or http(s) URL) and the part it fills.
+// imageRef is one image to load: a data: or http(s) URL.
 type imageRef struct {
-	url       string
-	param     string // e.g. messages[0].content[1].image_url
-	msg, part int    // index into req.Messages and its Parts
+	url   string
+	param string // e.g. messages[0].content[1].image_url
 }
 
-// imageParam names image i of the plan for an error; without a plan (or
-// for an index it does not know) the error points at messages.
+// imageParam names the request's image i (in prompt order, as the engine
+// counts them) for an error; without a plan (or for an index it does not
+// know) the error points at messages.
 func (p *chatPlan) imageParam(i int) (param, name string) {
-	if p != nil && i >= 0 && i < len(p.images) {
-		return p.images[i].param, p.images[i].param
+	if p != nil {
+		k := 0
+		for _, m := range p.req.Messages {
+			for _, part := range m.Parts {
+				if part.Kind != completion.PartImage {
+					continue
+				}
+				if k == i && part.Field != "" {
+					return part.Field, part.Field
+				}
+				k++
+			}
+		}
 	}
 	return "messages", fmt.Sprintf("image %d of the request", i)
 }
 
-// textParam names part j of message i, as imageParam does.
+// textParam names part j of message i of the engine request, as imageParam
+// does.
 func (p *chatPlan) textParam(i, j int) string {
-	if p != nil && i >= 0 && i < len(p.partParams) && j >= 0 && j < len(p.partParams[i]) {
-		return p.partParams[i][j]
+	if p != nil && i >= 0 && i < len(p.req.Messages) && j >= 0 && j < len(p.req.Messages[i].Parts) {
+		if f := p.req.Messages[i].Parts[j].Field; f != "" {
+			return f
+		}
 	}
 	return "messages"
 }
 
-// setImages puts loaded image bytes (in p.images order) into their parts.
+// setImages puts loaded image bytes (in p.images order) into the request's
+// image parts, which are in the same order.
 func (p *chatPlan) setImages(data [][]byte) {
-	for i, ref := range p.images {
-		p.req.Messages[ref.msg].Parts[ref.part].Image = data[i]
+	k := 0
+	for _, m := range p.req.Messages {
+		for j := range m.Parts {
+			if m.Parts[j].Kind == completion.PartImage {
+				m.Parts[j].Image = data[k]
+				k++
+			}
+		}
 	}
 }
 
@@ -245,65 +265,40 @@ func planLogprobs(cr *ChatRequest, p *chatPlan) *apiError {
 }
 
 // planMessages turns messages into engine messages: one part per string
-// content or content part, in order.
+// content or content part, in order, each naming the field it came from.
 func planMessages(msgs []ChatMessage, lim planLimits, p *chatPlan) *apiError {
 	if len(msgs) == 0 {
 		return badRequest("messages", "invalid_value", "messages must be a non-empty array")
 	}
 	out := make([]completion.Message, 0, len(msgs))
-	p.partParams = make([][]string, 0, len(msgs))
 	callNames := map[string]string{} // tool call id -> function name, from earlier assistant messages
 	for i, m := range msgs {
 		param := fmt.Sprintf("messages[%d]", i)
-		role := m.Role
-		switch role {
-		case "system", "user", "assistant", "tool":
-		case "developer":
-			role = "system"
-		case "":
-			return badRequest(param+".role", "invalid_value", "%s.role is required", param)
-		case "function":
-			return badRequest(param+".role", "invalid_value", "role \"function\" is deprecated and not supported; use tools and the \"tool\" role")
-		default:
-			return badRequest(param+".role", "invalid_value", "unknown role %q (want system, developer, user, assistant or tool)", m.Role)
-		}
-		if role == "tool" && m.ToolCallID == "" {
-			return badRequest(param+".tool_call_id", "invalid_value", "%s.tool_call_id is required for a tool message", param)
-		}
-		if len(m.ToolCalls) > 0 && role != "assistant" {
-			return badRequest(param+".tool_calls", "invalid_value", "only assistant messages hold tool_calls")
+		role, aerr := planRole(m, param)
+		if aerr != nil {
+			return aerr
 		}
 		content := m.Content
 		if role == "assistant" && len(m.ToolCalls) > 0 && content.IsNull() {
 			content = MessageContent{Parts: []ContentPart{}}
 		}
-		parts, params, aerr := planContent(content, role, param, i, lim, p)
+		parts, aerr := planContent(content, role, param, lim, p)
 		if aerr != nil {
 			return aerr
 		}
 		switch {
 		case len(m.ToolCalls) > 0:
-			calls, ids, aerr := renderCalls(m.ToolCalls, param)
+			calls, aerr := planCalls(m.ToolCalls, param, callNames)
 			if aerr != nil {
 				return aerr
 			}
-			for id, name := range ids {
-				callNames[id] = name
-			}
-			parts = append(parts, completion.Text(calls))
-			params = append(params, param+".tool_calls")
+			parts = append(parts, completion.Part{Text: completion.CallsText(calls), Field: param + ".tool_calls"})
 		case role == "tool":
-			// Templates know user and assistant turns; a result is shown as a user turn.
-			head := "Result of tool call " + m.ToolCallID
-			if name := callNames[m.ToolCallID]; name != "" {
-				head += " (" + name + ")"
-			}
-			parts = append([]completion.Part{completion.Text(head + ":")}, parts...)
-			params = append([]string{param + ".tool_call_id"}, params...)
+			head := completion.ToolResultHead(m.ToolCallID, callNames[m.ToolCallID])
+			parts = append([]completion.Part{{Text: head, Field: param + ".tool_call_id"}}, parts...)
 			role = "user"
 		}
 		out = append(out, completion.Message{Role: role, Parts: parts})
-		p.partParams = append(p.partParams, params)
 	}
 	if len(p.images) > 0 && !lim.vision {
 		return badRequest("messages", "images_not_supported", "this model cannot read images (the server was started without --mmproj)")
@@ -312,52 +307,73 @@ func planMessages(msgs []ChatMessage, lim planLimits, p *chatPlan) *apiError {
 	return nil
 }
 
-// planContent returns message msg's parts and the field each came from.
+// planRole checks message m's role and the fields that go with it, and
+// returns the role the engine gets ("developer" is "system"; "tool" stays
+// "tool" here, planMessages shows a result as a user turn).
+func planRole(m ChatMessage, param string) (string, *apiError) {
+	role := m.Role
+	switch role {
+	case "system", "user", "assistant", "tool":
+	case "developer":
+		role = "system"
+	case "":
+		return "", badRequest(param+".role", "invalid_value", "%s.role is required", param)
+	case "function":
+		return "", badRequest(param+".role", "invalid_value", "role \"function\" is deprecated and not supported; use tools and the \"tool\" role")
+	default:
+		return "", badRequest(param+".role", "invalid_value", "unknown role %q (want system, developer, user, assistant or tool)", m.Role)
+	}
+	if role == "tool" && m.ToolCallID == "" {
+		return "", badRequest(param+".tool_call_id", "invalid_value", "%s.tool_call_id is required for a tool message", param)
+	}
+	if len(m.ToolCalls) > 0 && role != "assistant" {
+		return "", badRequest(param+".tool_calls", "invalid_value", "only assistant messages hold tool_calls")
+	}
+	return role, nil
+}
+
+// planContent returns a message's parts, each naming the field it came from.
 // Image parts are left empty; loadImages fills them.
-func planContent(c MessageContent, role, param string, msg int, lim planLimits, p *chatPlan) ([]completion.Part, []string, *apiError) {
+func planContent(c MessageContent, role, param string, lim planLimits, p *chatPlan) ([]completion.Part, *apiError) {
 	switch {
 	case c.Text != nil:
 		pp := param + ".content"
 		if aerr := checkMarker(*c.Text, lim.marker, pp); aerr != nil {
-			return nil, nil, aerr
+			return nil, aerr
 		}
-		return []completion.Part{completion.Text(*c.Text)}, []string{pp}, nil
+		return []completion.Part{{Text: *c.Text, Field: pp}}, nil
 	case c.Parts == nil:
 		if role == "assistant" {
-			return nil, nil, nil
+			return nil, nil
 		}
-		return nil, nil, badRequest(param+".content", "invalid_value", "%s.content is required", param)
+		return nil, badRequest(param+".content", "invalid_value", "%s.content is required", param)
 	}
 	parts := make([]completion.Part, 0, len(c.Parts))
-	params := make([]string, 0, len(c.Parts))
 	for j, part := range c.Parts {
 		pp := fmt.Sprintf("%s.content[%d]", param, j)
 		switch part.Type {
 		case "text":
 			if part.Text == nil {
-				return nil, nil, badRequest(pp+".text", "invalid_value", "%s.text is required for a text part", pp)
+				return nil, badRequest(pp+".text", "invalid_value", "%s.text is required for a text part", pp)
 			}
 			if aerr := checkMarker(*part.Text, lim.marker, pp+".text"); aerr != nil {
-				return nil, nil, aerr
+				return nil, aerr
 			}
-			parts = append(parts, completion.Text(*part.Text))
-			params = append(params, pp+".text")
+			parts = append(parts, completion.Part{Text: *part.Text, Field: pp + ".text"})
 		case "image_url":
 			ref, aerr := planImage(part.ImageURL, role, pp, lim, len(p.images))
 			if aerr != nil {
-				return nil, nil, aerr
+				return nil, aerr
 			}
-			ref.msg, ref.part = msg, len(parts)
 			p.images = append(p.images, ref)
-			parts = append(parts, completion.Image(nil))
-			params = append(params, ref.param)
+			parts = append(parts, completion.Part{Kind: completion.PartImage, Field: ref.param})
 		case "":
-			return nil, nil, badRequest(pp+".type", "invalid_value", "%s.type is required (text or image_url)", pp)
+			return nil, badRequest(pp+".type", "invalid_value", "%s.type is required (text or image_url)", pp)
 		default:
-			return nil, nil, badRequest(pp+".type", "invalid_value", "unsupported content part type %q (want text or image_url)", part.Type)
+			return nil, badRequest(pp+".type", "invalid_value", "unsupported content part type %q (want text or image_url)", part.Type)
 		}
 	}
-	return parts, params, nil
+	return parts, nil
 }
 
 // checkMarker refuses text holding the engine's media marker, which the

@@ -317,13 +317,18 @@ func TestEngineRequest(t *testing.T) {
 					map[string]any{"type": "image_url", "image_url": map[string]any{"url": dataURLOf("image/jpeg", j1), "detail": "low"}}}},
 			}},
 			check: func(t *testing.T, r *completion.Request) {
-				text, img := completion.Text, completion.Image
+				// Every part names the request field it came from.
+				text := func(s, field string) completion.Part { return completion.Part{Text: s, Field: field} }
+				img := func(b []byte, field string) completion.Part {
+					return completion.Part{Kind: completion.PartImage, Image: b, Field: field}
+				}
 				want := []completion.Message{
-					{Role: "system", Parts: []completion.Part{text("Be brief."), text("Really.")}},
-					{Role: "user", Parts: []completion.Part{text("What is in"), img(p1), text("and")}},
+					{Role: "system", Parts: []completion.Part{text("Be brief.", "messages[0].content[0].text"), text("Really.", "messages[0].content[1].text")}},
+					{Role: "user", Parts: []completion.Part{text("What is in", "messages[1].content[0].text"),
+						img(p1, "messages[1].content[1].image_url"), text("and", "messages[1].content[2].text")}},
 					{Role: "assistant"},
-					{Role: "assistant", Parts: []completion.Part{text("A cat.")}},
-					{Role: "user", Parts: []completion.Part{img(j1), img(j1)}},
+					{Role: "assistant", Parts: []completion.Part{text("A cat.", "messages[3].content")}},
+					{Role: "user", Parts: []completion.Part{img(j1, "messages[4].content[0].image_url"), img(j1, "messages[4].content[1].image_url")}},
 				}
 				if !reflect.DeepEqual(r.Messages, want) {
 					t.Fatalf("messages\n got %+v\nwant %+v", r.Messages, want)

@@ -170,82 +170,105 @@ func planTools(cr *ChatRequest, p *chatPlan) *apiError {
 		}
 		return nil
 	}
-	byName := make(map[string]*FunctionDef, len(cr.Tools))
-	lines := make([]string, 0, len(cr.Tools))
-	alts := make([]json.RawMessage, 0, len(cr.Tools))
-	for i, t := range cr.Tools {
-		param := fmt.Sprintf("tools[%d]", i)
-		if t.Type != "function" {
-			return badRequest(param+".type", "invalid_value", "%s.type must be \"function\", got %q", param, t.Type)
-		}
-		f := t.Function
-		if f == nil {
-			return badRequest(param+".function", "invalid_value", "%s.function is required", param)
-		}
-		if !functionName.MatchString(f.Name) {
-			return badRequest(param+".function.name", "invalid_value", "%s.function.name must be 1 to 64 letters, digits, '_' or '-', got %q", param, f.Name)
-		}
-		if byName[f.Name] != nil {
-			return badRequest(param+".function.name", "invalid_value", "two tools are named %q", f.Name)
-		}
-		byName[f.Name] = f
-		params, aerr := toolParameters(f.Parameters, param+".function.parameters")
-		if aerr != nil {
-			return aerr
-		}
-		line, _ := json.Marshal(struct {
-			Name        string          `json:"name"`
-			Description string          `json:"description,omitempty"`
-			Parameters  json.RawMessage `json:"parameters"`
-		}{f.Name, f.Description, params})
-		lines = append(lines, string(line))
-		alt, _ := json.Marshal(map[string]any{
-			"type": "object",
-			"properties": orderedProps{
-				{"name", json.RawMessage(mustJSON(map[string]string{"const": f.Name}))},
-				{"arguments", params},
-			},
-			"required": []string{"name", "arguments"},
-		})
-		alts = append(alts, alt)
+	tools, aerr := planToolList(cr.Tools)
+	if aerr != nil {
+		return aerr
 	}
-
-	switch choice.Mode {
-	case "none":
-		return nil
-	case "auto", "required":
-	case "function":
-		if choice.Name == "" {
-			return badRequest("tool_choice.function.name", "invalid_value", "tool_choice.function.name is required")
-		}
-		if byName[choice.Name] == nil {
-			return badRequest("tool_choice.function.name", "invalid_value", "tool_choice names %q, which is not among the tools", choice.Name)
-		}
-	default:
-		return badRequest("tool_choice", "invalid_value", "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}, got %q", choiceText(choice))
+	if aerr := checkChoice(choice, tools); aerr != nil || choice.Mode == "none" {
+		return aerr
 	}
 	if p.req.Constraint != nil {
 		return badRequest("response_format", "invalid_value", "response_format cannot be combined with tools unless tool_choice is \"none\"")
 	}
 
-	describeTools(p, lines, choice.Mode == "auto")
+	p.req.Messages = completion.DescribeTools(p.req.Messages, tools, choice.Mode == "auto")
 	p.tools = &toolPlan{mode: choice.Mode, name: choice.Name}
 	p.constraintParam = "tools"
 	if choice.Mode == "function" {
-		params, _ := toolParameters(byName[choice.Name].Parameters, "")
-		p.req.AnswerPrefix = `{"tool_calls":[{"name":` + string(mustJSON(choice.Name)) + `,"arguments":`
-		p.req.Constraint = &completion.Constraint{Schema: params}
+		p.req.AnswerPrefix = completion.CallPrefix(choice.Name)
+		p.req.Constraint = &completion.Constraint{Schema: toolNamed(tools, choice.Name).Parameters}
 		return nil
 	}
+	p.req.Constraint = &completion.Constraint{Schema: callsSchema(tools, cr.ParallelToolCalls), OrText: choice.Mode == "auto"}
+	return nil
+}
+
+// planToolList checks tools: functions with distinct names and object
+// schemas for their parameters (compacted).
+func planToolList(list []Tool) ([]completion.Tool, *apiError) {
+	tools := make([]completion.Tool, 0, len(list))
+	for i, t := range list {
+		param := fmt.Sprintf("tools[%d]", i)
+		if t.Type != "function" {
+			return nil, badRequest(param+".type", "invalid_value", "%s.type must be \"function\", got %q", param, t.Type)
+		}
+		f := t.Function
+		if f == nil {
+			return nil, badRequest(param+".function", "invalid_value", "%s.function is required", param)
+		}
+		if !functionName.MatchString(f.Name) {
+			return nil, badRequest(param+".function.name", "invalid_value", "%s.function.name must be 1 to 64 letters, digits, '_' or '-', got %q", param, f.Name)
+		}
+		if toolNamed(tools, f.Name) != nil {
+			return nil, badRequest(param+".function.name", "invalid_value", "two tools are named %q", f.Name)
+		}
+		params, aerr := toolParameters(f.Parameters, param+".function.parameters")
+		if aerr != nil {
+			return nil, aerr
+		}
+		tools = append(tools, completion.Tool{Name: f.Name, Description: f.Description, Parameters: params})
+	}
+	return tools, nil
+}
+
+func toolNamed(tools []completion.Tool, name string) *completion.Tool {
+	for i := range tools {
+		if tools[i].Name == name {
+			return &tools[i]
+		}
+	}
+	return nil
+}
+
+// checkChoice checks tool_choice against the tools.
+func checkChoice(choice ToolChoice, tools []completion.Tool) *apiError {
+	switch choice.Mode {
+	case "none", "auto", "required":
+	case "function":
+		if choice.Name == "" {
+			return badRequest("tool_choice.function.name", "invalid_value", "tool_choice.function.name is required")
+		}
+		if toolNamed(tools, choice.Name) == nil {
+			return badRequest("tool_choice.function.name", "invalid_value", "tool_choice names %q, which is not among the tools", choice.Name)
+		}
+	default:
+		return badRequest("tool_choice", "invalid_value", "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}, got %q", choiceText(choice))
+	}
+	return nil
+}
+
+// callsSchema is the schema of an answer in the call format that calls
+// tools: at least one call (exactly one when parallel is false), each call
+// one of the tools with its arguments.
+func callsSchema(tools []completion.Tool, parallel *bool) json.RawMessage {
+	alts := make([]json.RawMessage, len(tools))
+	for i, t := range tools {
+		alts[i] = mustJSON(map[string]any{
+			"type": "object",
+			"properties": orderedProps{
+				{"name", json.RawMessage(mustJSON(map[string]string{"const": t.Name}))},
+				{"arguments", t.Parameters},
+			},
+			"required": []string{"name", "arguments"},
+		})
+	}
 	calls := map[string]any{"type": "array", "items": map[string]any{"anyOf": alts}, "minItems": 1}
-	if cr.ParallelToolCalls != nil && !*cr.ParallelToolCalls {
+	if parallel != nil && !*parallel {
 		calls["maxItems"] = 1
 	}
-	schema := mustJSON(map[string]any{
+	return mustJSON(map[string]any{
 		"type": "object", "properties": map[string]any{"tool_calls": calls}, "required": []string{"tool_calls"},
 	})
-	p.req.Constraint = &completion.Constraint{Schema: schema, OrText: choice.Mode == "auto"}
-	return nil
 }
 
 func choiceText(c ToolChoice) string {
@@ -275,62 +298,31 @@ func toolParameters(raw json.RawMessage, param string) (json.RawMessage, *apiErr
 	return compactJSON(raw), nil
 }
 
-// describeTools adds the tools and the call format to the system text: to the
-// first message when it is a system message, else in a new one before it.
-func describeTools(p *chatPlan, lines []string, optional bool) {
-	var b strings.Builder
-	b.WriteString("You can call these tools (one JSON line per tool: name, description, JSON schema of the arguments):\n")
-	for _, l := range lines {
-		b.WriteString(l)
-		b.WriteByte('\n')
-	}
-	b.WriteString("To call tools, answer with only this JSON, nothing else: ")
-	b.WriteString(`{"tool_calls":[{"name":"TOOL_NAME","arguments":{...}}]}`)
-	b.WriteString("\nEach result comes back in the next message.")
-	if optional {
-		b.WriteString(" When no tool is needed, answer in plain text.")
-	}
-	text := completion.Text(b.String())
-	msgs := p.req.Messages
-	if len(msgs) > 0 && msgs[0].Role == "system" {
-		msgs[0].Parts = append(msgs[0].Parts, text)
-		p.partParams[0] = append(p.partParams[0], "tools")
-		return
-	}
-	p.req.Messages = append([]completion.Message{{Role: "system", Parts: []completion.Part{text}}}, msgs...)
-	p.partParams = append([][]string{{"tools"}}, p.partParams...)
-	for i := range p.images {
-		p.images[i].msg++
-	}
-}
-
-// renderCalls writes an assistant message's tool_calls in the call format.
-func renderCalls(calls []ToolCall, param string) (string, map[string]string, *apiError) {
-	type call struct {
-		Name      string          `json:"name"`
-		Arguments json.RawMessage `json:"arguments"`
-	}
-	out := make([]call, 0, len(calls))
-	ids := make(map[string]string, len(calls))
+// planCalls checks an assistant message's tool_calls and returns them for
+// the prompt (arguments compacted, "{}" when empty); it records each call's id
+// in names (id -> function name), which names the results that follow.
+func planCalls(calls []ToolCall, param string, names map[string]string) ([]completion.ToolCall, *apiError) {
+	out := make([]completion.ToolCall, 0, len(calls))
 	for i, c := range calls {
 		cp := fmt.Sprintf("%s.tool_calls[%d]", param, i)
 		if c.Function.Name == "" {
-			return "", nil, badRequest(cp+".function.name", "invalid_value", "%s.function.name is required", cp)
+			return nil, badRequest(cp+".function.name", "invalid_value", "%s.function.name is required", cp)
 		}
 		args := json.RawMessage(strings.TrimSpace(c.Function.Arguments))
 		switch {
 		case len(args) == 0:
 			args = json.RawMessage(`{}`)
 		case !json.Valid(args):
-			return "", nil, badRequest(cp+".function.arguments", "invalid_value", "%s.function.arguments must be a JSON string holding valid JSON", cp)
+			return nil, badRequest(cp+".function.arguments", "invalid_value", "%s.function.arguments must be a JSON string holding valid JSON", cp)
 		}
-		out = append(out, call{c.Function.Name, compactJSON(args)})
+		out = append(out, completion.ToolCall{Name: c.Function.Name, Arguments: compactJSON(args)})
+	}
+	for _, c := range calls {
 		if c.ID != "" {
-			ids[c.ID] = c.Function.Name
+			names[c.ID] = c.Function.Name
 		}
 	}
-	b, _ := json.Marshal(map[string]any{"tool_calls": out})
-	return string(b), ids, nil
+	return out, nil
 }
 
 // ---- reading the answer ----
