@@ -9,6 +9,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 )
 
 // BenchmarkPolicies prints decode speed and prefill overhead (attention capture during
@@ -41,7 +42,7 @@ func BenchmarkPolicies(b *testing.B) {
 		basePrefill := map[int]float64{}
 		for _, r := range rows {
 			e := startEngine(b, Options{Parallel: r.parallel, CtxSize: r.parallel * 2048, BatchSize: 512, Unified: false})
-			chans := make([]<-chan Event, r.parallel)
+			chans := make([]<-chan completion.Event, r.parallel)
 			for i := range chans {
 				ch, err := e.Submit(context.Background(), greedyReq(fmt.Sprint(i), prompt, gen, cfg(r.policy, r.budget), img))
 				if err != nil {

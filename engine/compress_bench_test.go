@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
 )
 
@@ -63,7 +64,7 @@ func BenchmarkCompress(b *testing.B) {
 				// Each setting runs reps times; the medians are printed (a shared
 				// machine's noise moves single runs of tens of milliseconds).
 				var prefill, compress []float64
-				var k *KVReport
+				var k *completion.KVReport
 				for range reps {
 					ch, err := e.Submit(context.Background(), greedyReq("compress", prompt, 2, spec))
 					if err != nil {

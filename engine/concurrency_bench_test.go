@@ -59,7 +59,7 @@ func BenchmarkConcurrency(b *testing.B) {
 			for _, spec := range settings {
 				var one float64
 				for _, n := range levels {
-					reqs := make([]*Request, n)
+					reqs := make([]*completion.Request, n)
 					for i := range reqs {
 						reqs[i] = greedyReq(fmt.Sprint("c", i), prompts[i], gen, spec)
 					}
@@ -127,7 +127,7 @@ func BenchmarkAdmission(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					reqs := make([]*Request, slots)
+					reqs := make([]*completion.Request, slots)
 					for i := range reqs {
 						reqs[i] = greedyReq(fmt.Sprint("a", i), prompts[i], sh.gen, spec)
 						reqs[i].Force = force
@@ -194,8 +194,8 @@ func benchPrompts(b *testing.B, m *llama.Model, n, tokens int) []string {
 }
 
 // submitAll submits reqs together and returns the tokens they generated.
-func submitAll(b *testing.B, e *Engine, reqs []*Request) int {
-	chans := make([]<-chan Event, len(reqs))
+func submitAll(b *testing.B, e *Engine, reqs []*completion.Request) int {
+	chans := make([]<-chan completion.Event, len(reqs))
 	for i, r := range reqs {
 		ch, err := e.Submit(context.Background(), r)
 		if err != nil {
@@ -216,7 +216,7 @@ func submitAll(b *testing.B, e *Engine, reqs []*Request) int {
 
 // runCounting submits reqs together and returns the most that were running at
 // once and how many generated gen tokens.
-func runCounting(b *testing.B, e *Engine, reqs []*Request, gen int) (peak, complete int) {
+func runCounting(b *testing.B, e *Engine, reqs []*completion.Request, gen int) (peak, complete int) {
 	var mu sync.Mutex
 	stop := make(chan struct{})
 	done := make(chan struct{})
@@ -235,7 +235,7 @@ func runCounting(b *testing.B, e *Engine, reqs []*Request, gen int) (peak, compl
 			}
 		}
 	}()
-	var chans []<-chan Event
+	var chans []<-chan completion.Event
 	for _, r := range reqs {
 		// A prompt-too-long refusal: the conversation does not fit a stream.
 		if ch, err := e.Submit(context.Background(), r); err == nil {

@@ -21,7 +21,7 @@ es-head ::= [^{ \t\r\n] | [ \t\r\n]+ [^{ \t\r\n]
 // constrainedSampler turns req's Constraint into a grammar and builds the sampler
 // chain around it. It runs on the submitting goroutine: the schema converter and
 // the grammar parser read only the model's vocabulary.
-func constrainedSampler(m *llama.Model, req *Request) (*llama.Sampler, error) {
+func constrainedSampler(m *llama.Model, req *completion.Request) (*llama.Sampler, error) {
 	gbnf, err := llama.SchemaToGrammar(req.Constraint.Schema)
 	if err != nil {
 		return nil, &completion.ConstraintError{Reason: "llama.cpp's JSON-schema converter refused the schema (check patterns, $ref targets and keyword types)"}
@@ -40,7 +40,7 @@ func constrainedSampler(m *llama.Model, req *Request) (*llama.Sampler, error) {
 
 // tokenLogprob is tok's log-probability under logits (a softmax over the whole
 // vocabulary) and the top most likely tokens, best first.
-func tokenLogprob(m *llama.Model, logits []float32, tok llama.Token, top int) *TokenLogprob {
+func tokenLogprob(m *llama.Model, logits []float32, tok llama.Token, top int) *completion.TokenLogprob {
 	if len(logits) == 0 || int(tok) < 0 || int(tok) >= len(logits) {
 		return nil
 	}
@@ -57,7 +57,7 @@ func tokenLogprob(m *llama.Model, logits []float32, tok llama.Token, top int) *T
 		b := m.TokenPiece(t, false)
 		return strings.ToValidUTF8(string(b), "\uFFFD"), b
 	}
-	out := &TokenLogprob{Logprob: float64(logits[tok]) - lse}
+	out := &completion.TokenLogprob{Logprob: float64(logits[tok]) - lse}
 	out.Token, out.Bytes = piece(tok)
 	for _, t := range topTokens(logits, top) {
 		alt := completion.TopLogprob{Logprob: float64(logits[t]) - lse}

@@ -54,7 +54,7 @@ func TestConstraintGivesSchemaJSONUnderEveryPolicy(t *testing.T) {
 			req := greedyReq("json-"+string(spec.Policy()), "Describe the shape as JSON.", 200, spec, img)
 			req.Constraint = &completion.Constraint{Schema: []byte(shapeSchema)}
 			r := run(t, e, req)
-			if r.finish != FinishStop {
+			if r.finish != completion.FinishStop {
 				t.Fatalf("finish %q after %q", r.finish, r.text)
 			}
 			checkShape(t, r.text)
@@ -75,7 +75,7 @@ func TestConstraintOrText(t *testing.T) {
 		r := run(t, e, req)
 		trimmed := strings.TrimLeft(r.text, " \t\r\n")
 		if strings.HasPrefix(trimmed, "{") {
-			if r.finish != FinishStop {
+			if r.finish != completion.FinishStop {
 				t.Fatalf("%d: a call was cut off: %q", i, r.text)
 			}
 			checkShape(t, trimmed)

@@ -122,16 +122,16 @@ func conversationTTFT(b *testing.B, m *llama.Model, v *llama.Vision, spec elasti
 		cancel()
 		e.Stop(ctx)
 	}()
-	var history []Message
+	var history []completion.Message
 	var out []turnTiming
 	for t, q := range questions {
-		parts := []Part{completion.Text(q)}
+		parts := []completion.Part{completion.Text(q)}
 		if t == 0 {
 			parts = append(parts, completion.Image(img))
 		}
-		history = append(history, Message{Role: "user", Parts: parts})
-		req := &Request{ID: fmt.Sprint("turn", t), Messages: history, MaxTokens: 16, Cache: spec,
-			Sampling: Sampling{Temperature: 0, RepeatPenalty: 1}, AnswerPrefix: prefix}
+		history = append(history, completion.Message{Role: "user", Parts: parts})
+		req := &completion.Request{ID: fmt.Sprint("turn", t), Messages: history, MaxTokens: 16, Cache: spec,
+			Sampling: completion.Sampling{Temperature: 0, RepeatPenalty: 1}, AnswerPrefix: prefix}
 		start := time.Now()
 		ch, err := e.Submit(context.Background(), req)
 		if err != nil {
@@ -152,7 +152,7 @@ func conversationTTFT(b *testing.B, m *llama.Model, v *llama.Vision, spec elasti
 				break
 			}
 		}
-		history = append(history, Message{Role: "assistant", Parts: []Part{completion.Text(text)}})
+		history = append(history, completion.Message{Role: "assistant", Parts: []completion.Part{completion.Text(text)}})
 	}
 	return out
 }

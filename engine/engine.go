@@ -199,28 +199,9 @@ func Start(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, err
 }
 
 func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine, error) {
-	if opts.Parallel < 1 {
-		opts.Parallel = 1
-	}
-	if opts.BatchSize <= 0 {
-		opts.BatchSize = 512
-	}
-	if opts.QueueSize <= 0 {
-		opts.QueueSize = 64
-	}
-	if opts.Threads <= 0 {
-		// llama.cpp's own default (4) spins more threads than a small machine has
-		// cores, which stalls every step at ggml's barriers.
-		opts.Threads = runtime.GOMAXPROCS(0) // Go sets it from the cgroup CPU quota
-	}
-	if opts.CtxSize < opts.Parallel*16 {
-		return nil, fmt.Errorf("engine: ctx-size %d is too small for %d slots", opts.CtxSize, opts.Parallel)
-	}
-	if opts.PrefillCtx > 0 && opts.Unified {
-		return nil, fmt.Errorf("engine: a prefill context needs per-slot streams (not a unified cache)")
-	}
-	if opts.DecodeFlashAttn && opts.PrefillCtx <= 0 {
-		return nil, fmt.Errorf("engine: decode-only flash attention needs a prefill context")
+	opts, err := opts.settle()
+	if err != nil {
+		return nil, err
 	}
 	ctx, pctx, pool, cacheLayers, err := openContexts(model, opts)
 	if err != nil {
@@ -260,16 +241,7 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	if pctx != nil {
 		e.ppool = newCellPool(pctx.NCtx(), pctx.Params().NUBatch)
 	}
-	if opts.CacheDir != "" {
-		d, err := openDiskTier(opts.CacheDir, opts.CacheDirBytes, opts.ModelID, opts.Log)
-		if err != nil {
-			e.diskOff = true
-			opts.Log.Warn().Err(err).Str("dir", opts.CacheDir).Msg("disk tier off: the cache directory cannot be used")
-		} else {
-			e.disk = d
-			e.host.spill = d.put
-		}
-	}
+	e.openDisk()
 	if vision != nil {
 		e.embdBatch = llama.NewBatch(opts.BatchSize, vision.EmbdSize(), 1)
 		if vision.MRoPE() {
@@ -278,6 +250,52 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		}
 	}
 	return e, nil
+}
+
+// settle fills the options left zero with their defaults and refuses the
+// combinations the engine cannot run.
+func (opts Options) settle() (Options, error) {
+	if opts.Parallel < 1 {
+		opts.Parallel = 1
+	}
+	if opts.BatchSize <= 0 {
+		opts.BatchSize = 512
+	}
+	if opts.QueueSize <= 0 {
+		opts.QueueSize = 64
+	}
+	if opts.Threads <= 0 {
+		// llama.cpp's own default (4) spins more threads than a small machine has
+		// cores, which stalls every step at ggml's barriers.
+		opts.Threads = runtime.GOMAXPROCS(0) // Go sets it from the cgroup CPU quota
+	}
+	if opts.CtxSize < opts.Parallel*16 {
+		return opts, fmt.Errorf("engine: ctx-size %d is too small for %d slots", opts.CtxSize, opts.Parallel)
+	}
+	if opts.PrefillCtx > 0 && opts.Unified {
+		return opts, fmt.Errorf("engine: a prefill context needs per-slot streams (not a unified cache)")
+	}
+	if opts.DecodeFlashAttn && opts.PrefillCtx <= 0 {
+		return opts, fmt.Errorf("engine: decode-only flash attention needs a prefill context")
+	}
+	return opts, nil
+}
+
+// openDisk turns the disk tier on (Options.CacheDir); a directory that cannot be
+// used leaves it off, logged (Stats.DiskCacheOff).
+func (e *Engine) openDisk() {
+	opts := e.opts
+	if opts.CacheDir == "" {
+		return
+	}
+	d, err := openDiskTier(opts.CacheDir, opts.CacheDirBytes, opts.ModelID, opts.Log)
+	if err != nil {
+		e.diskOff = true
+		opts.Log.Warn().Err(err).Str("dir", opts.CacheDir).Msg("disk tier off: the cache directory cannot be used")
+		return
+	}
+	e.disk = d
+	e.host.spill = d.put
 }
 
 // openContexts creates the decode context and, with Options.PrefillCtx, the
@@ -444,9 +462,9 @@ func (e *Engine) cellsByPolicy() map[string]int {
 // caller's goroutine and queues it. Events arrive on the returned channel until one
 // has Done set; cancelling ctx stops the request and frees its slot. Errors are
 // those listed in package completion; nothing is queued when Submit fails.
-func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error) {
+func (e *Engine) Submit(ctx context.Context, req *completion.Request) (<-chan completion.Event, error) {
 	if !e.Ready() {
-		return nil, ErrShuttingDown
+		return nil, completion.ErrShuttingDown
 	}
 	var trace *explainTrace
 	if req.Explain { // traced under an id no other running request has
@@ -469,10 +487,10 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 	e.mu.Lock()
 	switch {
 	case e.closed:
-		err = ErrShuttingDown
+		err = completion.ErrShuttingDown
 	case e.queued.Add(1) > int64(e.opts.QueueSize):
 		e.queued.Add(-1)
-		err = ErrQueueFull
+		err = completion.ErrQueueFull
 	default:
 		e.queue <- s // never blocks: the channel holds QueueSize and queued bounds it
 	}
@@ -485,7 +503,7 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 		return nil, err
 	}
 	e.signal()
-	out := make(chan Event, 16)
+	out := make(chan completion.Event, 16)
 	go func() {
 		s.box.forward(ctx, out)
 		if trace != nil { // a request dropped before its end leaves no trace behind
@@ -496,10 +514,10 @@ func (e *Engine) Submit(ctx context.Context, req *Request) (<-chan Event, error)
 }
 
 // Complete submits req and waits for its end (see completion.Collect).
-func (e *Engine) Complete(ctx context.Context, req *Request) (Result, error) {
+func (e *Engine) Complete(ctx context.Context, req *completion.Request) (completion.Result, error) {
 	ch, err := e.Submit(ctx, req)
 	if err != nil {
-		return Result{}, err
+		return completion.Result{}, err
 	}
 	return completion.Collect(ctx, ch)
 }
@@ -513,7 +531,7 @@ func (e *Engine) signal() {
 
 // prepare refuses what this engine cannot run, then renders and tokenizes the
 // prompt and checks that it fits a slot.
-func (e *Engine) prepare(req *Request) (*seq, error) {
+func (e *Engine) prepare(req *completion.Request) (*seq, error) {
 	if err := e.supports(req.Cache); err != nil {
 		return nil, err
 	}
@@ -619,9 +637,9 @@ func (e *Engine) plan(s *seq, poolSize int, elsewhere bool) {
 	s.reserve = min(maxCells(n, s.maxGen), poolSize)
 }
 
-func (e *Engine) report(s *seq) *KVReport {
+func (e *Engine) report(s *seq) *completion.KVReport {
 	spec := s.req.Cache
-	r := &KVReport{
+	r := &completion.KVReport{
 		Policy:        string(spec.Policy()),
 		Budget:        spec.Budget(),
 		PromptEntries: s.nPrompt,

@@ -120,12 +120,12 @@ func (te *testEngine) observations(id string) []Observation {
 type result struct {
 	text   string
 	finish string
-	usage  Usage
-	kv     *KVReport
+	usage  completion.Usage
+	kv     *completion.KVReport
 	err    error
 }
 
-func collect(t testing.TB, ch <-chan Event) result {
+func collect(t testing.TB, ch <-chan completion.Event) result {
 	t.Helper()
 	var r result
 	timeout := time.After(5 * time.Minute)
@@ -147,21 +147,21 @@ func collect(t testing.TB, ch <-chan Event) result {
 	}
 }
 
-func greedyReq(id, prompt string, maxTokens int, cache elasticcache.Spec, images ...[]byte) *Request {
-	var parts []Part
+func greedyReq(id, prompt string, maxTokens int, cache elasticcache.Spec, images ...[]byte) *completion.Request {
+	var parts []completion.Part
 	for _, img := range images {
 		parts = append(parts, completion.Image(img))
 	}
-	return &Request{
+	return &completion.Request{
 		ID:        id,
-		Messages:  []Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}},
+		Messages:  []completion.Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}},
 		MaxTokens: maxTokens,
-		Sampling:  Sampling{Temperature: 0, RepeatPenalty: 1},
+		Sampling:  completion.Sampling{Temperature: 0, RepeatPenalty: 1},
 		Cache:     cache,
 	}
 }
 
-func run(t testing.TB, e *testEngine, req *Request) result {
+func run(t testing.TB, e *testEngine, req *completion.Request) result {
 	t.Helper()
 	ch, err := e.Submit(context.Background(), req)
 	if err != nil {
@@ -214,7 +214,7 @@ func TestBudgetOneMatchesFullForEveryPolicy(t *testing.T) {
 			imgs = [][]byte{testPNG(t, 1)}
 		}
 		full := run(t, e, greedyReq("full", longPrompt, 40, cfg(elasticcache.Full, 1), imgs...))
-		if full.usage.CompletionTokens != 40 || full.finish != FinishLength {
+		if full.usage.CompletionTokens != 40 || full.finish != completion.FinishLength {
 			t.Fatalf("full: %d tokens, finish %q", full.usage.CompletionTokens, full.finish)
 		}
 		for _, p := range allPolicies {
@@ -320,13 +320,13 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 				checked++
 			}
 			e.onObserve.Store(&check)
-			reqs := []*Request{
+			reqs := []*completion.Request{
 				greedyReq("h2o", strings.Repeat("abc ", 30), 120, cfg(elasticcache.H2O, 0.5)),
 				greedyReq("elastic-reference", longPrompt, 100, refCfg(elasticcache.Elastic, 0.5), testPNG(t, 2)),
 				greedyReq("elastic", longPrompt, 120, cfg(elasticcache.Elastic, 0.4), testPNG(t, 1)),
 				greedyReq("local", strings.Repeat("xyz ", 20), 90, cfg(elasticcache.Local, 0.6)),
 			}
-			var chans []<-chan Event
+			var chans []<-chan completion.Event
 			for _, r := range reqs {
 				ch, err := e.Submit(context.Background(), r)
 				if err != nil {
@@ -460,8 +460,8 @@ func TestMergedRowsEqualOracleMeans(t *testing.T) {
 
 // Two parallel sequences with different policies each give what they give alone.
 // mixedRequests are four requests, one per policy (two with a picture).
-func mixedRequests(t *testing.T) []*Request {
-	return []*Request{
+func mixedRequests(t *testing.T) []*completion.Request {
+	return []*completion.Request{
 		greedyReq("a", longPrompt, 32, cfg(elasticcache.Elastic, 0.5), testPNG(t, 1)),
 		greedyReq("b", "Tell me about squares and circles.", 32, cfg(elasticcache.Local, 0.6)),
 		greedyReq("c", longPrompt+" Again.", 32, cfg(elasticcache.H2O, 0.5)),
@@ -497,7 +497,7 @@ func TestStopStringsEndGenerationWithoutLeakingTheStop(t *testing.T) {
 	req.Stop = []string{stop}
 	got := run(t, e, req)
 	want := ref.text[:strings.Index(ref.text, stop)]
-	if got.text != want || got.finish != FinishStop {
+	if got.text != want || got.finish != completion.FinishStop {
 		t.Fatalf("stop %q: got %q (%s), want %q", stop, got.text, got.finish, want)
 	}
 }
@@ -612,7 +612,7 @@ func TestForcedDecodingNLLMatchesDirectLoop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var final Event
+	var final completion.Event
 	for ev := range ch {
 		if ev.Done {
 			final = ev
@@ -701,7 +701,7 @@ func TestBudgetHalfServesTwiceTheConversations(t *testing.T) {
 				mu.Unlock()
 			}
 		}()
-		var chans []<-chan Event
+		var chans []<-chan completion.Event
 		for i := range 4 {
 			ch, err := e.Submit(context.Background(), greedyReq(fmt.Sprintf("%s-%d", policy, i), prompt, gen, cfg(policy, budget)))
 			if err != nil {
@@ -871,7 +871,7 @@ func TestReferenceSelectionCompactsPositions(t *testing.T) {
 // read from it per sequence (a query row attends only its own cells): the
 // answers and the evictions are those of each sequence decoded alone.
 func TestH2OInASharedBatchMatchesAlone(t *testing.T) {
-	reqs := []*Request{
+	reqs := []*completion.Request{
 		greedyReq("h1", longPrompt, 40, cfg(elasticcache.H2O, 0.5), testPNG(t, 1)),
 		greedyReq("h2", "Tell me about squares and circles. "+longPrompt, 40, cfg(elasticcache.H2O, 0.4)),
 		greedyReq("h3", "What is there?", 40, cfg(elasticcache.H2O, 0.6), testPNG(t, 3)),
@@ -907,9 +907,9 @@ func TestH2OInASharedBatchMatchesAlone(t *testing.T) {
 }
 
 // runTogether submits reqs at once and returns their results in order.
-func runTogether(t *testing.T, e *testEngine, reqs []*Request) []result {
+func runTogether(t *testing.T, e *testEngine, reqs []*completion.Request) []result {
 	t.Helper()
-	chans := make([]<-chan Event, len(reqs))
+	chans := make([]<-chan completion.Event, len(reqs))
 	for i, r := range reqs {
 		ch, err := e.Submit(context.Background(), r)
 		if err != nil {

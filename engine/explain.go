@@ -63,7 +63,7 @@ func (p *PromptRegions) N() int { return len(p.Of) }
 // and/or last token matched only by its text (the prompt's token there spells the
 // same word, with or without a leading space, or begins with the last token's
 // text), or without its first token when that token is only a space.
-func Regions(m *llama.Model, v *llama.Vision, msgs []Message) (*PromptRegions, error) {
+func Regions(m *llama.Model, v *llama.Vision, msgs []completion.Message) (*PromptRegions, error) {
 	p, err := buildPrompt(m, v, msgs, "")
 	if err != nil {
 		return nil, err
@@ -119,7 +119,7 @@ func pictureChunks(v *llama.Vision, chunks []promptChunk, images [][]byte) ([]in
 	return per, nil
 }
 
-func imagesOf(msgs []Message) [][]byte {
+func imagesOf(msgs []completion.Message) [][]byte {
 	var out [][]byte
 	for _, m := range msgs {
 		for _, p := range m.Parts {
@@ -131,7 +131,7 @@ func imagesOf(msgs []Message) [][]byte {
 	return out
 }
 
-func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Message) (*PromptRegions, error) {
+func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []completion.Message) (*PromptRegions, error) {
 	images := imagesOf(msgs)
 	per, err := pictureChunks(v, chunks, images)
 	if err != nil {
@@ -139,10 +139,30 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 	}
 	piece := func(t llama.Token) string { return string(m.TokenPiece(t, true)) }
 	pr := &PromptRegions{}
-	type textChunk struct {
-		start int
-		toks  []llama.Token
+	texts := pr.layChunks(chunks, per, piece)
+	pr.sizeImages(images)
+	if err := pr.labelMessages(m, msgs, texts, piece); err != nil {
+		return nil, err
 	}
+	for _, g := range pr.Of {
+		pr.Size[g]++
+	}
+	pr.cutSpans(chunks, piece)
+	return pr, nil
+}
+
+// textChunk is a text chunk of the prompt: its first prompt index and its tokens.
+type textChunk struct {
+	start int
+	toks  []llama.Token
+}
+
+// layChunks gives every prompt entry its position and a first region (image
+// entries: image; text: template until labelMessages finds a message's text
+// there), groups the image chunks into pictures (per: chunks per picture) and
+// their tiles, each labelled by the text right before it; it returns the text
+// chunks.
+func (pr *PromptRegions) layChunks(chunks []promptChunk, per []int, piece func(llama.Token) string) []textChunk {
 	var texts []textChunk
 	n, pos := 0, 0
 	pic, left := -1, 0 // the picture being filled, and its chunks still to come
@@ -184,6 +204,12 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 		n += c.n
 	}
 	pr.NPos = pos
+	return texts
+}
+
+// sizeImages lays out each picture's tiles by the picture's size (read from its
+// header; unknown when it cannot be read) and records its entries.
+func (pr *PromptRegions) sizeImages(images [][]byte) {
 	for i := range pr.Images {
 		img := &pr.Images[i]
 		var w, h int
@@ -195,6 +221,12 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 		img.Tiles = layoutTiles(img.Tiles, w, h)
 		pr.ImageNs = append(pr.ImageNs, img.N)
 	}
+}
+
+// labelMessages finds each message's text among the text chunks' tokens, in
+// order, and labels it system or question; a text not found stays template, with
+// a note.
+func (pr *PromptRegions) labelMessages(m *llama.Model, msgs []completion.Message, texts []textChunk, piece func(llama.Token) string) error {
 	cursor := 0 // prompt position the next span starts at or after
 	for _, msg := range msgs {
 		region := completion.RegionQuestion
@@ -205,28 +237,9 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 			if part.Kind != completion.PartText || strings.TrimSpace(part.Text) == "" {
 				continue
 			}
-			start, end, ok := -1, -1, false
-			for _, text := range []string{part.Text, " " + part.Text, strings.TrimSpace(part.Text)} {
-				want, err := m.Tokenize(text, false, false)
-				if err != nil {
-					return nil, fmt.Errorf("tokenize: %w", err)
-				}
-				if len(want) == 0 {
-					continue
-				}
-				for _, tc := range texts {
-					if tc.start+len(tc.toks) <= cursor {
-						continue
-					}
-					from := max(0, cursor-tc.start)
-					if s, e, found := locate(tc.toks, from, want, piece); found {
-						start, end, ok = tc.start+s, tc.start+e, true
-						break
-					}
-				}
-				if ok {
-					break
-				}
+			start, end, ok, err := findText(m, part.Text, texts, cursor, piece)
+			if err != nil {
+				return err
 			}
 			if !ok {
 				pr.Notes = append(pr.Notes, fmt.Sprintf("%s text %q not found among the prompt's tokens: counted as template", region, abbrev(part.Text, 40)))
@@ -238,11 +251,36 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 			cursor = end
 		}
 	}
-	for _, g := range pr.Of {
-		pr.Size[g]++
+	return nil
+}
+
+// findText locates text (as written, after a space, or trimmed) in the text
+// chunks at or after prompt index cursor: its prompt indices [start, end).
+func findText(m *llama.Model, text string, texts []textChunk, cursor int, piece func(llama.Token) string) (start, end int, ok bool, err error) {
+	for _, t := range []string{text, " " + text, strings.TrimSpace(text)} {
+		want, err := m.Tokenize(t, false, false)
+		if err != nil {
+			return 0, 0, false, fmt.Errorf("tokenize: %w", err)
+		}
+		if len(want) == 0 {
+			continue
+		}
+		for _, tc := range texts {
+			if tc.start+len(tc.toks) <= cursor {
+				continue
+			}
+			from := max(0, cursor-tc.start)
+			if s, e, found := locate(tc.toks, from, want, piece); found {
+				return tc.start + s, tc.start + e, true, nil
+			}
+		}
 	}
-	// Spans: runs of one region inside one chunk.
-	n = 0
+	return -1, -1, false, nil
+}
+
+// cutSpans cuts the prompt into runs of one region inside one chunk.
+func (pr *PromptRegions) cutSpans(chunks []promptChunk, piece func(llama.Token) string) {
+	n := 0
 	for _, c := range chunks {
 		if c.kind == llama.ChunkImage {
 			pr.Spans = append(pr.Spans, completion.ExplainSpan{Region: completion.RegionImage, Start: n, Entries: c.n})
@@ -263,7 +301,6 @@ func regionsOf(m *llama.Model, v *llama.Vision, chunks []promptChunk, msgs []Mes
 		}
 		n += c.n
 	}
-	return pr, nil
 }
 
 var (
@@ -502,56 +539,84 @@ func Replay(pr *PromptRegions, tr *Trace, nl int, compact bool) (*Replayed, erro
 	}
 	held := make([][]int, nl) // prompt positions (n+g: generated token g) held per layer, in order
 	for l := range nl {
-		lr := &rp.Layers[l]
-		for g := range completion.NumRegions {
-			lr[g].Entries = pr.Size[g]
+		var err error
+		if held[l], err = rp.replayPlan(pr, tr.Plan, l); err != nil {
+			return rp, err
 		}
-		state := make([]byte, n)
-		anchor := make([]int, n)
-		for p := range anchor {
-			anchor[p] = -1
-		}
-		rp.States[l], rp.Anchors[l] = state, anchor
-		if tr.Plan == nil {
-			held[l] = make([]int, n)
-			for p := range n {
-				held[l][p] = p
-				state[p] = completion.StateKept
-				lr[pr.Of[p]].Kept++
-			}
-			continue
-		}
-		if len(tr.Plan.Layers) != nl || tr.Plan.N != n {
-			return rp, fmt.Errorf("the plan covers %d layers and %d entries, want %d and %d", len(tr.Plan.Layers), tr.Plan.N, nl, n)
-		}
-		lp := tr.Plan.Layers[l]
-		rp.K = tr.Plan.K
-		for p := range state {
-			state[p] = completion.StateEvicted
-		}
-		for i, g := range lp.Groups {
-			for _, p := range g {
-				if state[p] == completion.StateEvicted {
-					state[p], anchor[p] = completion.StateMerged, lp.Keep[i]
-				}
-			}
-		}
-		for _, p := range lp.Keep {
-			state[p], anchor[p] = completion.StateKept, -1
-		}
-		for p, st := range state {
-			c := &lr[pr.Of[p]]
-			switch st {
-			case completion.StateKept:
-				c.Kept++
-			case completion.StateMerged:
-				c.Merged++
-			default:
-				c.Evicted++
-			}
-		}
-		held[l] = slices.Clone(lp.Keep)
 	}
+	if err := rp.replaySteps(pr, tr, held, compact); err != nil {
+		return rp, err
+	}
+	for l := range nl {
+		rp.Layers[l][completion.RegionAnswer].Entries = rp.Generated
+		for _, p := range held[l] {
+			rp.Layers[l][rp.region(pr, p)].Held++
+		}
+	}
+	return rp, nil
+}
+
+// replayPlan applies the prompt plan (nil: everything kept) to layer l's counts,
+// states and anchors, and returns the prompt positions the layer holds after it.
+func (rp *Replayed) replayPlan(pr *PromptRegions, plan *elasticcache.PrefillPlan, l int) ([]int, error) {
+	n, nl := rp.N, len(rp.Layers)
+	lr := &rp.Layers[l]
+	for g := range completion.NumRegions {
+		lr[g].Entries = pr.Size[g]
+	}
+	state := make([]byte, n)
+	anchor := make([]int, n)
+	for p := range anchor {
+		anchor[p] = -1
+	}
+	rp.States[l], rp.Anchors[l] = state, anchor
+	if plan == nil {
+		held := make([]int, n)
+		for p := range n {
+			held[p] = p
+			state[p] = completion.StateKept
+			lr[pr.Of[p]].Kept++
+		}
+		return held, nil
+	}
+	if len(plan.Layers) != nl || plan.N != n {
+		return nil, fmt.Errorf("the plan covers %d layers and %d entries, want %d and %d", len(plan.Layers), plan.N, nl, n)
+	}
+	lp := plan.Layers[l]
+	rp.K = plan.K
+	for p := range state {
+		state[p] = completion.StateEvicted
+	}
+	for i, g := range lp.Groups {
+		for _, p := range g {
+			if state[p] == completion.StateEvicted {
+				state[p], anchor[p] = completion.StateMerged, lp.Keep[i]
+			}
+		}
+	}
+	for _, p := range lp.Keep {
+		state[p], anchor[p] = completion.StateKept, -1
+	}
+	for p, st := range state {
+		c := &lr[pr.Of[p]]
+		switch st {
+		case completion.StateKept:
+			c.Kept++
+		case completion.StateMerged:
+			c.Merged++
+		default:
+			c.Evicted++
+		}
+	}
+	return slices.Clone(lp.Keep), nil
+}
+
+// replaySteps replays the decode steps over held (per layer, the prompt positions
+// held after the plan; n+g: generated token g): each step appends the generated
+// positions up to its T and evicts the entry at the index its evicted position has
+// among the engine's positions.
+func (rp *Replayed) replaySteps(pr *PromptRegions, tr *Trace, held [][]int, compact bool) error {
+	n := rp.N
 	// pos: the engine's position of each held entry (the same in every layer);
 	// shift: T minus the position of the next token.
 	pos := make([]int, len(held[0]))
@@ -566,15 +631,9 @@ func Replay(pr *PromptRegions, tr *Trace, nl int, compact bool) (*Replayed, erro
 		}
 	}
 	next := n
-	region := func(p int) completion.Region {
-		if p >= n {
-			return completion.RegionAnswer
-		}
-		return pr.Of[p]
-	}
 	for _, st := range tr.Steps {
 		for ; next < st.T; next++ {
-			for l := range nl {
+			for l := range held {
 				held[l] = append(held[l], next)
 			}
 			pos = append(pos, next-shift)
@@ -583,12 +642,12 @@ func Replay(pr *PromptRegions, tr *Trace, nl int, compact bool) (*Replayed, erro
 		if st.Evicted >= 0 {
 			idx := slices.Index(pos, st.Evicted)
 			if idx < 0 {
-				return rp, fmt.Errorf("decode step at T=%d evicted position %d, which the sequence does not hold", st.T, st.Evicted)
+				return fmt.Errorf("decode step at T=%d evicted position %d, which the sequence does not hold", st.T, st.Evicted)
 			}
 			pos = slices.Delete(pos, idx, idx+1)
-			for l := range nl {
+			for l := range held {
 				p := held[l][idx]
-				rp.Layers[l][region(p)].DecodeEvicted++
+				rp.Layers[l][rp.region(pr, p)].DecodeEvicted++
 				if p < n {
 					rp.States[l][p] = completion.StateDecodeEvicted
 				}
@@ -596,16 +655,18 @@ func Replay(pr *PromptRegions, tr *Trace, nl int, compact bool) (*Replayed, erro
 			}
 		}
 		if len(pos) != st.Held {
-			return rp, fmt.Errorf("decode step at T=%d: the engine holds %d entries, the replay %d", st.T, st.Held, len(pos))
+			return fmt.Errorf("decode step at T=%d: the engine holds %d entries, the replay %d", st.T, st.Held, len(pos))
 		}
 	}
-	for l := range nl {
-		rp.Layers[l][completion.RegionAnswer].Entries = rp.Generated
-		for _, p := range held[l] {
-			rp.Layers[l][region(p)].Held++
-		}
+	return nil
+}
+
+// region is the region of held position p (a generated token's past the prompt).
+func (rp *Replayed) region(pr *PromptRegions, p int) completion.Region {
+	if p >= rp.N {
+		return completion.RegionAnswer
 	}
-	return rp, nil
+	return pr.Of[p]
 }
 
 // Explain is what the server reports for an explained request: per planned layer

@@ -11,6 +11,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
 )
 
@@ -39,7 +40,7 @@ func BenchmarkH2OBatchedDecode(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					chans := make([]<-chan Event, batch)
+					chans := make([]<-chan completion.Event, batch)
 					for i := range chans {
 						r := greedyReq(fmt.Sprint(i), fmt.Sprint(i)+" "+prompt, gen, cfg(p, 0.5))
 						if chans[i], err = e.Submit(context.Background(), r); err != nil {

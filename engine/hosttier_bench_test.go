@@ -93,8 +93,8 @@ func hostTierTurns(b testing.TB, m *llama.Model, v *llama.Vision, spec elasticca
 		cancel()
 		e.Stop(ctx)
 	}
-	ask := func(id string, msgs []Message, reuse bool) (hostTurn, string) {
-		req := &Request{ID: id, Messages: msgs, MaxTokens: 16, Cache: spec, Sampling: Sampling{Temperature: 0, RepeatPenalty: 1}, AnswerPrefix: " "}
+	ask := func(id string, msgs []completion.Message, reuse bool) (hostTurn, string) {
+		req := &completion.Request{ID: id, Messages: msgs, MaxTokens: 16, Cache: spec, Sampling: completion.Sampling{Temperature: 0, RepeatPenalty: 1}, AnswerPrefix: " "}
 		if !reuse {
 			req.Reuse = &reuse
 		}
@@ -125,23 +125,23 @@ func hostTierTurns(b testing.TB, m *llama.Model, v *llama.Vision, spec elasticca
 		}
 		return out, text
 	}
-	var history []Message
+	var history []completion.Message
 	var out []hostTurn
 	for t, q := range questions {
-		parts := []Part{completion.Text(q)}
+		parts := []completion.Part{completion.Text(q)}
 		if t == 0 {
 			parts = append(parts, completion.Image(img))
 		}
-		history = append(history, Message{Role: "user", Parts: parts})
+		history = append(history, completion.Message{Role: "user", Parts: parts})
 		turn, text := ask(fmt.Sprint("turn", t), history, true)
 		out = append(out, turn)
-		history = append(history, Message{Role: "assistant", Parts: []Part{completion.Text(text)}})
+		history = append(history, completion.Message{Role: "assistant", Parts: []completion.Part{completion.Text(text)}})
 		if other == nil {
 			continue
 		}
 		// Another conversation takes the slot (it is not held itself, so the host
 		// tier holds this conversation alone).
-		ask(fmt.Sprint("other", t), []Message{{Role: "user", Parts: []Part{completion.Text("Describe this one."), completion.Image(other)}}}, false)
+		ask(fmt.Sprint("other", t), []completion.Message{{Role: "user", Parts: []completion.Part{completion.Text("Describe this one."), completion.Image(other)}}}, false)
 	}
 	stop() // the loop is done: its host tier may be read here
 	var held int64

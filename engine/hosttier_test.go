@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/testmodel"
 	"github.com/elasticserve/elasticserve/llama"
 )
@@ -22,7 +23,7 @@ func hostEngine(t *testing.T, limit int64) *testEngine {
 
 // pictureTurn1 is the first turn of a picture conversation whose answers the
 // rendered history reproduces token for token (see TestCompressedConversationContinues).
-func pictureTurn1(id string, spec elasticcache.Spec, img []byte) *Request {
+func pictureTurn1(id string, spec elasticcache.Spec, img []byte) *completion.Request {
 	r := greedyReq(id, "What is in the picture? "+longPrompt, 8, spec, img)
 	r.AnswerPrefix = " "
 	return r
@@ -89,7 +90,9 @@ func TestHostTierRestoresAConversation(t *testing.T) {
 // The host tier keeps at most its bound: the least recently stored
 // conversation goes first, counted, and is encoded again when it returns.
 func TestHostTierEvictsTheOldest(t *testing.T) {
-	conv := func(i int) *Request { return pictureTurn1(string(rune('a'+i)), elasticcache.Spec{}, testPNG(t, i+1)) }
+	conv := func(i int) *completion.Request {
+		return pictureTurn1(string(rune('a'+i)), elasticcache.Spec{}, testPNG(t, i+1))
+	}
 	probe := hostEngine(t, 256<<20)
 	run(t, probe, conv(0))
 	run(t, probe, conv(1))

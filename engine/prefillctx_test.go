@@ -100,7 +100,7 @@ func TestPromptLongerThanAStreamIsEncodedInThePrefillContext(t *testing.T) {
 
 	refused := []struct {
 		name  string
-		req   *Request
+		req   *completion.Request
 		limit int
 		raise string
 	}{

@@ -9,16 +9,16 @@ import (
 )
 
 // turn2 continues turn1's conversation: its answer, then a new question.
-func turn2(first *Request, answer, question string) *Request {
+func turn2(first *completion.Request, answer, question string) *completion.Request {
 	r := *first
 	r.ID = first.ID + "-2"
-	r.Messages = append(append([]Message(nil), first.Messages...),
-		Message{Role: "assistant", Parts: []Part{completion.Text(answer)}},
-		Message{Role: "user", Parts: []Part{completion.Text(question)}})
+	r.Messages = append(append([]completion.Message(nil), first.Messages...),
+		completion.Message{Role: "assistant", Parts: []completion.Part{completion.Text(answer)}},
+		completion.Message{Role: "user", Parts: []completion.Part{completion.Text(question)}})
 	return &r
 }
 
-func noReuse(r *Request) *Request {
+func noReuse(r *completion.Request) *completion.Request {
 	c := *r
 	off := false
 	c.Reuse = &off
@@ -113,7 +113,7 @@ func TestReuseNeverCrossesConversations(t *testing.T) {
 	b2 := run(t, e, turn2(greedyReq("b", q, 6, elasticcache.Spec{}, imgB), b.text, "Again?"))
 	for _, tc := range []struct {
 		got result
-		req *Request
+		req *completion.Request
 	}{{a2, turn2(greedyReq("a", q, 6, elasticcache.Spec{}, imgA), a.text, "Again?")},
 		{b2, turn2(greedyReq("b", q, 6, elasticcache.Spec{}, imgB), b.text, "Again?")}} {
 		if tc.got.usage.CachedTokens <= chunks[0].N+chunks[1].N {
@@ -175,7 +175,7 @@ func TestCompressedConversationContinues(t *testing.T) {
 				t.Fatalf("second turn: %+v", r2)
 			}
 			history := r1.usage.PromptTokens + r1.usage.CompletionTokens - 1 // the last token is sampled, not decoded
-			if r1.finish == FinishStop {
+			if r1.finish == completion.FinishStop {
 				history = r1.usage.PromptTokens + r1.usage.CompletionTokens
 			}
 			if r2.usage.CachedTokens != history || r2.kv.Reused != history {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -12,7 +13,7 @@ import (
 type seq struct {
 	id      int // slot and llama sequence id; -1 until admitted
 	ctx     context.Context
-	req     *Request
+	req     *completion.Request
 	box     *outbox
 	prompt  *llama.Prompt // C chunks (images); nil for text-only prompts
 	chunks  []promptChunk
@@ -36,8 +37,8 @@ type seq struct {
 	prefilled bool
 
 	sampler *llama.Sampler
-	logprob *TokenLogprob // the token just sampled, when the request asked for logprobs
-	cache   *seqCache     // set when admitted
+	logprob *completion.TokenLogprob // the token just sampled, when the request asked for logprobs
+	cache   *seqCache                // set when admitted
 
 	nPast   int           // tokens processed (prompt + generated): T
 	pending llama.Token   // sampled, not yet decoded

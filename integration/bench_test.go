@@ -178,11 +178,11 @@ func benchServerVsDirect(b *testing.B, modelFile string, rounds int) {
 	cache.Policy = elasticcache.Full
 	fullSpec := elasticcache.MustSpec(cache)
 	viaEngine := func() (rate float64, text string) {
-		ch, err := eng.Submit(context.Background(), &engine.Request{
+		ch, err := eng.Submit(context.Background(), &completion.Request{
 			ID:        "bench",
-			Messages:  []engine.Message{{Role: "user", Parts: []engine.Part{completion.Text(prompt)}}},
+			Messages:  []completion.Message{{Role: "user", Parts: []completion.Part{completion.Text(prompt)}}},
 			MaxTokens: genTokens,
-			Sampling:  engine.Sampling{Temperature: 0},
+			Sampling:  completion.Sampling{Temperature: 0},
 			Cache:     fullSpec,
 		})
 		if err != nil {

@@ -265,11 +265,11 @@ func (b *backend) Detokenize(_ context.Context, ids []int32) (string, error) {
 	return b.model.Detokenize(ids, false, true), nil
 }
 
-func (b *backend) CountPrompt(_ context.Context, req *engine.Request) (int, error) {
+func (b *backend) CountPrompt(_ context.Context, req *completion.Request) (int, error) {
 	return b.eng.CountPrompt(req)
 }
 
-func (b *backend) Submit(ctx context.Context, req *engine.Request) (<-chan engine.Event, error) {
+func (b *backend) Submit(ctx context.Context, req *completion.Request) (<-chan completion.Event, error) {
 	return b.eng.Submit(ctx, req)
 }
 

@@ -34,12 +34,12 @@ type Question struct {
 
 // messages is the chat of q with its image: the system message, if any,
 // then the user turn.
-func (q Question) messages(img []byte) []engine.Message {
+func (q Question) messages(img []byte) []completion.Message {
 	user := userTurn(q.Question, img, q.TextFirst)
 	if q.System == "" {
-		return []engine.Message{user}
+		return []completion.Message{user}
 	}
-	return []engine.Message{{Role: "system", Parts: []engine.Part{completion.Text(q.System)}}, user}
+	return []completion.Message{{Role: "system", Parts: []completion.Part{completion.Text(q.System)}}, user}
 }
 
 // QuestionFile is the held-out file.
@@ -126,11 +126,11 @@ func (a *Answerer) Answer(qs []Question, imgs map[string][]byte, c elasticcache.
 			sem <- struct{}{}
 			go func() {
 				defer func() { <-sem }()
-				req := &engine.Request{
+				req := &completion.Request{
 					ID:        fmt.Sprintf("q%d", i),
 					Messages:  q.messages(imgs[q.Image]),
 					MaxTokens: maxTokens,
-					Sampling:  engine.Sampling{Temperature: 0, RepeatPenalty: 1},
+					Sampling:  completion.Sampling{Temperature: 0, RepeatPenalty: 1},
 					Cache:     c,
 				}
 				out, err := a.Engine.Complete(context.Background(), req)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/llama"
 )
 
@@ -142,7 +143,7 @@ func plansCmd(fs *flag.FlagSet, args []string) error {
 	start := time.Now()
 	type res struct {
 		i   int
-		r   engine.Result
+		r   completion.Result
 		err error
 	}
 	results := make(chan res)
@@ -152,11 +153,11 @@ func plansCmd(fs *flag.FlagSet, args []string) error {
 			sem <- struct{}{}
 			go func() {
 				defer func() { <-sem }()
-				req := &engine.Request{
+				req := &completion.Request{
 					ID:        fmt.Sprintf("q%d", i), // the key of rec.rows
-					Messages:  []engine.Message{userTurn(q.Question, imgs[q.Image], q.TextFirst)},
+					Messages:  []completion.Message{userTurn(q.Question, imgs[q.Image], q.TextFirst)},
 					MaxTokens: *maxTokens,
-					Sampling:  engine.Sampling{Temperature: 0, RepeatPenalty: 1},
+					Sampling:  completion.Sampling{Temperature: 0, RepeatPenalty: 1},
 					Cache:     spec,
 				}
 				r, err := a.Engine.Complete(context.Background(), req)
@@ -217,7 +218,7 @@ func plansCmd(fs *flag.FlagSet, args []string) error {
 // capture on, and returns the per-layer column sums of the prompt's cells.
 // It also returns the image chunk's embeddings.
 func captureScores(a *Answerer, q Question, img []byte, threads int, kvType string) ([][]float32, int, []float32, error) {
-	text, images, err := engine.RenderPrompt(a.Model, []engine.Message{userTurn(q.Question, img, q.TextFirst)})
+	text, images, err := engine.RenderPrompt(a.Model, []completion.Message{userTurn(q.Question, img, q.TextFirst)})
 	if err != nil {
 		return nil, 0, nil, err
 	}

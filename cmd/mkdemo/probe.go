@@ -16,12 +16,12 @@ import (
 
 // userTurn is the user message of a held-out question: the image, then the
 // question (or the question first with textFirst), as a client sends the parts.
-func userTurn(question string, image []byte, textFirst bool) engine.Message {
-	parts := []engine.Part{completion.Image(image), completion.Text(question)}
+func userTurn(question string, image []byte, textFirst bool) completion.Message {
+	parts := []completion.Part{completion.Image(image), completion.Text(question)}
 	if textFirst {
 		parts[0], parts[1] = parts[1], parts[0]
 	}
-	return engine.Message{Role: "user", Parts: parts}
+	return completion.Message{Role: "user", Parts: parts}
 }
 
 func loadPair(dir string, threads int) (*llama.Model, *llama.Vision, error) {
@@ -72,7 +72,7 @@ func probeCmd(fs *flag.FlagSet, args []string) error {
 	}
 	defer m.Close()
 	defer v.Close()
-	text, images, err := engine.RenderPrompt(m, []engine.Message{userTurn(*question, img, *textFirst)})
+	text, images, err := engine.RenderPrompt(m, []completion.Message{userTurn(*question, img, *textFirst)})
 	if err != nil {
 		return err
 	}

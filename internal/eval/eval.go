@@ -252,25 +252,25 @@ func (r *Runner) startEngine(parallel, ctxSize int) (*engine.Engine, func(), err
 // messages builds the chat for one prompt, in which dataset.ImageToken stands for
 // each image, after the optional system message, its parts ordered by
 // Options.Layout.
-func (r *Runner) messages(prompt string, images [][]byte) ([]engine.Message, error) {
+func (r *Runner) messages(prompt string, images [][]byte) ([]completion.Message, error) {
 	parts, err := completion.SplitImages(prompt, dataset.ImageToken, images)
 	if err != nil {
 		return nil, err
 	}
 	parts = arrange(parts, r.opts.Layout)
-	var msgs []engine.Message
+	var msgs []completion.Message
 	if r.opts.System != "" {
-		msgs = append(msgs, engine.Message{Role: "system", Parts: []engine.Part{completion.Text(r.opts.System)}})
+		msgs = append(msgs, completion.Message{Role: "system", Parts: []completion.Part{completion.Text(r.opts.System)}})
 	}
-	return append(msgs, engine.Message{Role: "user", Parts: parts}), nil
+	return append(msgs, completion.Message{Role: "user", Parts: parts}), nil
 }
 
 // arrange orders a prompt's parts for a layout: question-first moves the text
 // parts before the images, image-first the images before the text; each group
 // keeps its own order and every part its content. Any other layout (as-is)
 // returns the parts unchanged.
-func arrange(parts []engine.Part, layout string) []engine.Part {
-	var first, second []engine.Part
+func arrange(parts []completion.Part, layout string) []completion.Part {
+	var first, second []completion.Part
 	for _, p := range parts {
 		isImage := p.Kind == completion.PartImage
 		switch layout {
@@ -305,8 +305,8 @@ func (o Options) ProtocolNote() string {
 	return fmt.Sprintf("protocol %s: layout %s, %s, sink %d", cmp.Or(o.Protocol, "default"), cmp.Or(o.Layout, LayoutAsIs), sys, o.Sink)
 }
 
-func greedy(seed int64) engine.Sampling {
-	return engine.Sampling{Temperature: 0, RepeatPenalty: 1, Seed: uint32(seed)}
+func greedy(seed int64) completion.Sampling {
+	return completion.Sampling{Temperature: 0, RepeatPenalty: 1, Seed: uint32(seed)}
 }
 
 // watcher follows the engine's observations: each request's largest number of

@@ -345,7 +345,7 @@ func TestOversizedSampleIsSkippedEverywhere(t *testing.T) {
 // question-first.
 func TestLayoutOrdersParts(t *testing.T) {
 	img := []byte("png")
-	kinds := func(msgs []engine.Message) string {
+	kinds := func(msgs []completion.Message) string {
 		var s []string
 		for _, m := range msgs {
 			for _, p := range m.Parts {
@@ -421,7 +421,7 @@ func TestSplitRowsLongAndShort(t *testing.T) {
 	}
 	mk := func(kind, answer string, nll float64, toks int, text string) SampleResult {
 		return SampleResult{Sample: dataset.Sample{Kind: kind, Answer: answer}, Tokens: toks,
-			NLL: []float64{nll, 2 * nll}, Text: []string{text, text + " more"}, KV: make([]*engine.KVReport, 2), Peak: []int{10, 5}}
+			NLL: []float64{nll, 2 * nll}, Text: []string{text, text + " more"}, KV: make([]*completion.KVReport, 2), Peak: []int{10, 5}}
 	}
 	samples := []SampleResult{
 		mk("describe", "There is a red circle at the top left.", 3, 10, "a red circle"),

@@ -122,7 +122,7 @@ func (r *Runner) Explain(ctx context.Context, samples []dataset.Sample) (*Explan
 		res, err := r.explainSample(ctx, e, x, s, cfgs)
 		switch {
 		case err == nil:
-		case ctx.Err() != nil || errors.Is(err, engine.ErrShuttingDown):
+		case ctx.Err() != nil || errors.Is(err, completion.ErrShuttingDown):
 			return nil, cmpErr(ctx.Err(), fmt.Errorf("%s: %w", s.Name(), err))
 		default:
 			msg := fmt.Sprintf("skipping %s: %v", s.Name(), err)
@@ -173,7 +173,7 @@ func (r *Runner) explainSample(ctx context.Context, e *engine.Engine, x *explain
 	}
 	var out []SampleExplain
 	for ci, c := range cfgs {
-		req := &engine.Request{
+		req := &completion.Request{
 			ID:        fmt.Sprintf("explain-%d-%d", s.Index, ci),
 			Messages:  msgs,
 			MaxTokens: r.opts.MaxTokens,

@@ -12,6 +12,7 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/progress"
 	"github.com/elasticserve/elasticserve/internal/eval/report"
@@ -84,13 +85,13 @@ func (r *Runner) Latency(ctx context.Context, lo LatencyOptions) (*LatencyResult
 	defer stop()
 
 	// Warm-up (threads, caches, allocator), not timed.
-	msgs := make([][]engine.Message, len(contents))
+	msgs := make([][]completion.Message, len(contents))
 	for i, c := range contents {
 		if msgs[i], err = r.messages(c, images[i]); err != nil {
 			return nil, err
 		}
 	}
-	warm := &engine.Request{ID: "latency-warmup", Messages: msgs[0],
+	warm := &completion.Request{ID: "latency-warmup", Messages: msgs[0],
 		MaxTokens: 4, Sampling: greedy(r.opts.Seed), Cache: r.Configs()[0]}
 	if _, err := e.Complete(ctx, warm); err != nil {
 		return nil, fmt.Errorf("latency warm-up: %w", err)
@@ -129,9 +130,9 @@ func (r *Runner) Latency(ctx context.Context, lo LatencyOptions) (*LatencyResult
 	return res, nil
 }
 
-func (r *Runner) latencyRun(ctx context.Context, e *engine.Engine, c elasticcache.Spec, rep int, msgs [][]engine.Message, gen int) (report.Row, []string, error) {
+func (r *Runner) latencyRun(ctx context.Context, e *engine.Engine, c elasticcache.Spec, rep int, msgs [][]completion.Message, gen int) (report.Row, []string, error) {
 	b := len(msgs)
-	outs := make([]engine.Result, b)
+	outs := make([]completion.Result, b)
 	errs := make([]error, b)
 	r.watch.startWindow()
 	start := time.Now()
@@ -140,7 +141,7 @@ func (r *Runner) latencyRun(ctx context.Context, e *engine.Engine, c elasticcach
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			req := &engine.Request{
+			req := &completion.Request{
 				ID:        fmt.Sprintf("latency-%s-%d-%d", configName(c), rep, i),
 				Messages:  msgs[i],
 				MaxTokens: gen,

@@ -96,22 +96,22 @@ func (r *Runner) multiTurnRow(ctx context.Context, convs []Conversation, cfg ela
 	}()
 	row := MultiTurnRow{Config: configName(cfg), Mode: mode}
 	for _, c := range convs {
-		var history []engine.Message
+		var history []completion.Message
 		if r.opts.System != "" {
-			history = append(history, engine.Message{Role: "system", Parts: []engine.Part{completion.Text(r.opts.System)}})
+			history = append(history, completion.Message{Role: "system", Parts: []completion.Part{completion.Text(r.opts.System)}})
 		}
 		for turn, q := range c.Questions {
-			parts := []engine.Part{completion.Text(q)}
+			parts := []completion.Part{completion.Text(q)}
 			if turn == 0 {
 				img := completion.Image(c.Image)
 				if c.TextFirst {
 					parts = append(parts, img)
 				} else {
-					parts = append([]engine.Part{img}, parts...)
+					parts = append([]completion.Part{img}, parts...)
 				}
 			}
-			history = append(history, engine.Message{Role: "user", Parts: parts})
-			req := &engine.Request{ID: fmt.Sprintf("%s-t%d", c.ID, turn), Messages: history, MaxTokens: c.MaxTokens[turn],
+			history = append(history, completion.Message{Role: "user", Parts: parts})
+			req := &completion.Request{ID: fmt.Sprintf("%s-t%d", c.ID, turn), Messages: history, MaxTokens: c.MaxTokens[turn],
 				Sampling: greedy(r.opts.Seed), Cache: cfg}
 			res, err := e.Complete(ctx, req)
 			if err != nil {
@@ -137,7 +137,7 @@ func (r *Runner) multiTurnRow(ctx context.Context, convs []Conversation, cfg ela
 					st.Correct++
 				}
 			}
-			history = append(history, engine.Message{Role: "assistant", Parts: []engine.Part{completion.Text(res.Text)}})
+			history = append(history, completion.Message{Role: "assistant", Parts: []completion.Part{completion.Text(res.Text)}})
 		}
 	}
 	return row, nil

@@ -11,6 +11,7 @@ import (
 
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine"
+	"github.com/elasticserve/elasticserve/engine/completion"
 	"github.com/elasticserve/elasticserve/internal/eval/answer"
 	"github.com/elasticserve/elasticserve/internal/eval/dataset"
 	"github.com/elasticserve/elasticserve/internal/eval/progress"
@@ -26,7 +27,7 @@ type SampleResult struct {
 	Tokens int       // ppl: reference answer tokens scored
 	NLL    []float64 // ppl: summed negative log-likelihood of the answer
 	Text   []string  // rouge: the greedy generation
-	KV     []*engine.KVReport
+	KV     []*completion.KVReport
 	Peak   []int // largest number of cells the sequence held after a cache step
 }
 
@@ -114,7 +115,7 @@ func (r *Runner) quality(ctx context.Context, metric string, samples []dataset.S
 				switch {
 				case err == nil:
 					results[i] = &res
-				case ctx.Err() != nil || errors.Is(err, engine.ErrShuttingDown):
+				case ctx.Err() != nil || errors.Is(err, completion.ErrShuttingDown):
 					mu.Lock()
 					fatal = cmp.Or(ctx.Err(), fmt.Errorf("%s: %w", s.Name(), err))
 					mu.Unlock()
@@ -180,7 +181,7 @@ func (r *Runner) pplSample(ctx context.Context, e *engine.Engine, s dataset.Samp
 	}
 	res.Tokens = len(force)
 	for ci, c := range cfgs {
-		req := &engine.Request{
+		req := &completion.Request{
 			ID:       fmt.Sprintf("ppl-%d-%d", s.Index, ci),
 			Messages: msgs,
 			Sampling: greedy(r.opts.Seed),
@@ -211,7 +212,7 @@ func (r *Runner) rougeSample(ctx context.Context, e *engine.Engine, s dataset.Sa
 		return res, err
 	}
 	for ci, c := range cfgs {
-		req := &engine.Request{
+		req := &completion.Request{
 			ID:        fmt.Sprintf("rouge-%d-%d", s.Index, ci),
 			Messages:  msgs,
 			MaxTokens: r.opts.MaxTokens,
@@ -320,7 +321,7 @@ func (r *Runner) tokenCount(content string, images [][]byte) (int, error) {
 
 // sampleMessages reads a sample's image and builds its chat; a failure is a skip
 // (the sample is left out of every configuration).
-func (r *Runner) sampleMessages(s dataset.Sample) ([]engine.Message, error) {
+func (r *Runner) sampleMessages(s dataset.Sample) ([]completion.Message, error) {
 	imgs, err := readImage(s.Image)
 	if err != nil {
 		return nil, skip("%v", err)
