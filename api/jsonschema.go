@@ -59,6 +59,7 @@ func (c *schemaChecker) add(path, format string, a ...any) {
 	c.problems = append(c.problems, schemaProblem{path, fmt.Sprintf(format, a...)})
 }
 
+// schema checks one (sub)schema at path, its keywords in sorted order.
 func (c *schemaChecker) schema(v any, path string, depth int) {
 	if depth > maxSchemaDepth {
 		c.add(path, "the schema nests deeper than %d levels", maxSchemaDepth)
@@ -70,90 +71,110 @@ func (c *schemaChecker) schema(v any, path string, depth int) {
 		return
 	}
 	types := c.types(obj["type"], path)
-	keys := make([]string, 0, len(obj))
-	for k := range obj {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
+	for _, k := range sortedKeys(obj) {
 		val, at := obj[k], path+"/"+escapePointer(k)
-		switch {
-		case schemaAnnotations[k], k == "type":
-		case k == "enum":
-			if a, ok := val.([]any); !ok || len(a) == 0 {
-				c.add(at, "enum must be a non-empty array")
-			}
-		case k == "const":
-		case k == "properties", k == "$defs", k == "definitions":
-			m, ok := val.(map[string]any)
-			if !ok {
-				c.add(at, "%s must be an object of schemas", k)
-				continue
-			}
-			for _, name := range sortedKeys(m) {
-				c.schema(m[name], at+"/"+escapePointer(name), depth+1)
-			}
-		case k == "required":
-			a, ok := val.([]any)
-			if !ok {
-				c.add(at, "required must be an array of property names")
-				continue
-			}
-			for _, x := range a {
-				if _, ok := x.(string); !ok {
-					c.add(at, "required must be an array of property names")
-					break
-				}
-			}
-		case k == "additionalProperties":
-			if _, ok := val.(bool); !ok {
-				c.schema(val, at, depth+1)
-			}
-		case k == "items":
-			if a, ok := val.([]any); ok {
-				for i, x := range a {
-					c.schema(x, fmt.Sprintf("%s/%d", at, i), depth+1)
-				}
-			} else {
-				c.schema(val, at, depth+1)
-			}
-		case k == "prefixItems", k == "anyOf", k == "oneOf", k == "allOf":
-			a, ok := val.([]any)
-			if !ok || len(a) == 0 {
-				c.add(at, "%s must be a non-empty array of schemas", k)
-				continue
-			}
+		if schemaAnnotations[k] || k == "type" || k == "const" {
+			continue
+		}
+		if c.subschemas(k, val, at, depth) || c.constraint(k, val, at, types) {
+			continue
+		}
+		c.add(at, "keyword %q is not supported", k)
+	}
+}
+
+// subschemas checks a keyword whose value holds schemas; false when k is not
+// one.
+func (c *schemaChecker) subschemas(k string, val any, at string, depth int) bool {
+	switch k {
+	case "properties", "$defs", "definitions":
+		m, ok := val.(map[string]any)
+		if !ok {
+			c.add(at, "%s must be an object of schemas", k)
+			return true
+		}
+		for _, name := range sortedKeys(m) {
+			c.schema(m[name], at+"/"+escapePointer(name), depth+1)
+		}
+	case "additionalProperties":
+		if _, ok := val.(bool); !ok {
+			c.schema(val, at, depth+1)
+		}
+	case "items":
+		if a, ok := val.([]any); ok {
 			for i, x := range a {
 				c.schema(x, fmt.Sprintf("%s/%d", at, i), depth+1)
 			}
-		case k == "minItems", k == "maxItems", k == "minLength", k == "maxLength":
-			if !isCount(val) {
-				c.add(at, "%s must be a non-negative integer", k)
-			}
-		case k == "minimum", k == "maximum", k == "exclusiveMinimum", k == "exclusiveMaximum":
-			// The converter bounds integers only; a bound on a number would be ignored.
-			if len(types) != 1 || types[0] != "integer" {
-				c.add(at, "%s is supported on {\"type\": \"integer\"} only", k)
-			} else if !isInteger(val) {
-				c.add(at, "%s must be an integer", k)
-			}
-		case k == "pattern":
-			p, ok := val.(string)
-			if !ok || !strings.HasPrefix(p, "^") || !strings.HasSuffix(p, "$") {
-				c.add(at, "pattern must be a string that starts with ^ and ends with $")
-			}
-		case k == "format":
-			f, _ := val.(string)
-			if !schemaFormats[f] {
-				c.add(at, "format %q is not supported (supported: date, time, date-time, uuid)", f)
-			}
-		case k == "$ref":
-			r, _ := val.(string)
-			if !strings.HasPrefix(r, "#") {
-				c.add(at, "only local references (\"#/$defs/...\") are supported, not %q", r)
-			}
-		default:
-			c.add(at, "keyword %q is not supported", k)
+		} else {
+			c.schema(val, at, depth+1)
+		}
+	case "prefixItems", "anyOf", "oneOf", "allOf":
+		a, ok := val.([]any)
+		if !ok || len(a) == 0 {
+			c.add(at, "%s must be a non-empty array of schemas", k)
+			return true
+		}
+		for i, x := range a {
+			c.schema(x, fmt.Sprintf("%s/%d", at, i), depth+1)
+		}
+	default:
+		return false
+	}
+	return true
+}
+
+// constraint checks a keyword that restricts the value itself (types: the
+// schema's type names); false when k is not one.
+func (c *schemaChecker) constraint(k string, val any, at string, types []string) bool {
+	switch k {
+	case "enum":
+		if a, ok := val.([]any); !ok || len(a) == 0 {
+			c.add(at, "enum must be a non-empty array")
+		}
+	case "required":
+		c.required(val, at)
+	case "minItems", "maxItems", "minLength", "maxLength":
+		if !isCount(val) {
+			c.add(at, "%s must be a non-negative integer", k)
+		}
+	case "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum":
+		// The converter bounds integers only; a bound on a number would be ignored.
+		if len(types) != 1 || types[0] != "integer" {
+			c.add(at, "%s is supported on {\"type\": \"integer\"} only", k)
+		} else if !isInteger(val) {
+			c.add(at, "%s must be an integer", k)
+		}
+	case "pattern":
+		p, ok := val.(string)
+		if !ok || !strings.HasPrefix(p, "^") || !strings.HasSuffix(p, "$") {
+			c.add(at, "pattern must be a string that starts with ^ and ends with $")
+		}
+	case "format":
+		f, _ := val.(string)
+		if !schemaFormats[f] {
+			c.add(at, "format %q is not supported (supported: date, time, date-time, uuid)", f)
+		}
+	case "$ref":
+		r, _ := val.(string)
+		if !strings.HasPrefix(r, "#") {
+			c.add(at, "only local references (\"#/$defs/...\") are supported, not %q", r)
+		}
+	default:
+		return false
+	}
+	return true
+}
+
+func (c *schemaChecker) required(val any, at string) {
+	a, ok := val.([]any)
+	if !ok {
+		c.add(at, "required must be an array of property names")
+		return
+	}
+	for _, x := range a {
+		if _, ok := x.(string); !ok {
+			c.add(at, "required must be an array of property names")
+			return
 		}
 	}
 }
