@@ -74,92 +74,118 @@ func (s *sseWriter) comment(text string) {
 // nothing happens (a long queue wait or image encoding) an SSE comment goes out
 // every keep-alive interval, so proxies do not cut an idle connection.
 func (s *server) streamChat(ctx context.Context, w http.ResponseWriter, r *http.Request, c *chatState, events <-chan completion.Event, includeUsage bool) {
-	sse := newSSE(w)
-	var pending []completion.TokenLogprob // logprobs not yet sent with a chunk
-	chunk := func(d Delta, finish *string) ChatCompletionChunk {
-		ch := ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
-			Choices: []ChunkChoice{{Index: 0, Delta: d, FinishReason: finish}}}
-		if len(pending) > 0 {
-			ch.Choices[0].Logprobs = logprobsOf(pending)
-			pending = nil
-		}
-		return ch
-	}
-	content := func(text string) {
-		if text != "" {
-			sse.data(chunk(Delta{Content: &text}, nil))
-		}
-	}
-	var tools *toolStreamer
+	st := &chatStream{sse: newSSE(w), c: c}
 	if c.plan.tools != nil {
-		tools = &toolStreamer{t: c.plan.tools}
+		st.tools = &toolStreamer{t: c.plan.tools}
 	}
 	empty := ""
-	sse.data(chunk(Delta{Role: "assistant", Content: &empty}, nil))
+	st.sse.data(st.chunk(Delta{Role: "assistant", Content: &empty}, nil))
 	idle := time.NewTimer(s.opts.StreamKeepAlive)
 	defer idle.Stop()
 	for {
 		ev, idled, ok, err := nextEvent(ctx, events, idle.C)
 		if idled {
-			sse.comment("keep-alive")
+			st.sse.comment("keep-alive")
 			idle.Reset(s.opts.StreamKeepAlive)
 			continue
 		}
 		if !ok {
 			if r.Context().Err() == nil { // not a client hang-up: tell the client
-				s.metrics.requestFailed()
-				sse.data(s.requestError(r.Context(), err, c.plan).body())
-				sse.done()
+				s.streamError(r.Context(), st, err)
 			}
 			return
 		}
 		idle.Reset(s.opts.StreamKeepAlive)
-		pending = append(pending, ev.Logprobs...)
-		if ev.Text != "" {
-			if c.firstTok.IsZero() {
-				c.firstTok = time.Now()
-			}
-			if tools == nil {
-				content(ev.Text)
-			} else {
-				text, calls := tools.feed(ev.Text)
-				content(text)
-				if len(calls) > 0 {
-					sse.data(chunk(Delta{ToolCalls: calls}, nil))
-				}
-			}
-		}
+		st.pending = append(st.pending, ev.Logprobs...)
+		st.text(ev.Text)
 		if !ev.Done {
 			continue
 		}
 		if ev.Err != nil {
-			s.metrics.requestFailed()
-			sse.data(s.requestError(r.Context(), ev.Err, c.plan).body())
-			sse.done()
+			s.streamError(r.Context(), st, ev.Err)
 			return
 		}
 		s.metrics.completed(ev, c.start, c.firstTok)
-		fr := finishReason(ev)
-		if tools != nil {
-			rest, called := tools.end()
-			content(rest)
-			if called && fr == completion.FinishStop {
-				fr = finishToolCalls
-			}
-		}
-		last := chunk(Delta{}, &fr)
-		if !includeUsage && ev.KV != nil && ev.KV.Explain != nil {
-			// An explained stream carries its kv_cache report on its last chunk,
-			// which is this one when no usage chunk follows.
-			last.KVCache = kvCacheOf(ev.KV)
-		}
-		sse.data(last)
-		if includeUsage {
-			usage := usageOf(ev.Usage)
-			sse.data(ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
-				Choices: []ChunkChoice{}, Usage: &usage, KVCache: kvCacheOf(ev.KV)})
-		}
-		sse.done()
+		st.finish(ev, includeUsage)
 		return
 	}
+}
+
+// streamError ends a stream that failed with err: an error event, then [DONE].
+func (s *server) streamError(clientCtx context.Context, st *chatStream, err error) {
+	s.metrics.requestFailed()
+	st.sse.data(s.requestError(clientCtx, err, st.c.plan).body())
+	st.sse.done()
+}
+
+// chatStream is one streamed answer: its chunks and what is still to send.
+type chatStream struct {
+	sse     *sseWriter
+	c       *chatState
+	pending []completion.TokenLogprob // logprobs not yet sent with a chunk
+	tools   *toolStreamer             // nil: the answer is text
+}
+
+// chunk is a chunk of the answer; it carries the logprobs not yet sent.
+func (st *chatStream) chunk(d Delta, finish *string) ChatCompletionChunk {
+	c := st.c
+	ch := ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
+		Choices: []ChunkChoice{{Index: 0, Delta: d, FinishReason: finish}}}
+	if len(st.pending) > 0 {
+		ch.Choices[0].Logprobs = logprobsOf(st.pending)
+		st.pending = nil
+	}
+	return ch
+}
+
+func (st *chatStream) content(text string) {
+	if text != "" {
+		st.sse.data(st.chunk(Delta{Content: &text}, nil))
+	}
+}
+
+// text sends new answer text: as content, or as tool-call deltas.
+func (st *chatStream) text(text string) {
+	if text == "" {
+		return
+	}
+	if st.c.firstTok.IsZero() {
+		st.c.firstTok = time.Now()
+	}
+	if st.tools == nil {
+		st.content(text)
+		return
+	}
+	rest, calls := st.tools.feed(text)
+	st.content(rest)
+	if len(calls) > 0 {
+		st.sse.data(st.chunk(Delta{ToolCalls: calls}, nil))
+	}
+}
+
+// finish sends what is left of the answer, the chunk with its finish reason,
+// the usage chunk when asked for, and [DONE].
+func (st *chatStream) finish(ev completion.Event, includeUsage bool) {
+	c := st.c
+	fr := finishReason(ev)
+	if st.tools != nil {
+		rest, called := st.tools.end()
+		st.content(rest)
+		if called && fr == completion.FinishStop {
+			fr = finishToolCalls
+		}
+	}
+	last := st.chunk(Delta{}, &fr)
+	if !includeUsage && ev.KV != nil && ev.KV.Explain != nil {
+		// An explained stream carries its kv_cache report on its last chunk,
+		// which is this one when no usage chunk follows.
+		last.KVCache = kvCacheOf(ev.KV)
+	}
+	st.sse.data(last)
+	if includeUsage {
+		usage := usageOf(ev.Usage)
+		st.sse.data(ChatCompletionChunk{ID: c.id, Object: "chat.completion.chunk", Created: c.created, Model: c.model,
+			Choices: []ChunkChoice{}, Usage: &usage, KVCache: kvCacheOf(ev.KV)})
+	}
+	st.sse.done()
 }
