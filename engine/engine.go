@@ -127,29 +127,6 @@ type Engine struct {
 	ppool   *cellPool
 	// cacheLayers are the model layers of the cache the KV hook rewrites (part 0).
 	cacheLayers []int
-	pace        *pacer       // sizes prompt work per loop turn (decode loop only)
-	promptCalls atomic.Int64 // llama_decode calls that encoded prompt entries
-	opts        Options
-	log         zerolog.Logger
-
-	// mu orders Submit's enqueue against Stop: once closed is set, nothing more
-	// enters the queue, so the loop's last drain sees every request.
-	mu     sync.Mutex
-	closed bool
-	queue  chan *seq
-	wake   chan struct{}
-
-	slots   []*seq     // index = llama sequence id; nil when free
-	held    []*heldSeq // index = slot: a finished sequence kept for reuse, or nil
-	clock   uint64     // orders held sequences by last use
-	images  *imageCache
-	host    *hostTier // held conversations out of their slots (loop goroutine; counters atomic)
-	disk    *diskTier // conversations in files (nil: off); see diskTier for its locking
-	diskOff bool      // CacheDir was set but could not be used
-	waiting []*seq    // taken off the queue, not yet admitted (FIFO)
-	pools   []*cellPool
-	// reserved cells per pool: what admitted sequences may hold at most
-	reserved []int
 
 	tokBatch  *llama.Batch
 	embdBatch *llama.Batch
@@ -157,7 +134,46 @@ type Engine struct {
 	bytesPerCell int64
 	nCtx         int
 	seqCells     int
+}
 
+// intake is how requests enter (Submit) and how the loop starts and stops.
+type intake struct {
+	// mu orders Submit's enqueue against Stop: once closed is set, nothing more
+	// enters the queue, so the loop's last drain sees every request.
+	mu      sync.Mutex
+	closed  bool
+	queue   chan *seq
+	wake    chan struct{}
+	waiting []*seq // taken off the queue, not yet admitted (FIFO; decode loop)
+	running atomic.Bool
+
+	cancel   context.CancelFunc
+	done     chan struct{}
+	freeOnce sync.Once
+}
+
+// slotTable is the slots, the cells of their streams and what is reserved there
+// (decode loop only).
+type slotTable struct {
+	slots []*seq     // index = llama sequence id; nil when free
+	held  []*heldSeq // index = slot: a finished sequence kept for reuse, or nil
+	clock uint64     // orders held sequences by last use
+	pools []*cellPool
+	// reserved cells per pool: what admitted sequences may hold at most
+	reserved []int
+}
+
+// memory is what the engine keeps beyond the slots: image embeddings and held
+// conversations in host memory and in files.
+type memory struct {
+	images  *imageCache
+	host    *hostTier // held conversations out of their slots (loop goroutine; counters atomic)
+	disk    *diskTier // conversations in files (nil: off); see diskTier for its locking
+	diskOff bool      // CacheDir was set but could not be used
+}
+
+// counters are the gauges and counters Stats reads from any goroutine.
+type counters struct {
 	queued    atomic.Int64
 	busy      atomic.Int64
 	cellsUsed atomic.Int64
@@ -171,17 +187,7 @@ type Engine struct {
 	reclaimed   atomic.Int64
 	imageHits   atomic.Int64
 	imageEncs   atomic.Int64
-	running     atomic.Bool
-
-	cancel   context.CancelFunc
-	done     chan struct{}
-	freeOnce sync.Once
-
-	// beforeCompress, when set (tests only), sees a sequence's cache right before its
-	// prompt plan, on the decode loop.
-	beforeCompress func(*seqCache)
-
-	traces explainTraces // requests that asked for kv_cache.explain (explain.go)
+	promptCalls atomic.Int64 // llama_decode calls that encoded prompt entries
 }
 
 // Start creates the engine's llama context on model and starts its decode loop.
@@ -208,26 +214,34 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 		return nil, err
 	}
 	e := &Engine{
-		cacheLayers:  cacheLayers,
-		pace:         newPacer(opts.BatchSize, opts.PrefillChunk),
-		model:        model,
-		vision:       vision,
-		ctx:          ctx,
-		pctx:         pctx,
-		threads:      pool,
-		opts:         opts,
-		log:          opts.Log,
-		queue:        make(chan *seq, opts.QueueSize),
-		wake:         make(chan struct{}, 1),
-		slots:        make([]*seq, opts.Parallel),
-		held:         make([]*heldSeq, opts.Parallel),
-		images:       newImageCache(opts.ImageCacheBytes),
-		host:         &hostTier{limit: opts.HostCacheBytes},
-		tokBatch:     llama.NewBatch(opts.BatchSize, 0, 1),
-		bytesPerCell: ctx.KVBytesPerCell(),
-		nCtx:         ctx.NCtx(),
-		seqCells:     ctx.NCtxSeq(),
-		done:         make(chan struct{}),
+		contexts: contexts{
+			model:        model,
+			vision:       vision,
+			ctx:          ctx,
+			pctx:         pctx,
+			threads:      pool,
+			cacheLayers:  cacheLayers,
+			tokBatch:     llama.NewBatch(opts.BatchSize, 0, 1),
+			bytesPerCell: ctx.KVBytesPerCell(),
+			nCtx:         ctx.NCtx(),
+			seqCells:     ctx.NCtxSeq(),
+		},
+		intake: intake{
+			queue: make(chan *seq, opts.QueueSize),
+			wake:  make(chan struct{}, 1),
+			done:  make(chan struct{}),
+		},
+		slotTable: slotTable{
+			slots: make([]*seq, opts.Parallel),
+			held:  make([]*heldSeq, opts.Parallel),
+		},
+		memory: memory{
+			images: newImageCache(opts.ImageCacheBytes),
+			host:   &hostTier{limit: opts.HostCacheBytes},
+		},
+		pace: newPacer(opts.BatchSize, opts.PrefillChunk),
+		opts: opts,
+		log:  opts.Log,
 	}
 	e.opts.Observe = e.observer(opts.Observe)
 	if opts.Unified {
@@ -535,8 +549,8 @@ func (e *Engine) prepare(req *completion.Request) (*seq, error) {
 	if err := e.supports(req.Cache); err != nil {
 		return nil, err
 	}
-	s := &seq{id: -1, req: req, box: newOutbox(), stops: stopScanner{stops: req.Stop},
-		reuse: e.opts.Reuse && (req.Reuse == nil || *req.Reuse) && req.Force == nil && !req.Explain}
+	s := &seq{request: request{req: req, box: newOutbox()}, generation: generation{stops: stopScanner{stops: req.Stop}},
+		placement: placement{id: -1, reuse: e.opts.Reuse && (req.Reuse == nil || *req.Reuse) && req.Force == nil && !req.Explain}}
 	s.reuseCompressed = s.reuse && (e.opts.ReuseCompressed || req.Reuse != nil)
 	if err := e.tokenize(s); err != nil {
 		s.release()
