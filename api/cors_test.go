@@ -2,11 +2,8 @@ package api
 
 import (
 	"net/http"
-	"reflect"
 	"strings"
 	"testing"
-
-	"github.com/elasticserve/elasticserve/config"
 )
 
 // The headers the OpenAI JS SDK sends from a browser (dangerouslyAllowBrowser),
@@ -125,23 +122,6 @@ func TestCORSHeadersAllowed(t *testing.T) {
 	for _, tt := range tests {
 		if got := corsHeadersAllowed(tt.list); got != tt.want {
 			t.Errorf("corsHeadersAllowed(%q) = %v, want %v", tt.list, got, tt.want)
-		}
-	}
-}
-
-// OptionsFromConfig carries --cors-origins over as a list; unset is nil (off).
-func TestOptionsCORSFromConfig(t *testing.T) {
-	tests := []struct {
-		in   string
-		want []string
-	}{
-		{"", nil},
-		{" https://a.example ,http://localhost:5173", []string{"https://a.example", "http://localhost:5173"}},
-		{"*", []string{"*"}},
-	}
-	for _, tt := range tests {
-		if got := OptionsFromConfig(&config.Config{CORSOrigins: tt.in}).CORSOrigins; !reflect.DeepEqual(got, tt.want) {
-			t.Errorf("CORSOrigins %q -> %q, want %q", tt.in, got, tt.want)
 		}
 	}
 }

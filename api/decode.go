@@ -486,36 +486,12 @@ func foldSeed(seed int64) uint32 {
 }
 
 // planCache applies the elastic_cache extension to the server default and
-// validates the result.
+// validates the result (elasticcache.Spec.With).
 func planCache(ec *ElasticCacheParams, def elasticcache.Spec) (elasticcache.Spec, *apiError) {
 	if ec == nil {
 		return def, nil
 	}
-	c := def.Config()
-	if ec.Policy != nil {
-		pol, err := elasticcache.ParsePolicy(*ec.Policy)
-		if err != nil {
-			return elasticcache.Spec{}, cacheError(err)
-		}
-		c.Policy = pol
-	}
-	if ec.Budget != nil {
-		c.Budget = *ec.Budget
-	}
-	if ec.Sink != nil {
-		c.Sink = *ec.Sink
-	}
-	if ec.Distance != nil {
-		c.Distance = *ec.Distance
-	}
-	if ec.Selection != nil {
-		sel, err := elasticcache.ParseSelection(*ec.Selection)
-		if err != nil {
-			return elasticcache.Spec{}, cacheError(err)
-		}
-		c.Selection = sel
-	}
-	spec, err := c.Spec()
+	spec, err := def.With(elasticcache.Overrides{Policy: ec.Policy, Budget: ec.Budget, Sink: ec.Sink, Distance: ec.Distance, Selection: ec.Selection})
 	if err != nil {
 		return elasticcache.Spec{}, cacheError(err)
 	}

@@ -40,11 +40,16 @@ var (
 		2.5, 5, 10, 20, 40, 80, 160}
 )
 
-// knownPolicies get their histogram series and per-policy gauge from the first
-// scrape, so that rate() over them works before each policy has served a request.
-var knownPolicies = []string{
-	string(elasticcache.Full), string(elasticcache.Elastic), string(elasticcache.H2O), string(elasticcache.Local),
-}
+// knownPolicies (elasticcache.Policies) get their histogram series and
+// per-policy gauge from the first scrape, so that rate() over them works before
+// each policy has served a request.
+var knownPolicies = func() []string {
+	names := make([]string, len(elasticcache.Policies))
+	for i, p := range elasticcache.Policies {
+		names[i] = string(p)
+	}
+	return names
+}()
 
 // metrics is the server's Prometheus registry and the collectors the HTTP
 // layer updates; one per New, so handlers built in the same process (tests)

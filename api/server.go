@@ -13,7 +13,6 @@ import (
 	"github.com/go-chi/chi/v5"
 	"github.com/rs/zerolog"
 
-	"github.com/elasticserve/elasticserve/config"
 	"github.com/elasticserve/elasticserve/elasticcache"
 	"github.com/elasticserve/elasticserve/engine/completion"
 )
@@ -76,7 +75,8 @@ type KVContext struct {
 	Bytes int64
 }
 
-// Options is what the HTTP layer needs from the configuration.
+// Options is what the HTTP layer needs from the configuration; the command
+// fills it from its own (api does not read the server's options itself).
 type Options struct {
 	// ModelAlias is the model id served; empty: BackendInfo.ModelID.
 	ModelAlias string
@@ -102,36 +102,11 @@ type Options struct {
 	StreamKeepAlive time.Duration
 	// DefaultMaxTokens applies when a request sets no max_tokens; <= 0: none.
 	DefaultMaxTokens int
-	// Cache is the default Elastic Cache setting; zero: elasticcache.DefaultSpec().
+	// Cache is the server's default Elastic Cache setting, already validated; a
+	// request's elastic_cache overrides it (Spec.With). Zero: elasticcache.DefaultSpec().
 	Cache elasticcache.Spec
 	// UI serves the playground page at GET / (and its files under /ui/).
 	UI bool
-}
-
-// OptionsFromConfig maps the server configuration onto Options. c is
-// expected to have passed Validate; an invalid cache setting falls back to
-// the default.
-func OptionsFromConfig(c *config.Config) Options {
-	cache, err := c.Cache()
-	if err != nil {
-		cache = elasticcache.DefaultSpec()
-	}
-	return Options{
-		ModelAlias:            c.ModelAlias,
-		APIKey:                c.APIKey,
-		CORSOrigins:           c.CORSOriginList(),
-		MaxBodyBytes:          int64(c.MaxBodyBytes),
-		MaxImageBytes:         int64(c.MaxImageBytes),
-		MaxImages:             c.MaxImages,
-		MaxImagePixels:        c.MaxImagePixels,
-		AllowImageURLs:        c.AllowImageURLs,
-		AllowPrivateImageURLs: c.AllowPrivateImageURLs,
-		ImageURLTimeout:       c.ImageURLTimeout,
-		RequestTimeout:        c.RequestTimeout,
-		DefaultMaxTokens:      max(c.MaxTokensDefault, 0),
-		Cache:                 cache,
-		UI:                    c.UI,
-	}
 }
 
 func (o Options) withDefaults() Options {

@@ -9,8 +9,6 @@ import (
 	"testing"
 
 	"github.com/rs/zerolog"
-
-	"github.com/elasticserve/elasticserve/config"
 )
 
 func TestHealthReady(t *testing.T) {
@@ -205,16 +203,6 @@ func TestAccessLogHasNoSecrets(t *testing.T) {
 		if !strings.Contains(out, field) {
 			t.Fatalf("log lacks %s: %s", field, out)
 		}
-	}
-}
-
-func TestOptionsFromConfig(t *testing.T) {
-	c := &config.Config{ModelAlias: "m", APIKey: "k", MaxBodyBytes: 100, MaxImageBytes: 50, MaxImages: 2, MaxImagePixels: 9,
-		AllowImageURLs: true, Policy: "h2o", Budget: 0.5, Sink: 1, Distance: 2, MaxTokensDefault: -1}
-	o := OptionsFromConfig(c)
-	if o.ModelAlias != "m" || o.APIKey != "k" || o.MaxBodyBytes != 100 || o.MaxImageBytes != 50 || o.MaxImages != 2 ||
-		o.MaxImagePixels != 9 || !o.AllowImageURLs || o.DefaultMaxTokens != 0 || o.Cache.Policy() != "h2o" || o.Cache.Budget() != 0.5 {
-		t.Fatalf("%+v", o)
 	}
 }
 

@@ -110,9 +110,9 @@ type Observation struct {
 	Evicted int
 }
 
-// cachePolicies indexes Engine.policyCells: a fixed array lets the loop publish
-// per-policy use every step without allocating.
-var cachePolicies = [...]elasticcache.Policy{elasticcache.Full, elasticcache.Elastic, elasticcache.H2O, elasticcache.Local}
+// cachePolicies (elasticcache.Policies, the one list) indexes Engine.policyCells:
+// a fixed array lets the loop publish per-policy use every step without allocating.
+var cachePolicies = elasticcache.Policies
 
 // Engine runs completions on one model.
 type Engine struct {

@@ -139,7 +139,7 @@ func TestChartConfigurations(t *testing.T) {
 
 			cfg, key := checkServerConfig(t, r, dep)
 			checkTermination(t, pod, c, cfg)
-			handler := api.New(api.OptionsFromConfig(cfg), &fakeBackend{}, zerolog.Nop())
+			handler := probeHandler(cfg)
 			checkProbes(t, c, handler)
 			checkSecurity(t, pod, c)
 			checkService(t, r, dep, c)
@@ -589,6 +589,14 @@ func (*fakeBackend) Stats() completion.Stats {
 	return completion.Stats{QueueDepth: 3, SlotsBusy: 4, SlotsTotal: 4, KVCellsUsed: 6000, KVCellsTotal: 8192}
 }
 func (*fakeBackend) Ready() bool { return true }
+
+// probeHandler is the API of a ready server started with cfg, as far as probes
+// and health checks see it: which routes answer without a key depends on
+// --api-key alone (cmd/elasticserve passes the other options, which these
+// paths do not read).
+func probeHandler(cfg *config.Config) http.Handler {
+	return api.New(api.Options{APIKey: cfg.APIKey}, &fakeBackend{}, zerolog.Nop())
+}
 
 // TestServerOptionsMatchConfig: the chart's list of `server:` options plus the options it
 // sets itself are exactly the server's flags, so every option can be set from values and

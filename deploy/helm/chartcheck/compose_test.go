@@ -15,9 +15,7 @@ import (
 
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
-	"github.com/rs/zerolog"
 
-	"github.com/elasticserve/elasticserve/api"
 	"github.com/elasticserve/elasticserve/config"
 )
 
@@ -162,7 +160,7 @@ func checkComposeService(t *testing.T, svc types.ServiceConfig) *config.Config {
 	if !strings.HasPrefix(url, wantPrefix+"/") {
 		t.Errorf("%s: health check %q, the server listens on %s", svc.Name, url, cfg.Addr)
 	}
-	h := api.New(api.OptionsFromConfig(cfg), &fakeBackend{}, zerolog.Nop())
+	h := probeHandler(cfg)
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path.Clean(strings.TrimPrefix(url, wantPrefix)), nil))
 	if rec.Code != http.StatusOK {
