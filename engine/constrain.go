@@ -2,7 +2,6 @@ package engine
 
 import (
 	"errors"
-	"math"
 	"strings"
 
 	"github.com/elasticserve/elasticserve/engine/completion"
@@ -44,15 +43,7 @@ func tokenLogprob(m *llama.Model, logits []float32, tok llama.Token, top int) *c
 	if len(logits) == 0 || int(tok) < 0 || int(tok) >= len(logits) {
 		return nil
 	}
-	mx := math.Inf(-1)
-	for _, v := range logits {
-		mx = math.Max(mx, float64(v))
-	}
-	sum := 0.0
-	for _, v := range logits {
-		sum += math.Exp(float64(v) - mx)
-	}
-	lse := mx + math.Log(sum)
+	lse := logSumExp(logits)
 	piece := func(t llama.Token) (string, []byte) {
 		b := m.TokenPiece(t, false)
 		return strings.ToValidUTF8(string(b), "\uFFFD"), b

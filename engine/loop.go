@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"runtime/debug"
 	"slices"
 	"time"
@@ -465,19 +464,6 @@ func (e *Engine) next(s *seq, row int) llama.Token {
 	s.nll += NegLogProb(s.cache.lctx.Logits(row), tok)
 	s.nllN++
 	return tok
-}
-
-// NegLogProb is -log softmax(logits)[tok], computed stably.
-func NegLogProb(logits []float32, tok llama.Token) float64 {
-	mx := math.Inf(-1)
-	for _, v := range logits {
-		mx = math.Max(mx, float64(v))
-	}
-	sum := 0.0
-	for _, v := range logits {
-		sum += math.Exp(float64(v) - mx)
-	}
-	return mx + math.Log(sum) - float64(logits[tok])
 }
 
 func (e *Engine) observe(s *seq, prefill bool) {
