@@ -114,13 +114,37 @@ type Observation struct {
 // a fixed array lets the loop publish per-policy use every step without allocating.
 var cachePolicies = elasticcache.Policies
 
-// Engine runs completions on one model.
+// Engine runs completions on one model. Its fields are grouped by concern: the
+// llama contexts, the requests' intake and lifecycle, the slots and their cells,
+// the conversation memory beyond the slots, and the counters read by Stats.
 type Engine struct {
+	contexts
+	intake
+	slotTable
+	memory
+	counters
+
+	pace *pacer // sizes prompt work per loop turn (decode loop only)
+	opts Options
+	log  zerolog.Logger
+
+	// beforeCompress, when set (tests only), sees a sequence's cache right before its
+	// prompt plan, on the decode loop.
+	beforeCompress func(*seqCache)
+	// onState, when set (tests only), sees every change of a request's state
+	// (setState), on the goroutine that makes it.
+	onState func(s *seq, from, to reqState)
+
+	traces explainTraces // requests that asked for kv_cache.explain (explain.go)
+}
+
+// contexts are the model and its llama contexts, owned by the decode loop.
+type contexts struct {
 	model  *llama.Model
 	vision *llama.Vision
-	ctx    *llama.Context // the decode context, owned by the decode loop
+	ctx    *llama.Context // the decode context
 	// pctx is the prefill context (Options.PrefillCtx; nil without one): one
-	// sequence (id 0) at a time, owned by the decode loop; ppool mirrors its cells.
+	// sequence (id 0) at a time; ppool mirrors its cells.
 	pctx *llama.Context
 	// threads: the CPU threads ctx and pctx share (nil without a prefill context).
 	threads *llama.ThreadPool
@@ -487,30 +511,17 @@ func (e *Engine) Submit(ctx context.Context, req *completion.Request) (<-chan co
 		req = &r
 	}
 	s, err := e.prepare(req)
-	if err != nil {
+	if err == nil {
 		if trace != nil {
-			e.traces.take(req.ID, trace)
+			e.startExplain(s, trace)
 		}
-		return nil, err
+		s.ctx = ctx
+		err = e.enqueue(s)
 	}
-	if trace != nil {
-		e.startExplain(s, trace)
-	}
-	s.ctx = ctx
-	s.queuedAt = time.Now()
-	e.mu.Lock()
-	switch {
-	case e.closed:
-		err = completion.ErrShuttingDown
-	case e.queued.Add(1) > int64(e.opts.QueueSize):
-		e.queued.Add(-1)
-		err = completion.ErrQueueFull
-	default:
-		e.queue <- s // never blocks: the channel holds QueueSize and queued bounds it
-	}
-	e.mu.Unlock()
 	if err != nil {
-		s.release()
+		if s != nil {
+			e.end(s, completion.Event{Done: true, Err: err})
+		}
 		if trace != nil {
 			e.traces.take(req.ID, trace)
 		}
@@ -544,7 +555,8 @@ func (e *Engine) signal() {
 }
 
 // prepare refuses what this engine cannot run, then renders and tokenizes the
-// prompt and checks that it fits a slot.
+// prompt and checks that it fits a slot. A request refused after it was made is
+// returned with the error, for its teardown (end).
 func (e *Engine) prepare(req *completion.Request) (*seq, error) {
 	if err := e.supports(req.Cache); err != nil {
 		return nil, err
@@ -553,22 +565,18 @@ func (e *Engine) prepare(req *completion.Request) (*seq, error) {
 		placement: placement{id: -1, reuse: e.opts.Reuse && (req.Reuse == nil || *req.Reuse) && req.Force == nil && !req.Explain}}
 	s.reuseCompressed = s.reuse && (e.opts.ReuseCompressed || req.Reuse != nil)
 	if err := e.tokenize(s); err != nil {
-		s.release()
-		return nil, err
+		return s, err
 	}
 	if s.nPrompt == 0 {
-		s.release()
-		return nil, completion.ErrEmptyPrompt
+		return s, completion.ErrEmptyPrompt
 	}
 	if limit, raise := e.promptLimit(req.Cache); s.nPrompt > limit {
-		s.release()
-		return nil, &completion.PromptTooLongError{Tokens: s.nPrompt, Limit: limit, Raise: raise}
+		return s, &completion.PromptTooLongError{Tokens: s.nPrompt, Limit: limit, Raise: raise}
 	}
 	if req.Constraint != nil {
 		smp, err := constrainedSampler(e.model, req)
 		if err != nil {
-			s.release()
-			return nil, err
+			return s, err
 		}
 		s.sampler = smp
 	}

@@ -20,9 +20,10 @@ type seq struct {
 
 // request is who asked, where the answer goes, and when.
 type request struct {
-	ctx context.Context
-	req *completion.Request
-	box *outbox
+	ctx   context.Context
+	req   *completion.Request
+	box   *outbox
+	state reqState // where it is in its life (lifecycle.go)
 	// queuedAt (set when Submit queues it) and started (set when a slot takes it)
 	// give the time the request waited, reported as Event.QueueMs.
 	queuedAt time.Time
