@@ -23,6 +23,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/openai/openai-go/v3/packages/ssestream"
 )
 
 // Options say which server to load and how.
@@ -177,28 +179,9 @@ var questions = []string{
 // options are wrong or the warmup fails; failed requests during a level are
 // counted in that level.
 func Run(ctx context.Context, o Options) (*Result, error) {
-	if o.URL == "" {
-		return nil, errors.New("bench: no URL")
-	}
-	if o.Requests <= 0 {
-		o.Requests = DefaultRequests
-	}
-	if o.MaxTokens <= 0 {
-		o.MaxTokens = DefaultMaxTokens
-	}
-	if o.PromptWords <= 0 {
-		o.PromptWords = DefaultPromptWords
-	}
-	if len(o.Concurrency) == 0 {
-		o.Concurrency = DefaultConcurrency
-	}
-	for _, c := range o.Concurrency {
-		if c <= 0 {
-			return nil, fmt.Errorf("bench: concurrency %d is not positive", c)
-		}
-	}
-	if o.Client == nil {
-		o.Client = &http.Client{}
+	o, err := o.withDefaults()
+	if err != nil {
+		return nil, err
 	}
 	endpoint := strings.TrimRight(o.URL, "/") + "/chat/completions"
 	imageURL := ""
@@ -215,23 +198,16 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	// different things. Level 0's prompts are those of the seed alone.
 	levelBodies := make([][][]byte, len(o.Concurrency))
 	for l := range levelBodies {
-		prompts := Prompts(o.Seed+int64(l)*levelSeedStride, o.Requests, o.PromptWords)
-		levelBodies[l] = make([][]byte, len(prompts))
-		for i, p := range prompts {
-			b, err := requestBody(o, p, imageURL)
-			if err != nil {
-				return nil, err
-			}
-			levelBodies[l][i] = b
+		if levelBodies[l], err = requestBodies(o, Prompts(o.Seed+int64(l)*levelSeedStride, o.Requests, o.PromptWords), imageURL); err != nil {
+			return nil, err
 		}
 	}
 	if o.Warmup > 0 { // a seed no level uses
-		warm := Prompts(o.Seed+1_000_003, o.Warmup, o.PromptWords)
-		for i, p := range warm {
-			b, err := requestBody(o, p, imageURL)
-			if err != nil {
-				return nil, err
-			}
+		warm, err := requestBodies(o, Prompts(o.Seed+1_000_003, o.Warmup, o.PromptWords), imageURL)
+		if err != nil {
+			return nil, err
+		}
+		for i, b := range warm {
 			if s := do(ctx, o, endpoint, b); s.Err != nil {
 				return nil, fmt.Errorf("bench: warmup request %d: %w", i+1, s.Err)
 			}
@@ -261,6 +237,47 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// withDefaults checks o and fills in what it leaves unset.
+func (o Options) withDefaults() (Options, error) {
+	if o.URL == "" {
+		return o, errors.New("bench: no URL")
+	}
+	if o.Requests <= 0 {
+		o.Requests = DefaultRequests
+	}
+	if o.MaxTokens <= 0 {
+		o.MaxTokens = DefaultMaxTokens
+	}
+	if o.PromptWords <= 0 {
+		o.PromptWords = DefaultPromptWords
+	}
+	if len(o.Concurrency) == 0 {
+		o.Concurrency = DefaultConcurrency
+	}
+	for _, c := range o.Concurrency {
+		if c <= 0 {
+			return o, fmt.Errorf("bench: concurrency %d is not positive", c)
+		}
+	}
+	if o.Client == nil {
+		o.Client = &http.Client{}
+	}
+	return o, nil
+}
+
+// requestBodies are the request bodies of prompts.
+func requestBodies(o Options, prompts []string, imageURL string) ([][]byte, error) {
+	out := make([][]byte, len(prompts))
+	for i, p := range prompts {
+		b, err := requestBody(o, p, imageURL)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = b
+	}
+	return out, nil
 }
 
 // levelSeedStride separates the prompt seeds of the levels (and of the warmup,
@@ -390,37 +407,38 @@ func do(ctx context.Context, o Options, endpoint string, body []byte) (s Sample)
 		s.Err = &HTTPError{Status: resp.StatusCode, Message: errorMessage(b), RetryAfter: resp.Header.Get("Retry-After")}
 		return s
 	}
-	rd := newSSEReader(resp.Body)
+	readStream(ssestream.NewDecoder(resp), start, &s)
+	return s
+}
+
+// readStream reads a chat-completion stream's events (openai-go's SSE
+// decoder) until data: [DONE], timing each chunk that carries answer text.
+func readStream(events ssestream.Decoder, start time.Time, s *Sample) {
 	var last time.Time
 	deltas := 0
-	done := false
-	for !done {
-		data, err := rd.next()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				err = errNoDone
+	for {
+		if !events.Next() {
+			s.Err = events.Err()
+			if s.Err == nil {
+				s.Err = errNoDone
 			}
-			s.Err = err
-			return s
+			return
 		}
+		data := strings.TrimSuffix(string(events.Event().Data), "\n") // the decoder ends each data line with "\n"
 		if strings.TrimSpace(data) == "[DONE]" {
-			done = true
 			break
 		}
 		var c chunk
 		if err := json.Unmarshal([]byte(data), &c); err != nil {
 			s.Err = fmt.Errorf("bad chunk %.200q: %w", data, err)
-			return s
+			return
 		}
 		if c.Error != nil {
 			s.Err = &StreamError{Message: c.Error.Message}
-			return s
+			return
 		}
 		now := time.Now()
-		for _, ch := range c.Choices {
-			if ch.Delta.Content == "" && ch.Delta.ReasoningContent == "" && ch.Delta.Reasoning == "" {
-				continue
-			}
+		if c.hasText() {
 			if deltas == 0 {
 				s.TTFT = now.Sub(start)
 			} else {
@@ -428,7 +446,6 @@ func do(ctx context.Context, o Options, endpoint string, body []byte) (s Sample)
 			}
 			last = now
 			deltas++
-			break // one arrival per chunk
 		}
 		if c.Usage != nil {
 			s.PromptTokens, s.OutputTokens = c.Usage.PromptTokens, c.Usage.CompletionTokens
@@ -442,7 +459,17 @@ func do(ctx context.Context, o Options, endpoint string, body []byte) (s Sample)
 		s.OutputTokens = deltas
 	}
 	s.Deltas = deltas
-	return s
+}
+
+// hasText reports whether a choice of c carries answer (or reasoning) text:
+// one arrival per chunk.
+func (c *chunk) hasText() bool {
+	for _, ch := range c.Choices {
+		if ch.Delta.Content != "" || ch.Delta.ReasoningContent != "" || ch.Delta.Reasoning != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // errorMessage is the message of an OpenAI error body, or the body's start.

@@ -20,6 +20,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/openai/openai-go/v3/packages/ssestream"
 )
 
 // fakeServer is an OpenAI-compatible chat endpoint that streams tokens "t0",
@@ -456,22 +458,26 @@ func TestTableAndCSV(t *testing.T) {
 	}
 }
 
-func TestSSEReader(t *testing.T) {
-	in := ": comment\r\nevent: message\r\ndata: {\"a\":1}\r\n\r\ndata:two\ndata: lines\n\nid: 3\n\n\rdata: cr\r\rdata: [DONE]"
-	r := newSSEReader(strings.NewReader(in))
-	var got []string
-	for {
-		d, err := r.next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		got = append(got, d)
+// The stream is read with openai-go's SSE decoder: CRLF or LF line ends,
+// comments and fields other than data skipped, data lines of one event joined
+// by "\n"; a stream cut off before data: [DONE] is a disconnection.
+func TestReadStream(t *testing.T) {
+	stream := func(body string) Sample {
+		var s Sample
+		resp := &http.Response{Header: http.Header{"Content-Type": {"text/event-stream"}}, Body: io.NopCloser(strings.NewReader(body))}
+		readStream(ssestream.NewDecoder(resp), time.Now(), &s)
+		return s
 	}
-	want := []string{`{"a":1}`, "two\nlines", "cr", "[DONE]"}
-	if !slices.Equal(got, want) {
-		t.Errorf("events %q, want %q", got, want)
+	in := ": comment\r\nevent: message\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\n" +
+		"data: {\"choices\":[{\"delta\":\ndata: {\"content\":\"b\"}}],\ndata: \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\nid: 3\n\n" +
+		"data: [DONE]\n\n"
+	if s := stream(in); s.Err != nil || s.Deltas != 2 || len(s.Gaps) != 1 || s.PromptTokens != 3 || s.OutputTokens != 2 || s.UsageMissing {
+		t.Errorf("%+v", s)
+	}
+	if s := stream("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]"); !errors.Is(s.Err, errNoDone) {
+		t.Errorf("a stream cut off before [DONE] ended: %v", s.Err)
+	}
+	if s := stream("data: {\"error\":{\"message\":\"boom\"}}\n\n"); s.Err == nil || s.Err.Error() != "error event in the stream: boom" {
+		t.Errorf("error event: %v", s.Err)
 	}
 }
