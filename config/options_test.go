@@ -5,6 +5,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/elasticserve/elasticserve/elasticcache"
 )
 
 // derived are Config's fields that are not options (Load sets them).
@@ -77,6 +79,10 @@ func TestOptionsDeclaredOnce(t *testing.T) {
 				}
 			}
 		})
+	}
+	// The help names the one list of policies, not a copy of it.
+	if f := fs.Lookup("policy"); f == nil || !strings.HasSuffix(f.Usage, ": "+elasticcache.PolicyList()+" (env ELASTICSERVE_POLICY)") {
+		t.Errorf("--policy help does not list elasticcache.Policies: %+v", f)
 	}
 	n := 0
 	fs.VisitAll(func(*flag.Flag) { n++ })
