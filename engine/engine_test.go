@@ -683,41 +683,40 @@ func TestBudgetHalfServesTwiceTheConversations(t *testing.T) {
 	probe := run(t, e, greedyReq("probe", prompt, 1, cfg(elasticcache.Full, 1)))
 	gen := conv - probe.usage.PromptTokens
 
+	// maxBusy is the most slots in use at once while four conversations run,
+	// read on the decode loop at each of their steps (Options.Fault), so no
+	// instant between two samples is missed. The first step waits until all
+	// four are queued, so how fast this goroutine submits does not matter
+	// either.
 	maxBusy := func(policy elasticcache.Policy, budget float64) int {
-		var mu sync.Mutex
-		peak := 0
-		stop := make(chan struct{})
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(time.Millisecond):
-				}
-				mu.Lock()
-				peak = max(peak, e.Stats().SlotsBusy)
-				mu.Unlock()
+		var peak atomic.Int64
+		queued := make(chan struct{})
+		fault := func(string) error {
+			<-queued
+			if n := int64(e.Stats().SlotsBusy); n > peak.Load() {
+				peak.Store(n) // only the loop writes it
 			}
-		}()
-		var chans []<-chan completion.Event
+			return nil
+		}
+		e.onFault.Store(&fault)
+		defer e.onFault.Store(nil)
+		var chans []<-chan Event
 		for i := range 4 {
 			ch, err := e.Submit(context.Background(), greedyReq(fmt.Sprintf("%s-%d", policy, i), prompt, gen, cfg(policy, budget)))
 			if err != nil {
+				close(queued)
 				t.Fatalf("%s: submit %d: %v", policy, i, err)
 			}
 			chans = append(chans, ch)
 		}
+		close(queued)
 		for _, ch := range chans {
 			r := collect(t, ch)
 			if r.err != nil || r.usage.CompletionTokens != gen {
 				t.Fatalf("%s: %+v", policy, r)
 			}
 		}
-		close(stop)
-		<-done
-		return peak
+		return int(peak.Load())
 	}
 	if got := maxBusy(elasticcache.Elastic, 0.5); got != 4 {
 		t.Errorf("budget 0.5: at most %d conversations ran at once, want 4", got)
