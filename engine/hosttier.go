@@ -148,21 +148,8 @@ func (e *Engine) toHost(h *heldSeq) {
 // or Stop once the loop is done); nil when that fails (counted).
 func (e *Engine) snapshot(h *heldSeq) *hostEntry {
 	c := h.cache
-	cells := [][]int{c.cells}
-	if c.lctx.CacheParts() == 2 {
-		win, err := c.lctx.SeqCells(1, c.seq)
-		if err != nil {
-			e.host.bad.Add(1)
-			return nil
-		}
-		idx := make([]int, len(win))
-		for i, w := range win {
-			idx[i] = w.Index
-		}
-		cells = append(cells, idx)
-	}
 	t0 := time.Now()
-	snap, err := c.lctx.ExportCells(c.seq, cells)
+	snap, err := c.export()
 	if err != nil {
 		e.host.bad.Add(1)
 		e.opts.Log.Warn().Err(err).Msg("host tier: could not copy a held conversation")
@@ -259,35 +246,11 @@ func (e *Engine) restore(s *seq, slot, common int) int {
 // reports whether it did; a refusal (no room, another layout) is counted and the
 // conversation is lost (the request encodes its prompt).
 func (e *Engine) fromHost(ent *hostEntry, slot int, from string) bool {
-	pool := e.pools[e.poolOf(slot)]
 	t0 := time.Now()
-	firsts, err := e.ctx.ImportCells(slot, ent.snap)
+	c, err := importSeqCache(e.ctx, slot, e.pools[e.poolOf(slot)], ent.snap, ent.spec, ent.tracker, e.cacheLayers)
 	if err != nil {
-		e.ctx.SeqClear(slot) // a compute failure may have written a part; the slot held nothing
 		e.host.bad.Add(1)
 		e.opts.Log.Warn().Err(err).Msg("host tier: could not restore a conversation")
-		return false
-	}
-	c := &seqCache{lctx: e.ctx, seq: slot, pool: pool, spec: ent.spec, tracker: ent.tracker, layers: e.cacheLayers, evicted: -1}
-	if c.tracker == nil {
-		tr, err := elasticcache.NewTracker(ent.spec, len(e.cacheLayers))
-		if err != nil {
-			e.ctx.SeqClear(slot)
-			e.host.bad.Add(1)
-			return false
-		}
-		c.tracker = tr
-	}
-	for j, cell := range ent.snap.Parts[0].Cells {
-		c.cells = append(c.cells, firsts[0]+j)
-		c.pos = append(c.pos, cell.Pos)
-	}
-	c.peak, c.nPrompt = len(c.cells), len(c.cells)
-	pool.assign(slot, c.cells)
-	if err := c.checkCells(); err != nil {
-		c.free()
-		e.host.bad.Add(1)
-		e.opts.Log.Warn().Err(err).Msg("host tier: a restored conversation's cells disagree")
 		return false
 	}
 	e.clock++

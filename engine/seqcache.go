@@ -680,3 +680,51 @@ func (c *seqCache) compressTurn() error {
 	}
 	return c.apply(w)
 }
+
+// export copies the sequence's cells out of its context (the host tier): part 0's
+// in entry order and, for a sliding-window model, its window cache's.
+func (c *seqCache) export() (*llama.CellSnapshot, error) {
+	cells := [][]int{c.cells}
+	if c.lctx.CacheParts() == 2 {
+		win, err := c.lctx.SeqCells(1, c.seq)
+		if err != nil {
+			return nil, err
+		}
+		idx := make([]int, len(win))
+		for i, w := range win {
+			idx[i] = w.Index
+		}
+		cells = append(cells, idx)
+	}
+	return c.lctx.ExportCells(c.seq, cells)
+}
+
+// importSeqCache writes snap's cells (an export) into sequence seq of lctx, which
+// holds nothing, and returns their owner under spec, continuing tracker (nil: a
+// new one). On error the sequence is left empty.
+func importSeqCache(lctx *llama.Context, seq int, pool *cellPool, snap *llama.CellSnapshot, spec elasticcache.Spec,
+	tracker *elasticcache.Tracker, layers []int) (*seqCache, error) {
+	firsts, err := lctx.ImportCells(seq, snap)
+	if err != nil {
+		lctx.SeqClear(seq) // a compute failure may have written a part; the sequence held nothing
+		return nil, err
+	}
+	c := &seqCache{lctx: lctx, seq: seq, pool: pool, spec: spec, tracker: tracker, layers: layers, evicted: -1}
+	if c.tracker == nil {
+		if c.tracker, err = elasticcache.NewTracker(spec, len(layers)); err != nil {
+			lctx.SeqClear(seq)
+			return nil, err
+		}
+	}
+	for j, cell := range snap.Parts[0].Cells {
+		c.cells = append(c.cells, firsts[0]+j)
+		c.pos = append(c.pos, cell.Pos)
+	}
+	c.peak, c.nPrompt = len(c.cells), len(c.cells)
+	pool.assign(seq, c.cells)
+	if err := c.checkCells(); err != nil {
+		c.free()
+		return nil, fmt.Errorf("the restored cells disagree: %w", err)
+	}
+	return c, nil
+}
