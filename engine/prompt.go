@@ -76,7 +76,7 @@ func (e *Engine) tokenize(s *seq) error {
 
 // CountPrompt is the number of prompt tokens the engine would encode for msgs
 // (images included) on this model and vision encoder (nil: text only).
-func CountPrompt(m *llama.Model, v *llama.Vision, msgs []Message) (int, error) {
+func CountPrompt(m *llama.Model, v *llama.Vision, msgs []completion.Message) (int, error) {
 	chunks, err := PromptChunks(m, v, msgs)
 	n := 0
 	for _, c := range chunks {
@@ -95,7 +95,7 @@ type PromptChunk struct {
 
 // PromptChunks returns the chunks the engine would encode for msgs, in order
 // (for tools that relate prompt positions to what they hold).
-func PromptChunks(m *llama.Model, v *llama.Vision, msgs []Message) ([]PromptChunk, error) {
+func PromptChunks(m *llama.Model, v *llama.Vision, msgs []completion.Message) ([]PromptChunk, error) {
 	p, err := buildPrompt(m, v, msgs, "")
 	if err != nil {
 		return nil, err
@@ -118,7 +118,7 @@ type builtPrompt struct {
 
 // buildPrompt renders msgs, appends answerPrefix (the start of the answer, after
 // the assistant header) and tokenizes the whole.
-func buildPrompt(m *llama.Model, v *llama.Vision, msgs []Message, answerPrefix string) (builtPrompt, error) {
+func buildPrompt(m *llama.Model, v *llama.Vision, msgs []completion.Message, answerPrefix string) (builtPrompt, error) {
 	text, images, err := RenderPrompt(m, msgs)
 	if err != nil {
 		return builtPrompt{}, err

@@ -13,7 +13,7 @@ import (
 // request), under the test model's chat template, pinned.
 func TestRenderPromptPinsToolTurns(t *testing.T) {
 	img := []byte{1, 2, 3}
-	msgs := []Message{
+	msgs := []completion.Message{
 		{Role: "system", Parts: []completion.Part{completion.Text("Be brief."), completion.Text("You can call these tools:\n{\"name\":\"noop\"}")}},
 		{Role: "user", Parts: []completion.Part{completion.Text("What is this?"), completion.Image(img)}},
 		{Role: "assistant", Parts: []completion.Part{completion.Text(`  {"tool_calls":[{"name":"noop","arguments":{}}]}`)}},

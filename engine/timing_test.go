@@ -8,10 +8,11 @@ import (
 	"time"
 
 	"github.com/elasticserve/elasticserve/elasticcache"
+	"github.com/elasticserve/elasticserve/engine/completion"
 )
 
 // finalEvent reads ch until its Done event.
-func finalEvent(t *testing.T, ch <-chan Event) Event {
+func finalEvent(t *testing.T, ch <-chan completion.Event) completion.Event {
 	t.Helper()
 	timeout := time.After(2 * time.Minute)
 	for {
