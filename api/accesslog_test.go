@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/rs/zerolog"
@@ -54,5 +55,26 @@ func TestAccessLogLine(t *testing.T) {
 				t.Errorf("no duration: %v", line)
 			}
 		})
+	}
+}
+
+func TestAccessLogHasNoSecrets(t *testing.T) {
+	var logs bytes.Buffer
+	opts := testOptions()
+	opts.APIKey = "sk-secret"
+	h := New(opts, newFake(), zerolog.New(&logs))
+	img := dataURLOf("image/png", pngBytes(t, 4, 4))
+	postChat(h, chatBody(t, map[string]any{"messages": userParts(textPart("my private prompt"), imagePart(img))}),
+		withHeader("Authorization", "Bearer sk-secret"))
+	out := logs.String()
+	for _, secret := range []string{"sk-secret", "my private prompt", img[30:60]} {
+		if strings.Contains(out, secret) {
+			t.Fatalf("log contains %q: %s", secret, out)
+		}
+	}
+	for _, field := range []string{`"method":"POST"`, `"path":"/v1/chat/completions"`, `"status":200`, `"request_id"`, `"bytes"`, `"duration"`} {
+		if !strings.Contains(out, field) {
+			t.Fatalf("log lacks %s: %s", field, out)
+		}
 	}
 }

@@ -55,3 +55,25 @@ func TestLimitBodyMiddleware(t *testing.T) {
 		})
 	}
 }
+
+// Through the router: a body over --max-body-bytes is a 413, with or without
+// a Content-Length.
+func TestBodyLimitThroughHandler(t *testing.T) {
+	opts := testOptions()
+	opts.MaxBodyBytes = 2048
+	h := newHandler(t, opts, newFake())
+	big := chatBody(t, map[string]any{"messages": []any{map[string]any{"role": "user", "content": strings.Repeat("x", 4096)}}})
+
+	w := postChat(h, big)
+	if e := decodeError(t, w); w.Code != 413 || str(e.Code) != "request_too_large" || e.Param != nil {
+		t.Fatalf("big body: %d %s", w.Code, w.Body)
+	}
+	// Without Content-Length (chunked), the limit still applies while reading.
+	r := newChunkedRequest(big)
+	rec := newRecorder()
+	h.ServeHTTP(rec, r)
+	if e := decodeError(t, rec); rec.Code != 413 || str(e.Code) != "request_too_large" {
+		t.Fatalf("chunked big body: %d %s", rec.Code, rec.Body)
+	}
+
+}

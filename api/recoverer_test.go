@@ -44,3 +44,23 @@ func TestRecovererMiddleware(t *testing.T) {
 	mw(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { panic(http.ErrAbortHandler) })).
 		ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/", nil))
 }
+
+func TestPanicRecovery(t *testing.T) {
+	var logs bytes.Buffer
+	fb := newFake()
+	fb.panicMsg = "kaboom"
+	h := New(testOptions(), fb, zerolog.New(&logs))
+	w := postChat(h, chatBody(t, map[string]any{}))
+	if e := decodeError(t, w); w.Code != 500 || e.Type != "server_error" || strings.Contains(e.Message, "kaboom") {
+		t.Fatalf("%d %s", w.Code, w.Body)
+	}
+	if !strings.Contains(logs.String(), "kaboom") {
+		t.Fatal("panic not logged")
+	}
+	fb.mu.Lock()
+	fb.panicMsg = ""
+	fb.mu.Unlock()
+	if w := postChat(h, chatBody(t, map[string]any{})); w.Code != 200 {
+		t.Fatalf("server did not survive: %d %s", w.Code, w.Body)
+	}
+}

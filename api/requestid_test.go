@@ -29,3 +29,19 @@ func TestRequestIDMiddleware(t *testing.T) {
 		}
 	}
 }
+
+func TestRequestID(t *testing.T) {
+	fb := newFake()
+	h := newHandler(t, testOptions(), fb)
+	w := postChat(h, chatBody(t, map[string]any{}), withHeader("X-Request-Id", "abc-123"))
+	if w.Header().Get("X-Request-Id") != "abc-123" || fb.lastRequest(t).ID != "abc-123" {
+		t.Fatalf("echo: %q / %q", w.Header().Get("X-Request-Id"), fb.lastRequest(t).ID)
+	}
+	for _, bad := range []string{"", "has space", strings.Repeat("x", 200), "new\nline"} {
+		w := do(h, "GET", "/health", "", withHeader("X-Request-Id", bad))
+		got := w.Header().Get("X-Request-Id")
+		if got == "" || got == bad || !validRequestID(got) {
+			t.Fatalf("for %q got %q", bad, got)
+		}
+	}
+}

@@ -39,3 +39,19 @@ func TestRequireJSONMiddleware(t *testing.T) {
 		}
 	}
 }
+
+// Through the router: a chat POST that is not JSON is a 415.
+func TestContentTypeThroughHandler(t *testing.T) {
+	h := newHandler(t, testOptions(), newFake())
+
+	for _, ct := range []string{"text/plain", "", "application/x-www-form-urlencoded", "application/json; charset=latin1"} {
+		w := postChat(h, chatBody(t, map[string]any{}), withHeader("Content-Type", ct))
+		if e := decodeError(t, w); w.Code != http.StatusUnsupportedMediaType || str(e.Code) != "unsupported_media_type" {
+			t.Fatalf("content type %q: %d %s", ct, w.Code, w.Body)
+		}
+	}
+	w := postChat(h, chatBody(t, map[string]any{}), withHeader("Content-Type", "application/json; charset=utf-8"))
+	if w.Code != 200 {
+		t.Fatalf("charset utf-8: %d %s", w.Code, w.Body)
+	}
+}
