@@ -700,7 +700,7 @@ func TestBudgetHalfServesTwiceTheConversations(t *testing.T) {
 		}
 		e.onFault.Store(&fault)
 		defer e.onFault.Store(nil)
-		var chans []<-chan Event
+		var chans []<-chan completion.Event
 		for i := range 4 {
 			ch, err := e.Submit(context.Background(), greedyReq(fmt.Sprintf("%s-%d", policy, i), prompt, gen, cfg(policy, budget)))
 			if err != nil {

@@ -95,7 +95,7 @@ func testFamily(t *testing.T, arch string) {
 	one := run(t, te, greedyReq("one", longPrompt, gen, full, img1))
 	two := run(t, te, greedyReq("two", longPrompt, gen, full, img1, img2))
 	for _, r := range []result{text, one, two} {
-		if r.usage.CompletionTokens != gen || r.finish != FinishLength || r.text == "" {
+		if r.usage.CompletionTokens != gen || r.finish != completion.FinishLength || r.text == "" {
 			t.Fatalf("%d tokens, finish %q, text %q", r.usage.CompletionTokens, r.finish, r.text)
 		}
 	}
@@ -140,7 +140,7 @@ func testFamily(t *testing.T, arch string) {
 	// Prompts encoded 7 entries a turn while another request generates (the pacer's
 	// chunks; a non-causal image stays whole).
 	chunked := startEngineOn(t, m, v, Options{Parallel: 2, CtxSize: 2 * 2048, BatchSize: 512, PrefillChunk: 7})
-	whileBusy := func(req *Request) result {
+	whileBusy := func(req *completion.Request) result {
 		t.Helper()
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
@@ -228,11 +228,11 @@ func testFamily(t *testing.T, arch string) {
 // asks for them), then gen greedy tokens one at a time.
 func directGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, gen int, images ...[]byte) string {
 	t.Helper()
-	var parts []Part
+	var parts []completion.Part
 	for _, img := range images {
 		parts = append(parts, completion.Image(img))
 	}
-	text, imgs, err := RenderPrompt(m, []Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}})
+	text, imgs, err := RenderPrompt(m, []completion.Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -352,7 +352,7 @@ func testMRoPE(t *testing.T, te *testEngine, m *llama.Model, v *llama.Vision, ge
 		first := greedyReq(fmt.Sprintf("reuse-%v", withImage), "Say something.", 6, full, imgs...)
 		r1 := run(t, re, first)
 		second := turn2(first, r1.text, "And more?")
-		second.Messages[len(second.Messages)-1].Parts = append([]Part{completion.Image(wide)}, second.Messages[len(second.Messages)-1].Parts...)
+		second.Messages[len(second.Messages)-1].Parts = append([]completion.Part{completion.Image(wide)}, second.Messages[len(second.Messages)-1].Parts...)
 		r2 := run(t, re, second)
 		again := run(t, re, noReuse(second))
 		if r2.text != again.text {
@@ -413,11 +413,11 @@ func compressedPictureTurns(t *testing.T, m *llama.Model, v *llama.Vision, img, 
 // helperGreedy is directGreedy with the prompt decoded by llama.cpp's mtmd helper.
 func helperGreedy(t *testing.T, m *llama.Model, v *llama.Vision, prompt string, gen int, images ...[]byte) string {
 	t.Helper()
-	var parts []Part
+	var parts []completion.Part
 	for _, img := range images {
 		parts = append(parts, completion.Image(img))
 	}
-	text, imgs, err := RenderPrompt(m, []Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}})
+	text, imgs, err := RenderPrompt(m, []completion.Message{{Role: "user", Parts: append(parts, completion.Text(prompt))}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -181,3 +181,43 @@ func (e *Engine) unqueue(s *seq) {
 	}
 	e.queued.Add(-1)
 }
+
+// reapCancelled ends requests whose client is gone or whose deadline passed.
+func (e *Engine) reapCancelled() {
+	for _, s := range e.slots {
+		if s != nil && s.ctx.Err() != nil {
+			e.end(s, completion.Event{Done: true, Err: s.ctx.Err()})
+		}
+	}
+	for _, s := range slices.Clone(e.waiting) {
+		if s.ctx.Err() != nil {
+			e.end(s, completion.Event{Done: true, Err: s.ctx.Err()})
+		}
+	}
+}
+
+// failAll ends every request, running or waiting, with err (shutdown).
+func (e *Engine) failAll(err error) {
+	for _, s := range e.slots {
+		if s != nil {
+			e.end(s, completion.Event{Done: true, Err: err})
+		}
+	}
+	e.drainQueue()
+	for len(e.waiting) > 0 {
+		e.end(e.waiting[0], completion.Event{Done: true, Err: err})
+	}
+}
+
+// fail ends s with err, logged.
+func (e *Engine) fail(s *seq, err error) {
+	e.log.Error().Err(err).Int("slot", s.id).Str("request_id", s.req.ID).Msg("request failed")
+	e.end(s, completion.Event{Done: true, Err: err})
+}
+
+// failPanic ends s, whose work panicked with v, with an internal error naming it.
+func (e *Engine) failPanic(s *seq, v any, stack []byte) {
+	e.log.Error().Int("slot", s.id).Str("request_id", s.req.ID).Str("panic", fmt.Sprint(v)).
+		Bytes("stack", stack).Msg("panic while working on a request; it fails, the engine goes on")
+	e.end(s, completion.Event{Done: true, Err: &completion.InternalError{RequestID: s.req.ID, Err: fmt.Errorf("panic: %v", v)}})
+}

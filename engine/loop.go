@@ -29,14 +29,14 @@ func (e *Engine) run(ctx context.Context) {
 			}
 			select {
 			case <-ctx.Done():
-				e.failAll(ErrShuttingDown)
+				e.failAll(completion.ErrShuttingDown)
 				return
 			case <-e.wake:
 			}
 			continue
 		}
 		if ctx.Err() != nil {
-			e.failAll(ErrShuttingDown)
+			e.failAll(completion.ErrShuttingDown)
 			return
 		}
 		e.step()
@@ -67,7 +67,7 @@ func (e *Engine) step() {
 // its next decode step.
 func (e *Engine) generating() bool {
 	for _, s := range e.slots {
-		if s != nil && s.prefilled {
+		if s != nil && s.state == stateGenerating {
 			return true
 		}
 	}
@@ -91,7 +91,7 @@ func (e *Engine) admit() {
 	for len(e.waiting) > 0 {
 		s := e.waiting[0]
 		if s.ctx.Err() != nil {
-			e.dropWaiting(Event{Done: true, Err: s.ctx.Err()})
+			e.end(s, completion.Event{Done: true, Err: s.ctx.Err()})
 			continue
 		}
 		slot, common := e.pickSlot(s)
@@ -116,23 +116,12 @@ func (e *Engine) admit() {
 		if !e.reclaim(pi, keep, s.reserve) {
 			return // wait for cells to be released
 		}
-		e.waiting = e.waiting[1:]
-		e.queued.Add(-1)
 		cache, err := e.seqCacheFor(s, slot, common)
 		if err != nil {
-			s.box.push(Event{Done: true, Err: err})
-			s.release()
+			e.end(s, completion.Event{Done: true, Err: err})
 			continue
 		}
-		s.id = slot
-		s.cache = cache
-		if s.sampler == nil { // a constrained request brings its own, made by prepare
-			s.sampler = llama.NewSampler(llama.SamplerParams(s.req.Sampling))
-		}
-		s.started = time.Now()
-		e.reserved[pi] += s.reserve
-		e.slots[slot] = s
-		e.busy.Add(1)
+		e.enter(s, slot, pi, cache)
 	}
 }
 
@@ -148,83 +137,11 @@ func (e *Engine) drainQueue() {
 	}
 }
 
-func (e *Engine) dropWaiting(ev Event) {
-	s := e.waiting[0]
-	e.waiting = e.waiting[1:]
-	e.queued.Add(-1)
-	s.box.push(ev)
-	s.release()
-}
-
 func (e *Engine) poolOf(slot int) int {
 	if len(e.pools) == 1 {
 		return 0
 	}
 	return slot
-}
-
-// reapCancelled ends requests whose client is gone or whose deadline passed.
-func (e *Engine) reapCancelled() {
-	for _, s := range e.slots {
-		if s != nil && s.ctx.Err() != nil {
-			e.finish(s, Event{Done: true, Err: s.ctx.Err()})
-		}
-	}
-	kept := e.waiting[:0]
-	for _, s := range e.waiting {
-		if s.ctx.Err() != nil {
-			e.queued.Add(-1)
-			s.box.push(Event{Done: true, Err: s.ctx.Err()})
-			s.release()
-			continue
-		}
-		kept = append(kept, s)
-	}
-	e.waiting = kept
-}
-
-func (e *Engine) failAll(err error) {
-	for _, s := range e.slots {
-		if s != nil {
-			e.finish(s, Event{Done: true, Err: err})
-		}
-	}
-	e.drainQueue()
-	for len(e.waiting) > 0 {
-		e.dropWaiting(Event{Done: true, Err: err})
-	}
-}
-
-// finish sends s's final event, frees its cells and its C objects. It does nothing
-// for a sequence that has already finished.
-func (e *Engine) finish(s *seq, ev Event) {
-	if s.id < 0 || e.slots[s.id] != s {
-		return
-	}
-	e.slots[s.id] = nil
-	e.busy.Add(-1)
-	e.reserved[e.poolOf(s.id)] -= s.reserve
-	if ev.Err == nil && !s.stopHit {
-		// Release text held back for a possible stop string or an unfinished character.
-		txt, hit := s.stops.add(s.utf8.Flush())
-		if !hit {
-			txt += s.stops.flush()
-		}
-		if txt != "" {
-			s.box.push(Event{Text: txt})
-		}
-	}
-	ev.NLL, ev.NLLTokens = s.nll, s.nllN
-	ev.QueueMs = ms(s.started.Sub(s.queuedAt))
-	ev.Usage = Usage{PromptTokens: s.nPrompt, CompletionTokens: s.nGen, TotalTokens: s.nPrompt + s.nGen, CachedTokens: s.cached}
-	ev.KV = e.report(s)
-	if ev.Err != nil || !e.hold(s) {
-		s.cache.free()
-	}
-	s.release()
-	// The caller may read Stats as soon as it has the final event: count first.
-	e.updateCells()
-	s.box.push(ev)
 }
 
 func (e *Engine) updateCells() {
@@ -257,7 +174,7 @@ func (e *Engine) updateCells() {
 func (e *Engine) prefillStep() {
 	var s *seq
 	for _, cand := range e.slots {
-		if cand != nil && !cand.prefilled && (s == nil || cand.started.Before(s.started)) {
+		if cand != nil && cand.state == stateEncoding && (s == nil || cand.started.Before(s.started)) {
 			s = cand
 		}
 	}
@@ -300,7 +217,7 @@ func (e *Engine) prefill(s *seq) {
 	if s.chunkIdx < len(s.chunks) {
 		return
 	}
-	s.prefilled = true
+	e.setState(s, stateGenerating)
 	tok := e.next(s, b.Len()-1)
 	s.prefillDur = time.Since(s.prefillStart)
 	if e.beforeCompress != nil {
@@ -380,7 +297,7 @@ func (e *Engine) decodeStep() {
 	}()
 	var shared, alone []*seq
 	for _, s := range e.slots {
-		if s == nil || !s.prefilled {
+		if s == nil || s.state != stateGenerating {
 			continue
 		}
 		if e.guardBool(s, func() bool { return e.injected(s) }) {
@@ -388,7 +305,7 @@ func (e *Engine) decodeStep() {
 		}
 		switch {
 		case s.cache.streamFull():
-			e.finish(s, Event{Done: true, FinishReason: FinishLength})
+			e.end(s, completion.Event{Done: true, FinishReason: completion.FinishLength})
 		case s.req.Cache.BatchedDecode() || e.opts.Unified:
 			// On one unified cache a query row attends only its own sequence's
 			// cells, so attention read from a shared batch is still per sequence.
@@ -482,28 +399,28 @@ func (e *Engine) observe(s *seq, prefill bool) {
 // emit handles a sampled token: end of generation, stop strings, length, or streaming.
 func (e *Engine) emit(s *seq, tok llama.Token) {
 	if s.req.Force == nil && e.model.IsEOG(tok) {
-		e.finish(s, Event{Done: true, FinishReason: FinishStop})
+		e.end(s, completion.Event{Done: true, FinishReason: completion.FinishStop})
 		return
 	}
 	s.nGen++
 	s.answer = append(s.answer, tok)
 	text := s.utf8.Write(e.model.TokenPiece(tok, false))
 	out, hit := s.stops.add(text)
-	var lps []TokenLogprob
+	var lps []completion.TokenLogprob
 	if s.logprob != nil {
-		lps = []TokenLogprob{*s.logprob}
+		lps = []completion.TokenLogprob{*s.logprob}
 		s.logprob = nil
 	}
 	if out != "" || lps != nil {
-		s.box.push(Event{Text: out, Logprobs: lps})
+		s.box.push(completion.Event{Text: out, Logprobs: lps})
 	}
 	if hit || s.req.Force != nil && s.nGen >= len(s.req.Force) {
 		s.stopHit = hit
-		e.finish(s, Event{Done: true, FinishReason: FinishStop})
+		e.end(s, completion.Event{Done: true, FinishReason: completion.FinishStop})
 		return
 	}
 	if s.nGen >= s.maxGen {
-		e.finish(s, Event{Done: true, FinishReason: FinishLength})
+		e.end(s, completion.Event{Done: true, FinishReason: completion.FinishLength})
 		return
 	}
 	s.pending = tok
@@ -521,11 +438,6 @@ func (e *Engine) injected(s *seq) bool {
 	return false
 }
 
-func (e *Engine) fail(s *seq, err error) {
-	e.log.Error().Err(err).Int("slot", s.id).Str("request_id", s.req.ID).Msg("request failed")
-	e.finish(s, Event{Done: true, Err: err})
-}
-
 // guard runs one piece of the engine's work on s. A panic in it fails s alone
 // (an *completion.InternalError, logged with its stack) and the loop goes on.
 func (e *Engine) guard(s *seq, work func()) {
@@ -541,24 +453,6 @@ func (e *Engine) guardBool(s *seq, work func() bool) (r bool) {
 	r = true // a panicking check counts as handled: s has failed
 	e.guard(s, func() { r = work() })
 	return r
-}
-
-func (e *Engine) failPanic(s *seq, v any, stack []byte) {
-	e.log.Error().Int("slot", s.id).Str("request_id", s.req.ID).Str("panic", fmt.Sprint(v)).
-		Bytes("stack", stack).Msg("panic while working on a request; it fails, the engine goes on")
-	err := &completion.InternalError{RequestID: s.req.ID, Err: fmt.Errorf("panic: %v", v)}
-	defer func() {
-		// Finishing a sequence whose state the panic broke may panic again: then
-		// free its slot by hand, so the engine keeps its other requests.
-		if recover() != nil && s.id >= 0 && e.slots[s.id] == s {
-			e.slots[s.id] = nil
-			e.busy.Add(-1)
-			e.reserved[e.poolOf(s.id)] -= s.reserve
-			s.cache.free()
-			s.box.push(Event{Done: true, Err: err})
-		}
-	}()
-	e.finish(s, Event{Done: true, Err: err})
 }
 
 // seqCacheFor gives admitted request s the cache of slot: the held sequence there,

@@ -40,9 +40,8 @@ type promptState struct {
 	textFrom int
 
 	// prefill progress
-	chunkIdx  int
-	chunkOff  int
-	prefilled bool
+	chunkIdx int
+	chunkOff int
 
 	prefillStart time.Time
 	prefillDur   time.Duration
