@@ -46,8 +46,9 @@ func (d *diskEntry) serves(s *seq) int {
 
 // diskTier is the directory and its index.
 //
-// Locking: mu guards the index (the loop looks up and reads; the writer goroutine
-// adds and removes); counters are atomics, read by Stats.
+// Locking: mu guards the index and the pending writes (the loop looks up and
+// reads; the writer goroutine adds and removes); counters are atomics, read by
+// Stats.
 type diskTier struct {
 	dir   string
 	limit int64
@@ -58,8 +59,12 @@ type diskTier struct {
 	mu    sync.Mutex
 	index map[string]*diskEntry
 	clock uint64
+	// pending are the conversations queued for the writer, by file name: they
+	// serve a request like their file will (a conversation that left its slot a
+	// moment ago is not lost to a slow disk), newer than a file of the same name.
+	pending map[string]*pendingWrite
 
-	writes chan *hostEntry
+	writes chan *pendingWrite
 	done   sync.WaitGroup
 	warned atomic.Bool
 	// device, when set, stands between a file and what is written to it: a test
@@ -129,7 +134,7 @@ func openDiskTier(dir string, limit int64, model [32]byte, log zerolog.Logger) (
 		lock.Close()
 		return nil, &DiskLockedError{Dir: dir}
 	}
-	d := &diskTier{dir: dir, limit: limit, model: model, log: log, lock: lock, index: map[string]*diskEntry{}, writes: make(chan *hostEntry, 64)}
+	d := &diskTier{dir: dir, limit: limit, model: model, log: log, lock: lock, index: map[string]*diskEntry{}, pending: map[string]*pendingWrite{}, writes: make(chan *pendingWrite, 64)}
 	names, err := os.ReadDir(dir)
 	if err != nil {
 		d.close()
@@ -178,14 +183,41 @@ func (d *diskTier) fault(err error) {
 	}
 }
 
+// pendingWrite is a conversation queued for the writer.
+type pendingWrite struct {
+	name string
+	e    *hostEntry
+}
+
+// detached is a copy of e that a request may continue while the writer still
+// reads e: the same cells (read only) and a tracker of its own.
+func (e *hostEntry) detached() (*hostEntry, error) {
+	c := *e
+	if e.tracker != nil {
+		b, err := e.tracker.MarshalBinary()
+		if err != nil {
+			return nil, err
+		}
+		c.tracker = &elasticcache.Tracker{}
+		if err := c.tracker.UnmarshalBinary(b); err != nil {
+			return nil, err
+		}
+	}
+	return &c, nil
+}
+
 // put queues e to be written; when the queue is full the conversation is lost
 // (counted).
 func (d *diskTier) put(e *hostEntry) {
 	if !d.on() {
 		return
 	}
+	w := &pendingWrite{name: diskName(e), e: e}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	select {
-	case d.writes <- e:
+	case d.writes <- w:
+		d.pending[w.name] = w
 	default:
 		d.fault(errors.New("the write queue is full"))
 	}
@@ -193,16 +225,20 @@ func (d *diskTier) put(e *hostEntry) {
 
 func (d *diskTier) writer() {
 	defer d.done.Done()
-	for e := range d.writes {
-		d.write(e)
+	for w := range d.writes {
+		d.write(w.name, w.e)
+		d.mu.Lock()
+		if d.pending[w.name] == w {
+			delete(d.pending, w.name)
+		}
+		d.mu.Unlock()
 	}
 }
 
 // write stores e in its file atomically, indexes it and keeps the directory
 // within its bound. A failure (a full disk, a directory that became read-only)
 // is counted and leaves no partial file.
-func (d *diskTier) write(e *hostEntry) {
-	name := diskName(e)
+func (d *diskTier) write(name string, e *hostEntry) {
 	tmp, err := os.CreateTemp(d.dir, ".tmp-*")
 	if err != nil {
 		d.fault(err)
@@ -278,7 +314,16 @@ func (d *diskTier) best(s *seq) (*diskEntry, int) {
 	defer d.mu.Unlock()
 	var best *diskEntry
 	bestN := 0
+	for _, w := range d.pending {
+		x := &diskEntry{name: w.name, units: w.e.units, spec: w.e.spec, compressed: w.e.compressed, cells: w.e.snap.Cells()}
+		if n := x.serves(s); n > bestN && 2*n >= len(x.units) {
+			best, bestN = x, n
+		}
+	}
 	for _, x := range d.index {
+		if d.pending[x.name] != nil {
+			continue // older than the pending write
+		}
 		if n := x.serves(s); n > bestN && 2*n >= len(x.units) {
 			best, bestN = x, n
 		}
@@ -291,8 +336,17 @@ func (d *diskTier) best(s *seq) (*diskEntry, int) {
 }
 
 // load reads the conversation in file name, checked whole. A file that cannot be
-// used is counted and forgotten (and removed: it can never serve).
+// used is counted and forgotten (and removed: it can never serve). A conversation
+// still queued for the writer is taken as it is in memory, without waiting for a
+// slow disk: the writer and the restore only read its cells, and the request
+// goes on with a copy of its tracker.
 func (d *diskTier) load(name string) (*hostEntry, error) {
+	d.mu.Lock()
+	w := d.pending[name]
+	d.mu.Unlock()
+	if w != nil {
+		return w.e.detached()
+	}
 	e, err := readEntry(filepath.Join(d.dir, name), d.model)
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -317,7 +371,7 @@ func (d *diskTier) empty() bool {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return len(d.index) == 0
+	return len(d.index) == 0 && len(d.pending) == 0
 }
 
 // close waits for the queued writes and releases the directory.
@@ -344,12 +398,12 @@ func (e *Engine) persist() {
 	for _, h := range e.held {
 		if h != nil && len(h.cache.cells) > 0 {
 			if ent := e.snapshot(h); ent != nil {
-				d.write(ent)
+				d.write(diskName(ent), ent)
 			}
 		}
 	}
 	for _, ent := range e.host.entries {
-		d.write(ent)
+		d.write(diskName(ent), ent)
 	}
 	d.close()
 }

@@ -263,3 +263,43 @@ func TestDiskTierFullDisk(t *testing.T) {
 		t.Fatalf("after a full disk: cached %d, %q; encoded afresh %q", got.usage.CachedTokens, got.text, want.text)
 	}
 }
+
+// slowDisk holds every write until release is closed.
+type slowDisk struct {
+	w       io.Writer
+	release chan struct{}
+}
+
+func (s *slowDisk) Write(p []byte) (int, error) {
+	<-s.release
+	return s.w.Write(p)
+}
+
+// A conversation that left its slot for a disk that has not written it yet
+// continues from the queued copy (reused_from "disk", every cell of its history),
+// with the answer of encoding it again, and the loop never waits for the disk.
+func TestDiskTierServesWhatIsStillBeingWritten(t *testing.T) {
+	id := testModelID(t)
+	e := startEngine(t, Options{Parallel: 1, Reuse: true, CacheDir: t.TempDir(), ModelID: id})
+	release := make(chan struct{})
+	e.disk.device = func(w io.Writer) io.Writer { return &slowDisk{w: w, release: release} }
+	first := pictureTurn1("a", elasticcache.Spec{}, testPNG(t, 1))
+	a1 := run(t, e, first)
+	run(t, e, pictureTurn1("b", elasticcache.Spec{}, testPNG(t, 2))) // a leaves its slot; its write waits
+	second := turn2(first, a1.text, "And which color is it?")
+	a2 := run(t, e, second)
+	if st := e.Stats(); st.DiskCache.Stored != 0 {
+		t.Fatalf("the slow disk finished a write before it was released: %+v", st)
+	}
+	close(release)
+	if a2.kv.ReusedFrom != "disk" || a2.usage.CachedTokens < a1.usage.PromptTokens-1 {
+		t.Fatalf("second turn: cached %d from %q, the first turn's prompt is %d tokens", a2.usage.CachedTokens, a2.kv.ReusedFrom, a1.usage.PromptTokens)
+	}
+	if again := run(t, e, noReuse(second)); again.text != a2.text {
+		t.Fatalf("continued from the queued copy %q, encoded again %q", a2.text, again.text)
+	}
+	stopClean(e)
+	if st := e.Stats(); st.DiskCache.Failures != 0 || st.DiskCache.Stored == 0 {
+		t.Fatalf("after the disk caught up: %+v", st)
+	}
+}
