@@ -1,5 +1,7 @@
 package engine
 
+import "slices"
+
 // cellPool mirrors how llama.cpp's KV cache (v0.17.4, llama_kv_cache::find_slot with
 // cont=false, apply_ubatch, seq_rm) places tokens in the cells of one stream. The engine
 // needs to know which cell holds which entry because captured attention comes per cell.
@@ -114,4 +116,62 @@ func (p *cellPool) assign(seq int, cells []int) {
 	if len(cells) > 0 {
 		p.head = cells[len(cells)-1] + 1
 	}
+}
+
+// splitEqual mirrors llama.cpp's llama_batch_allocr::split_equal with sequential
+// set (how a context with a stream per sequence cuts a batch into ubatches): seqs
+// is the sequence of each batch token, in batch order, one sequence per token. A
+// ubatch takes the runs of consecutive sequence ids in order of their first unused
+// token (ids must go up by one), then one token of each in turn while every one has
+// a token left and the ubatch stays within nUBatch. It returns the ubatches as
+// batch indices, each sequence's tokens together, in the order of the runs.
+func splitEqual(seqs []int, nUBatch int) [][]int {
+	used := make([]bool, len(seqs))
+	left := len(seqs)
+	var out [][]int
+	for left > 0 {
+		var set []int // sequence ids in this ubatch, in order
+		for i, s := range seqs {
+			if used[i] || slices.Contains(set, s) {
+				continue
+			}
+			if len(set) > 0 && s != set[len(set)-1]+1 {
+				continue
+			}
+			set = append(set, s)
+			if len(set) > nUBatch {
+				break
+			}
+		}
+		per := make([][]int, len(set))
+		next := make([]int, len(set)) // the next batch index to look at, per sequence
+		for {
+			grow := true
+			for k, s := range set {
+				for next[k] < len(seqs) && (used[next[k]] || seqs[next[k]] != s) {
+					next[k]++
+				}
+				if next[k] == len(seqs) {
+					grow = false
+				}
+			}
+			if !grow {
+				break
+			}
+			for k := range set {
+				per[k] = append(per[k], next[k])
+				used[next[k]] = true
+				left--
+			}
+			if (len(per[0])+1)*len(set) > nUBatch {
+				break
+			}
+		}
+		var ub []int
+		for _, p := range per {
+			ub = append(ub, p...)
+		}
+		out = append(out, ub)
+	}
+	return out
 }

@@ -291,33 +291,9 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 			e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 1024, Unified: unified, UBatchSize: 64})
 			checked := 0
 			check := func(o Observation) {
-				if o.T%37 != 0 && !o.Prefill {
-					return
+				if (o.T%37 == 0 || o.Prefill) && bookkeepingAgrees(t, e, o) {
+					checked++
 				}
-				s := e.slots[o.Slot]
-				got, err := e.ctx.SeqCells(0, o.Slot)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				// llama.cpp lists a sequence's cells in cell order.
-				cells, pos := s.cache.cells, s.cache.pos
-				order := make([]int, len(cells))
-				for i := range order {
-					order[i] = i
-				}
-				sort.Slice(order, func(a, b int) bool { return cells[order[a]] < cells[order[b]] })
-				if len(got) != len(order) {
-					t.Errorf("slot %d T=%d: llama holds %d cells, bookkeeping %d", o.Slot, o.T, len(got), len(order))
-					return
-				}
-				for k, i := range order {
-					if got[k].Index != cells[i] || got[k].Pos != pos[i] {
-						t.Errorf("slot %d T=%d: cell-order entry %d: llama cell %d pos %d, bookkeeping cell %d pos %d", o.Slot, o.T, k, got[k].Index, got[k].Pos, cells[i], pos[i])
-						return
-					}
-				}
-				checked++
 			}
 			e.onObserve.Store(&check)
 			reqs := []*completion.Request{
@@ -343,6 +319,113 @@ func TestCellBookkeepingMatchesLlama(t *testing.T) {
 				t.Fatalf("only %d snapshots checked", checked)
 			}
 		})
+	}
+}
+
+// bookkeepingAgrees compares the cells and positions the engine recorded for
+// observation o's sequence with those llama.cpp lists, reporting a difference as
+// an error; it reports whether they agree.
+func bookkeepingAgrees(t *testing.T, e *testEngine, o Observation) bool {
+	s := e.slots[o.Slot]
+	got, err := e.ctx.SeqCells(0, o.Slot)
+	if err != nil {
+		t.Error(err)
+		return false
+	}
+	// llama.cpp lists a sequence's cells in cell order.
+	cells, pos := s.cache.cells, s.cache.pos
+	order := make([]int, len(cells))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(a, b int) bool { return cells[order[a]] < cells[order[b]] })
+	if len(got) != len(order) {
+		t.Errorf("slot %d T=%d: llama holds %d cells, bookkeeping %d", o.Slot, o.T, len(got), len(order))
+		return false
+	}
+	for k, i := range order {
+		if got[k].Index != cells[i] || got[k].Pos != pos[i] {
+			t.Errorf("slot %d T=%d: cell-order entry %d: llama cell %d pos %d, bookkeeping cell %d pos %d", o.Slot, o.T, k, got[k].Index, got[k].Pos, cells[i], pos[i])
+			return false
+		}
+	}
+	return true
+}
+
+// A burst of prompts encoded in their streams shares llama_decode calls (equal
+// tokens per stream, cut into ubatches of 64 here): fewer calls than one prompt at a
+// time, the engine's cells are llama.cpp's, and every answer is the one the request
+// gets alone. A picture prompt joins once its text follows the picture, and a
+// compressing request (local, in its stream) shares calls too.
+func TestPromptsOfABurstShareCalls(t *testing.T) {
+	full := elasticcache.Spec{}
+	reqs := func() []*completion.Request {
+		return []*completion.Request{
+			greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, full),
+			greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, full),
+			greedyReq("c", "What is in the picture? "+longPrompt, 8, full, testPNG(t, 1)),
+			greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
+		}
+	}
+	// A gate request holds the loop (its fault hook waits) until the burst is
+	// queued, then fails, so the four are admitted together.
+	opts := Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512}
+	alone := startEngine(t, opts)
+	want := map[string]string{}
+	calls := int64(0)
+	for _, r := range reqs() {
+		before := alone.promptCalls.Load()
+		want[r.ID] = run(t, alone, r).text
+		calls += alone.promptCalls.Load() - before
+	}
+
+	e := startEngine(t, opts)
+	checked := 0
+	check := func(o Observation) {
+		if o.Prefill && bookkeepingAgrees(t, e, o) {
+			checked++
+		}
+	}
+	e.onObserve.Store(&check)
+	released := make(chan struct{})
+	fault := func(id string) error {
+		if id == "gate" {
+			<-released
+			return errors.New("the gate opens")
+		}
+		return nil
+	}
+	e.onFault.Store(&fault)
+	gate, err := e.Submit(context.Background(), greedyReq("gate", "wait", 1, full))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chans []<-chan completion.Event
+	for _, r := range reqs() {
+		ch, err := e.Submit(context.Background(), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chans = append(chans, ch)
+	}
+	close(released)
+	if r := collect(t, gate); r.err == nil {
+		t.Fatal("the gate request did not fail")
+	}
+	for i, ch := range chans {
+		r := collect(t, ch)
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if id := reqs()[i].ID; r.text != want[id] {
+			t.Errorf("%s: in a burst %q, alone %q", id, r.text, want[id])
+		}
+	}
+	if checked != 4 {
+		t.Errorf("%d of 4 prompts' cells checked", checked)
+	}
+	if got := e.promptCalls.Load(); got >= calls {
+		t.Errorf("the burst took %d prompt calls, one at a time %d", got, calls)
 	}
 }
 

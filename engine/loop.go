@@ -169,8 +169,10 @@ func (e *Engine) updateCells() {
 	}
 }
 
-// prefillStep encodes one batch of one prompt, the oldest unfinished one. A single
-// sequence prefills at a time so that captured attention belongs to it alone.
+// prefillStep encodes one batch of prompt: the next chunk of the oldest unfinished
+// prompt, alone when its attention is captured (the capture must belong to it) or
+// while sequences generate (the pacer sizes the chunk), else together with the
+// other prompts that can share the call (promptGroup).
 func (e *Engine) prefillStep() {
 	var s *seq
 	for _, cand := range e.slots {
@@ -178,8 +180,84 @@ func (e *Engine) prefillStep() {
 			s = cand
 		}
 	}
-	if s != nil {
-		e.guard(s, func() { e.prefill(s) })
+	if s == nil {
+		return
+	}
+	if g := e.promptGroup(s); len(g) > 1 {
+		e.prefillTogether(g)
+		return
+	}
+	e.guard(s, func() { e.prefill(s) })
+}
+
+// promptGroup is the prompts that share one call with s, the oldest: while no
+// sequence generates (none waits for a decode step), every prompt encoded in its
+// own stream of the decode context whose next chunk is text and whose attention
+// is not captured, in stream order; nil when s is not one of them. llama.cpp cuts
+// such a call into ubatches of equal tokens per stream, so the prompts of a burst
+// of requests go through the weights together, as one prompt's tokens do, instead
+// of one after the other (and the first of them would then decode alone while the
+// others' prompts wait their turn between its steps).
+func (e *Engine) promptGroup(s *seq) []*seq {
+	if e.opts.Unified || e.generating() || !e.sharesPromptCall(s) {
+		return nil
+	}
+	var g []*seq
+	for _, c := range e.slots {
+		if c != nil && c.state == stateEncoding && e.sharesPromptCall(c) {
+			g = append(g, c)
+		}
+	}
+	return g
+}
+
+// sharesPromptCall reports whether s's next prompt chunk may go into a call with
+// other sequences' (promptGroup).
+func (e *Engine) sharesPromptCall(s *seq) bool {
+	c := s.cache
+	return c != nil && c.lctx == e.ctx && !c.away() && c.scores == nil && s.chunks[s.chunkIdx].kind == llama.ChunkText
+}
+
+// prefillTogether encodes the next text chunks of the prompts of g
+// (promptGroup) in one call, the batch shared equally between them.
+func (e *Engine) prefillTogether(g []*seq) {
+	var live []*seq
+	for _, s := range g {
+		if !e.guardBool(s, func() bool { return e.injected(s) }) {
+			live = append(live, s)
+		}
+	}
+	if len(live) == 0 {
+		return
+	}
+	share := max(e.opts.BatchSize/len(live), 1)
+	b := e.tokBatch
+	b.Clear()
+	caches := make([]*seqCache, len(live))
+	counts := make([]int, len(live))
+	rows := make([]int, len(live)) // each one's last token in the batch
+	for i, s := range live {
+		s.beginPrompt()
+		ch := &s.chunks[s.chunkIdx]
+		n := min(share, ch.n-s.chunkOff)
+		last := s.chunkIdx == len(s.chunks)-1 && s.chunkOff+n == ch.n
+		pos0 := e.textPos(s)
+		for k := range n {
+			b.Add(ch.tokens[s.chunkOff+k], pos0+k, s.cache.seq, last && k == n-1)
+		}
+		caches[i], counts[i], rows[i] = s.cache, n, b.Len()-1
+	}
+	t0 := time.Now()
+	if err := decodePrompts(e.ctx, b, caches, counts); err != nil {
+		for _, s := range live {
+			e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
+		}
+		return
+	}
+	e.pace.prompt(b.Len(), time.Since(t0))
+	e.promptCalls.Add(1)
+	for i, s := range live {
+		e.guard(s, func() { e.promptEncoded(s, counts[i], rows[i]) })
 	}
 }
 
@@ -189,9 +267,7 @@ func (e *Engine) prefill(s *seq) {
 	if e.injected(s) {
 		return
 	}
-	if s.prefillStart.IsZero() {
-		s.prefillStart = time.Now()
-	}
+	s.beginPrompt()
 	b, n, nonCausal, err := e.promptBatch(s, e.pace.chunk(e.generating()))
 	if err != nil {
 		e.fail(s, err)
@@ -204,6 +280,28 @@ func (e *Engine) prefill(s *seq) {
 	}
 	e.pace.prompt(n, time.Since(t0))
 	e.promptCalls.Add(1)
+	e.promptEncoded(s, n, b.Len()-1)
+}
+
+// beginPrompt notes when s's prompt began to be encoded.
+func (s *seq) beginPrompt() {
+	if s.prefillStart.IsZero() {
+		s.prefillStart = time.Now()
+	}
+}
+
+// textPos is the position of s's next prompt token.
+func (e *Engine) textPos(s *seq) int {
+	if e.mrope() {
+		return s.cache.position(s.nPast)
+	}
+	return s.nPast
+}
+
+// promptEncoded records that n more entries of s's prompt are in its cache; after
+// the last one (output row of the call) it samples the first token, lets the
+// cache owner apply the prompt plan and emits the token.
+func (e *Engine) promptEncoded(s *seq, n, row int) {
 	s.nPast += n
 	ch := &s.chunks[s.chunkIdx]
 	if s.chunkOff += n; s.chunkOff == ch.n {
@@ -218,7 +316,7 @@ func (e *Engine) prefill(s *seq) {
 		return
 	}
 	e.setState(s, stateGenerating)
-	tok := e.next(s, b.Len()-1)
+	tok := e.next(s, row)
 	s.prefillDur = time.Since(s.prefillStart)
 	if e.beforeCompress != nil {
 		e.beforeCompress(s.cache)
@@ -253,10 +351,7 @@ func (e *Engine) promptBatch(s *seq, limit int) (b *llama.Batch, n int, nonCausa
 	case llama.ChunkText:
 		b = e.tokBatch
 		b.Clear()
-		pos0 := s.nPast
-		if e.mrope() {
-			pos0 = s.cache.position(s.nPast)
-		}
+		pos0 := e.textPos(s)
 		for i := range n {
 			b.Add(ch.tokens[s.chunkOff+i], pos0+i, s.cache.seq, last && i == n-1)
 		}

@@ -300,6 +300,49 @@ func decodeShared(ctx *llama.Context, b *llama.Batch, caches []*seqCache) error 
 	return nil
 }
 
+// decodePrompts decodes b in ctx, a context with a stream per sequence: the next
+// counts[i] prompt tokens of caches[i], in stream order, none capturing attention.
+// llama.cpp cuts such a call into ubatches of equal tokens per stream (splitEqual);
+// each pool places its sequence's tokens ubatch by ubatch, as find_slot does.
+func decodePrompts(ctx *llama.Context, b *llama.Batch, caches []*seqCache, counts []int) error {
+	if err := ctx.Decode(b); err != nil {
+		return err
+	}
+	var seqs []int
+	owner := make([]*seqCache, 0, b.Len())
+	for i, c := range caches {
+		for range counts[i] {
+			seqs = append(seqs, c.seq)
+			owner = append(owner, c)
+		}
+	}
+	cells := make([]int, len(seqs))
+	for _, ub := range splitEqual(seqs, caches[0].pool.ubat) {
+		for _, c := range caches {
+			var idx, mine []int
+			for _, i := range ub {
+				if owner[i] == c {
+					idx, mine = append(idx, i), append(mine, c.seq)
+				}
+			}
+			if len(idx) == 0 {
+				continue
+			}
+			got, ok := c.pool.placeUBatch(mine)
+			if !ok {
+				return errBookkeeping
+			}
+			for k, i := range idx {
+				cells[i] = got[k]
+			}
+		}
+	}
+	for i, c := range owner {
+		c.placed(cells[i], b.Pos(i))
+	}
+	return nil
+}
+
 // takeStep keeps this decode step's attention per held entry from the captured
 // column sums (per layer, indexed by cell). In a batch of several sequences on one
 // unified cache each query row attends only its own sequence's cells, so a cell's
