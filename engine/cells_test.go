@@ -30,3 +30,32 @@ func TestSplitEqualMirrorsLlama(t *testing.T) {
 		})
 	}
 }
+
+// shareBatch fills the call: a chunk that needs less than its even share leaves
+// the rest to the others.
+func TestShareBatchFillsTheCall(t *testing.T) {
+	mk := func(needs ...int) []*seq {
+		var ss []*seq
+		for _, n := range needs {
+			s := &seq{}
+			s.chunks = []promptChunk{{n: n + 5}}
+			s.chunkOff = 5
+			ss = append(ss, s)
+		}
+		return ss
+	}
+	for _, tc := range []struct {
+		size  int
+		needs []int
+		want  []int
+	}{
+		{512, []int{300, 300}, []int{256, 256}},
+		{512, []int{300, 10, 300, 300}, []int{167, 10, 167, 168}},
+		{512, []int{20, 30}, []int{20, 30}},
+		{4, []int{5, 5, 5, 5}, []int{1, 1, 1, 1}},
+	} {
+		if got := shareBatch(tc.size, mk(tc.needs...)); !slices.Equal(got, tc.want) {
+			t.Errorf("shareBatch(%d, %v) = %v, want %v", tc.size, tc.needs, got, tc.want)
+		}
+	}
+}

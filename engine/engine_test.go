@@ -357,7 +357,22 @@ func bookkeepingAgrees(t *testing.T, e *testEngine, o Observation) bool {
 // time, the engine's cells are llama.cpp's, and every answer is the one the request
 // gets alone. A picture prompt joins once its text follows the picture, and a
 // compressing request (local, in its stream) shares calls too.
+//
+// Also on Gemma 3 (a window cache beside the full-attention one) and Qwen2.5-VL
+// (M-RoPE positions after the picture).
 func TestPromptsOfABurstShareCalls(t *testing.T) {
+	_, gm, gv := loadFamily(t, testmodel.ArchGemma3)
+	_, qm, qv := loadFamily(t, testmodel.ArchQwen25VL)
+	for _, mv := range []struct {
+		name string
+		m    *llama.Model
+		v    *llama.Vision
+	}{{"test-model", tmModel, tmVision}, {"gemma3", gm, gv}, {"qwen25vl", qm, qv}} {
+		t.Run(mv.name, func(t *testing.T) { testBurst(t, mv.m, mv.v) })
+	}
+}
+
+func testBurst(t *testing.T, m *llama.Model, v *llama.Vision) {
 	full := elasticcache.Spec{}
 	reqs := func() []*completion.Request {
 		return []*completion.Request{
@@ -370,7 +385,7 @@ func TestPromptsOfABurstShareCalls(t *testing.T) {
 	// A gate request holds the loop (its fault hook waits) until the burst is
 	// queued, then fails, so the four are admitted together.
 	opts := Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512}
-	alone := startEngine(t, opts)
+	alone := startEngineOn(t, m, v, opts)
 	want := map[string]string{}
 	calls := int64(0)
 	for _, r := range reqs() {
@@ -379,7 +394,7 @@ func TestPromptsOfABurstShareCalls(t *testing.T) {
 		calls += alone.promptCalls.Load() - before
 	}
 
-	e := startEngine(t, opts)
+	e := startEngineOn(t, m, v, opts)
 	checked := 0
 	check := func(o Observation) {
 		if o.Prefill && bookkeepingAgrees(t, e, o) {

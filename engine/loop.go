@@ -204,7 +204,7 @@ func (e *Engine) promptGroup(s *seq) []*seq {
 	}
 	var g []*seq
 	for _, c := range e.slots {
-		if c != nil && c.state == stateEncoding && e.sharesPromptCall(c) {
+		if c != nil && c.state == stateEncoding && e.sharesPromptCall(c) && len(g) < e.opts.BatchSize {
 			g = append(g, c)
 		}
 	}
@@ -219,7 +219,7 @@ func (e *Engine) sharesPromptCall(s *seq) bool {
 }
 
 // prefillTogether encodes the next text chunks of the prompts of g
-// (promptGroup) in one call, the batch shared equally between them.
+// (promptGroup) in one call, the batch shared between them (shareBatch).
 func (e *Engine) prefillTogether(g []*seq) {
 	var live []*seq
 	for _, s := range g {
@@ -230,22 +230,21 @@ func (e *Engine) prefillTogether(g []*seq) {
 	if len(live) == 0 {
 		return
 	}
-	share := max(e.opts.BatchSize/len(live), 1)
+	counts := shareBatch(e.opts.BatchSize, live)
 	b := e.tokBatch
 	b.Clear()
 	caches := make([]*seqCache, len(live))
-	counts := make([]int, len(live))
 	rows := make([]int, len(live)) // each one's last token in the batch
 	for i, s := range live {
 		s.beginPrompt()
 		ch := &s.chunks[s.chunkIdx]
-		n := min(share, ch.n-s.chunkOff)
+		n := counts[i]
 		last := s.chunkIdx == len(s.chunks)-1 && s.chunkOff+n == ch.n
 		pos0 := e.textPos(s)
 		for k := range n {
 			b.Add(ch.tokens[s.chunkOff+k], pos0+k, s.cache.seq, last && k == n-1)
 		}
-		caches[i], counts[i], rows[i] = s.cache, n, b.Len()-1
+		caches[i], rows[i] = s.cache, b.Len()-1
 	}
 	t0 := time.Now()
 	if err := decodePrompts(e.ctx, b, caches, counts); err != nil {
@@ -259,6 +258,24 @@ func (e *Engine) prefillTogether(g []*seq) {
 	for i, s := range live {
 		e.guard(s, func() { e.promptEncoded(s, counts[i], rows[i]) })
 	}
+}
+
+// shareBatch splits a batch of size tokens (at least one per sequence) between
+// the current text chunks of ss: evenly, but a chunk that needs less than its
+// share leaves the rest to the others, so the call is as full as the chunks allow.
+func shareBatch(size int, ss []*seq) []int {
+	need := make([]int, len(ss))
+	order := make([]int, len(ss))
+	for i, s := range ss {
+		need[i], order[i] = s.chunks[s.chunkIdx].n-s.chunkOff, i
+	}
+	slices.SortStableFunc(order, func(a, b int) int { return need[a] - need[b] })
+	counts := make([]int, len(ss))
+	for k, i := range order {
+		counts[i] = min(need[i], max(size/(len(ss)-k), 1))
+		size -= counts[i]
+	}
+	return counts
 }
 
 // prefill schedules the next batch of s's prompt, decodes it through s's cache
