@@ -212,6 +212,8 @@ type counters struct {
 	imageHits   atomic.Int64
 	imageEncs   atomic.Int64
 	promptCalls atomic.Int64 // llama_decode calls that encoded prompt entries
+	// widestPromptCall is the most prompts one call has encoded (prefillTogether)
+	widestPromptCall atomic.Int64
 }
 
 // Start creates the engine's llama context on model and starts its decode loop.

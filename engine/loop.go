@@ -212,10 +212,11 @@ func (e *Engine) promptGroup(s *seq) []*seq {
 }
 
 // sharesPromptCall reports whether s's next prompt chunk may go into a call with
-// other sequences' (promptGroup).
+// other sequences' (promptGroup). A sequence still in the prefill context has that
+// context as its lctx.
 func (e *Engine) sharesPromptCall(s *seq) bool {
 	c := s.cache
-	return c != nil && c.lctx == e.ctx && !c.away() && c.scores == nil && s.chunks[s.chunkIdx].kind == llama.ChunkText
+	return c != nil && c.lctx == e.ctx && c.scores == nil && s.chunks[s.chunkIdx].kind == llama.ChunkText
 }
 
 // prefillTogether encodes the next text chunks of the prompts of g
@@ -255,6 +256,9 @@ func (e *Engine) prefillTogether(g []*seq) {
 	}
 	e.pace.prompt(b.Len(), time.Since(t0))
 	e.promptCalls.Add(1)
+	if n := int64(len(live)); n > e.widestPromptCall.Load() {
+		e.widestPromptCall.Store(n)
+	}
 	for i, s := range live {
 		e.guard(s, func() { e.promptEncoded(s, counts[i], rows[i]) })
 	}
