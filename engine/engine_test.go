@@ -402,9 +402,13 @@ func testBurst(t *testing.T, m *llama.Model, v *llama.Vision) {
 		}
 	}
 	e.onObserve.Store(&check)
-	released := make(chan struct{})
+	// The burst is submitted only once the loop waits in the gate, so that no
+	// request of it is admitted before the others.
+	entered, released := make(chan struct{}), make(chan struct{})
+	var once sync.Once
 	fault := func(id string) error {
 		if id == "gate" {
+			once.Do(func() { close(entered) })
 			<-released
 			return errors.New("the gate opens")
 		}
@@ -415,6 +419,7 @@ func testBurst(t *testing.T, m *llama.Model, v *llama.Vision) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	<-entered
 	var chans []<-chan completion.Event
 	for _, r := range reqs() {
 		ch, err := e.Submit(context.Background(), r)
