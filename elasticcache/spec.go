@@ -115,11 +115,6 @@ func (s Spec) PrefillScores() bool {
 // captured too (h2o below budget 1).
 func (s Spec) DecodeScores() bool { return s.Compresses() && s.c.Policy == H2O }
 
-// BatchedDecode reports whether the sequence may share a decode call with
-// others. Captured attention must belong to one sequence, so a policy that
-// reads decode scores decodes alone.
-func (s Spec) BatchedDecode() bool { return !s.DecodeScores() }
-
 // MaxCells is the most cells a sequence with an n-token prompt that generates
 // g tokens holds at any time: n+g when nothing is compressed, otherwise the
 // whole prompt while it is encoded and ceil(b*(n+g))+1 afterwards (the bound

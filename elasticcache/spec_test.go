@@ -11,26 +11,26 @@ import (
 // can compress: at budget 1 no policy needs anything.
 func TestSpecNeedsScoresOnlyWhenItCompresses(t *testing.T) {
 	cases := []struct {
-		p                                  Policy
-		b                                  float64
-		compresses, prefill, decode, batch bool
+		p                           Policy
+		b                           float64
+		compresses, prefill, decode bool
 	}{
-		{Full, 0.5, false, false, false, true},
-		{Elastic, 0.5, true, true, false, true},
-		{H2O, 0.5, true, true, true, false},
-		{Local, 0.5, true, false, false, true},
-		{Full, 1, false, false, false, true},
-		{Elastic, 1, false, false, false, true},
-		{H2O, 1, false, false, false, true},
-		{Local, 1, false, false, false, true},
+		{Full, 0.5, false, false, false},
+		{Elastic, 0.5, true, true, false},
+		{H2O, 0.5, true, true, true},
+		{Local, 0.5, true, false, false},
+		{Full, 1, false, false, false},
+		{Elastic, 1, false, false, false},
+		{H2O, 1, false, false, false},
+		{Local, 1, false, false, false},
 	}
 	for _, c := range cases {
 		t.Run(fmt.Sprintf("%s/%v", c.p, c.b), func(t *testing.T) {
 			s := MustSpec(Config{Policy: c.p, Budget: c.b, Sink: 4, Distance: -25})
-			got := [4]bool{s.Compresses(), s.PrefillScores(), s.DecodeScores(), s.BatchedDecode()}
-			want := [4]bool{c.compresses, c.prefill, c.decode, c.batch}
+			got := [3]bool{s.Compresses(), s.PrefillScores(), s.DecodeScores()}
+			want := [3]bool{c.compresses, c.prefill, c.decode}
 			if got != want {
-				t.Fatalf("Compresses, PrefillScores, DecodeScores, BatchedDecode = %v, want %v", got, want)
+				t.Fatalf("Compresses, PrefillScores, DecodeScores = %v, want %v", got, want)
 			}
 		})
 	}
@@ -61,7 +61,7 @@ func TestZeroSpecIsFullAtBudgetOne(t *testing.T) {
 	if c := s.Config(); c != (Config{Policy: Full, Budget: 1}) || c.Validate() != nil {
 		t.Fatalf("Spec{}.Config() = %+v (%v), want a valid full setting", c, c.Validate())
 	}
-	if s.Compresses() || s.PrefillScores() || s.DecodeScores() || !s.BatchedDecode() {
+	if s.Compresses() || s.PrefillScores() || s.DecodeScores() {
 		t.Fatal("Spec{} compresses or needs scores")
 	}
 	if k := s.KeepCount(37); k != 37 {

@@ -39,13 +39,17 @@ type Options struct {
 	// it always; V only where flash attention is on (llama.cpp quantizes V only
 	// then), f16 elsewhere.
 	KVType string
-	// PrefillCtx, when > 0, gives the engine a second llama context of that many
-	// cells in which prompts of compressing policies are encoded (one at a time,
-	// attention captured), then compressed and moved into their slot's stream of the
-	// decode context, so that each stream needs only what a compressed conversation
-	// holds. It needs per-slot streams (Unified false). 0: one context; prompts are
-	// encoded where they decode.
+	// PrefillCtx, when > 0, gives the engine a second llama context in which
+	// prompts of compressing policies are encoded (attention captured), each in a
+	// stream of PrefillCtx cells, then compressed and moved into their slot's stream
+	// of the decode context, so that each stream needs only what a compressed
+	// conversation holds. It needs per-slot streams (Unified false). 0: one
+	// context; prompts are encoded where they decode.
 	PrefillCtx int
+	// PrefillStreams is how many prompts the prefill context holds at once, each in
+	// its own stream of PrefillCtx cells (0: 1; at most Parallel). While nothing
+	// generates, their text chunks share calls as the decode context's prompts do.
+	PrefillStreams int
 	// PrefillChunk is how many prompt tokens a loop turn encodes while other
 	// sequences are generating (they wait for the call); 0 sizes it from measured
 	// times, so that a stream's gap between tokens stays near two decode steps
@@ -143,12 +147,13 @@ type contexts struct {
 	model  *llama.Model
 	vision *llama.Vision
 	ctx    *llama.Context // the decode context
-	// pctx is the prefill context (Options.PrefillCtx; nil without one): one
-	// sequence (id 0) at a time; ppool mirrors its cells.
+	// pctx is the prefill context (Options.PrefillCtx; nil without one): a prompt
+	// in each of its Options.PrefillStreams streams (sequence id = stream); ppools
+	// mirror each stream's cells.
 	pctx *llama.Context
 	// threads: the CPU threads ctx and pctx share (nil without a prefill context).
 	threads *llama.ThreadPool
-	ppool   *cellPool
+	ppools  []*cellPool
 	// cacheLayers are the model layers of the cache the KV hook rewrites (part 0).
 	cacheLayers []int
 
@@ -214,6 +219,8 @@ type counters struct {
 	promptCalls atomic.Int64 // llama_decode calls that encoded prompt entries
 	// widestPromptCall is the most prompts one call has encoded (prefillTogether)
 	widestPromptCall atomic.Int64
+	// widestDecodeCall is the most sequences one decode step has carried
+	widestDecodeCall atomic.Int64
 }
 
 // Start creates the engine's llama context on model and starts its decode loop.
@@ -279,7 +286,9 @@ func newEngine(model *llama.Model, vision *llama.Vision, opts Options) (*Engine,
 	}
 	e.reserved = make([]int, len(e.pools))
 	if pctx != nil {
-		e.ppool = newCellPool(pctx.NCtx(), pctx.Params().NUBatch)
+		for range opts.PrefillStreams {
+			e.ppools = append(e.ppools, newCellPool(pctx.NCtxSeq(), pctx.Params().NUBatch))
+		}
 	}
 	e.openDisk()
 	if vision != nil {
@@ -318,6 +327,11 @@ func (opts Options) settle() (Options, error) {
 	if opts.DecodeFlashAttn && opts.PrefillCtx <= 0 {
 		return opts, fmt.Errorf("engine: decode-only flash attention needs a prefill context")
 	}
+	if opts.PrefillStreams > 1 && opts.PrefillCtx <= 0 {
+		return opts, fmt.Errorf("engine: %d prefill streams without a prefill context", opts.PrefillStreams)
+	}
+	// a prompt in the prefill context holds a slot: more streams than slots stay empty
+	opts.PrefillStreams = min(max(opts.PrefillStreams, 1), opts.Parallel)
 	return opts, nil
 }
 
@@ -369,14 +383,14 @@ func openContexts(model *llama.Model, opts Options) (ctx, pctx *llama.Context, p
 	}
 	if opts.PrefillCtx > 0 {
 		pctx, err = llama.NewContext(model, llama.ContextParams{
-			NCtx:      opts.PrefillCtx,
+			NCtx:      opts.PrefillCtx * opts.PrefillStreams,
 			NBatch:    opts.BatchSize,
 			NUBatch:   opts.UBatchSize,
-			NSeqMax:   1,
+			NSeqMax:   opts.PrefillStreams,
 			Threads:   opts.Threads,
 			FlashAttn: opts.FlashAttn,
 			Capture:   !opts.FlashAttn,
-			Unified:   true,
+			Unified:   opts.PrefillStreams == 1,
 			TypeK:     opts.KVType,
 			TypeV:     valueType(opts.KVType, opts.FlashAttn),
 		})
@@ -445,7 +459,7 @@ func (e *Engine) Contexts() []ContextSize {
 	out := []ContextSize{{Role: "decode", Cells: e.nCtx, Streams: streams, BytesPerCell: e.bytesPerCell,
 		Layout: e.ctx.KVLayout().String(), FlashAttn: e.ctx.Params().FlashAttn}}
 	if e.pctx != nil {
-		out = append(out, ContextSize{Role: "prefill", Cells: e.pctx.NCtx(), Streams: 1, BytesPerCell: e.pctx.KVBytesPerCell(),
+		out = append(out, ContextSize{Role: "prefill", Cells: e.pctx.NCtx(), Streams: len(e.ppools), BytesPerCell: e.pctx.KVBytesPerCell(),
 			Layout: e.pctx.KVLayout().String(), FlashAttn: e.pctx.Params().FlashAttn})
 	}
 	return out
@@ -612,7 +626,7 @@ func (e *Engine) promptLimit(spec elasticcache.Spec) (int, string) {
 		return stream - 1, "--ctx-size"
 	}
 	// MaxCells grows with the prompt: the longest prompt that fits, by bisection.
-	lo, hi := 0, e.ppool.size()-1
+	lo, hi := 0, e.ppools[0].size()-1
 	for lo < hi {
 		mid := (lo + hi + 1) / 2
 		if spec.MaxCellsAfterPrompt(mid, 1) <= stream {
@@ -621,7 +635,7 @@ func (e *Engine) promptLimit(spec elasticcache.Spec) (int, string) {
 			hi = mid - 1
 		}
 	}
-	if lo == e.ppool.size()-1 {
+	if lo == e.ppools[0].size()-1 {
 		return lo, "--prefill-ctx-size"
 	}
 	return lo, "--ctx-size (a stream holds the compressed prompt) or lower the budget"

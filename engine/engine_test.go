@@ -368,27 +368,57 @@ func TestPromptsOfABurstShareCalls(t *testing.T) {
 		m    *llama.Model
 		v    *llama.Vision
 	}{{"test-model", tmModel, tmVision}, {"gemma3", gm, gv}, {"qwen25vl", qm, qv}} {
-		t.Run(mv.name, func(t *testing.T) { testBurst(t, mv.m, mv.v) })
+		t.Run(mv.name, func(t *testing.T) {
+			full := elasticcache.Spec{}
+			testBurst(t, mv.m, mv.v, Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512}, func() []*completion.Request {
+				return []*completion.Request{
+					greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, full),
+					greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, full),
+					greedyReq("c", "What is in the picture? "+longPrompt, 8, full, testPNG(t, 1)),
+					greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
+				}
+			})
+		})
 	}
 }
 
-func testBurst(t *testing.T, m *llama.Model, v *llama.Vision) {
-	full := elasticcache.Spec{}
-	reqs := func() []*completion.Request {
-		return []*completion.Request{
-			greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, full),
-			greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, full),
-			greedyReq("c", "What is in the picture? "+longPrompt, 8, full, testPNG(t, 1)),
-			greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
-		}
+// A burst of prompts of compressing policies shares calls in the prefill
+// context, each prompt in a stream of its own, the attention that elastic and h2o
+// plan with captured per stream: one call carries all four, and every answer,
+// kept count and merge is the one the request gets alone. On the three families.
+func TestCompressedPromptsOfABurstShareThePrefillContext(t *testing.T) {
+	_, gm, gv := loadFamily(t, testmodel.ArchGemma3)
+	_, qm, qv := loadFamily(t, testmodel.ArchQwen25VL)
+	for _, mv := range []struct {
+		name string
+		m    *llama.Model
+		v    *llama.Vision
+	}{{"test-model", tmModel, tmVision}, {"gemma3", gm, gv}, {"qwen25vl", qm, qv}} {
+		t.Run(mv.name, func(t *testing.T) {
+			opts := Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512, PrefillCtx: 1024, PrefillStreams: 4}
+			testBurst(t, mv.m, mv.v, opts, func() []*completion.Request {
+				return []*completion.Request{
+					greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, cfg(elasticcache.Elastic, 0.5)),
+					greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, cfg(elasticcache.H2O, 0.6)),
+					greedyReq("c", "What is in the picture? "+longPrompt, 8, cfg(elasticcache.Elastic, 0.3), testPNG(t, 1)),
+					greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
+				}
+			})
+		})
 	}
+}
+
+// testBurst runs the requests of reqs one at a time, then as a burst admitted
+// together, on engines with opts, and checks that the burst's prompts shared a
+// call and that every request answers as it does alone.
+func testBurst(t *testing.T, m *llama.Model, v *llama.Vision, opts Options, reqs func() []*completion.Request) {
+	full := elasticcache.Spec{}
 	// A gate request holds the loop (its fault hook waits) until the burst is
 	// queued, then fails, so the four are admitted together.
-	opts := Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512}
 	alone := startEngineOn(t, m, v, opts)
-	want := map[string]string{}
+	want := map[string]result{}
 	for _, r := range reqs() {
-		want[r.ID] = run(t, alone, r).text
+		want[r.ID] = run(t, alone, r)
 	}
 	if got := alone.widestPromptCall.Load(); got > 1 {
 		t.Fatalf("one request at a time: a call encoded %d prompts", got)
@@ -437,8 +467,9 @@ func testBurst(t *testing.T, m *llama.Model, v *llama.Vision) {
 		if r.err != nil {
 			t.Fatal(r.err)
 		}
-		if id := reqs()[i].ID; r.text != want[id] {
-			t.Errorf("%s: in a burst %q, alone %q", id, r.text, want[id])
+		id := reqs()[i].ID
+		if w := want[id]; r.text != w.text || r.kv.Kept != w.kv.Kept || r.kv.Merged != w.kv.Merged {
+			t.Errorf("%s: in a burst %q (kept %d, merged %d), alone %q (kept %d, merged %d)", id, r.text, r.kv.Kept, r.kv.Merged, w.text, w.kv.Kept, w.kv.Merged)
 		}
 	}
 	if checked != 4 {
@@ -486,7 +517,7 @@ func TestMergedRowsEqualOracleMeans(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx.CaptureEnable(false)
-	scores, err := ctx.CaptureSums(n)
+	scores, err := ctx.CaptureSums(0, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -675,8 +706,8 @@ func TestCancelledHalfEncodedPromptFreesItsCells(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	// The loop is idle: its contexts may be read.
-	if p := e.pctx.SeqPosMax(0); p != -1 || e.ppool.free() != e.ppool.size() {
-		t.Fatalf("the prefill context still holds the cancelled prompt: pos max %d, %d of %d cells free", p, e.ppool.free(), e.ppool.size())
+	if p := e.pctx.SeqPosMax(0); p != -1 || e.ppools[0].free() != e.ppools[0].size() {
+		t.Fatalf("the prefill context still holds the cancelled prompt: pos max %d, %d of %d cells free", p, e.ppools[0].free(), e.ppools[0].size())
 	}
 	for s := range 2 {
 		if p := e.ctx.SeqPosMax(s); p != -1 && e.Stats().KVCellsHeld == 0 {
@@ -971,9 +1002,10 @@ func TestReferenceSelectionCompactsPositions(t *testing.T) {
 	}
 }
 
-// On a unified cache h2o sequences decode in one shared batch, their attention
-// read from it per sequence (a query row attends only its own cells): the
-// answers and the evictions are those of each sequence decoded alone.
+// h2o sequences decode in one shared batch, their attention read from it per
+// sequence (on a unified cache a query row attends only its own cells; with a
+// stream per sequence the capture sums each stream apart): the answers and the
+// evictions are those of each sequence decoded alone.
 func TestH2OInASharedBatchMatchesAlone(t *testing.T) {
 	reqs := []*completion.Request{
 		greedyReq("h1", longPrompt, 40, cfg(elasticcache.H2O, 0.5), testPNG(t, 1)),
@@ -1001,12 +1033,19 @@ func TestH2OInASharedBatchMatchesAlone(t *testing.T) {
 			alone[i] = outcome{run(t, e, r).text, evictions(e, r.ID)}
 		}
 	}
-	e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 2048, Unified: true})
-	for i, r := range runTogether(t, e, reqs) {
-		got := outcome{r.text, evictions(e, reqs[i].ID)}
-		if got.text != alone[i].text || !slices.Equal(got.evicted, alone[i].evicted) {
-			t.Errorf("%s: shared batch %q evicting %v, alone %q evicting %v", reqs[i].ID, got.text, got.evicted, alone[i].text, alone[i].evicted)
-		}
+	for _, unified := range []bool{true, false} {
+		t.Run(fmt.Sprintf("unified=%v", unified), func(t *testing.T) {
+			e := startEngine(t, Options{Parallel: 4, CtxSize: 4 * 2048, Unified: unified})
+			for i, r := range runTogether(t, e, reqs) {
+				got := outcome{r.text, evictions(e, reqs[i].ID)}
+				if got.text != alone[i].text || !slices.Equal(got.evicted, alone[i].evicted) {
+					t.Errorf("%s: shared batch %q evicting %v, alone %q evicting %v", reqs[i].ID, got.text, got.evicted, alone[i].text, alone[i].evicted)
+				}
+			}
+			if w := e.widestDecodeCall.Load(); w < 2 {
+				t.Errorf("the widest decode call carried %d sequences; the h2o sequences never shared one", w)
+			}
+		})
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/elasticserve/elasticserve/engine/completion"
@@ -103,8 +104,8 @@ func (e *Engine) admit() {
 		}
 		pi := e.poolOf(slot)
 		elsewhere := common == 0 && e.prefills(s.req.Cache)
-		if elsewhere && e.prefillBusy() {
-			return // one prompt at a time in the prefill context
+		if elsewhere && e.freePrefillStream() < 0 {
+			return // every stream of the prefill context holds a prompt
 		}
 		e.plan(s, e.pools[pi].size(), elsewhere)
 		keep := -1 // the held sequence s continues, whose cells its reservation counts
@@ -192,19 +193,20 @@ func (e *Engine) prefillStep() {
 
 // promptGroup is the prompts that share one call with s, the oldest: while no
 // sequence generates (none waits for a decode step), every prompt encoded in its
-// own stream of the decode context whose next chunk is text and whose attention
-// is not captured, in stream order; nil when s is not one of them. llama.cpp cuts
-// such a call into ubatches of equal tokens per stream, so the prompts of a burst
-// of requests go through the weights together, as one prompt's tokens do, instead
-// of one after the other (and the first of them would then decode alone while the
-// others' prompts wait their turn between its steps).
+// own stream of the context that encodes s's (the decode context, or the prefill
+// context's streams) whose next chunk is text, in stream order; nil when s is not
+// one of them. llama.cpp cuts such a call into ubatches of equal tokens per
+// stream, so the prompts of a burst of requests go through the weights together,
+// as one prompt's tokens do, instead of one after the other (and the first of
+// them would then decode alone while the others' prompts wait their turn between
+// its steps). Captured attention stays per stream (llama.CaptureSums).
 func (e *Engine) promptGroup(s *seq) []*seq {
-	if e.opts.Unified || e.generating() || !e.sharesPromptCall(s) {
+	if e.generating() || !sharesPromptCall(s) {
 		return nil
 	}
 	var g []*seq
 	for _, c := range e.slots {
-		if c != nil && c.state == stateEncoding && e.sharesPromptCall(c) && len(g) < e.opts.BatchSize {
+		if c != nil && c.state == stateEncoding && sharesPromptCall(c) && c.cache.lctx == s.cache.lctx && len(g) < e.opts.BatchSize {
 			g = append(g, c)
 		}
 	}
@@ -212,11 +214,12 @@ func (e *Engine) promptGroup(s *seq) []*seq {
 }
 
 // sharesPromptCall reports whether s's next prompt chunk may go into a call with
-// other sequences' (promptGroup). A sequence still in the prefill context has that
-// context as its lctx.
-func (e *Engine) sharesPromptCall(s *seq) bool {
+// other sequences' (promptGroup): a text chunk, in a context with a stream per
+// sequence (a unified cache places a shared call's tokens otherwise than
+// cellPool.placeUBatch per stream expects).
+func sharesPromptCall(s *seq) bool {
 	c := s.cache
-	return c != nil && c.lctx == e.ctx && c.scores == nil && s.chunks[s.chunkIdx].kind == llama.ChunkText
+	return c != nil && !c.lctx.Params().Unified && s.chunks[s.chunkIdx].kind == llama.ChunkText
 }
 
 // prefillTogether encodes the next text chunks of the prompts of g
@@ -248,7 +251,7 @@ func (e *Engine) prefillTogether(g []*seq) {
 		caches[i], rows[i] = s.cache, b.Len()-1
 	}
 	t0 := time.Now()
-	if err := decodePrompts(e.ctx, b, caches, counts); err != nil {
+	if err := decodePrompts(live[0].cache.lctx, b, caches, counts); err != nil {
 		for _, s := range live {
 			e.fail(s, fmt.Errorf("engine: prompt decode: %w", err))
 		}
@@ -256,11 +259,16 @@ func (e *Engine) prefillTogether(g []*seq) {
 	}
 	e.pace.prompt(b.Len(), time.Since(t0))
 	e.promptCalls.Add(1)
-	if n := int64(len(live)); n > e.widestPromptCall.Load() {
-		e.widestPromptCall.Store(n)
-	}
+	storeMax(&e.widestPromptCall, int64(len(live)))
 	for i, s := range live {
 		e.guard(s, func() { e.promptEncoded(s, counts[i], rows[i]) })
+	}
+}
+
+// storeMax raises v to n (only the loop goroutine stores).
+func storeMax(v *atomic.Int64, n int64) {
+	if n > v.Load() {
+		v.Store(n)
 	}
 }
 
@@ -401,9 +409,10 @@ func (e *Engine) promptBatch(s *seq, limit int) (b *llama.Batch, n int, nonCausa
 	return b, n, nonCausal, nil
 }
 
-// decodeStep decodes the pending token of every generating sequence: one shared
-// batch for those whose policy allows it, one call each for those whose attention
-// must be captured alone.
+// decodeStep decodes the pending token of every generating sequence in one shared
+// batch. Captured attention (h2o) stays per sequence: on a unified cache a query
+// row attends only its own sequence's cells, and with a stream per sequence the
+// capture sums each stream apart (llama.CaptureSums).
 func (e *Engine) decodeStep() {
 	t0 := time.Now()
 	defer func() {
@@ -411,7 +420,7 @@ func (e *Engine) decodeStep() {
 			e.pace.decode(time.Since(t0))
 		}
 	}()
-	var shared, alone []*seq
+	var shared []*seq
 	for _, s := range e.slots {
 		if s == nil || s.state != stateGenerating {
 			continue
@@ -419,32 +428,14 @@ func (e *Engine) decodeStep() {
 		if e.guardBool(s, func() bool { return e.injected(s) }) {
 			continue
 		}
-		switch {
-		case s.cache.streamFull():
+		if s.cache.streamFull() {
 			e.end(s, completion.Event{Done: true, FinishReason: completion.FinishLength})
-		case s.req.Cache.BatchedDecode() || e.opts.Unified:
-			// On one unified cache a query row attends only its own sequence's
-			// cells, so attention read from a shared batch is still per sequence.
-			shared = append(shared, s)
-		default:
-			alone = append(alone, s)
+			continue
 		}
+		shared = append(shared, s)
 	}
 	if len(shared) > 0 {
 		e.decodeShared(shared)
-	}
-	for _, s := range alone {
-		e.guard(s, func() {
-			b := e.tokBatch
-			b.Clear()
-			pos := s.cache.position(s.nPast)
-			b.Add(s.pending, pos, s.cache.seq, true)
-			if err := s.cache.decode(b, false); err != nil {
-				e.fail(s, fmt.Errorf("engine: decode: %w", err))
-				return
-			}
-			e.afterDecode(s, 0)
-		})
 	}
 }
 
@@ -462,6 +453,7 @@ func (e *Engine) decodeShared(ss []*seq) {
 		}
 		return
 	}
+	storeMax(&e.widestDecodeCall, int64(len(ss)))
 	for i, s := range ss {
 		e.guard(s, func() { e.afterDecode(s, i) })
 	}
@@ -581,7 +573,11 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 		}
 		if e.prefills(s.req.Cache) {
 			// Encoded in the prefill context, moved into the slot's stream by the plan.
-			c, err := newSeqCache(e.pctx, 0, e.ppool, s.req.Cache, layers, s.nPrompt, s.textFrom)
+			k := e.freePrefillStream()
+			if k < 0 {
+				return nil, errors.New("engine: no free stream in the prefill context") // admit checked
+			}
+			c, err := newSeqCache(e.pctx, k, e.ppools[k], s.req.Cache, layers, s.nPrompt, s.textFrom)
 			if err == nil {
 				c.home = &seqHome{lctx: e.ctx, seq: slot, nStream: e.opts.Parallel, pool: pool}
 			}
@@ -609,14 +605,16 @@ func (e *Engine) seqCacheFor(s *seq, slot, common int) (*seqCache, error) {
 	return c, nil
 }
 
-// prefillBusy reports whether a request's prompt occupies the prefill context.
-func (e *Engine) prefillBusy() bool {
+// freePrefillStream is a stream of the prefill context that holds no request's
+// prompt (its sequence id), -1 when every one does.
+func (e *Engine) freePrefillStream() int {
+	busy := make([]bool, len(e.ppools))
 	for _, s := range e.slots {
 		if s != nil && s.cache != nil && s.cache.away() {
-			return true
+			busy[s.cache.seq] = true
 		}
 	}
-	return false
+	return slices.Index(busy, false)
 }
 
 // encodeImage returns the embeddings of image chunk ch of s, from the image cache

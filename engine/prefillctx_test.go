@@ -222,7 +222,7 @@ func TestFailureInThePrefillContextFreesIt(t *testing.T) {
 	if r := run(t, e, greedyReq("good", longPrompt, 8, cfg(elasticcache.Elastic, 0.5))); r.err != nil || r.usage.CompletionTokens != 8 {
 		t.Fatalf("good request: %+v", r)
 	}
-	if e.pctx.SeqPosMax(0) != -1 || e.ppool.free() != e.ppool.size() {
+	if e.pctx.SeqPosMax(0) != -1 || e.ppools[0].free() != e.ppools[0].size() {
 		t.Fatal("cells remain in the prefill context")
 	}
 }

@@ -226,21 +226,27 @@ func (c *seqCache) decode(b *llama.Batch, prompt bool) error {
 	if !capture {
 		return nil
 	}
-	sums, err := c.lctx.CaptureSums(slices.Max(c.cells) + 1)
+	sums, err := c.lctx.CaptureSums(c.seq, slices.Max(c.cells)+1)
 	if err != nil {
 		return err
 	}
 	if prompt {
-		c.capturedRows += c.lctx.CaptureRows()
-		for l, il := range c.layers {
-			for i, cell := range c.cells {
-				c.scores[l][c.promptIndex(i)] += sums[il][cell]
-			}
-		}
+		c.addPromptScores(sums, c.lctx.CaptureRows(c.seq))
 		return nil
 	}
 	c.takeStep(sums)
 	return nil
+}
+
+// addPromptScores adds the attention that rows more prompt queries gave each held
+// entry (sums: per layer, indexed by cell).
+func (c *seqCache) addPromptScores(sums [][]float32, rows int) {
+	c.capturedRows += rows
+	for l, il := range c.layers {
+		for i, cell := range c.cells {
+			c.scores[l][c.promptIndex(i)] += sums[il][cell]
+		}
+	}
 }
 
 // decodeShared decodes b in ctx: the pending token of each of caches, in order,
@@ -285,15 +291,13 @@ func decodeShared(ctx *llama.Context, b *llama.Batch, caches []*seqCache) error 
 			cells[i] = got[k]
 		}
 	}
-	var sums [][]float32
-	if capture {
-		if sums, err = ctx.CaptureSums(ctx.NCtxSeq()); err != nil {
-			return err
-		}
-	}
 	for i, c := range caches {
 		c.placed(cells[i], b.Pos(i))
 		if c.spec.DecodeScores() {
+			sums, err := ctx.CaptureSums(c.seq, slices.Max(c.cells)+1)
+			if err != nil {
+				return err
+			}
 			c.takeStep(sums)
 		}
 	}
@@ -301,11 +305,21 @@ func decodeShared(ctx *llama.Context, b *llama.Batch, caches []*seqCache) error 
 }
 
 // decodePrompts decodes b in ctx, a context with a stream per sequence: the next
-// counts[i] prompt tokens of caches[i], in stream order, none capturing attention.
-// llama.cpp cuts such a call into ubatches of equal tokens per stream (splitEqual);
-// each pool places its sequence's tokens ubatch by ubatch, as find_slot does.
+// counts[i] prompt tokens of caches[i], in stream order. llama.cpp cuts such a call
+// into ubatches of equal tokens per stream (splitEqual); each pool places its
+// sequence's tokens ubatch by ubatch, as find_slot does. The attention of the
+// caches whose plan reads it is captured per stream.
 func decodePrompts(ctx *llama.Context, b *llama.Batch, caches []*seqCache, counts []int) error {
-	if err := ctx.Decode(b); err != nil {
+	capture := slices.ContainsFunc(caches, func(c *seqCache) bool { return c.scores != nil })
+	if capture {
+		ctx.CaptureReset()
+		ctx.CaptureEnable(true)
+	}
+	err := ctx.Decode(b)
+	if capture {
+		ctx.CaptureEnable(false)
+	}
+	if err != nil {
 		return err
 	}
 	var seqs []int
@@ -339,6 +353,16 @@ func decodePrompts(ctx *llama.Context, b *llama.Batch, caches []*seqCache, count
 	}
 	for i, c := range owner {
 		c.placed(cells[i], b.Pos(i))
+	}
+	for _, c := range caches {
+		if c.scores == nil {
+			continue
+		}
+		sums, err := ctx.CaptureSums(c.seq, slices.Max(c.cells)+1)
+		if err != nil {
+			return err
+		}
+		c.addPromptScores(sums, ctx.CaptureRows(c.seq))
 	}
 	return nil
 }

@@ -121,11 +121,14 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 
 	ctx := &Context{model: m, params: p}
 	// The hook is always installed: besides capture it records the attended range.
-	nCells := p.NCtx
+	// the cells of a stream, as llama_context pads them (v0.17.4: n_ctx to 256, then
+	// a stream's share to 256)
+	pad := func(n int) int { return (n + 255) / 256 * 256 }
+	nCells, nStream := pad(p.NCtx), 1
 	if !p.Unified {
-		nCells = p.NCtx / p.NSeqMax
+		nCells, nStream = pad(nCells/p.NSeqMax), p.NSeqMax
 	}
-	ctx.capture = C.es_capture_new(C.int(m.info.Layers), C.int(nCells))
+	ctx.capture = C.es_capture_new(C.int(m.info.Layers), C.int(nCells), C.int(nStream))
 	if ctx.capture == nil {
 		return nil, errors.New("allocate capture buffer")
 	}
@@ -144,6 +147,10 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 		return nil, fmt.Errorf("llama.cpp could not create a context (n_ctx=%d, n_seq_max=%d)", p.NCtx, p.NSeqMax)
 	}
 	ctx.nCtxSeq = int(C.llama_n_ctx_seq(ctx.c))
+	if ctx.nCtxSeq > nCells {
+		ctx.Close()
+		return nil, fmt.Errorf("llama.cpp gave a stream %d cells, the capture buffer holds %d", ctx.nCtxSeq, nCells)
+	}
 	return ctx, nil
 }
 
@@ -231,9 +238,10 @@ func (c *Context) SetCausal(on bool) { C.llama_set_causal_attn(c.c, C.bool(on)) 
 
 // ---- attention capture ----
 
-// CaptureEnable turns accumulation of attention column sums on or off. It must only be
-// on while decoding batches that hold one sequence (the column index is that sequence's
-// cell index in its own stream).
+// CaptureEnable turns accumulation of attention column sums on or off. A batch
+// may hold several sequences: on a unified cache a query row attends only its own
+// sequence's cells, so a cell's sum comes from its sequence's rows alone; with a
+// stream per sequence each sequence's rows and cells are summed in its stream.
 func (c *Context) CaptureEnable(on bool) {
 	if on && c.params.FlashAttn {
 		return
@@ -245,25 +253,46 @@ func (c *Context) CaptureEnable(on bool) {
 	c.capture.enabled = C.int(v)
 }
 
-// CaptureReset zeroes the accumulated sums.
+// CaptureReset zeroes the accumulated sums of every stream.
 func (c *Context) CaptureReset() { C.es_capture_reset(c.capture) }
 
-// CaptureRows is the number of query rows accumulated (layer 0) since the last reset.
-func (c *Context) CaptureRows() int { return int(c.capture.rows) }
-
-// CaptureSums copies the accumulated column sums of the first nCells cells, per layer.
-func (c *Context) CaptureSums(nCells int) ([][]float32, error) {
-	if c.capture.multi_stream != 0 {
-		return nil, errors.New("attention capture saw a batch spanning several sequences")
+// streamOf is the KV stream that holds sequence seq.
+func (c *Context) streamOf(seq int) int {
+	if c.params.Unified {
+		return 0
 	}
-	total := int(c.capture.n_cells)
+	return seq
+}
+
+// CaptureRows is the number of query rows accumulated (layer 0) since the last
+// reset in seq's stream (every sequence's on a unified cache).
+func (c *Context) CaptureRows(seq int) int {
+	s := c.streamOf(seq)
+	if s < 0 || s >= int(c.capture.n_stream) {
+		return 0
+	}
+	return int(unsafe.Slice(c.capture.rows, int(c.capture.n_stream))[s])
+}
+
+// CaptureSums copies the accumulated column sums of the first nCells cells of
+// seq's stream, per layer: the attention that seq's query rows gave each of its
+// cells (on a unified cache, cell indices are the whole cache's).
+func (c *Context) CaptureSums(seq, nCells int) ([][]float32, error) {
+	if c.capture.bad_stream != 0 {
+		return nil, errors.New("attention capture met an attention tensor whose KV streams it could not tell apart")
+	}
+	total, layers, s := int(c.capture.n_cells), int(c.capture.n_layer), c.streamOf(seq)
 	if nCells > total {
 		return nil, fmt.Errorf("capture: %d cells requested, %d tracked", nCells, total)
 	}
-	all := unsafe.Slice((*float32)(unsafe.Pointer(c.capture.sums)), int(c.capture.n_layer)*total)
-	out := make([][]float32, int(c.capture.n_layer))
+	if s < 0 || s >= int(c.capture.n_stream) {
+		return nil, fmt.Errorf("capture: sequence %d has no stream (%d streams)", seq, int(c.capture.n_stream))
+	}
+	all := unsafe.Slice((*float32)(unsafe.Pointer(c.capture.sums)), int(c.capture.n_stream)*layers*total)
+	out := make([][]float32, layers)
 	for l := range out {
-		out[l] = append([]float32(nil), all[l*total:l*total+nCells]...)
+		off := (s*layers + l) * total
+		out[l] = append([]float32(nil), all[off:off+nCells]...)
 	}
 	return out, nil
 }

@@ -7,6 +7,7 @@ import (
 	"image/png"
 	"math"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 
@@ -344,10 +345,10 @@ func TestCapturedAttentionRowsAreProbabilities(t *testing.T) {
 	c.CaptureEnable(true)
 	decodeTokens(t, c, prompt, 0, 0)
 	c.CaptureEnable(false)
-	if c.CaptureRows() != n {
-		t.Fatalf("captured %d query rows, want %d", c.CaptureRows(), n)
+	if c.CaptureRows(0) != n {
+		t.Fatalf("captured %d query rows, want %d", c.CaptureRows(0), n)
 	}
-	sums, err := c.CaptureSums(n)
+	sums, err := c.CaptureSums(0, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -368,8 +369,95 @@ func TestCapturedAttentionRowsAreProbabilities(t *testing.T) {
 	// Disabled capture accumulates nothing.
 	c.CaptureReset()
 	decodeTokens(t, c, []Token{prompt[1]}, n, 0)
-	if c.CaptureRows() != 0 {
-		t.Fatalf("capture accumulated %d rows while disabled", c.CaptureRows())
+	if c.CaptureRows(0) != 0 {
+		t.Fatalf("capture accumulated %d rows while disabled", c.CaptureRows(0))
+	}
+}
+
+// capturedAlone encodes prompt as sequence 0 of a context of its own and returns
+// the attention its rows gave its cells.
+func capturedAlone(t *testing.T, prompt []Token) [][]float32 {
+	t.Helper()
+	c := newCtx(t, ContextParams{Capture: true, NCtx: 256})
+	c.CaptureReset()
+	c.CaptureEnable(true)
+	decodeTokens(t, c, prompt, 0, 0)
+	c.CaptureEnable(false)
+	sums, err := c.CaptureSums(0, len(prompt))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sums
+}
+
+// In a context with a stream per sequence, one batch of several sequences'
+// prompts captures each sequence's attention in its own stream: the same sums as
+// each prompt encoded alone. The batches cover a call that llama.cpp cuts into
+// ubatches of several streams (consecutive sequences, prompts of unequal length)
+// and ubatches that start past stream 0 (sequences 0 and 2 cannot share one).
+func TestCaptureKeepsEachStreamsAttentionApart(t *testing.T) {
+	prompts := [][]Token{
+		mustTokenize(t, "USER: the first question, about a red square ASSISTANT:"),
+		mustTokenize(t, "USER: a second one ASSISTANT:"),
+		mustTokenize(t, strings.Repeat("the quick brown fox jumps over the lazy dog. ", 3)),
+	}
+	alone := make([][][]float32, len(prompts))
+	for i, p := range prompts {
+		alone[i] = capturedAlone(t, p)
+	}
+	for _, tt := range []struct {
+		name string
+		seqs []int
+	}{
+		{"three consecutive streams", []int{0, 1, 2}},
+		{"streams 0 and 2", []int{0, 2}},
+		{"stream 2 alone", []int{2}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newCtx(t, ContextParams{Capture: true, NCtx: 3 * 256, NSeqMax: 3})
+			n := 0
+			for _, s := range tt.seqs {
+				n += len(prompts[s])
+			}
+			b := NewBatch(n, 0, 1)
+			defer b.Close()
+			for _, s := range tt.seqs {
+				for i, tok := range prompts[s] {
+					b.Add(tok, i, s, i == len(prompts[s])-1)
+				}
+			}
+			c.CaptureReset()
+			c.CaptureEnable(true)
+			err := c.Decode(b)
+			c.CaptureEnable(false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for s := range prompts {
+				want := len(prompts[s])
+				if !slices.Contains(tt.seqs, s) {
+					want = 0
+				}
+				if got := c.CaptureRows(s); got != want {
+					t.Errorf("stream %d: %d query rows captured, want %d", s, got, want)
+				}
+				sums, err := c.CaptureSums(s, len(prompts[s]))
+				if err != nil {
+					t.Fatal(err)
+				}
+				for l := range sums {
+					for j, v := range sums[l] {
+						w := alone[s][l][j]
+						if want == 0 {
+							w = 0
+						}
+						if math.Abs(float64(v-w)) > 1e-4*max(1, math.Abs(float64(w))) {
+							t.Fatalf("stream %d layer %d cell %d: %g in the shared batch, %g alone", s, l, j, v, w)
+						}
+					}
+				}
+			}
+		})
 	}
 }
 

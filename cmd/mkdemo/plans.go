@@ -277,6 +277,6 @@ func captureScores(a *Answerer, q Question, img []byte, threads int, kvType stri
 			return nil, 0, nil, fmt.Errorf("decode chunk %d: %w", ci, err)
 		}
 	}
-	sums, err := ctx.CaptureSums(pos)
+	sums, err := ctx.CaptureSums(0, pos)
 	return sums, pos, imgEmbd, err
 }
