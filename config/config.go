@@ -63,6 +63,10 @@ type Config struct {
 	// compressing policy may send): 0 picks ceil(stream/budget) (see PrefillCells),
 	// -1 turns the prefill context off (prompts are encoded in their stream).
 	PrefillCtxSize int `env:"PREFILL_CTX_SIZE" envDefault:"0" log:"prefill-ctx-size" help:"cells of the context that encodes prompts of compressing policies (0: ceil(stream/budget), at most the training context; -1: none)"`
+	// PrefillStreams is how many prompts the prefill context encodes side by
+	// side, each in a stream of PrefillCells: 0 (the default) picks it when the
+	// model is loaded (AutoPrefillStreams), at least 1.
+	PrefillStreams int `env:"PREFILL_STREAMS" envDefault:"0" log:"prefill-streams" help:"prompts of compressing policies the prefill context encodes side by side, each in a stream of prefill-ctx-size cells (0: as many as --parallel, up to 4, that half the free memory holds beside the decode context; at least 1)"`
 	// DecodeFlashAttn is flash attention in the decode context only: auto (on
 	// where the model runs on a GPU, see DecodeFlash), on or off.
 	DecodeFlashAttn string `env:"DECODE_FLASH_ATTN" envDefault:"auto" log:"decode-flash-attn" help:"flash attention in the decode context: auto (on with a GPU), on or off"`

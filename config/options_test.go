@@ -105,9 +105,9 @@ func TestString(t *testing.T) {
 		want   string
 	}{
 		{"defaults", func(*Config) {},
-			"model= mmproj= alias= addr=127.0.0.1:8080 ctx-size=0 parallel=4 kv-unified=false prefill-ctx-size=0 decode-flash-attn=auto kv-type=f16 threads=0 batch=512 ubatch=512 flash-attn=false policy=elastic budget=0.8 sink=4 distance=-25 selection=paper api-key= queue=64 ui=true"},
+			"model= mmproj= alias= addr=127.0.0.1:8080 ctx-size=0 parallel=4 kv-unified=false prefill-ctx-size=0 prefill-streams=0 decode-flash-attn=auto kv-type=f16 threads=0 batch=512 ubatch=512 flash-attn=false policy=elastic budget=0.8 sink=4 distance=-25 selection=paper api-key= queue=64 ui=true"},
 		{"set", func(c *Config) { c.Model, c.APIKey, c.Budget, c.UI = "/m.gguf", "sk-secret", 1e-7, false },
-			"model=/m.gguf mmproj= alias= addr=127.0.0.1:8080 ctx-size=0 parallel=4 kv-unified=false prefill-ctx-size=0 decode-flash-attn=auto kv-type=f16 threads=0 batch=512 ubatch=512 flash-attn=false policy=elastic budget=1e-07 sink=4 distance=-25 selection=paper api-key=(set) queue=64 ui=false"},
+			"model=/m.gguf mmproj= alias= addr=127.0.0.1:8080 ctx-size=0 parallel=4 kv-unified=false prefill-ctx-size=0 prefill-streams=0 decode-flash-attn=auto kv-type=f16 threads=0 batch=512 ubatch=512 flash-attn=false policy=elastic budget=1e-07 sink=4 distance=-25 selection=paper api-key=(set) queue=64 ui=false"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -122,6 +122,37 @@ func AutoSeqCells(ctxTrain, parallel int, bytesPerCell int64, free Memory) (cell
 	return cells, why
 }
 
+// MaxAutoPrefillStreams bounds the automatic --prefill-streams: each stream costs
+// a whole prompt's cells (ceil(stream/budget)), while a burst's prompts gain from
+// sharing calls mostly by going through the weights together, which a few already
+// do.
+const MaxAutoPrefillStreams = 4
+
+// AutoPrefillStreams is how many prompts the prefill context holds side by side
+// when --prefill-streams is left automatic: as many as parallel slots, up to
+// MaxAutoPrefillStreams, whose prefillCells-cell streams fit in KVShare of free
+// memory beside the decode context's decodeCells; at least 1 (today's memory:
+// one prompt at a time), and 1 when free memory is unknown. Extra streams use
+// only memory that automatic context sizing left over: they never shrink a slot.
+func AutoPrefillStreams(parallel, decodeCells, prefillCells int, bytesPerCell int64, free Memory) (streams int, why string) {
+	most := min(max(parallel, 1), MaxAutoPrefillStreams)
+	if prefillCells <= 0 {
+		return 1, "no prefill context"
+	}
+	if most == 1 {
+		return 1, "one slot"
+	}
+	if free.Free == 0 || bytesPerCell <= 0 {
+		return 1, "free memory unknown"
+	}
+	left := int64(float64(free.Free)*KVShare)/bytesPerCell - int64(decodeCells)
+	fit := int(max(left, 0) / int64(prefillCells))
+	streams = min(max(fit, 1), most)
+	why = fmt.Sprintf("%.0f%% of %d MiB free (%s) holds %d decode cells and %d prefill streams of %d cells at %d bytes per cell (at most %d)",
+		KVShare*100, free.Free>>20, free.Source, decodeCells, fit, prefillCells, bytesPerCell, most)
+	return streams, why
+}
+
 // CacheRAMShare is the share of the memory the process may use (HostMemoryFrom)
 // that the host tier takes when --cache-ram-mb is left at -1.
 const CacheRAMShare = 0.10

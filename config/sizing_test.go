@@ -73,3 +73,33 @@ func TestAutoSeqCells(t *testing.T) {
 		})
 	}
 }
+
+func TestAutoPrefillStreams(t *testing.T) {
+	const perCell = 48 << 10 // 125M-parameter llama: 12 layers x 2 x 1024 f16
+	for _, c := range []struct {
+		name                      string
+		parallel, decode, prefill int
+		free                      uint64
+		want                      int
+		why                       string
+	}{
+		// 16 GiB: 8 GiB of KV = 174,762 cells; 4 x 8192 decode leaves 142k
+		{"memory to spare: one per slot", 4, 4 * 8192, 8192, 16 << 30, 4, "17 prefill streams"},
+		{"at most 4", 8, 8 * 2048, 2048, 16 << 30, MaxAutoPrefillStreams, "at most 4"},
+		{"at most one per slot", 2, 2 * 8192, 8192, 16 << 30, 2, "at most 2"},
+		// 2 GiB: 21,845 cells; 4 x 2048 decode leaves 13,653: 2 streams of 5,120
+		{"what memory holds", 4, 4 * 2048, 5120, 2 << 30, 2, "2 prefill streams"},
+		// 900 MiB: 9,600 cells, 1,408 beside the decode context: not a stream
+		{"nothing left: one", 4, 4 * 2048, 2048, 900 << 20, 1, "0 prefill streams"},
+		{"memory unknown: one", 4, 4 * 2048, 2048, 0, 1, "unknown"},
+		{"one slot", 1, 8192, 8192, 16 << 30, 1, "one slot"},
+		{"no prefill context", 4, 4 * 2048, 0, 16 << 30, 1, "no prefill context"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, why := AutoPrefillStreams(c.parallel, c.decode, c.prefill, perCell, Memory{Free: c.free, Source: "test"})
+			if got != c.want || !strings.Contains(why, c.why) {
+				t.Fatalf("AutoPrefillStreams = %d (%s), want %d (%q)", got, why, c.want, c.why)
+			}
+		})
+	}
+}

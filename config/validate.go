@@ -57,6 +57,12 @@ func (c *Config) checkContexts() error {
 	if c.KVUnified && c.PrefillCtxSize > 0 {
 		return invalid("prefill-ctx-size", "a prefill context needs a stream per slot: drop it or --kv-unified")
 	}
+	if c.PrefillStreams < 0 {
+		return invalid("prefill-streams", "must be 0 (automatic) or a stream count, got %d", c.PrefillStreams)
+	}
+	if c.PrefillStreams > 1 && (c.KVUnified || c.PrefillCtxSize < 0) {
+		return invalid("prefill-streams", "there is no prefill context (--kv-unified or --prefill-ctx-size -1) to hold %d streams", c.PrefillStreams)
+	}
 	if c.DecodeFlashAttn == "on" && (c.KVUnified || c.PrefillCtxSize < 0) {
 		return invalid("decode-flash-attn", "decode-only flash attention needs the prefill context (--kv-unified=false, --prefill-ctx-size >= 0); use --flash-attn")
 	}

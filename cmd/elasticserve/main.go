@@ -114,26 +114,52 @@ func (b *backend) Ready() bool { return b.eng.Ready() }
 func (b *backend) Stats() completion.Stats { return b.eng.Stats() }
 
 // sizeContext sets cfg.CtxSize when it was left automatic: each slot gets the
-// model's training context unless half the free memory (the GPU's when layers are
-// offloaded, else the host's, within the process's cgroup limit) cannot hold the
-// slots and a prefill context of that size; the log says which bound chose it.
+// model's training context unless half the free memory (kvMemory) cannot hold
+// the slots and a prefill context of that size; the log says which bound chose it.
 func sizeContext(cfg *config.Config, model *llama.Model, log zerolog.Logger) error {
-	perCell, err := model.KVBytesPerCell(cfg.KVType, "f16") // V: f16 unless flash attention, the larger case
+	perCell, err := kvBytesPerCell(cfg, model)
 	if err != nil {
-		return fmt.Errorf("--kv-type: %w", err)
+		return err
 	}
-	mem := config.DetectHostMemory()
-	if llama.HasGPU() && cfg.GPULayers != 0 {
-		for _, d := range llama.Devices() {
-			if d.Type == "gpu" && d.FreeBytes > 0 {
-				mem = config.Memory{Free: d.FreeBytes, Source: "device " + d.Name}
-				break
-			}
-		}
-	}
-	per, why := config.AutoSeqCells(model.Info().CtxTrain, cfg.Parallel, perCell, mem)
+	per, why := config.AutoSeqCells(model.Info().CtxTrain, cfg.Parallel, perCell, kvMemory(cfg))
 	cfg.CtxSize = per * cfg.Parallel
 	log.Info().Int("ctx_size", cfg.CtxSize).Int("per_slot", per).Int("parallel", cfg.Parallel).Str("why", why).
 		Msg("context sized automatically (--ctx-size 0)")
 	return nil
+}
+
+// sizePrefillStreams sets cfg.PrefillStreams when it was left automatic
+// (config.AutoPrefillStreams, after the decode context is sized) and logs why.
+func sizePrefillStreams(cfg *config.Config, model *llama.Model, log zerolog.Logger) error {
+	perCell, err := kvBytesPerCell(cfg, model)
+	if err != nil {
+		return err
+	}
+	n, why := config.AutoPrefillStreams(cfg.Parallel, cfg.DecodeCells(), cfg.PrefillCells(model.Info().CtxTrain), perCell, kvMemory(cfg))
+	cfg.PrefillStreams = n
+	log.Info().Int("prefill_streams", n).Str("why", why).Msg("prefill streams chosen automatically (--prefill-streams 0)")
+	return nil
+}
+
+// kvBytesPerCell is what a cell of either context costs, V taken as f16 (unless
+// flash attention, the larger case).
+func kvBytesPerCell(cfg *config.Config, model *llama.Model) (int64, error) {
+	perCell, err := model.KVBytesPerCell(cfg.KVType, "f16")
+	if err != nil {
+		return 0, fmt.Errorf("--kv-type: %w", err)
+	}
+	return perCell, nil
+}
+
+// kvMemory is the free memory the KV caches are sized from: the GPU's when layers
+// are offloaded, else the host's, within the process's cgroup limit.
+func kvMemory(cfg *config.Config) config.Memory {
+	if llama.HasGPU() && cfg.GPULayers != 0 {
+		for _, d := range llama.Devices() {
+			if d.Type == "gpu" && d.FreeBytes > 0 {
+				return config.Memory{Free: d.FreeBytes, Source: "device " + d.Name}
+			}
+		}
+	}
+	return config.DetectHostMemory()
 }

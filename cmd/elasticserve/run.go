@@ -45,6 +45,11 @@ func run(ctx context.Context, cfg *config.Config, log zerolog.Logger) error {
 			return err
 		}
 	}
+	if cfg.PrefillStreams == 0 {
+		if err := sizePrefillStreams(cfg, model, log); err != nil {
+			return err
+		}
+	}
 	eng, err := startEngine(cfg, model, vision, log)
 	if err != nil {
 		return err
@@ -145,6 +150,7 @@ func startEngine(cfg *config.Config, model *llama.Model, vision *llama.Vision, l
 		Unified:         cfg.KVUnified,
 		KVType:          cfg.KVType,
 		PrefillCtx:      cfg.PrefillCells(model.Info().CtxTrain),
+		PrefillStreams:  cfg.PrefillStreams,
 		DecodeFlashAttn: cfg.DecodeFlash(llama.HasGPU() && cfg.GPULayers != 0) && !cfg.FlashAttn,
 		QueueSize:       cfg.QueueSize,
 		Reuse:           cfg.CacheReuse,

@@ -54,7 +54,7 @@ the flags of config/config.go that the chart does not set itself; deploy/helm/ch
 fails when a config option is missing here or a name here is not one.
 */}}
 {{- define "elasticserve.serverOptions" -}}
-ctx-size kv-unified prefill-ctx-size decode-flash-attn kv-type parallel threads batch-size ubatch-size flash-attn
+ctx-size kv-unified prefill-ctx-size prefill-streams decode-flash-attn kv-type parallel threads batch-size ubatch-size flash-attn
 model-alias chat-template cors-origins policy budget sink distance selection
 max-image-bytes max-images max-image-pixels allow-image-urls allow-private-image-urls image-url-timeout
 max-body-bytes queue-size cache-reuse cache-reuse-compressed cache-ram-mb cache-dir cache-dir-mb image-cache-mb request-timeout log-level log-format n-predict ui
