@@ -667,7 +667,7 @@ func TestCancelledRequestFreesItsSlot(t *testing.T) {
 // leaves no cell behind in either context, and the slot serves the same request
 // afterwards with the answer it gives in one piece.
 func TestCancelledHalfEncodedPromptFreesItsCells(t *testing.T) {
-	e := startEngine(t, Options{Parallel: 2, CtxSize: 2 * 2048, PrefillCtx: 2048, PrefillChunk: 7})
+	e := startEngine(t, Options{Parallel: 2, CtxSize: 2 * 2048, PrefillCtx: 2048, PrefillStreams: 2, PrefillChunk: 7})
 	busyCtx, stopBusy := context.WithCancel(context.Background())
 	defer stopBusy()
 	busy, err := e.Submit(busyCtx, greedyReq("busy", "Keep talking about shapes.", 1500, cfg(elasticcache.Full, 1)))
@@ -706,8 +706,10 @@ func TestCancelledHalfEncodedPromptFreesItsCells(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	// The loop is idle: its contexts may be read.
-	if p := e.pctx.SeqPosMax(0); p != -1 || e.ppools[0].free() != e.ppools[0].size() {
-		t.Fatalf("the prefill context still holds the cancelled prompt: pos max %d, %d of %d cells free", p, e.ppools[0].free(), e.ppools[0].size())
+	for k, pool := range e.ppools {
+		if p := e.pctx.SeqPosMax(k); p != -1 || pool.free() != pool.size() {
+			t.Fatalf("prefill stream %d still holds the cancelled prompt: pos max %d, %d of %d cells free", k, p, pool.free(), pool.size())
+		}
 	}
 	for s := range 2 {
 		if p := e.ctx.SeqPosMax(s); p != -1 && e.Stats().KVCellsHeld == 0 {

@@ -136,7 +136,7 @@ func testFamily(t *testing.T, arch string) {
 	}
 
 	refused := refusedOn[arch]
-	two2 := startEngineOn(t, m, v, Options{Parallel: 2, CtxSize: 2 * 2048, BatchSize: 512, PrefillCtx: 2048})
+	two2 := startEngineOn(t, m, v, Options{Parallel: 2, CtxSize: 2 * 2048, BatchSize: 512, PrefillCtx: 2048, PrefillStreams: 2})
 	// Prompts encoded 7 entries a turn while another request generates (the pacer's
 	// chunks; a non-causal image stays whole).
 	chunked := startEngineOn(t, m, v, Options{Parallel: 2, CtxSize: 2 * 2048, BatchSize: 512, PrefillChunk: 7})

@@ -272,20 +272,66 @@ func storeMax(v *atomic.Int64, n int64) {
 	}
 }
 
-// shareBatch splits a batch of size tokens (at least one per sequence) between
-// the current text chunks of ss: evenly, but a chunk that needs less than its
-// share leaves the rest to the others, so the call is as full as the chunks allow.
+// shareBatch splits a batch of size tokens between the current text chunks of ss
+// (one call, nothing generating), each getting at least one token:
+//   - a prompt whose whole remainder fits its even share takes it, so a short
+//     prompt's first token is not held back by the longer ones;
+//   - each other prompt gets half its even share of what is left;
+//   - the rest goes to the prompts with the most left, a token each to all of
+//     those level at the top at a time. A prompt that started alone (its request
+//     came a call before the others of its burst) lets the others catch up, and
+//     the burst's prompts finish in the same call and then decode together; left
+//     to even shares it would finish first and generate while the rest of the
+//     burst's prompts went in small chunks between its steps. Giving the whole top
+//     level at once keeps their counts equal, as llama.cpp runs a ubatch with
+//     equal tokens per stream (an odd token would cost a ubatch of its own).
 func shareBatch(size int, ss []*seq) []int {
-	need := make([]int, len(ss))
-	order := make([]int, len(ss))
+	n := len(ss)
+	need, left := make([]int, n), make([]int, n) // this chunk's tokens, the prompt's entries still to encode
+	order := make([]int, n)
 	for i, s := range ss {
-		need[i], order[i] = s.chunks[s.chunkIdx].n-s.chunkOff, i
+		need[i], left[i], order[i] = s.chunks[s.chunkIdx].n-s.chunkOff, s.nPrompt-s.nPast, i
 	}
-	slices.SortStableFunc(order, func(a, b int) int { return need[a] - need[b] })
-	counts := make([]int, len(ss))
+	slices.SortStableFunc(order, func(a, b int) int { return left[a] - left[b] })
+	counts := make([]int, n)
+	var rest []int
 	for k, i := range order {
-		counts[i] = min(need[i], max(size/(len(ss)-k), 1))
+		// the share of each prompt not finished so far: size over those still to
+		// place and those placed in rest
+		if left[i] == need[i] && need[i] <= size/(n-k+len(rest)) {
+			counts[i], size = need[i], size-need[i]
+			continue
+		}
+		rest = append(rest, i)
+	}
+	if len(rest) == 0 {
+		return counts
+	}
+	floor := max(size/(2*len(rest)), 1)
+	for _, i := range rest {
+		counts[i] = min(need[i], floor)
 		size -= counts[i]
+	}
+	for size > 0 {
+		top, level := -1, []int(nil)
+		for _, i := range rest {
+			if counts[i] == need[i] {
+				continue
+			}
+			switch l := left[i] - counts[i]; {
+			case l > top:
+				top, level = l, []int{i}
+			case l == top:
+				level = append(level, i)
+			}
+		}
+		if len(level) == 0 || len(level) > size {
+			break
+		}
+		for _, i := range level {
+			counts[i]++
+		}
+		size -= len(level)
 	}
 	return counts
 }

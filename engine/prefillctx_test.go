@@ -15,8 +15,10 @@ import (
 )
 
 // twoContexts is the default engine shape: a stream per slot and a prefill context.
+// twoContexts is the server's default layout: a stream per slot, and a prefill
+// context with a stream of prefill cells per slot.
 func twoContexts(parallel, stream, prefill int) Options {
-	return Options{Parallel: parallel, CtxSize: parallel * stream, PrefillCtx: prefill}
+	return Options{Parallel: parallel, CtxSize: parallel * stream, PrefillCtx: prefill, PrefillStreams: parallel}
 }
 
 // Requests of every policy run together on the two-context engine and answer as
@@ -33,13 +35,27 @@ func TestTwoContextsMatchOneContextAlone(t *testing.T) {
 	}
 	e := startEngine(t, twoContexts(4, 1024, 2048))
 	// Right after each prompt plan (on the decode loop): a compressed sequence has
-	// left the prefill context for its stream of the decode context.
+	// left the prefill context for its stream of the decode context; the prefill
+	// context holds the cells of the prompts still there, no more.
 	var moved, stayed atomic.Int64
 	check := func(o Observation) {
 		if !o.Prefill || (o.RequestID != "a" && o.RequestID != "c") {
 			return
 		}
-		if e.pctx.SeqPosMax(0) == -1 && e.ctx.SeqPosMax(o.Slot) >= 0 {
+		away, inPrefill := 0, 0
+		for _, s := range e.slots {
+			if s != nil && s.cache != nil && s.cache.away() {
+				away += s.cache.held()
+			}
+		}
+		for k := range e.ppools {
+			cells, err := e.pctx.SeqCells(0, k)
+			if err != nil {
+				t.Error(err)
+			}
+			inPrefill += len(cells)
+		}
+		if inPrefill == away && e.ctx.SeqPosMax(o.Slot) >= 0 {
 			moved.Add(1)
 		} else {
 			stayed.Add(1)
@@ -69,8 +85,10 @@ func TestTwoContextsMatchOneContextAlone(t *testing.T) {
 	if moved.Load() != 2 || stayed.Load() != 0 {
 		t.Errorf("after their prompt plans %d compressed sequences were in their stream, %d not", moved.Load(), stayed.Load())
 	}
-	if e.pctx.SeqPosMax(0) != -1 {
-		t.Error("cells remain in the prefill context")
+	for k := range e.ppools {
+		if e.pctx.SeqPosMax(k) != -1 {
+			t.Errorf("cells remain in stream %d of the prefill context", k)
+		}
 	}
 	if st := e.Stats(); st.SlotsBusy != 0 || st.KVCellsUsed != 0 {
 		t.Errorf("leaked: %+v", st)
@@ -222,8 +240,10 @@ func TestFailureInThePrefillContextFreesIt(t *testing.T) {
 	if r := run(t, e, greedyReq("good", longPrompt, 8, cfg(elasticcache.Elastic, 0.5))); r.err != nil || r.usage.CompletionTokens != 8 {
 		t.Fatalf("good request: %+v", r)
 	}
-	if e.pctx.SeqPosMax(0) != -1 || e.ppools[0].free() != e.ppools[0].size() {
-		t.Fatal("cells remain in the prefill context")
+	for k, p := range e.ppools {
+		if e.pctx.SeqPosMax(k) != -1 || p.free() != p.size() {
+			t.Fatalf("cells remain in stream %d of the prefill context", k)
+		}
 	}
 }
 
