@@ -361,6 +361,19 @@ func bookkeepingAgrees(t *testing.T, e *testEngine, o Observation) bool {
 // Also on Gemma 3 (a window cache beside the full-attention one) and Qwen2.5-VL
 // (M-RoPE positions after the picture).
 func TestPromptsOfABurstShareCalls(t *testing.T) {
+	full := elasticcache.Spec{}
+	onBurstFamilies(t, Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512}, func() []*completion.Request {
+		return []*completion.Request{
+			greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, full),
+			greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, full),
+			greedyReq("c", "What is in the picture? "+longPrompt, 8, full, testPNG(t, 1)),
+			greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
+		}
+	})
+}
+
+// onBurstFamilies runs testBurst on the test model, Gemma 3 and Qwen2.5-VL.
+func onBurstFamilies(t *testing.T, opts Options, reqs func() []*completion.Request) {
 	_, gm, gv := loadFamily(t, testmodel.ArchGemma3)
 	_, qm, qv := loadFamily(t, testmodel.ArchQwen25VL)
 	for _, mv := range []struct {
@@ -368,17 +381,7 @@ func TestPromptsOfABurstShareCalls(t *testing.T) {
 		m    *llama.Model
 		v    *llama.Vision
 	}{{"test-model", tmModel, tmVision}, {"gemma3", gm, gv}, {"qwen25vl", qm, qv}} {
-		t.Run(mv.name, func(t *testing.T) {
-			full := elasticcache.Spec{}
-			testBurst(t, mv.m, mv.v, Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512}, func() []*completion.Request {
-				return []*completion.Request{
-					greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, full),
-					greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, full),
-					greedyReq("c", "What is in the picture? "+longPrompt, 8, full, testPNG(t, 1)),
-					greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
-				}
-			})
-		})
+		t.Run(mv.name, func(t *testing.T) { testBurst(t, mv.m, mv.v, opts, reqs) })
 	}
 }
 
@@ -387,25 +390,15 @@ func TestPromptsOfABurstShareCalls(t *testing.T) {
 // plan with captured per stream: one call carries all four, and every answer,
 // kept count and merge is the one the request gets alone. On the three families.
 func TestCompressedPromptsOfABurstShareThePrefillContext(t *testing.T) {
-	_, gm, gv := loadFamily(t, testmodel.ArchGemma3)
-	_, qm, qv := loadFamily(t, testmodel.ArchQwen25VL)
-	for _, mv := range []struct {
-		name string
-		m    *llama.Model
-		v    *llama.Vision
-	}{{"test-model", tmModel, tmVision}, {"gemma3", gm, gv}, {"qwen25vl", qm, qv}} {
-		t.Run(mv.name, func(t *testing.T) {
-			opts := Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512, PrefillCtx: 1024, PrefillStreams: 4}
-			testBurst(t, mv.m, mv.v, opts, func() []*completion.Request {
-				return []*completion.Request{
-					greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, cfg(elasticcache.Elastic, 0.5)),
-					greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, cfg(elasticcache.H2O, 0.6)),
-					greedyReq("c", "What is in the picture? "+longPrompt, 8, cfg(elasticcache.Elastic, 0.3), testPNG(t, 1)),
-					greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
-				}
-			})
-		})
-	}
+	opts := Options{Parallel: 5, CtxSize: 5 * 1024, UBatchSize: 64, BatchSize: 512, PrefillCtx: 1024, PrefillStreams: 4}
+	onBurstFamilies(t, opts, func() []*completion.Request {
+		return []*completion.Request{
+			greedyReq("a", "Tell me about the red circle. "+longPrompt, 8, cfg(elasticcache.Elastic, 0.5)),
+			greedyReq("b", strings.Repeat("A blue square and a green triangle. ", 9), 8, cfg(elasticcache.H2O, 0.6)),
+			greedyReq("c", "What is in the picture? "+longPrompt, 8, cfg(elasticcache.Elastic, 0.3), testPNG(t, 1)),
+			greedyReq("d", strings.Repeat("xyz ", 40), 8, cfg(elasticcache.Local, 0.6)),
+		}
+	})
 }
 
 // testBurst runs the requests of reqs one at a time, then as a burst admitted

@@ -205,15 +205,7 @@ func (c *seqCache) away() bool { return c.home != nil }
 // generation).
 func (c *seqCache) decode(b *llama.Batch, prompt bool) error {
 	capture := (prompt && c.scores != nil) || (!prompt && c.spec.DecodeScores())
-	if capture {
-		c.lctx.CaptureReset()
-		c.lctx.CaptureEnable(true)
-	}
-	err := c.lctx.Decode(b)
-	if capture {
-		c.lctx.CaptureEnable(false)
-	}
-	if err != nil {
+	if err := decodeCapturing(c.lctx, b, capture); err != nil {
 		return err
 	}
 	cells, ok := c.pool.place(slices.Repeat([]int{c.seq}, b.Len()))
@@ -254,19 +246,8 @@ func (c *seqCache) addPromptScores(sums [][]float32, rows int) {
 // sequences' tokens in batch order, as llama.cpp's find_slot does per stream) and
 // this step's attention for the caches whose policy reads it.
 func decodeShared(ctx *llama.Context, b *llama.Batch, caches []*seqCache) error {
-	capture := false
-	for _, c := range caches {
-		capture = capture || c.spec.DecodeScores()
-	}
-	if capture {
-		ctx.CaptureReset()
-		ctx.CaptureEnable(true)
-	}
-	err := ctx.Decode(b)
-	if capture {
-		ctx.CaptureEnable(false)
-	}
-	if err != nil {
+	capture := slices.ContainsFunc(caches, func(c *seqCache) bool { return c.spec.DecodeScores() })
+	if err := decodeCapturing(ctx, b, capture); err != nil {
 		return err
 	}
 	cells := make([]int, len(caches))
@@ -311,15 +292,7 @@ func decodeShared(ctx *llama.Context, b *llama.Batch, caches []*seqCache) error 
 // caches whose plan reads it is captured per stream.
 func decodePrompts(ctx *llama.Context, b *llama.Batch, caches []*seqCache, counts []int) error {
 	capture := slices.ContainsFunc(caches, func(c *seqCache) bool { return c.scores != nil })
-	if capture {
-		ctx.CaptureReset()
-		ctx.CaptureEnable(true)
-	}
-	err := ctx.Decode(b)
-	if capture {
-		ctx.CaptureEnable(false)
-	}
-	if err != nil {
+	if err := decodeCapturing(ctx, b, capture); err != nil {
 		return err
 	}
 	var seqs []int
@@ -365,6 +338,18 @@ func decodePrompts(ctx *llama.Context, b *llama.Batch, caches []*seqCache, count
 		c.addPromptScores(sums, ctx.CaptureRows(c.seq))
 	}
 	return nil
+}
+
+// decodeCapturing decodes b in ctx, with the attention of the call captured
+// (from zero, per stream) when capture is set.
+func decodeCapturing(ctx *llama.Context, b *llama.Batch, capture bool) error {
+	if !capture {
+		return ctx.Decode(b)
+	}
+	ctx.CaptureReset()
+	ctx.CaptureEnable(true)
+	defer ctx.CaptureEnable(false)
+	return ctx.Decode(b)
 }
 
 // takeStep keeps this decode step's attention per held entry from the captured
