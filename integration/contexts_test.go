@@ -8,7 +8,8 @@ import (
 )
 
 // The default engine shape through the real binary: streams of 256 cells and a
-// prefill context of 1,024. A prompt about twice a stream is served under a
+// prefill context with streams of 1,024 (as many as the start-up log says it
+// chose, --prefill-streams 0). A prompt about twice a stream is served under a
 // compressing policy (encoded in the prefill context, its compressed cells moved
 // into a stream) and refused under full with the OpenAI error; the start-up log
 // and /metrics name both contexts and their KV memory.
@@ -43,16 +44,32 @@ func TestPromptLongerThanAStreamThroughThePrefillContext(t *testing.T) {
 		t.Fatalf("full: %d %+v", r.Status, e)
 	}
 
+	logs := s.log.String()
+	var chose struct {
+		Streams int    `json:"prefill_streams"`
+		Why     string `json:"why"`
+	}
+	for _, line := range strings.Split(logs, "\n") {
+		if strings.Contains(line, `"prefill_streams"`) {
+			if err := json.Unmarshal([]byte(line), &chose); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// Beside 1,024 decode cells of this tiny model, half of any test machine's free
+	// memory holds one prefill stream per slot.
+	if chose.Streams != 4 || chose.Why == "" {
+		t.Fatalf("prefill streams chosen: %+v, want 4 (one per slot) and why", chose)
+	}
 	m := metrics(t, s, nil)
 	dec, pre := m[`elasticserve_kv_cache_bytes{context="decode"}`], m[`elasticserve_kv_cache_bytes{context="prefill"}`]
-	if dec <= 0 || dec != pre { // 1,024 cells each, the same row types
+	if dec <= 0 || pre != 4*dec { // 1,024 cells against 4 x 1,024, the same row types
 		t.Errorf("kv cache bytes: decode %v, prefill %v", dec, pre)
 	}
 	if m["elasticserve_kv_cells_total"] != 1024 {
 		t.Errorf("kv cells total %v, want the decode context's 1024", m["elasticserve_kv_cells_total"])
 	}
-	logs := s.log.String()
-	for _, want := range []string{`"context":"decode","cells":1024,"streams":4,"cells_per_stream":256`, `"context":"prefill","cells":1024,"streams":1`} {
+	for _, want := range []string{`"context":"decode","cells":1024,"streams":4,"cells_per_stream":256`, `"context":"prefill","cells":4096,"streams":4,"cells_per_stream":1024`} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("start-up log lacks %s", want)
 		}
