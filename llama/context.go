@@ -5,6 +5,7 @@ package llama
 #include "llama.h"
 #include "elastic_hook.h"
 #include "kvhook.h"
+#include "teardown.h"
 */
 import "C"
 
@@ -159,7 +160,7 @@ func (c *Context) Close() {
 	if c == nil || c.c == nil {
 		return
 	}
-	C.llama_free(c.c)
+	C.es_context_free(c.c) // llama_free, scheduler first (teardown.h)
 	C.es_capture_free(c.capture)
 	C.es_kv_hook_free(c.hook)
 	c.c, c.capture, c.hook = nil, nil, nil
