@@ -26,7 +26,7 @@ TEST_TIMEOUT ?= 40m
 # prerequisites) only, so `make deps` or `make clean` alone never resolve OLLAMA_DIR; with
 # them, it is resolved when the first recipe starts. Every go command sees exactly the same
 # CGO_* values (here and in `make env`), so all targets share the Go build cache.
-CGO_TARGETS := build vet test fuzz bench env cuda-src $(MODEL)
+CGO_TARGETS := build vet test fuzz bench asan env cuda-src $(MODEL)
 $(CGO_TARGETS): export CGO_ENABLED := 1
 $(CGO_TARGETS): export CGO_CPPFLAGS = -I$(CURDIR)/third_party -I$(LLAMA_CPP)/include -I$(LLAMA_CPP)/tools/mtmd -I$(GGML)/include
 # AMX: with -march=native on a CPU that has it (Sapphire Rapids and later), ggml-cpu.cpp
@@ -48,7 +48,7 @@ PURE_PKGS := ./elasticcache/... ./config/... ./api/... ./engine/completion/... .
 	./internal/eval/rouge/... ./internal/eval/answer/... ./internal/eval/shapes/... ./internal/eval/dataset/... \
 	./internal/eval/progress/... ./internal/eval/report/... ./internal/eval/bench/...
 
-.PHONY: gpu-bundle fuzz eval deps build-deps mod build test test-race vet fmt run model bench clean env cuda cuda-src smoke chartcheck image-check
+.PHONY: gpu-bundle fuzz eval deps build-deps mod build test test-race vet fmt run model bench asan clean env cuda cuda-src smoke chartcheck image-check
 
 # GPU: ggml's CUDA backend is a shared library loaded at run time from <bin>/../lib/ollama.
 # `make cuda` builds it from the same module sources with CMake and nvcc.
@@ -101,6 +101,7 @@ test: deps mod
 	$(QUIET) $(GO) test -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) --no-print-directory fuzz FUZZTIME=3s OLLAMA_DIR=$(OLLAMA_DIR)
 	$(MAKE) --no-print-directory chartcheck
+	$(MAKE) --no-print-directory asan OLLAMA_DIR=$(OLLAMA_DIR)
 
 # Fuzz targets (request decoding, data URLs, image checks); `make fuzz FUZZTIME=5m` for long runs.
 FUZZTIME ?= 60s
@@ -111,6 +112,12 @@ fuzz:
 
 bench: build-deps mod
 	$(QUIET) $(GO) test -run '^$$' -bench . -benchtime 1x ./...
+
+# The cgo packages' tests under AddressSanitizer (C and C++ instrumented; fails on any
+# report but a known upstream one): tools/build/asan.sh. Part of `make test`; the first
+# run compiles llama.cpp a second time, with the sanitizer (~4 min on 2 cores).
+asan: build-deps mod
+	QUIET=$(QUIET) GO=$(GO) tools/build/asan.sh
 
 run: build model
 	@echo "elasticserve on http://$(ADDR)  (model: $(MODEL))"
