@@ -171,9 +171,9 @@ func (e *Engine) updateCells() {
 }
 
 // prefillStep encodes one batch of prompt: the next chunk of the oldest unfinished
-// prompt, alone when its attention is captured (the capture must belong to it) or
-// while sequences generate (the pacer sizes the chunk), else together with the
-// other prompts that can share the call (promptGroup).
+// prompt, alone while sequences generate (the pacer sizes the chunk) or when it
+// cannot share a call (an image, a unified cache), else together with the other
+// prompts of its context that can share the call (promptGroup).
 func (e *Engine) prefillStep() {
 	var s *seq
 	for _, cand := range e.slots {

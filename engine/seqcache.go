@@ -218,7 +218,7 @@ func (c *seqCache) decode(b *llama.Batch, prompt bool) error {
 	if !capture {
 		return nil
 	}
-	sums, err := c.lctx.CaptureSums(c.seq, slices.Max(c.cells)+1)
+	sums, err := c.capturedSums()
 	if err != nil {
 		return err
 	}
@@ -275,7 +275,7 @@ func decodeShared(ctx *llama.Context, b *llama.Batch, caches []*seqCache) error 
 	for i, c := range caches {
 		c.placed(cells[i], b.Pos(i))
 		if c.spec.DecodeScores() {
-			sums, err := ctx.CaptureSums(c.seq, slices.Max(c.cells)+1)
+			sums, err := c.capturedSums()
 			if err != nil {
 				return err
 			}
@@ -331,13 +331,19 @@ func decodePrompts(ctx *llama.Context, b *llama.Batch, caches []*seqCache, count
 		if c.scores == nil {
 			continue
 		}
-		sums, err := ctx.CaptureSums(c.seq, slices.Max(c.cells)+1)
+		sums, err := c.capturedSums()
 		if err != nil {
 			return err
 		}
 		c.addPromptScores(sums, ctx.CaptureRows(c.seq))
 	}
 	return nil
+}
+
+// capturedSums is the attention the last call captured in the sequence's stream,
+// per layer, over the cells up to its highest.
+func (c *seqCache) capturedSums() ([][]float32, error) {
+	return c.lctx.CaptureSums(c.seq, slices.Max(c.cells)+1)
 }
 
 // decodeCapturing decodes b in ctx, with the attention of the call captured

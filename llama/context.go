@@ -77,31 +77,9 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 	if p.Capture && p.FlashAttn {
 		return nil, errors.New("attention capture needs flash attention off")
 	}
-	tk, err := ggmlType(p.TypeK)
+	tk, tv, err := cacheTypes(m, p)
 	if err != nil {
 		return nil, err
-	}
-	tv, err := ggmlType(p.TypeV)
-	if err != nil {
-		return nil, err
-	}
-	if quantized(int32(tv)) && !p.FlashAttn {
-		// llama.cpp refuses it too (llama_init_from_model), with a log line only.
-		return nil, fmt.Errorf("a quantized V cache (%s) needs flash attention", typeName(int32(tv)))
-	}
-	// A quantized head must be whole blocks: llama.cpp only checks this when flash
-	// attention is "auto"; otherwise its per-head views get truncated row sizes
-	// (ggml_row_size checks divisibility with a debug-only assert).
-	kd, vd := m.kvHeadDims()
-	for _, c := range []struct {
-		what string
-		t    C.enum_ggml_type
-		dim  int
-	}{{"K", tk, kd}, {"V", tv, vd}} {
-		if ti := kvTypes[int32(c.t)]; ti.blck > 1 && c.dim%ti.blck != 0 {
-			return nil, fmt.Errorf("a %s cache of type %s needs attention heads of a multiple of %d elements (the model's are %d)",
-				c.what, ti.name, ti.blck, c.dim)
-		}
 	}
 	cp := C.llama_context_default_params()
 	cp.n_ctx = C.uint32_t(p.NCtx)
@@ -122,13 +100,7 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 
 	ctx := &Context{model: m, params: p}
 	// The hook is always installed: besides capture it records the attended range.
-	// the cells of a stream, as llama_context pads them (v0.17.4: n_ctx to 256, then
-	// a stream's share to 256)
-	pad := func(n int) int { return (n + 255) / 256 * 256 }
-	nCells, nStream := pad(p.NCtx), 1
-	if !p.Unified {
-		nCells, nStream = pad(nCells/p.NSeqMax), p.NSeqMax
-	}
+	nCells, nStream := p.streamCells()
 	ctx.capture = C.es_capture_new(C.int(m.info.Layers), C.int(nCells), C.int(nStream))
 	if ctx.capture == nil {
 		return nil, errors.New("allocate capture buffer")
@@ -153,6 +125,47 @@ func NewContext(m *Model, p ContextParams) (*Context, error) {
 		return nil, fmt.Errorf("llama.cpp gave a stream %d cells, the capture buffer holds %d", ctx.nCtxSeq, nCells)
 	}
 	return ctx, nil
+}
+
+// cacheTypes is the K and V row types of p, refused where llama.cpp would build a
+// cache it cannot use.
+func cacheTypes(m *Model, p ContextParams) (tk, tv C.enum_ggml_type, err error) {
+	if tk, err = ggmlType(p.TypeK); err != nil {
+		return tk, tv, err
+	}
+	if tv, err = ggmlType(p.TypeV); err != nil {
+		return tk, tv, err
+	}
+	if quantized(int32(tv)) && !p.FlashAttn {
+		// llama.cpp refuses it too (llama_init_from_model), with a log line only.
+		return tk, tv, fmt.Errorf("a quantized V cache (%s) needs flash attention", typeName(int32(tv)))
+	}
+	// A quantized head must be whole blocks: llama.cpp only checks this when flash
+	// attention is "auto"; otherwise its per-head views get truncated row sizes
+	// (ggml_row_size checks divisibility with a debug-only assert).
+	kd, vd := m.kvHeadDims()
+	for _, c := range []struct {
+		what string
+		t    C.enum_ggml_type
+		dim  int
+	}{{"K", tk, kd}, {"V", tv, vd}} {
+		if ti := kvTypes[int32(c.t)]; ti.blck > 1 && c.dim%ti.blck != 0 {
+			return tk, tv, fmt.Errorf("a %s cache of type %s needs attention heads of a multiple of %d elements (the model's are %d)",
+				c.what, ti.name, ti.blck, c.dim)
+		}
+	}
+	return tk, tv, nil
+}
+
+// streamCells is the cells of one KV stream and the number of streams, as
+// llama_context pads them (v0.17.4: n_ctx up to a multiple of 256, then a stream's
+// share up to one).
+func (p ContextParams) streamCells() (cells, streams int) {
+	pad := func(n int) int { return (n + 255) / 256 * 256 }
+	if p.Unified {
+		return pad(p.NCtx), 1
+	}
+	return pad(pad(p.NCtx) / p.NSeqMax), p.NSeqMax
 }
 
 // Close frees the context and its hook buffers.
